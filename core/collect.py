@@ -1,0 +1,275 @@
+"""Forward hooks that stream per-input-channel statistics, plus a bounded sample of input rows.
+
+Hook point names are the linears' module paths (``model.layers.3.mlp.down_proj``); linears that read
+the same tensor (q/k/v, gate/up) share one *input key*: the name of the first of them to run.
+Statistics are merged batch by batch (Chan/Pebay central-moment merges in float64), so no activation
+is kept except the sample rows. The forward pass stops after the last block (no head, no logits).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .models import LoadedModel, find_blocks
+
+Progress = Callable[[float, str], None]
+OUTLIER_SIGMA = 6.0
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.Lock:
+    """One lock per model object: sessions that share a loaded model run their hooked passes one at a time."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
+
+
+class CollectError(RuntimeError):
+    """A collection pass that cannot produce valid statistics (e.g. NaN/inf activations)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+class ChannelAccumulator:
+    """Streaming per-channel moments of ``x [tokens, in]`` batches.
+
+    Keeps count, mean, central sums M2..M4 (float64), sum |x|, max |x| and the ``k`` largest and
+    smallest values per channel (to count 6-sigma outliers exactly once the pooled mean/std are known).
+    """
+
+    def __init__(self, n_features: int, k_extremes: int = 64):
+        self.n = 0
+        self.k = int(k_extremes)
+        z = lambda: torch.zeros(n_features, dtype=torch.float64)  # noqa: E731
+        self.mean, self.m2, self.m3, self.m4, self.sum_abs = z(), z(), z(), z(), z()
+        self.max_abs = torch.zeros(n_features, dtype=torch.float32)
+        self.hi: torch.Tensor | None = None
+        self.lo: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        c = x.mean(0)
+        d = x - c
+        d2 = d * d
+        s1 = d.sum(0, dtype=torch.float64)
+        s2 = d2.sum(0, dtype=torch.float64)
+        s3 = (d2 * d).sum(0, dtype=torch.float64)
+        s4 = (d2 * d2).sum(0, dtype=torch.float64)
+        # raw moments about c -> central moments about the exact batch mean
+        mb = c.double() + s1 / nb
+        e = s1 / nb
+        m2b = s2 - nb * e * e
+        m3b = s3 - 3 * e * s2 + 2 * nb * e**3
+        m4b = s4 - 4 * e * s3 + 6 * e * e * s2 - 3 * nb * e**4
+        if not (torch.isfinite(s2).all() and torch.isfinite(s4).all()):
+            raise CollectError("non-finite")
+        xa = x.abs()
+        self.sum_abs += xa.sum(0, dtype=torch.float64)
+        self.max_abs = torch.maximum(self.max_abs, xa.amax(0))
+        k = min(self.k, nb)
+        hi = x.topk(k, dim=0).values
+        lo = (-x).topk(k, dim=0).values
+        if self.hi is not None:
+            hi = torch.cat([self.hi, hi]).topk(min(self.k, self.hi.shape[0] + k), dim=0).values
+            lo = torch.cat([self.lo, lo]).topk(min(self.k, self.lo.shape[0] + k), dim=0).values
+        self.hi, self.lo = hi, lo
+        na, n = self.n, self.n + nb
+        if na == 0:
+            self.mean, self.m2, self.m3, self.m4 = mb, m2b, m3b, m4b
+        else:
+            delta = mb - self.mean
+            m2a, m3a = self.m2, self.m3
+            self.m4 = (self.m4 + m4b + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+                       + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
+                       + 4 * delta * (na * m3b - nb * m3a) / n)
+            self.m3 = m3a + m3b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2b - nb * m2a) / n
+            self.m2 = m2a + m2b + delta**2 * na * nb / n
+            self.mean = self.mean + delta * nb / n
+        self.n = n
+
+    def result(self) -> "ChannelStats":
+        n = max(self.n, 1)
+        var = (self.m2 / n).clamp(min=0)
+        std = var.sqrt()
+        kurt = torch.where(var > 0, (self.m4 / n) / (var * var).clamp(min=1e-300) - 3.0, torch.zeros_like(var))
+        hi = self.hi.double() if self.hi is not None else torch.zeros(1, var.numel(), dtype=torch.float64)
+        lo = self.lo.double() if self.lo is not None else torch.zeros(1, var.numel(), dtype=torch.float64)
+        thr = OUTLIER_SIGMA * std
+        above = (hi - self.mean > thr).sum(0)
+        below = (-lo - self.mean < -thr).sum(0)
+        saturated = (above >= hi.shape[0]) | (below >= lo.shape[0])
+        ratio = ((above + below).double() / n).where(std > 0, torch.zeros_like(var))
+        return ChannelStats(
+            n=self.n, mean_abs=(self.sum_abs / n).float(), max_abs=self.max_abs.clone(),
+            mean=self.mean.float(), std=std.float(), kurtosis=kurt.float(), outlier_ratio=ratio.float(),
+            outlier_saturated=saturated & (std > 0),
+        )
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-input-channel statistics of one distinct input, pooled over all calibration tokens. ``[in]`` each."""
+
+    n: int
+    mean_abs: torch.Tensor
+    max_abs: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    kurtosis: torch.Tensor
+    outlier_ratio: torch.Tensor  # a lower bound where outlier_saturated (more than k extremes beyond 6 std)
+    outlier_saturated: torch.Tensor
+
+
+@dataclass
+class Collected:
+    """What one collection pass produced. ``input_of`` maps every linear to its input key."""
+
+    input_of: dict[str, str]
+    stats: dict[str, ChannelStats]
+    calib_sample: dict[str, torch.Tensor]  # input key -> [rows, in] float32
+    heldout_sample: dict[str, torch.Tensor]
+    n_tokens: int
+    sample_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+def sample_indices(n_total: int, k: int, seed: int) -> torch.Tensor:
+    """A reproducible sorted sample of ``min(k, n_total)`` token positions."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_total, generator=g)[: min(int(k), n_total)].sort().values
+
+
+def _forward_blocks(lm: LoadedModel, ids: torch.Tensor) -> None:
+    """Run the model on ``ids`` up to the end of its last block."""
+    kw = {"use_cache": False} if lm.is_causal else {}
+    try:
+        lm.model(input_ids=ids.to(lm.device), **kw)
+    except _StopForward:
+        pass
+
+
+def _batches(blocks: torch.Tensor, batch_tokens: int) -> list[torch.Tensor]:
+    per = max(1, int(batch_tokens) // blocks.shape[1])
+    return [blocks[i : i + per] for i in range(0, blocks.shape[0], per)]
+
+
+def collect(
+    lm: LoadedModel,
+    calib: torch.Tensor,
+    heldout: torch.Tensor | None = None,
+    *,
+    sample_rows: int = 512,
+    heldout_rows: int = 512,
+    seed: int = 0,
+    batch_tokens: int = 4096,
+    k_extremes: int | None = None,
+    progress: Progress | None = None,
+) -> Collected:
+    """Stream statistics over ``calib [n, seqlen]`` token blocks and keep sample rows of every distinct input.
+
+    Hooks are always removed, also on error. Concurrent calls on the same model run one after another.
+    """
+    progress = progress or (lambda f, m: None)
+    names = [li.name for li in lm.linears]
+    feats = {li.name: li.in_features for li in lm.linears}
+    n_total = int(calib.numel())
+    k_ext = int(k_extremes) if k_extremes else max(64, n_total // 100)
+    calib_idx = sample_indices(n_total, sample_rows, seed)
+    held_total = int(heldout.numel()) if heldout is not None else 0
+    held_idx = sample_indices(held_total, heldout_rows, seed + 1) if held_total else None
+
+    input_of: dict[str, str] = {}
+    acc: dict[str, ChannelAccumulator] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    state = {"offset": 0, "idx": calib_idx, "stats": True, "first": True}
+    seen: dict[tuple, tuple[weakref.ref, int, str]] = {}
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if state["first"]:
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+                hit = seen.get(key)
+                if hit is not None and hit[0]() is not None and hit[1] == x._version:
+                    input_of[name] = hit[2]
+                    return
+                seen[key] = (weakref.ref(x), x._version, name)
+                input_of[name] = name
+            if input_of.get(name) != name:
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            if state["stats"]:
+                a = acc.setdefault(name, ChannelAccumulator(feats[name], k_ext))
+                try:
+                    a.update(x2)
+                except CollectError:
+                    raise CollectError(
+                        f"NaN or inf in the activations entering {name} (overflow in {lm.dtype}? try float32)"
+                    ) from None
+            off, idx = state["offset"], state["idx"]
+            lo = int(torch.searchsorted(idx, off))
+            hi = int(torch.searchsorted(idx, off + x2.shape[0]))
+            if hi > lo:
+                rows = x2[(idx[lo:hi] - off).to(x2.device)].float().cpu()
+                if not torch.isfinite(rows).all():
+                    raise CollectError(f"NaN or inf in the activations entering {name}")
+                samples.setdefault(name, []).append(rows)
+        return hook
+
+    def stop_hook(module, args, output):
+        raise _StopForward
+
+    mods = lm.modules
+    _, blocks = find_blocks(lm.model)
+    with model_lock(lm.model), torch.no_grad():
+        handles = [mods[n].register_forward_pre_hook(pre_hook(n)) for n in names]
+        handles.append(blocks[len(blocks) - 1].register_forward_hook(stop_hook))
+        try:
+            batches = _batches(calib, batch_tokens)
+            n_steps = len(batches) + (len(_batches(heldout, batch_tokens)) if held_total else 0)
+            step = 0
+            for b in batches:
+                _forward_blocks(lm, b)
+                state["first"] = False
+                seen.clear()
+                state["offset"] += b.numel()
+                step += 1
+                progress(step / n_steps, f"calibration batch {step}/{len(batches)} ({state['offset']} tokens)")
+            calib_samples = {k: torch.cat(v) for k, v in samples.items()}
+            samples.clear()
+            heldout_samples: dict[str, torch.Tensor] = {}
+            if held_total:
+                state.update(offset=0, idx=held_idx, stats=False)
+                for b in _batches(heldout, batch_tokens):
+                    _forward_blocks(lm, b)
+                    state["offset"] += b.numel()
+                    step += 1
+                    progress(step / n_steps, f"held-out batch ({state['offset']} tokens)")
+                heldout_samples = {k: torch.cat(v) for k, v in samples.items()}
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [n for n in names if n not in input_of]
+    if missing:
+        raise CollectError(f"{len(missing)} linears never ran during the forward pass (e.g. {missing[0]})")
+    return Collected(
+        input_of=input_of,
+        stats={k: a.result() for k, a in acc.items()},
+        calib_sample=calib_samples,
+        heldout_sample=heldout_samples,
+        n_tokens=n_total,
+        sample_index=calib_idx,
+    )

