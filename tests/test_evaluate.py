@@ -110,13 +110,13 @@ def test_weights_restored_when_evaluation_fails(tiny_analysis, monkeypatch):
     assert_bit_identical(a.lm.model, before)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_folded_scales_leave_every_block_output_unchanged(kind, tiny_analysis):
     a = tiny_analysis(kind)
     lm = a.lm
     gr = grouped.build_grouping(lm, {})
     assert gr.kind == "llama"
-    per_block = 4 if kind == "llama" else 3  # Qwen2's tiny config has GQA: v_proj [32, 64] vs o_proj [64, 64]
+    per_block = 4 if kind == "llama" else 3  # Qwen2/Mistral tiny configs have GQA: v_proj [32, 64], o_proj [64, 64]
     assert len(gr.of_block(0)) == per_block and len(gr.skipped) == (0 if kind == "llama" else 2)
     assert {g.prev_kind for g in gr.groups} == {"norm", "linear"}  # o_proj has no group under GQA, down_proj has
     before = state(lm.model)
