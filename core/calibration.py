@@ -70,12 +70,16 @@ def decode_text(data: bytes, label: str = "the text") -> str:
 
 def hub_text(name: str) -> str:
     repo, filename, column = HUB_TEXTS[name]
+    from .models import hub_reachable
+
+    offline = not hub_reachable()  # offline: only a copy already in the local hub cache, no 25 s of retries
     try:
         from huggingface_hub import hf_hub_download
 
-        local = hf_hub_download(repo, filename, repo_type="dataset")
+        local = hf_hub_download(repo, filename, repo_type="dataset", local_files_only=offline)
     except Exception as e:  # noqa: BLE001
-        raise CalibrationError(f"could not download {name} from the Hugging Face hub (offline?): {str(e)[:160]}") from e
+        why = "the hub is unreachable (offline?) and it is not in the local hub cache" if offline else str(e)[:160]
+        raise CalibrationError(f"could not get {name} from the Hugging Face hub: {why}") from e
     if filename.endswith(".parquet"):
         import pyarrow.parquet as pq
 

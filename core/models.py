@@ -243,6 +243,13 @@ def load_model(
     kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if revision and not local:
         kw["revision"] = revision
+    if not local and not hub_reachable():
+        # Without this, huggingface_hub retries for ~25 s before failing; a cached copy still loads offline.
+        if not _in_hub_cache(source, revision):
+            raise ModelLoadError(
+                f"the Hugging Face hub is unreachable (offline?) and {source!r} is not in the local hub cache"
+            )
+        kw["local_files_only"] = True
     try:
         config = AutoConfig.from_pretrained(str(path), **kw)
     except Exception as e:  # noqa: BLE001 - turned into one sentence for the user
@@ -282,6 +289,35 @@ def wrap_model(model: nn.Module, tokenizer: Any, model_id: str = "in-memory", dt
                        _max_positions(model.config, tokenizer), enumerate_linears(model))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection (False at once when offline or HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:  # noqa: BLE001
+        host = "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _check_finite_weights(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
@@ -292,7 +328,9 @@ def _explain(source: str, e: Exception, local: bool) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     low = msg.lower()
     if "does not recognize this architecture" in low or "unrecognized model" in low or "model_type" in low:
-        return f"{source!r}: unknown or unsupported model type ({msg[:200]})"
+        m = re.search(r"model type `([^`]+)`", msg)
+        kind = f" {m.group(1)!r}" if m else ""
+        return f"{source!r} has an unknown or unsupported model type{kind} (not known to transformers)"
     if "trust_remote_code" in low:
         return f"{source!r} needs custom code from its repository; tick 'trust remote code' only if you trust it"
     if not local and any(k in low for k in ("offline", "connect", "resolve", "internet", "couldn't", "not found",

@@ -31,6 +31,10 @@ def tiny_config(kind: str):
         return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=4, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
                               tie_word_embeddings=True, **common)
+    if kind == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256, architectures=["MistralForCausalLM"],
+                                sliding_window=None, **common)
     if kind == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, architectures=["GPT2LMHeadModel"], **common)
     if kind == "opt":

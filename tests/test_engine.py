@@ -18,6 +18,7 @@ from core.analysis import analyze, list_cached, open_entry
 FAMILIES = {
     "qwen2": Counter({"q": 2, "k": 2, "v": 2, "o": 2, "gate": 2, "up": 2, "down": 2}),
     "llama": Counter({"q": 2, "k": 2, "v": 2, "o": 2, "gate": 2, "up": 2, "down": 2}),
+    "mistral": Counter({"q": 2, "k": 2, "v": 2, "o": 2, "gate": 2, "up": 2, "down": 2}),
     "gpt2": Counter({"qkv": 2, "o": 2, "up": 2, "down": 2}),
     "opt": Counter({"q": 2, "k": 2, "v": 2, "o": 2, "up": 2, "down": 2}),
     "bert": Counter({"q": 2, "k": 2, "v": 2, "o": 2, "up": 2, "down": 2}),
