@@ -81,6 +81,21 @@ def registry() -> _Registry:
     return _Registry()
 
 
+def page_guard() -> None:
+    """Make sure the page runs inside ``app.py`` (sidebar, navigation), not alone.
+
+    Streamlit treats a ``pages/`` folder beside the main script as the legacy multipage layout until
+    ``st.navigation`` has run once in the process: a first request for a deep link (``/overview``), and
+    every AppTest rerun, would execute the page file without ``app.py``. Switch the legacy mode off and
+    rerun, so ``app.py`` runs and routes to the same page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def current_analysis() -> Analysis | None:
     path = st.session_state.get(ENTRY_KEY)
     if not path:
@@ -95,6 +110,7 @@ def current_analysis() -> Analysis | None:
 
 def require_analysis() -> Analysis:
     """The analysis the pages show; stops the page with a hint when there is none."""
+    page_guard()
     a = current_analysis()
     if a is None:
         st.info("No model analyzed yet: pick a model and calibration text in the sidebar and press **Analyze**, "

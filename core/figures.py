@@ -161,8 +161,11 @@ def gain_heatmap(analysis: "Analysis", bits: int, held_out: bool = False) -> Fig
         tooltip=["name:N", "block:O", "family:N", alt.Tooltip("gain:Q", format=".3f")],
     )
     chart = rect
-    if len(df) <= 240:
-        chart = rect + base.mark_text(fontSize=11).encode(text=alt.Text("gain:Q", format=".2f"))
+    if len(df) <= 240:  # numbers in the cells; white on the dark ends of the scale
+        dark = f"datum.gain > {float(np.exp(0.55 * span)):.6g} || datum.gain < {float(np.exp(-0.55 * span)):.6g}"
+        chart = rect + base.mark_text(fontSize=11).encode(
+            text=alt.Text("gain:Q", format=".2f"),
+            color=alt.condition(dark, alt.value("white"), alt.value("#111111")))
     split = "held-out tokens" if held_out else "calibration tokens (in-sample)"
     chart = chart.properties(
         width=min(WIDTH, 72 * len(fams)), height=max(120, min(520, 24 * n_blocks)),
@@ -286,7 +289,8 @@ def importance_bars(ev: "LayerEval") -> Figure:
     k = int(df["salient"].sum())
     df["kind"] = np.where(df["salient"], f"salient (top 1%, {k})", "other")
     chart = alt.Chart(df).mark_bar(width=2).encode(
-        x=alt.X("rank:Q", title="channel rank (log)", scale=alt.Scale(type="log", domain=[1, int(df["rank"].max())])),
+        x=alt.X("rank:Q", title="channel rank (log)", scale=alt.Scale(type="log", domain=[1, int(df["rank"].max())]),
+                axis=alt.Axis(labelOverlap="greedy")),
         y=alt.Y("importance:Q", title="importance"),
         color=alt.Color("kind:N", title=None, scale=alt.Scale(domain=[f"salient (top 1%, {k})", "other"],
                                                                  range=[ACCENT, MUTED])),
@@ -320,7 +324,7 @@ def weight_histogram(ev: "LayerEval", salient_only: bool = False) -> Figure:
     df["center"] = (df["bin_start"] + df["bin_end"]) / 2
     chart = alt.Chart(df).mark_line(interpolate="step", strokeWidth=1.8).encode(
         x=alt.X("center:Q", title="weight value"),
-        y=alt.Y("count:Q", title="count (sqrt)", scale=alt.Scale(type="sqrt")),
+        y=alt.Y("count:Q", title="count (sqrt)", scale=alt.Scale(type="sqrt"), axis=alt.Axis(tickCount=5)),
         color=alt.Color("version:N", title=None, sort=["original", "RTN", "AWQ"],
                         scale=alt.Scale(domain=["original", "RTN", "AWQ"], range=["#222222", MUTED, PALETTE[0]])),
         tooltip=["version:N", alt.Tooltip("bin_start:Q", format=".4g"), alt.Tooltip("bin_end:Q", format=".4g"),

@@ -130,29 +130,32 @@ def _rank_points(n: int, k: int = 120) -> np.ndarray:
     return np.unique(np.round(np.geomspace(1, n, num=min(n, k))).astype(int))
 
 
-def hockey_stick(analysis: "Analysis", by: str = "family") -> pd.DataFrame:
+def hockey_stick(analysis: "Analysis", by: str = "family", n_points: int = 120) -> pd.DataFrame:
     """Sorted channel importance (the 'hockey stick'), each linear normalised by its own mean importance.
 
-    Averaged per family (``by="family"``) or over all linears (``by="all"``) at each rank; the rank is
-    given as a percentage of the layer's channels so layers of different widths line up.
+    Every linear's sorted curve is read off at the same log-spaced ranks, given as a percentage of its
+    channels (so layers of different widths line up), then averaged per family (``by="family"``) or over
+    all linears (``by="all"``).
     """
     imp = analysis.importance
     fam = analysis.linears.set_index("name")["family"]
-    rows = []
+    curves: dict[str, list[np.ndarray]] = {}
+    widths = imp.groupby("name", sort=False).size()
+    if widths.empty:
+        return pd.DataFrame(columns=["group", "rank_pct", "importance_norm"])
+    grid = np.geomspace(100.0 / int(widths.max()), 100.0, n_points)
     for name, g in imp.groupby("name", sort=False):
         v = np.sort(g["importance"].to_numpy(dtype=np.float64))[::-1]
         if v.size == 0 or not np.isfinite(v).all() or v.mean() <= 0:
             continue
         v = v / v.mean()
-        ranks = _rank_points(v.size)
-        key = fam.get(name, "other") if by == "family" else "all linears"
-        rows.append(pd.DataFrame({"group": key, "rank_pct": 100.0 * ranks / v.size, "rank": ranks,
-                                  "importance_norm": v[ranks - 1]}))
-    if not rows:
-        return pd.DataFrame(columns=["group", "rank_pct", "importance_norm"])
-    df = pd.concat(rows, ignore_index=True)
-    out = df.groupby(["group", "rank_pct"], as_index=False)["importance_norm"].mean()
-    return out.sort_values(["group", "rank_pct"]).reset_index(drop=True)
+        pct = 100.0 * np.arange(1, v.size + 1) / v.size
+        # below a layer's first rank (narrow layers) keep its top value rather than extrapolate
+        vals = np.interp(np.log(grid), np.log(pct), v, left=v[0], right=v[-1])
+        curves.setdefault(str(fam.get(name, "other")) if by == "family" else "all linears", []).append(vals)
+    rows = [pd.DataFrame({"group": k, "rank_pct": grid, "importance_norm": np.mean(vs, axis=0)})
+            for k, vs in curves.items()]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["group", "rank_pct", "importance_norm"])
 
 
 # --- Importance map ---------------------------------------------------------------------------------
@@ -375,6 +378,36 @@ def compare_headlines(analyses: list["Analysis"], bits: int) -> pd.DataFrame:
                      "tokens": h["n_tokens"], "median_gain": h["median_gain"],
                      "median_gain_heldout": h["median_gain_heldout"], "median_awq_rel": h["median_awq_rel"],
                      "max_mean_abs_over_median": h["max_outlier_ratio"]})
+    return pd.DataFrame(rows)
+
+
+# --- Model quality ---------------------------------------------------------------------------------
+
+ERROR_METRICS = ("kl", "hidden_rel_error")  # model-level metrics that are errors (0 = identical to fp)
+
+
+def gain_levels(layers: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
+    """Layer-level and model-level gain side by side, per bit-width.
+
+    Layer level: the sweep's median gain (in-sample and held-out). Model level: for an error metric
+    (KL for causal LMs, hidden-state error for encoders) ``error(rtn) / error(mode)`` for each quantized
+    mode, the same ratio the layer gain is. Needs ``rtn`` rows in ``quality``.
+    """
+    q = quality[quality["metric"].isin(ERROR_METRICS) & (quality["mode"] != "fp")]
+    rows = []
+    for b in sorted(int(x) for x in q["bits"].unique()):
+        lay = layers[layers["bits"] == b]
+        row: dict[str, Any] = {"bits": b, "layer_gain": float(lay["gain"].median()) if len(lay) else float("nan"),
+                               "layer_gain_heldout": float(lay["gain_heldout"].median()) if len(lay) else float("nan")}
+        qb = q[q["bits"] == b]
+        for metric, qm in qb.groupby("metric"):
+            rtn = qm.loc[qm["mode"] == "rtn", "value"]
+            if rtn.empty:
+                continue
+            for mode, v in zip(qm["mode"], qm["value"]):
+                if mode != "rtn":
+                    row[f"{mode} ({metric})"] = metrics.gain(float(rtn.iloc[-1]), float(v))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

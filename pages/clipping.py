@@ -13,7 +13,7 @@ st.caption("After scaling, AWQ searches a clip value per output row and input gr
            "because their outputs meet again in QKᵀ, where a local gain can become a global loss.")
 
 bits0 = views.default_bits(a)
-c1, c2, c3 = st.columns([3, 1, 1])
+c1, c2, c3 = st.columns([5, 3, 3])
 with c1:
     name = ui.layer_picker(a, "clip_layer", views.best_layer(a, bits0))
 with c2:

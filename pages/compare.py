@@ -5,6 +5,7 @@ import ui
 from core import figures, views
 from core.analysis import list_cached
 
+ui.page_guard()
 st.title("Compare")
 st.caption("Cached analyses side by side. Each is read from the cache: no model is loaded here.")
 

@@ -1,4 +1,5 @@
 """Model quality: does a layer-level gain survive into the whole model? (core.evaluate)"""
+import pandas as pd
 import streamlit as st
 
 import ui
@@ -16,12 +17,9 @@ except ImportError:
     st.info("Whole-model evaluation (core.evaluate) is not part of this build yet.")
     st.stop()
 
-MODES = ["fp", "rtn", "awq", "awq-grouped", "awq-clip", "const-alpha"]
-MODE_HELP = {"fp": "full precision (reference)", "rtn": "round-to-nearest", "awq": "alpha per linear, layer-local",
-             "awq-grouped": "one scale per group of linears sharing an input, official AWQ style",
-             "awq-clip": "grouped + clip search (Q/K skipped)", "const-alpha": "one alpha for the whole model"}
+MODES = list(evaluate.MODES)
 c1, c2, c3, c4 = st.columns([4, 2, 1, 1])
-modes = c1.multiselect("Modes", MODES, default=MODES, key="mq_modes", format_func=lambda m: f"{m} — {MODE_HELP[m]}")
+modes = c1.multiselect("Modes", MODES, default=MODES, key="mq_modes", help="\n".join(f"- **{m}**: {d}" for m, d in evaluate.MODE_DEFINITIONS.items()))
 bits = c2.multiselect("Bits", list(range(2, 9)), default=[3, 4], key="mq_bits")
 groups = [g for g in (32, 64, 128, 256) if any(int(f) % g == 0 for f in a.linears["in_features"])] + [0]
 default_g = a.settings.sweep.group_size if a.settings.sweep.group_size in groups else groups[0]
@@ -47,27 +45,42 @@ if results is None or results.empty:
     st.info("No whole-model results for this analysis yet: pick modes and bits and press **Run**.")
     st.stop()
 
-shown = results[(results["group_size"] == group) | (results["mode"] == "fp")]
-if "zero_point" in shown.columns:
-    shown = shown[(shown["zero_point"] == zero_point) | (shown["mode"] == "fp")]
+# This group size and zero point; fp (the reference, computed by every run) once per metric.
+shown = results[(results["group_size"] == group) & (results["zero_point"] == zero_point)]
+shown = shown[shown["mode"] != "fp"]
+fp = results[results["mode"] == "fp"].drop_duplicates("metric", keep="last")
+shown = pd.concat([fp, shown], ignore_index=True) if not shown.empty else shown
 if shown.empty:
-    st.info("No results at this group size yet: press **Run**.")
+    st.info("No results at this group size and zero-point setting yet: press **Run**.")
     st.stop()
 
 c1, c2 = st.columns([3, 2])
 with c1:
     st.subheader("Model level")
-    table = shown.pivot_table(index=["mode", "bits"], columns="metric", values="value", aggfunc="last").reset_index()
-    st.dataframe(table, hide_index=True)
+    table = shown.pivot_table(index=["mode", "bits"], columns="metric", values="value", aggfunc="last")
+    order = {m: i for i, m in enumerate(MODES)}
+    table = table.reset_index()
+    table = table.iloc[sorted(range(len(table)), key=lambda i: (-1 if table["mode"].iloc[i] == "fp"
+                                                                else int(table["bits"].iloc[i]),
+                                                                order.get(table["mode"].iloc[i], 99)))]
+    table["bits"] = table["bits"].map(lambda b: "fp" if b == evaluate.FP_BITS else f"w{b}")
+    st.dataframe(table, hide_index=True, column_config={
+        m: st.column_config.NumberColumn(m, format="%.5g", help=evaluate.DEFINITIONS.get(m)) for m in table.columns
+        if m in evaluate.DEFINITIONS})
+    n_tok = int(shown["n_tokens"].max()) if "n_tokens" in shown else 0
+    st.caption(f"Scored on {n_tok:,} held-out tokens. " + " ".join(
+        f"**{m}**: {d}." for m, d in evaluate.DEFINITIONS.items() if m in set(shown["metric"])))
 with c2:
-    st.subheader("Layer level (sweep)")
-    lay = a.layers[a.layers["bits"].isin(shown["bits"].unique())]
-    st.dataframe(lay.groupby("bits").agg(median_rtn_rel=("rtn_rel", "median"), median_awq_rel=("awq_rel", "median"),
-                                         median_gain=("gain", "median"), median_gain_heldout=("gain_heldout", "median"))
-                 .reset_index(), hide_index=True, column_config={
-                     c: st.column_config.NumberColumn(format="%.4g")
-                     for c in ("median_rtn_rel", "median_awq_rel", "median_gain", "median_gain_heldout")})
-    st.caption(f"Sweep group size: {ui.group_label(a.settings.sweep.group_size)}.")
+    st.subheader("Gain vs RTN: layer and model")
+    gains = views.gain_levels(a.layers, shown)
+    if gains.empty:
+        st.info("Run with the rtn mode to compare gains.")
+    else:
+        st.dataframe(gains, hide_index=True, column_config={
+            c: st.column_config.NumberColumn(c, format="%.3f") for c in gains.columns if c != "bits"})
+    st.caption(f"Layer gain: median over linears of the sweep (group {ui.group_label(a.settings.sweep.group_size)}). "
+               "Model gain: error(rtn) / error(mode) for the model's output error metric — > 1 means the "
+               "mode beats RTN on the whole model, as the layer gain says for single layers.")
 ui.show_figure(figures.quality_bars(shown), "mq_bars", model_id=a.model_id)
 with st.expander("All cached results"):
     st.dataframe(results, hide_index=True)

@@ -18,7 +18,7 @@ m[2].metric(f"Median gain w{bits}", views.fmt_gain(h["median_gain"]), help=metri
 m[3].metric("Median gain, held-out", views.fmt_gain(h["median_gain_heldout"]),
             help=metrics.DEFINITIONS["gain_heldout"])
 m[4].metric("Layers AWQ helps", f"{h['share_helped_heldout']:.0%}", help="share of linears with a held-out gain > 1")
-m[5].metric("Strongest outlier channel", f"#{h['max_outlier_channel']}",
+m[5].metric("Top outlier channel", f"#{h['max_outlier_channel']}",
             help=f"mean|x| max/median = {h['max_outlier_ratio']:.1f}x at the input of {h['max_outlier_input']}")
 
 st.subheader("Module families")
