@@ -1,0 +1,424 @@
+"""The tables the app's pages and the figure pack show, shaped from an ``Analysis`` (pure pandas/torch).
+
+Each function returns the exact data a chart draws, so the chart, its CSV export and the tests all see
+the same numbers. Wide data is pre-aggregated here (Altair refuses more than 5,000 rows by default).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import awq, metrics
+from .sweep import layer_group_size
+
+if TYPE_CHECKING:
+    from .analysis import Analysis, LayerEval
+
+# Family order the UI uses everywhere (data flow through a block), then anything else.
+FAMILY_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
+FAMILY_LABELS = {"q": "q", "k": "k", "v": "v", "qkv": "qkv (fused)", "o": "o (attn out)", "gate": "gate",
+                 "up": "up (FFN in)", "gate_up": "gate_up (fused)", "down": "down (FFN out)", "other": "other"}
+MAX_CHART_ROWS = 5000
+CHANNEL_VALUES = {
+    "importance": "importance",
+    "mean_abs": "mean |x| (activation scale)",
+    "max_abs": "max |x|",
+    "kurtosis": "excess kurtosis",
+}
+
+
+def families_present(linears: pd.DataFrame) -> list[str]:
+    present = set(linears["family"])
+    return [f for f in FAMILY_ORDER if f in present] + sorted(present - set(FAMILY_ORDER))
+
+
+def salient_count(n_channels: int) -> int:
+    """How many channels count as salient: the top 1% (the same k as ``metrics.top1_share``)."""
+    return max(1, n_channels // 100)
+
+
+def bits_available(analysis: "Analysis") -> list[int]:
+    return sorted(int(b) for b in analysis.layers["bits"].unique())
+
+
+def default_bits(analysis: "Analysis") -> int:
+    """3 bits when swept (where AWQ matters most and the seed reports), else the lowest swept width above 2."""
+    bits = bits_available(analysis)
+    if 3 in bits:
+        return 3
+    above2 = [b for b in bits if b > 2]
+    return above2[0] if above2 else bits[0]
+
+
+# --- Overview ---------------------------------------------------------------------------------------
+
+def headline(analysis: "Analysis", bits: int) -> dict[str, Any]:
+    """The numbers at the top of the Overview for one bit-width."""
+    lay = analysis.layers[analysis.layers["bits"] == bits]
+    ch = analysis.channels
+    ratio = ch.groupby("input_key")["mean_abs"].agg(lambda s: float(s.max() / max(s.median(), 1e-12)))
+    worst_key = str(ratio.idxmax()) if len(ratio) else ""
+    worst = ch[ch["input_key"] == worst_key]
+    top_channel = int(worst.loc[worst["mean_abs"].idxmax(), "channel"]) if len(worst) else -1
+    n_params = int((analysis.linears["in_features"] * analysis.linears["out_features"]).sum())
+    return {
+        "model_id": analysis.model_id,
+        "n_linears": int(len(analysis.linears)),
+        "n_blocks": int(analysis.linears["block"].nunique()),
+        "n_params": n_params,
+        "n_tokens": int(analysis.manifest.get("n_tokens", 0)),
+        "median_gain": float(lay["gain"].median()),
+        "median_gain_heldout": float(lay["gain_heldout"].median()),
+        "share_helped_heldout": float((lay["gain_heldout"] > 1).mean()),
+        "median_rtn_rel": float(lay["rtn_rel"].median()),
+        "median_awq_rel": float(lay["awq_rel"].median()),
+        "max_outlier_ratio": float(ratio.max()) if len(ratio) else float("nan"),
+        "max_outlier_input": worst_key,
+        "max_outlier_channel": top_channel,
+    }
+
+
+def family_table(layers: pd.DataFrame, bits: int) -> pd.DataFrame:
+    """Per module family at ``bits``: layer count, median errors, gains in-sample and held-out, alphas."""
+    lay = layers[layers["bits"] == bits]
+    grp = lay.groupby("family")
+    out = pd.DataFrame({
+        "layers": grp.size(),
+        "median_rtn_rel": grp["rtn_rel"].median(),
+        "median_awq_rel": grp["awq_rel"].median(),
+        "mean_gain": grp["gain"].mean(),
+        "median_gain": grp["gain"].median(),
+        "median_gain_heldout": grp["gain_heldout"].median(),
+        "mean_best_alpha": grp["best_alpha"].mean(),
+        "mean_top1_share": grp["top1_share"].mean(),
+        "max_kurtosis": grp["max_kurtosis"].max(),
+    }).reset_index()
+    order = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    return out.sort_values("family", key=lambda s: s.map(lambda f: order.get(f, 99))).reset_index(drop=True)
+
+
+def gain_matrix(layers: pd.DataFrame, bits: int, held_out: bool = False) -> pd.DataFrame:
+    """``block x family`` AWQ gain at ``bits`` (long format: block, family, gain, name)."""
+    col = "gain_heldout" if held_out else "gain"
+    lay = layers[layers["bits"] == bits]
+    return (lay[["block", "family", "name", col]].rename(columns={col: "gain"})
+            .sort_values(["block", "family"]).reset_index(drop=True))
+
+
+def error_by_bits(layers: pd.DataFrame) -> pd.DataFrame:
+    """Median relative output error per bit-width for RTN and AWQ, on calibration and held-out rows."""
+    rows = []
+    for b, lay in layers.groupby("bits"):
+        for method, split, col in (("RTN", "calibration", "rtn_rel"), ("AWQ", "calibration", "awq_rel"),
+                                   ("RTN", "held-out", "rtn_rel_heldout"), ("AWQ", "held-out", "awq_rel_heldout")):
+            v = lay[col].dropna()
+            if v.empty:
+                continue
+            rows.append({"bits": int(b), "method": method, "split": split, "median_rel_error": float(v.median()),
+                         "q25": float(v.quantile(0.25)), "q75": float(v.quantile(0.75)),
+                         "median_sqnr_db": metrics.sqnr_db(float(v.median()))})
+    return pd.DataFrame(rows)
+
+
+def _rank_points(n: int, k: int = 120) -> np.ndarray:
+    """Ranks ``1..n`` thinned log-uniformly to about ``k`` points (keeps every one of the top ranks)."""
+    return np.unique(np.round(np.geomspace(1, n, num=min(n, k))).astype(int))
+
+
+def hockey_stick(analysis: "Analysis", by: str = "family", n_points: int = 120) -> pd.DataFrame:
+    """Sorted channel importance (the 'hockey stick'), each linear normalised by its own mean importance.
+
+    Every linear's sorted curve is read off at the same log-spaced ranks, given as a percentage of its
+    channels (so layers of different widths line up), then averaged per family (``by="family"``) or over
+    all linears (``by="all"``).
+    """
+    imp = analysis.importance
+    fam = analysis.linears.set_index("name")["family"]
+    curves: dict[str, list[np.ndarray]] = {}
+    widths = imp.groupby("name", sort=False).size()
+    if widths.empty:
+        return pd.DataFrame(columns=["group", "rank_pct", "importance_norm"])
+    grid = np.geomspace(100.0 / int(widths.max()), 100.0, n_points)
+    for name, g in imp.groupby("name", sort=False):
+        v = np.sort(g["importance"].to_numpy(dtype=np.float64))[::-1]
+        if v.size == 0 or not np.isfinite(v).all() or v.mean() <= 0:
+            continue
+        v = v / v.mean()
+        pct = 100.0 * np.arange(1, v.size + 1) / v.size
+        # below a layer's first rank (narrow layers) keep its top value rather than extrapolate
+        vals = np.interp(np.log(grid), np.log(pct), v, left=v[0], right=v[-1])
+        curves.setdefault(str(fam.get(name, "other")) if by == "family" else "all linears", []).append(vals)
+    rows = [pd.DataFrame({"group": k, "rank_pct": grid, "importance_norm": np.mean(vs, axis=0)})
+            for k, vs in curves.items()]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["group", "rank_pct", "importance_norm"])
+
+
+# --- Importance map ---------------------------------------------------------------------------------
+
+def channel_matrix(analysis: "Analysis", family: str, value: str = "importance") -> tuple[np.ndarray, list[str]]:
+    """``[blocks, channels]`` of ``value`` for the linears of one family, in block order, and their names.
+
+    ``value``: ``importance`` (per linear) or a per-channel input statistic (``mean_abs``, ``max_abs``,
+    ``kurtosis``). Linears of a family of different widths (rare) are cut to the narrowest.
+    """
+    lin = analysis.linears[analysis.linears["family"] == family].sort_values("block")
+    if lin.empty:
+        raise ValueError(f"no linears of family {family!r}")
+    names = lin["name"].tolist()
+    vecs = []
+    if value == "importance":
+        imp = analysis.importance
+        for n in names:
+            vecs.append(imp[imp["name"] == n].sort_values("channel")["importance"].to_numpy(np.float64))
+    elif value in ("mean_abs", "max_abs", "kurtosis"):
+        ch = analysis.channels
+        for key in lin["input_key"]:
+            vecs.append(ch[ch["input_key"] == key].sort_values("channel")[value].to_numpy(np.float64))
+    else:
+        raise ValueError(f"unknown channel value {value!r}; pick one of {', '.join(CHANNEL_VALUES)}")
+    width = min(v.size for v in vecs)
+    return np.stack([v[:width] for v in vecs]), names
+
+
+def matrix_long(mat: np.ndarray, max_rows: int = MAX_CHART_ROWS) -> pd.DataFrame:
+    """A ``[blocks, channels]`` matrix as long rows for a heatmap, channels binned so rows <= ``max_rows``.
+
+    Bins keep the maximum (an outlier channel must stay visible after aggregation) and say which
+    channel range each covers.
+    """
+    n_blocks, n_ch = mat.shape
+    per_bin = max(1, math.ceil(n_ch / max(1, max_rows // max(1, n_blocks))))  # whole channels per bin
+    edges = np.append(np.arange(0, n_ch, per_bin), n_ch)
+    n_bins = len(edges) - 1
+    frames = []
+    for b in range(n_blocks):
+        row = mat[b]
+        vmax = np.array([row[edges[i]:edges[i + 1]].max() for i in range(n_bins)])
+        argm = np.array([edges[i] + int(np.argmax(row[edges[i]:edges[i + 1]])) for i in range(n_bins)])
+        frames.append(pd.DataFrame({"block": b, "channel_start": edges[:-1], "channel_end": edges[1:] - 1,
+                                    "value": vmax, "max_channel": argm}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def top_channels(mat: np.ndarray, k: int = 10) -> pd.DataFrame:
+    """The channels with the largest value summed over blocks, and in how many blocks each is top-1%."""
+    n_blocks, n_ch = mat.shape
+    kk = salient_count(n_ch)
+    top_sets = [set(np.argsort(mat[b])[::-1][:kk].tolist()) for b in range(n_blocks)]
+    total = mat.sum(0)
+    idx = np.argsort(total)[::-1][:k]
+    return pd.DataFrame({"channel": idx, "sum_over_blocks": total[idx],
+                         "blocks_in_top1pct": [sum(i in s for s in top_sets) for i in idx]})
+
+
+# --- Layer Lab --------------------------------------------------------------------------------------
+
+def alpha_curve(ev: "LayerEval") -> pd.DataFrame:
+    """Loss-vs-alpha of one layer at the evaluated bits / group size (alpha 0 is plain RTN)."""
+    return pd.DataFrame({"alpha": ev.search.alphas.numpy(), "loss": ev.search.losses.numpy(),
+                         "rel_error": ev.rel_curve.double().numpy()})
+
+
+def sorted_importance(ev: "LayerEval", max_rows: int = 2000) -> pd.DataFrame:
+    """Channel importance sorted descending; the top 1% flagged salient. Long tails are thinned."""
+    imp = ev.importance.double().numpy()
+    order = np.argsort(imp)[::-1]
+    k = salient_count(imp.size)
+    df = pd.DataFrame({"rank": np.arange(1, imp.size + 1), "channel": order, "importance": imp[order],
+                       "salient": np.arange(imp.size) < k})
+    if len(df) > max_rows:  # keep every salient rank, then a log-uniform sample of the tail
+        keep = np.union1d(np.arange(k), _rank_points(imp.size, max_rows - k) - 1)
+        df = df.iloc[keep].reset_index(drop=True)
+    return df
+
+
+def scale_vector(ev: "LayerEval") -> pd.DataFrame:
+    """The AWQ scale ``s_j`` of each input channel at the evaluated alpha, salient channels flagged."""
+    imp = ev.importance.double().numpy()
+    k = salient_count(imp.size)
+    salient = np.zeros(imp.size, dtype=bool)
+    salient[np.argsort(imp)[::-1][:k]] = True
+    return pd.DataFrame({"channel": np.arange(imp.size), "scale": ev.scales.double().numpy(), "salient": salient})
+
+
+def weight_histograms(ev: "LayerEval", bins: int = 80, salient_only: bool = False) -> pd.DataFrame:
+    """Histograms of the weights before quantization, after RTN and after AWQ, on shared bins.
+
+    ``salient_only``: only the columns of the salient input channels (where AWQ's scaling acts).
+    """
+    w, wr, wa = ev.weight, ev.w_rtn, ev.w_awq
+    if salient_only:
+        cols = torch.topk(ev.importance, salient_count(ev.importance.numel())).indices
+        w, wr, wa = w[:, cols], wr[:, cols], wa[:, cols]
+    lo = float(torch.minimum(w.min(), torch.minimum(wr.min(), wa.min())))
+    hi = float(torch.maximum(w.max(), torch.maximum(wr.max(), wa.max())))
+    if not hi > lo:
+        hi = lo + 1e-6
+    edges = np.linspace(lo, hi, bins + 1)
+    frames = []
+    for label, t in (("original", w), ("RTN", wr), ("AWQ", wa)):
+        counts, _ = np.histogram(t.double().numpy().ravel(), bins=edges)
+        frames.append(pd.DataFrame({"version": label, "bin_start": edges[:-1], "bin_end": edges[1:],
+                                    "count": counts}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_layer(analysis: "Analysis", bits: int) -> str:
+    """The linear where AWQ helps most in-sample at ``bits`` (the Layer Lab's opening layer)."""
+    lay = analysis.layers[analysis.layers["bits"] == bits]
+    if lay.empty or lay["gain"].isna().all():
+        return analysis.names[0]
+    return str(lay.loc[lay["gain"].idxmax(), "name"])
+
+
+def group_size_options(in_features: int, candidates: tuple[int, ...] = (16, 32, 64, 128, 256, 512)) -> list[int]:
+    """Group sizes that divide ``in_features``; ``0`` (one group per output row) is always possible."""
+    return [g for g in candidates if g < in_features and in_features % g == 0] + [0]
+
+
+# --- Clipping -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClipStudy:
+    """AWQ's clip search on one layer, with its scales applied (as official AWQ clips after scaling)."""
+
+    name: str
+    skipped_by_default: bool
+    shrink_curve: pd.DataFrame  # shrink, error (summed over rows and groups), rel_to_noclip
+    chosen: pd.DataFrame  # shrink, count: how many (row, group) pairs chose each shrink
+    per_group: pd.DataFrame  # group, mean_shrink, share_clipped
+    n_rows: int
+    n_groups: int
+
+
+def clip_study(analysis: "Analysis", name: str, *, bits: int, group_size: int, alpha: float,
+               zero_point: bool = True, duo_scaling: bool = False, n_grid: int = 20,
+               max_shrink: float = 0.5) -> ClipStudy:
+    """Error vs shrink ratio and the chosen shrink per (row, group), from ``awq.clip_errors``."""
+    info = analysis.info(name)
+    g = layer_group_size(int(info["in_features"]), group_size) if group_size > 0 else int(info["in_features"])
+    s = analysis.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
+    w = analysis.weight(name) * s.view(1, -1)
+    x = analysis.inputs(name) / s.view(1, -1)
+    errs, _ = awq.clip_errors(w, x, n_bit=bits, group_size=g, zero_point=zero_point, n_grid=n_grid,
+                              max_shrink=max_shrink)
+    # candidate i clips at org_max * (1 - i / n_grid) (see awq.clip_errors): shrink i / n_grid, 0 = no clipping
+    shrink = np.arange(errs.shape[0]) / n_grid
+    total = errs.sum(dim=(1, 2)).numpy()
+    curve = pd.DataFrame({"shrink": shrink, "error": total,
+                          "rel_to_noclip": total / total[0] if total[0] > 0 else np.nan})
+    idx = awq.best_clip_index(errs).numpy()  # [out, groups]
+    picked = shrink[idx]
+    vals, counts = np.unique(picked, return_counts=True)
+    chosen = pd.DataFrame({"shrink": shrink, "count": 0})
+    chosen.loc[np.searchsorted(shrink, vals), "count"] = counts
+    per_group = pd.DataFrame({"group": np.arange(idx.shape[1]), "mean_shrink": picked.mean(0),
+                              "share_clipped": (picked > 0).mean(0)})
+    return ClipStudy(name=name, skipped_by_default=awq.is_clip_skipped(name), shrink_curve=curve,
+                     chosen=chosen, per_group=per_group, n_rows=int(idx.shape[0]), n_groups=int(idx.shape[1]))
+
+
+def clip_skip_table(linears: pd.DataFrame) -> pd.DataFrame:
+    """Every linear and whether AWQ's clip search leaves it alone by default (Q/K projections)."""
+    df = linears[["name", "block", "family"]].copy()
+    df["clipped_by_default"] = [not awq.is_clip_skipped(n) for n in df["name"]]
+    df["matched_pattern"] = [next((p for p in awq.CLIP_SKIP_PATTERNS if p in n), "") for n in df["name"]]
+    return df
+
+
+# --- Compare --------------------------------------------------------------------------------------
+
+def model_label(analysis: "Analysis") -> str:
+    """Short label for a model in comparisons: the last part of its id plus its entry hash."""
+    mid = str(analysis.model_id).rstrip("/").split("/")[-1]
+    return f"{mid} [{analysis.path.name[:6]}]"
+
+
+def compare_family_gains(analyses: list["Analysis"], bits: int) -> pd.DataFrame:
+    frames = []
+    for a in analyses:
+        if bits not in bits_available(a):
+            continue
+        ft = family_table(a.layers, bits)
+        ft.insert(0, "model", model_label(a))
+        frames.append(ft)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def compare_hockey(analyses: list["Analysis"]) -> pd.DataFrame:
+    frames = []
+    for a in analyses:
+        hs = hockey_stick(a, by="all")
+        hs["group"] = model_label(a)
+        frames.append(hs)
+    return pd.concat(frames, ignore_index=True).rename(columns={"group": "model"}) if frames else pd.DataFrame()
+
+
+def compare_error_by_bits(analyses: list["Analysis"]) -> pd.DataFrame:
+    frames = []
+    for a in analyses:
+        eb = error_by_bits(a.layers)
+        eb.insert(0, "model", model_label(a))
+        frames.append(eb)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def compare_headlines(analyses: list["Analysis"], bits: int) -> pd.DataFrame:
+    rows = []
+    for a in analyses:
+        if bits not in bits_available(a):
+            continue
+        h = headline(a, bits)
+        rows.append({"model": model_label(a), "model_id": a.model_id, "linears": h["n_linears"],
+                     "tokens": h["n_tokens"], "median_gain": h["median_gain"],
+                     "median_gain_heldout": h["median_gain_heldout"], "median_awq_rel": h["median_awq_rel"],
+                     "max_mean_abs_over_median": h["max_outlier_ratio"]})
+    return pd.DataFrame(rows)
+
+
+# --- Model quality ---------------------------------------------------------------------------------
+
+ERROR_METRICS = ("kl", "hidden_rel_error")  # model-level metrics that are errors (0 = identical to fp)
+
+
+def gain_levels(layers: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
+    """Layer-level and model-level gain side by side, per bit-width.
+
+    Layer level: the sweep's median gain (in-sample and held-out). Model level: for an error metric
+    (KL for causal LMs, hidden-state error for encoders) ``error(rtn) / error(mode)`` for each quantized
+    mode, the same ratio the layer gain is. Needs ``rtn`` rows in ``quality``.
+    """
+    q = quality[quality["metric"].isin(ERROR_METRICS) & (quality["mode"] != "fp")]
+    rows = []
+    for b in sorted(int(x) for x in q["bits"].unique()):
+        lay = layers[layers["bits"] == b]
+        row: dict[str, Any] = {"bits": b, "layer_gain": float(lay["gain"].median()) if len(lay) else float("nan"),
+                               "layer_gain_heldout": float(lay["gain_heldout"].median()) if len(lay) else float("nan")}
+        qb = q[q["bits"] == b]
+        for metric, qm in qb.groupby("metric"):
+            rtn = qm.loc[qm["mode"] == "rtn", "value"]
+            if rtn.empty:
+                continue
+            for mode, v in zip(qm["mode"], qm["value"]):
+                if mode != "rtn":
+                    row[f"{mode} ({metric})"] = metrics.gain(float(rtn.iloc[-1]), float(v))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fmt_rel(x: float) -> str:
+    """How the UI prints a relative error (also what the tests compare against)."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def fmt_db(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else ("inf dB" if math.isinf(x) else f"{x:.2f} dB")
+
+
+def fmt_gain(x: float) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}x"

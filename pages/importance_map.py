@@ -1,0 +1,44 @@
+"""Importance map: the channel x block surface of one module family, in 3D and as an exportable heatmap."""
+import streamlit as st
+
+import ui
+from core import figures, metrics, views
+
+a = ui.require_analysis()
+st.title("Importance map")
+st.caption("Each row of the surface is one block's linear of the chosen family; each column one input channel. "
+           "Ridges that run across blocks are outlier channels that recur through the network.")
+
+fams = views.families_present(a.linears)
+c1, c2, c3 = st.columns([3, 2, 1])
+with c1:
+    if st.session_state.get("map_family") not in fams:
+        st.session_state["map_family"] = "down" if "down" in fams else fams[0]
+    family = st.segmented_control("Module family", fams, key="map_family", required=True)
+with c2:
+    value = st.selectbox("Value", list(views.CHANNEL_VALUES), format_func=views.CHANNEL_VALUES.get, key="map_value")
+with c3:
+    log = st.toggle("Log scale", key="map_log")
+
+heat = figures.importance_heatmap(a, family, value, log)
+mat = heat.meta["matrix"]
+label = views.CHANNEL_VALUES[value].split(" (")[0]
+title = f"{a.model_id.split('/')[-1]} — {label}, family {family}"
+
+if mat.shape[0] > 1:
+    ui.show_surface(mat, title=title, value_name=label, log=log, key="map_3d",
+                    cache_key=f"{a.path}|{family}|{value}|{log}")
+    st.download_button("3D view as PNG", data=lambda: figures.surface_png(mat, title=title, value_name=label, log=log),
+                       file_name=f"{figures.slugify_model(a.model_id)}_surface_{family}_{value}.png", mime="image/png",
+                       on_click="ignore", key="map_3d_png", icon=":material/download:",
+                       help="Rendered off-screen at 1920 x 1080.")
+else:
+    st.info("This model has a single block: the surface would be one line, so only the heatmap is shown.")
+
+ui.show_figure(heat, "map_heat", model_id=a.model_id)
+st.subheader("Channels that stand out across blocks")
+st.dataframe(views.top_channels(mat), hide_index=True, column_config={
+    "sum_over_blocks": st.column_config.NumberColumn(f"{label}, summed over blocks", format="%.4g"),
+    "blocks_in_top1pct": st.column_config.NumberColumn("blocks where it is in the top 1%"),
+})
+ui.definitions([value] if value in metrics.DEFINITIONS else ["importance"])

@@ -1,0 +1,100 @@
+"""Layer Lab: one linear, live. A slider release recomputes this layer only (inside a fragment)."""
+import time
+
+import streamlit as st
+
+import ui
+from core import figures, metrics, views
+from core.analysis import Analysis
+
+a = ui.require_analysis()
+st.title("Layer Lab")
+st.caption("Pick a layer and drag alpha: AWQ quantizes Q(W·s)/s with s = mean|x|^alpha. Alpha 0 is plain "
+           "round-to-nearest (RTN). Everything below is recomputed from the cached statistics and input "
+           "sample of this one layer — the model never runs.")
+
+
+def _snap_alpha(value: float) -> None:
+    st.session_state["lab_alpha"] = float(value)
+
+
+@st.fragment
+def layer_lab(a: Analysis) -> None:
+    bits_opts = list(range(2, 9))
+    default_bits = views.default_bits(a)
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        name = ui.layer_picker(a, "lab_layer", views.best_layer(a, default_bits))
+    with c2:
+        if st.session_state.get("lab_bits") not in bits_opts:
+            st.session_state["lab_bits"] = default_bits
+        bits = int(st.select_slider("Bits", bits_opts, key="lab_bits"))
+    c1, c2, c3 = st.columns([3, 2, 2])
+    with c1:
+        if "lab_alpha" not in st.session_state:
+            row = ui.sweep_row(a, name, bits)
+            st.session_state["lab_alpha"] = float(row["best_alpha"]) if row is not None else 0.5
+        alpha = float(st.slider("alpha", 0.0, 1.0, step=0.01, key="lab_alpha",
+                                help="Exponent of the activation scale: s = mean|x|^alpha (normalised)."))
+    with c2:
+        group = ui.group_picker(a, name, "lab_group")
+    with c3:
+        grids = [5, 10, 20, 40, 80]
+        if st.session_state.get("lab_grid") not in grids:
+            st.session_state["lab_grid"] = a.settings.sweep.n_grid if a.settings.sweep.n_grid in grids else 20
+        n_grid = int(st.select_slider("Grid size", grids, key="lab_grid",
+                                      help="Alphas tried by the search: i / grid for i = 0 … grid−1 (official: 20)."))
+    t1, t2, t3, t4 = st.columns(4)
+    zero_point = t1.toggle("Zero point", value=a.settings.sweep.zero_point, key="lab_zp",
+                           help="Asymmetric quantization with a zero point; off: symmetric.")
+    duo = t2.toggle("Duo scaling", value=False, key="lab_duo",
+                    help="AutoAWQ's scale: mean|x|^a / w_mean^(1-a), w_mean over the layers sharing this input.")
+    clip = t3.toggle("Clipping", value=False, key="lab_clip",
+                     help="AWQ's clip search after scaling (per row and group).")
+    clip_qk = t4.toggle("Clip Q/K too", value=False, key="lab_clip_qk", disabled=not clip,
+                        help="Official AWQ never clips Q/K projections; switch on to see what it would do.")
+
+    t0 = time.perf_counter()
+    try:
+        ev = a.evaluate_layer(name, alpha=alpha, bits=bits, group_size=group, zero_point=zero_point,
+                              duo_scaling=duo, clip=clip, clip_qk=clip_qk, n_grid=n_grid)
+    except ui.USER_ERRORS as e:
+        st.error(ui.readable(e))
+        return
+    dt = time.perf_counter() - t0
+
+    m = st.columns(6)
+    m[0].metric("RTN rel. error", views.fmt_rel(ev.rtn_rel), help=metrics.DEFINITIONS["rel_error"])
+    m[1].metric("AWQ rel. error", views.fmt_rel(ev.awq_rel),
+                delta=f"{(ev.awq_rel / ev.rtn_rel - 1) * 100:+.1f}% vs RTN" if ev.rtn_rel > 0 else None,
+                delta_color="inverse", help=metrics.DEFINITIONS["rel_error"])
+    m[2].metric("RTN SQNR", views.fmt_db(ev.rtn_sqnr_db), help=metrics.DEFINITIONS["sqnr_db"])
+    m[3].metric("AWQ SQNR", views.fmt_db(ev.awq_sqnr_db),
+                delta=f"{ev.awq_sqnr_db - ev.rtn_sqnr_db:+.2f} dB", help=metrics.DEFINITIONS["sqnr_db"])
+    m[4].metric("Gain (in-sample)", views.fmt_gain(ev.gain), help=metrics.DEFINITIONS["gain"])
+    m[5].metric("Gain (held-out)", views.fmt_gain(ev.gain_heldout), help=metrics.DEFINITIONS["gain_heldout"])
+    h = st.columns(6)
+    h[0].metric("RTN rel. error, held-out", views.fmt_rel(ev.rtn_rel_heldout))
+    h[1].metric("AWQ rel. error, held-out", views.fmt_rel(ev.awq_rel_heldout))
+    h[2].metric("Best alpha on the grid", f"{ev.best_alpha:.2f}")
+    with h[3]:
+        st.button(f"Set alpha to {ev.best_alpha:.2f}", on_click=_snap_alpha, args=(ev.best_alpha,), key="lab_snap",
+                  disabled=abs(ev.best_alpha - alpha) < 1e-9, icon=":material/my_location:")
+    clip_note = ("applied" if ev.clipped else "skipped (Q/K)") if clip else "off"
+    h[4].metric("Clipping", clip_note)
+    h[5].metric("Recomputed in", f"{dt * 1000:.0f} ms", help="Time of this layer's evaluate_layer call.")
+
+    figs = figures.layer_figures(ev)
+    salient_only = st.session_state.get("lab_hist_salient", False)
+    if salient_only:
+        figs[3] = figures.weight_histogram(ev, salient_only=True)
+    for row in (figs[:2], figs[2:]):
+        cols = st.columns(2)
+        for col, fig in zip(cols, row):
+            with col:
+                ui.show_figure(fig, f"lab_{fig.slug.split('_')[0]}", model_id=a.model_id)
+    st.toggle("Histograms: salient input channels only", key="lab_hist_salient")
+
+
+layer_lab(a)
+ui.definitions(["rel_error", "sqnr_db", "loss", "gain", "gain_heldout", "importance"])

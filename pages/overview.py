@@ -1,0 +1,49 @@
+"""Overview: headline numbers, the module-family table, where AWQ helps, error vs bits, the hockey stick."""
+import streamlit as st
+
+import ui
+from core import figures, metrics, views
+
+a = ui.require_analysis()
+st.title("Overview")
+st.caption(f"{a.model_id} — every quantizable linear, RTN vs AWQ at the best alpha of the sweep "
+           f"(group {ui.group_label(a.settings.sweep.group_size)}).")
+
+bits = ui.bits_picker(a, "ov_bits")
+h = views.headline(a, bits)
+m = st.columns(6)
+m[0].metric("Linears", f"{h['n_linears']}", help=f"in {h['n_blocks']} blocks, {h['n_params'] / 1e6:.1f} M weights")
+m[1].metric("Calibration tokens", f"{h['n_tokens']:,}")
+m[2].metric(f"Median gain w{bits}", views.fmt_gain(h["median_gain"]), help=metrics.DEFINITIONS["gain"])
+m[3].metric("Median gain, held-out", views.fmt_gain(h["median_gain_heldout"]),
+            help=metrics.DEFINITIONS["gain_heldout"])
+m[4].metric("Layers AWQ helps", f"{h['share_helped_heldout']:.0%}", help="share of linears with a held-out gain > 1")
+m[5].metric("Top outlier channel", f"#{h['max_outlier_channel']}",
+            help=f"mean|x| max/median = {h['max_outlier_ratio']:.1f}x at the input of {h['max_outlier_input']}")
+
+st.subheader("Module families")
+st.dataframe(views.family_table(a.layers, bits), hide_index=True, column_config={
+    "median_rtn_rel": st.column_config.NumberColumn("median RTN rel. error", format="%.4g"),
+    "median_awq_rel": st.column_config.NumberColumn("median AWQ rel. error", format="%.4g"),
+    "mean_gain": st.column_config.NumberColumn("mean gain", format="%.3f"),
+    "median_gain": st.column_config.NumberColumn("median gain", format="%.3f"),
+    "median_gain_heldout": st.column_config.NumberColumn("median gain, held-out", format="%.3f"),
+    "mean_best_alpha": st.column_config.NumberColumn("mean best alpha", format="%.2f"),
+    "mean_top1_share": st.column_config.NumberColumn("top-1% importance share", format="%.3f"),
+    "max_kurtosis": st.column_config.NumberColumn("max kurtosis", format="%.1f"),
+})
+
+c1, c2 = st.columns(2)
+with c1:
+    held_out = st.toggle("Gain scored on held-out tokens", key="ov_heldout")
+    ui.show_figure(figures.gain_heatmap(a, bits, held_out), "ov_heatmap", model_id=a.model_id)
+with c2:
+    st.write("")
+    st.write("")
+    ui.show_figure(figures.family_gains(a, bits), "ov_family", model_id=a.model_id)
+c1, c2 = st.columns(2)
+with c1:
+    ui.show_figure(figures.error_vs_bits(a), "ov_bits_err", model_id=a.model_id)
+with c2:
+    ui.show_figure(figures.hockey_stick(a), "ov_hockey", model_id=a.model_id)
+ui.definitions(["rel_error", "gain", "gain_heldout", "importance", "top1_share", "kurtosis"])

@@ -1,0 +1,426 @@
+"""The Streamlit app, headless (AppTest), and its figures.
+
+Every page on tiny random models and on the bundled model; the Layer Lab's shown numbers against
+``Analysis.evaluate_layer``; bad input ends in ``st.error`` with the cache untouched; chart specs carry
+the one theme; exports (PNG/SVG/PDF/CSV, figure pack, 3D PNG, offline 3D HTML) are what they claim.
+Charts come back from AppTest as unknown elements, so the tests read their Vega-Lite specs.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_harness import PAGES, ROOT, ensure_bundled, shared_cache
+from conftest import tiny_settings
+from core import figures, views
+from core.analysis import analyze, list_cached, open_entry
+from core.models import BUNDLED_ID
+
+APP = str(ROOT / "app.py")
+TIMEOUT = 300  # seconds per AppTest run; a first open analyzes the bundled model (tens of seconds on 2 cores)
+ENTRY = "entry_path"  # ui.ENTRY_KEY
+LAB_METRICS = ("RTN rel. error", "AWQ rel. error", "RTN SQNR", "AWQ SQNR", "Gain (in-sample)", "Gain (held-out)",
+               "RTN rel. error, held-out", "AWQ rel. error, held-out", "Best alpha on the grid")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return shared_cache(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _app_env(cache, monkeypatch):
+    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # AppTest builds a fresh PagesManager for every run, and one beside a pages/ folder starts in Streamlit's
+    # legacy multipage mode, which runs the page file without app.py. The server leaves that mode for good once
+    # st.navigation has run (ui.page_guard covers its first request); AppTest would re-enter it on every run,
+    # and the guard's st.rerun() would swallow button clicks. So start every AppTest run in navigation mode.
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original_init = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture(scope="module")
+def tiny(cache, tiny_dir, tokenizer_dir):
+    """Cached analyses of tiny random models: a Qwen2 (GQA), a GPT-2 (Conv1D, fused qkv), a BERT encoder."""
+    return {kind: analyze(tiny_settings(tiny_dir(kind), tokenizer_dir), cache) for kind in ("qwen2", "gpt2", "bert")}
+
+
+def open_app(entry=None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if entry is not None:
+        at.session_state[ENTRY] = str(entry.path)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def metrics_shown(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def chart_specs(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+
+
+def chart_data(at: AppTest) -> list[dict[str, pd.DataFrame]]:
+    """Per chart, its datasets (Streamlit ships them beside the spec as Arrow)."""
+    import pyarrow as pa
+
+    return [{d.name: pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in c.proto.datasets}
+            for c in at.get("vega_lite_chart")]
+
+
+def assert_themed(at: AppTest, n_min: int = 1) -> None:
+    specs = chart_specs(at)
+    assert len(specs) >= n_min
+    for spec in specs:  # rendered with the app's own theme, exactly as the exports
+        assert spec["config"]["font"] == figures.FONT
+        assert spec["autosize"]["type"] == "pad"
+    for c in at.get("vega_lite_chart"):
+        assert c.proto.theme == ""  # theme=None: Streamlit adds nothing
+
+
+def snapshot(cache: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*"))
+
+
+def lab_state(at: AppTest) -> dict:
+    return {
+        "name": at.selectbox(key="lab_layer").value, "bits": int(at.select_slider(key="lab_bits").value),
+        "alpha": float(at.slider(key="lab_alpha").value), "group_size": int(at.select_slider(key="lab_group").value),
+        "n_grid": int(at.select_slider(key="lab_grid").value), "zero_point": at.toggle(key="lab_zp").value,
+        "duo_scaling": at.toggle(key="lab_duo").value, "clip": at.toggle(key="lab_clip").value,
+        "clip_qk": at.toggle(key="lab_clip_qk").value,
+    }
+
+
+def expected_lab_metrics(ev) -> dict[str, str]:
+    return {
+        "RTN rel. error": views.fmt_rel(ev.rtn_rel), "AWQ rel. error": views.fmt_rel(ev.awq_rel),
+        "RTN SQNR": views.fmt_db(ev.rtn_sqnr_db), "AWQ SQNR": views.fmt_db(ev.awq_sqnr_db),
+        "Gain (in-sample)": views.fmt_gain(ev.gain), "Gain (held-out)": views.fmt_gain(ev.gain_heldout),
+        "RTN rel. error, held-out": views.fmt_rel(ev.rtn_rel_heldout),
+        "AWQ rel. error, held-out": views.fmt_rel(ev.awq_rel_heldout),
+        "Best alpha on the grid": f"{ev.best_alpha:.2f}",
+    }
+
+
+def check_lab_against_engine(at: AppTest, engine) -> object:
+    """The Layer Lab's numbers are evaluate_layer's at the widgets' values; returns that LayerEval."""
+    assert_clean(at)
+    st_ = lab_state(at)
+    ev = engine.evaluate_layer(st_.pop("name"), **st_)
+    shown = metrics_shown(at)
+    assert {k: shown[k] for k in LAB_METRICS} == expected_lab_metrics(ev)
+    curve = next(df for data in chart_data(at) for df in data.values() if list(df.columns) == ["alpha", "loss", "rel_error"])
+    assert np.allclose(curve["alpha"], ev.search.alphas.numpy()) and np.allclose(curve["rel_error"], ev.rel_curve.numpy())
+    return ev
+
+
+# --- opening the app ---------------------------------------------------------------------------------
+
+def test_first_open_analyzes_the_bundled_model_and_lands_on_the_layer_lab(cache):
+    """No typing: a fresh session analyzes the bundled model (or reads it from the cache) and shows the Lab."""
+    at = open_app()
+    at.run()
+    assert_clean(at)
+    assert at.title[0].value == "Layer Lab"
+    entries = [m for m in list_cached(cache) if m["model_id"] == BUNDLED_ID]
+    assert entries, "the bundled model's analysis was not cached"
+    assert at.session_state[ENTRY] == entries[0]["path"]
+    engine = open_entry(entries[0]["path"])
+    before = check_lab_against_engine(at, engine)
+    at.slider(key="lab_alpha").set_value(0.2).run()
+    after = check_lab_against_engine(at, engine)
+    assert after.alpha == pytest.approx(0.2)
+    assert metrics_shown(at)["AWQ rel. error"] != views.fmt_rel(before.awq_rel)
+    assert_themed(at, 4)
+
+
+def test_every_page_on_the_bundled_model(cache):
+    a = ensure_bundled(cache)
+    at = open_app(a)
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert_clean(at)
+        if page.endswith("overview.py"):
+            h = views.headline(a, views.default_bits(a))
+            assert metrics_shown(at)["Linears"] == "36"
+            assert metrics_shown(at)[f"Median gain w{views.default_bits(a)}"] == views.fmt_gain(h["median_gain"])
+            assert_themed(at, 4)
+        elif page.endswith("importance_map.py"):
+            assert at.get("vega_lite_chart"), "the heatmap twin is missing"
+            for data in chart_data(at):
+                for df in data.values():
+                    assert len(df) <= 5000  # wide families are pre-aggregated
+        elif page.endswith("clipping.py"):
+            assert "AWQ + clip rel. error" in metrics_shown(at)
+        elif page.endswith("model_quality.py"):
+            assert at.title[0].value == "Model quality"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "bert"])
+def test_every_page_on_a_tiny_model(tiny, kind):
+    at = open_app(tiny[kind])
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert_clean(at)
+        if page.endswith(("overview.py", "layer_lab.py", "clipping.py")):
+            assert_themed(at, 3)
+
+
+# --- the Layer Lab follows the engine ----------------------------------------------------------------
+
+def test_layer_lab_controls_recompute_exactly_what_the_engine_computes(tiny):
+    a = tiny["qwen2"]
+    engine = open_entry(a.path)  # a separate handle: the app's numbers must match a fresh computation
+    at = open_app(a)
+    at.switch_page("pages/layer_lab.py").run()
+    first = check_lab_against_engine(at, engine)
+
+    seen = {metrics_shown(at)["AWQ rel. error"]}
+    for alpha in (0.0, 0.35, 0.9):
+        at.slider(key="lab_alpha").set_value(alpha).run()
+        ev = check_lab_against_engine(at, engine)
+        assert ev.alpha == pytest.approx(alpha)
+        seen.add(metrics_shown(at)["AWQ rel. error"])
+    assert len(seen) >= 3, "moving alpha did not change the shown AWQ error"
+    at.slider(key="lab_alpha").set_value(0.0).run()
+    shown = metrics_shown(at)
+    assert shown["AWQ rel. error"] == shown["RTN rel. error"]  # alpha 0 is RTN
+
+    at.slider(key="lab_alpha").set_value(0.5).run()
+    for key, value in (("lab_bits", 2), ("lab_group", 16), ("lab_grid", 10)):
+        at.select_slider(key=key).set_value(value).run()
+        check_lab_against_engine(at, engine)
+    at.toggle(key="lab_zp").set_value(False).run()
+    check_lab_against_engine(at, engine)
+    at.toggle(key="lab_duo").set_value(True).run()
+    check_lab_against_engine(at, engine)
+    at.toggle(key="lab_clip").set_value(True).run()
+    ev = check_lab_against_engine(at, engine)
+    assert metrics_shown(at)["Clipping"] == ("applied" if ev.clipped else "skipped (Q/K)")
+
+    q_proj = next(n for n in a.names if n.endswith("q_proj"))
+    at.selectbox(key="lab_layer").set_value(q_proj).run()
+    ev = check_lab_against_engine(at, engine)
+    assert not ev.clipped and metrics_shown(at)["Clipping"] == "skipped (Q/K)"
+    at.toggle(key="lab_clip_qk").set_value(True).run()
+    ev = check_lab_against_engine(at, engine)
+    assert ev.clipped and metrics_shown(at)["Clipping"] == "applied"
+
+    down = next(n for n in a.names if n.endswith("down_proj"))
+    at.selectbox(key="lab_layer").set_value(down).run()
+    ev = check_lab_against_engine(at, engine)
+    at.button(key="lab_snap").click().run()  # "Set alpha to <best>"
+    assert at.slider(key="lab_alpha").value == pytest.approx(ev.best_alpha)
+    check_lab_against_engine(at, engine)
+    assert first.name in a.names
+
+
+# --- model quality (issue 4) --------------------------------------------------------------------------
+
+def test_model_quality_page_runs_and_shows_the_cached_results(tiny):
+    from core import evaluate
+
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/model_quality.py").run()
+    assert_clean(at)
+    at.multiselect(key="mq_modes").set_value(["fp", "rtn", "awq"])
+    at.multiselect(key="mq_bits").set_value([4])
+    at.selectbox(key="mq_group").set_value(32)
+    at.button(key="mq_run").click().run()
+    assert_clean(at)
+    cached = evaluate.cached_quality(open_entry(a.path))
+    assert cached is not None and {"fp", "rtn", "awq"} <= set(cached["mode"])
+    table = at.dataframe[0].value
+    ppl = cached[(cached["mode"] == "awq") & (cached["bits"] == 4) & (cached["metric"] == "perplexity")]["value"]
+    assert table.loc[table["mode"] == "awq", "perplexity"].iloc[0] == pytest.approx(float(ppl.iloc[-1]))
+    gains = at.dataframe[1].value  # layer-level and model-level gain side by side
+    assert {"bits", "layer_gain", "layer_gain_heldout", "awq (kl)"} <= set(gains.columns)
+    assert_themed(at, 1)
+    at2 = open_app(a)  # reopening shows the cached results at once
+    at2.switch_page("pages/model_quality.py").run()
+    at2.selectbox(key="mq_group").set_value(32).run()
+    assert_clean(at2)
+    assert len(at2.dataframe) >= 2
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+def _new_analysis(at: AppTest, **fields) -> AppTest:
+    at.run()
+    if "kind" in fields:
+        at.radio(key="src_kind").set_value(fields["kind"]).run()
+    for key, value in fields.items():
+        if key == "kind":
+            continue
+        if key == "q_group":
+            at.selectbox(key=key).set_value(value)
+        elif key == "upload":
+            at.selectbox(key="cal_source").set_value("upload").run()
+            at.file_uploader(key="cal_upload").set_value(value)
+        else:
+            at.text_input(key=key).input(value)
+    at.button(key="analyze").click().run()
+    return at
+
+
+@pytest.mark.parametrize("case", ["unknown hub id", "folder without weights", "missing folder", "empty upload",
+                                  "run that fails"])
+def test_bad_input_shows_a_readable_error_and_keeps_the_app_usable(tiny, cache, tmp_path, tiny_dir, tokenizer_dir,
+                                                                   case):
+    a = tiny["qwen2"]
+    if case == "unknown hub id":
+        fields, expect = {"kind": "hub", "src_hub": "no-such-org/no-such-model-xyz"}, "hub"
+    elif case == "folder without weights":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        fields, expect = {"kind": "folder", "src_folder": str(tmp_path)}, "no .safetensors"
+    elif case == "missing folder":
+        fields, expect = {"kind": "folder", "src_folder": str(tmp_path / "nope")}, "does not exist"
+    elif case == "empty upload":
+        fields, expect = {"upload": ("empty.txt", b"  \n", "text/plain")}, "empty"
+    else:  # a real model, but a group size that divides none of its widths (64, 128): the run fails
+        fields = {"kind": "folder", "src_folder": tiny_dir("qwen2"), "src_tok": tokenizer_dir, "q_group": 256}
+        expect = "group size 256"
+    before = snapshot(cache)
+    at = _new_analysis(open_app(a), **fields)
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value for e in at.error]
+    assert errors and expect in " ".join(errors).lower(), errors
+    assert all("Traceback" not in e for e in errors)
+    assert snapshot(cache) == before  # nothing written, nothing removed
+    assert at.session_state[ENTRY] == str(a.path)  # still on the previous model
+    at.switch_page("pages/layer_lab.py").run()
+    assert_clean(at)
+    assert "AWQ rel. error" in metrics_shown(at)
+
+
+def test_sidebar_analyze_of_a_local_folder_switches_the_pages_to_it(cache, tiny, tiny_dir, tokenizer_dir):
+    """The whole sidebar path: folder + tokenizer + calibration settings -> Analyze -> pages show it."""
+    at = open_app(tiny["qwen2"])
+    at.run()
+    at.radio(key="src_kind").set_value("folder").run()
+    at.text_input(key="src_folder").input(tiny_dir("llama"))
+    at.text_input(key="src_tok").input(tokenizer_dir)
+    at.number_input(key="cal_n").set_value(4)
+    at.number_input(key="cal_len").set_value(64)
+    at.number_input(key="cal_held").set_value(2)
+    at.multiselect(key="q_bits").set_value([3, 4])
+    at.selectbox(key="q_group").set_value(32)
+    at.button(key="analyze").click().run()
+    assert_clean(at)
+    path = at.session_state[ENTRY]
+    a = open_entry(path)
+    assert a.model_id == str(Path(tiny_dir("llama")).resolve())
+    assert a.settings.calibration.n_samples == 4 and a.settings.sweep.bits == (3, 4)
+    assert not a.settings.trust_remote_code
+    at.switch_page("pages/overview.py").run()
+    assert_clean(at)
+    assert metrics_shown(at)["Linears"] == str(len(a.names))
+
+
+# --- figures and exports (no Streamlit) ---------------------------------------------------------------
+
+def test_every_standard_figure_exports_png_svg_pdf_csv_with_the_theme(tiny):
+    a = tiny["qwen2"]
+    figs = figures.standard_figures(a, 3)
+    assert len({f.slug for f in figs}) == len(figs)
+    for f in figs:
+        spec = f.spec()
+        assert spec["config"]["font"] == figures.FONT and spec["autosize"]["type"] == "pad"
+        png = f.png()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        width = int.from_bytes(png[16:20], "big")
+        assert width >= figures.PNG_SCALE * min(spec.get("width", figures.WIDTH), figures.WIDTH)  # talk-ready
+        assert f.svg().lstrip().startswith("<svg")
+        assert f.pdf()[:5] == b"%PDF-"
+        back = pd.read_csv(io.BytesIO(f.csv()))
+        assert list(back.columns) == [str(c) for c in f.data.columns] and len(back) == len(f.data)
+
+
+def test_figure_pack_zip_holds_every_format_and_the_3d_surfaces(tiny):
+    a = tiny["bert"]
+    data = figures.figure_pack(a, 4)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = set(z.namelist())
+        assert "README.txt" in names and "rel_error" in z.read("README.txt").decode()
+        for f in figures.standard_figures(a, 4):
+            assert {f"{f.slug}.{ext}" for ext in ("png", "svg", "pdf", "csv")} <= names
+        assert any(n.startswith("importance_surface_") and n.endswith(".png") for n in names)
+
+
+def test_wide_layers_are_pre_aggregated_under_altairs_row_limit():
+    rng = np.random.default_rng(0)
+    mat = rng.random((24, 4864))  # Qwen2.5-0.5B's down_proj input width over its 24 blocks
+    mat[:, 1234] = 50.0  # one recurring outlier channel
+    df = views.matrix_long(mat)
+    assert len(df) <= 5000
+    assert df["channel_start"].min() == 0 and df["channel_end"].max() == 4863
+    assert (df.groupby("block")["value"].max() == 50.0).all()  # max-pooling keeps the outlier visible
+    assert set(df.loc[df["value"] == 50.0, "max_channel"]) == {1234}
+
+
+def test_3d_surface_renders_off_screen_and_is_not_blank():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    mat = rng.random((6, 384))
+    mat[:, 94] += 5
+    png = figures.surface_png(mat, title="test surface", window_size=(640, 360))
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)
+    assert img.shape == (360, 640, 3)
+    assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+
+
+def test_3d_view_html_is_self_contained_for_offline_use():
+    import re
+
+    import ui
+
+    mat = np.random.default_rng(2).random((3, 64))
+    pl = figures.surface_plotter(mat, title="t", window_size=(400, 300), with_bounds=False)
+    try:
+        html = ui._inline_panel_html(pl)
+    finally:
+        pl.close()
+    assert "vtk" in html.lower()
+    external = re.findall(r"<script[^>]+src=[\"']https?://", html)
+    assert external == [], external  # every script inline: works without a network
+
+
+def test_empty_upload_is_refused_before_anything_is_written(cache):
+    import ui
+    from core.calibration import CalibrationError
+
+    class Upload:
+        name = "empty.txt"
+
+        def getvalue(self) -> bytes:
+            return b"   \n\n"
+
+    values = {"model_kind": "bundled", "text_source": "upload", "upload": Upload(), "n_samples": 4, "seqlen": 64,
+              "heldout_samples": 1, "bits": [4], "group_size": 128, "zero_point": True, "dtype": "float32",
+              "device": "cpu", "trust_remote_code": False}
+    with pytest.raises(CalibrationError, match="empty"):
+        ui._settings_from_sidebar(values)
+    assert not (cache / ".uploads").exists() or not any((cache / ".uploads").iterdir())

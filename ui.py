@@ -1,0 +1,442 @@
+"""What every page shares: the model picker (sidebar), the current analysis, running analyses with a
+progress bar, readable errors, chart rendering with exports, the layer picker, the 3D view.
+
+Pages stay thin: widgets, one call into ``core``, ``show_figure``. Nothing here computes numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import streamlit as st
+
+from core import figures, metrics, views
+from core.analysis import Analysis, AnalysisSettings, analyze, list_cached, open_entry
+from core.calibration import BUNDLED_TEXT, HUB_TEXTS, CalibrationError, CalibrationSpec, decode_text
+from core.models import BUNDLED, ModelLoadError, looks_like_path
+from core.store import CacheError
+from core.sweep import SweepSettings, layer_group_size
+
+ROOT = Path(__file__).resolve().parent
+DEFAULTS = AnalysisSettings()  # the bundled model with the CPU-friendly defaults: what a first open analyzes
+ENTRY_KEY = "entry_path"  # session state: the cache entry the pages show
+MAX_OPEN_ANALYSES = 6  # analyses (and their loaded models) kept in memory for all sessions
+# Readable failures: the engine raises these with one sentence meant for the user.
+USER_ERRORS = (ModelLoadError, CalibrationError, CacheError, ValueError, KeyError, OSError)
+
+
+def cache_dir() -> Path:
+    """``$AWQ_EXPLORER_CACHE`` or ``<repo>/cache`` (read on every call so tests can point it elsewhere)."""
+    return Path(os.environ.get("AWQ_EXPLORER_CACHE") or ROOT / "cache")
+
+
+def readable(e: BaseException) -> str:
+    """One sentence for ``st.error``: the engine's own message, else the exception type and first line."""
+    text = " ".join(str(e).split())
+    if isinstance(e, KeyError) and text.startswith("'"):
+        text = text.strip("'\"")
+    if isinstance(e, USER_ERRORS) and text:
+        return text[0].upper() + text[1:]
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+# --- analyses shared by every session ----------------------------------------------------------------
+
+class _Registry:
+    """Open analyses by cache path, shared across sessions (their models load once), LRU-bounded.
+
+    ``run_lock`` serialises new analyses: two sessions analysing at once would only fight over two cores.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.run_lock = threading.Lock()
+        self.items: OrderedDict[str, Analysis] = OrderedDict()
+
+    def get(self, path: str) -> Analysis:
+        with self.lock:
+            if path in self.items:
+                self.items.move_to_end(path)
+                return self.items[path]
+        a = open_entry(path)
+        self.put(a)
+        return a
+
+    def put(self, a: Analysis) -> None:
+        with self.lock:
+            self.items[str(a.path)] = a
+            self.items.move_to_end(str(a.path))
+            while len(self.items) > MAX_OPEN_ANALYSES:
+                self.items.popitem(last=False)
+
+
+@st.cache_resource
+def registry() -> _Registry:
+    return _Registry()
+
+
+def page_guard() -> None:
+    """Make sure the page runs inside ``app.py`` (sidebar, navigation), not alone.
+
+    Streamlit treats a ``pages/`` folder beside the main script as the legacy multipage layout until
+    ``st.navigation`` has run once in the process: a first request for a deep link (``/overview``), and
+    every AppTest rerun, would execute the page file without ``app.py``. Switch the legacy mode off and
+    rerun, so ``app.py`` runs and routes to the same page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def current_analysis() -> Analysis | None:
+    path = st.session_state.get(ENTRY_KEY)
+    if not path:
+        return None
+    try:
+        return registry().get(str(path))
+    except USER_ERRORS as e:
+        st.session_state.pop(ENTRY_KEY, None)
+        st.error(f"The cached analysis could not be opened: {readable(e)}")
+        return None
+
+
+def require_analysis() -> Analysis:
+    """The analysis the pages show; stops the page with a hint when there is none."""
+    page_guard()
+    a = current_analysis()
+    if a is None:
+        st.info("No model analyzed yet: pick a model and calibration text in the sidebar and press **Analyze**, "
+                "or open a cached analysis there.")
+        st.stop()
+    return a
+
+
+def run_analysis(settings: AnalysisSettings, *, text: str | None = None, where: Any = None) -> Analysis | None:
+    """Analyze (or reopen from the cache) with a live progress bar; on failure ``st.error``, nothing changes."""
+    where = where or st
+    label = "the bundled model" if settings.model == BUNDLED else settings.model
+    with where.status(f"Analyzing {label}…", expanded=True) as status:
+        bar = st.progress(0.0, text="waiting for another analysis to finish")
+        t0 = time.time()
+
+        def progress(frac: float, msg: str) -> None:
+            bar.progress(min(max(float(frac), 0.0), 1.0), text=f"{msg} · {time.time() - t0:.0f} s")
+
+        try:
+            with registry().run_lock:
+                progress(0.0, "starting")
+                a = analyze(settings, cache_dir(), progress=progress, text=text)
+        except Exception as e:  # noqa: BLE001 - any failure becomes one sentence; the app stays usable
+            status.update(label=f"Analysis of {label} failed", state="error", expanded=True)
+            where.error(readable(e))
+            return None
+        status.update(label=f"Ready: {a.model_id} ({time.time() - t0:.1f} s)", state="complete", expanded=False)
+    registry().put(a)
+    st.session_state[ENTRY_KEY] = str(a.path)
+    return a
+
+
+def ensure_analysis() -> None:
+    """First open of a session: show the bundled model without the user typing anything.
+
+    Analyzes it once with the default settings (progress bar; a few tens of seconds on a CPU), then
+    every later open reads the cache instantly.
+    """
+    if st.session_state.get(ENTRY_KEY) or st.session_state.get("auto_analysis_failed"):
+        return
+    holder = st.empty()  # a placeholder, so the finished status can be removed again
+    if run_analysis(DEFAULTS, where=holder.container()) is None:
+        st.session_state["auto_analysis_failed"] = True
+    else:
+        holder.empty()
+
+
+# --- sidebar -------------------------------------------------------------------------------------------
+
+def entry_label(m: dict[str, Any]) -> str:
+    s = m.get("settings", {})
+    cal, sw = s.get("calibration", {}), s.get("sweep", {})
+    src = str(cal.get("source", "?"))
+    src = src if src in (BUNDLED_TEXT, *HUB_TEXTS) else Path(src).name
+    model = str(m.get("model_id", "?")).rstrip("/").split("/")[-1]
+    g = sw.get("group_size")
+    return (f"{model} · {src} {cal.get('n_samples')}x{cal.get('seqlen')} · "
+            f"w{','.join(str(b) for b in sw.get('bits', []))} g{g if g else 'row'} · "
+            f"{str(m.get('created', ''))[:16].replace('T', ' ')} [{Path(m['path']).name[:6]}]")
+
+
+def _open_cached(path: str) -> None:
+    try:
+        registry().get(path)
+    except USER_ERRORS as e:
+        st.session_state["sidebar_error"] = f"Could not open that cached analysis: {readable(e)}"
+        return
+    st.session_state[ENTRY_KEY] = path
+
+
+def _save_upload(data: bytes, name: str) -> str:
+    """Keep an uploaded calibration text beside the cache so the analysis can be reproduced later."""
+    text = decode_text(data, f"the uploaded file {name!r}")  # raises CalibrationError when empty / binary
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    folder = cache_dir() / ".uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{digest}.txt"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
+
+
+MODEL_SOURCES = {"bundled": "Bundled MiniLM-L6 (offline)", "hub": "Hugging Face id", "folder": "Local folder"}
+TEXT_SOURCES = {BUNDLED_TEXT: "Bundled: Python's documentation (offline)", "upload": "Upload a text file",
+                "wikitext-2": "wikitext-2 (needs the hub)", "pile-val": "pile-val (needs the hub)"}
+GROUP_CHOICES = [32, 64, 128, 256, 0]
+
+
+def group_label(g: int) -> str:
+    return "per row" if int(g) <= 0 else str(g)
+
+
+def _settings_from_sidebar(values: dict[str, Any]) -> tuple[AnalysisSettings, str | None]:
+    """Turn the sidebar's values into settings (+ uploaded text); raises ValueError with a sentence."""
+    kind = values["model_kind"]
+    if kind == "bundled":
+        model = BUNDLED
+    elif kind == "hub":
+        model = values["hub_id"].strip()
+        if not model:
+            raise ModelLoadError("type a Hugging Face model id, e.g. Qwen/Qwen2.5-0.5B")
+    else:
+        raw = values["folder"].strip()
+        if not raw:
+            raise ModelLoadError("type the path of a local model folder (with config.json and .safetensors)")
+        model = str(Path(raw).expanduser().resolve()) if looks_like_path(raw) else raw
+        if not Path(model).expanduser().exists():
+            raise ModelLoadError(f"model folder {raw!r} does not exist")
+    tok = (values.get("tokenizer") or "").strip()
+    text = None
+    source = values["text_source"]
+    if source == "upload":
+        up = values.get("upload")
+        if up is None:
+            raise CalibrationError("choose a text file to upload, or pick another calibration text")
+        source = _save_upload(up.getvalue(), up.name)
+    if not values["bits"]:
+        raise ValueError("pick at least one bit-width to sweep")
+    cal = CalibrationSpec(source=source, n_samples=int(values["n_samples"]), seqlen=int(values["seqlen"]),
+                          heldout_samples=int(values["heldout_samples"]))
+    sweep = SweepSettings(bits=tuple(sorted(int(b) for b in values["bits"])), group_size=int(values["group_size"]),
+                          zero_point=bool(values["zero_point"]), n_grid=DEFAULTS.sweep.n_grid)
+    settings = AnalysisSettings(model=model, dtype=values["dtype"], device=values["device"],
+                                trust_remote_code=bool(values["trust_remote_code"]),
+                                revision=(values.get("revision") or "").strip() or None,
+                                tokenizer=str(Path(tok).expanduser().resolve()) if tok else None,
+                                calibration=cal, sweep=sweep)
+    return settings, text
+
+
+def render_sidebar() -> None:
+    """Current model, cached analyses to reopen, and the form for a new analysis (with its Analyze button)."""
+    sb = st.sidebar
+    a = current_analysis()
+    if a is not None:
+        sw = a.settings.sweep
+        cal = a.settings.calibration
+        src = cal.source if cal.source in (BUNDLED_TEXT, *HUB_TEXTS) else Path(cal.source).name
+        sb.markdown(f"**{a.model_id}**")
+        sb.caption(f"{a.manifest.get('n_tokens')} calibration tokens ({src}) · bits "
+                   f"{', '.join(str(b) for b in sw.bits)} · group {group_label(sw.group_size)} · "
+                   f"{'asymmetric' if sw.zero_point else 'symmetric'} · {a.settings.dtype}")
+        pack_bits = int(st.session_state.get("ov_bits") or views.default_bits(a))
+        sb.download_button(
+            f"Figure pack (ZIP, w{pack_bits})", data=lambda: figures.figure_pack(a, pack_bits),
+            file_name=f"awq_explorer_{figures.slugify_model(a.model_id)}_w{pack_bits}.zip", mime="application/zip",
+            on_click="ignore", key="figure_pack", icon=":material/folder_zip:",
+            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces (takes a few seconds).")
+
+    entries = list_cached(cache_dir())
+    if entries:
+        with sb.expander(f"Cached analyses ({len(entries)})", expanded=False):
+            labels = {m["path"]: entry_label(m) for m in entries}
+            paths = list(labels)
+            cur = str(a.path) if a is not None else None
+            pick = st.selectbox("Cached analysis", paths, index=paths.index(cur) if cur in paths else 0,
+                                format_func=labels.get, key="cached_pick", label_visibility="collapsed")
+            st.button("Open", key="open_cached", on_click=_open_cached, args=(pick,),
+                      disabled=pick == cur, width="stretch")
+
+    with sb.expander("New analysis", expanded=a is None):
+        v: dict[str, Any] = {}
+        v["model_kind"] = st.radio("Model", list(MODEL_SOURCES), format_func=MODEL_SOURCES.get, key="src_kind")
+        if v["model_kind"] == "hub":
+            v["hub_id"] = st.text_input("Hugging Face id", placeholder="Qwen/Qwen2.5-0.5B", key="src_hub")
+            v["revision"] = st.text_input("Revision (optional)", key="src_rev")
+        elif v["model_kind"] == "folder":
+            v["folder"] = st.text_input("Model folder", placeholder="/path/to/model", key="src_folder",
+                                        help="A transformers folder with config.json and .safetensors weights.")
+            v["tokenizer"] = st.text_input("Tokenizer folder (if the model folder has none)", key="src_tok")
+        v["text_source"] = st.selectbox("Calibration text", list(TEXT_SOURCES), format_func=TEXT_SOURCES.get,
+                                        key="cal_source")
+        if v["text_source"] == "upload":
+            v["upload"] = st.file_uploader("UTF-8 text file", type=["txt", "md", "text"], key="cal_upload")
+        c1, c2, c3 = st.columns(3)
+        v["n_samples"] = c1.number_input("Blocks", 1, 1024, DEFAULTS.calibration.n_samples, key="cal_n",
+                                         help="Calibration blocks (official AWQ: 128).")
+        v["seqlen"] = c2.number_input("Tokens", 16, 4096, DEFAULTS.calibration.seqlen, step=16, key="cal_len",
+                                      help="Tokens per block, capped at the model's positions (official AWQ: 512).")
+        v["heldout_samples"] = c3.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
+                                               help="Held-out blocks, scored but never used to choose alpha.")
+        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
+        c1, c2 = st.columns(2)
+        v["group_size"] = c1.selectbox("Group size", GROUP_CHOICES, index=GROUP_CHOICES.index(DEFAULTS.sweep.group_size),
+                                       format_func=group_label, key="q_group")
+        v["zero_point"] = c2.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
+                                    help="Asymmetric quantization with a zero point (official AWQ); off: symmetric.")
+        c1, c2 = st.columns(2)
+        v["dtype"] = c1.selectbox("dtype", ["float32", "bfloat16", "float16"], key="m_dtype")
+        v["device"] = c2.selectbox("Device", ["cpu", "cuda", "auto"], key="m_device")
+        v["trust_remote_code"] = st.checkbox(
+            "Trust remote code", value=False, key="m_trust",
+            help="Lets the model repository run its own Python code on this machine. Off by default; "
+                 "tick it only for a repository you trust.")
+        if v["trust_remote_code"]:
+            st.warning("The model's repository code will run on this machine.")
+        go = st.button("Analyze", type="primary", key="analyze", width="stretch", icon=":material/play_arrow:")
+    if go:
+        try:
+            settings, text = _settings_from_sidebar(v)
+        except USER_ERRORS as e:
+            sb.error(readable(e))
+        else:
+            run_analysis(settings, text=text, where=sb)
+    if st.session_state.get("sidebar_error"):
+        sb.error(st.session_state.pop("sidebar_error"))
+
+
+# --- charts and exports --------------------------------------------------------------------------------
+
+EXPORT_MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "csv": "text/csv"}
+
+
+def show_figure(fig: figures.Figure, key: str, *, model_id: str = "", caption: bool = False) -> None:
+    """The chart (exactly its own theme: ``theme=None``) and PNG / SVG / PDF / CSV downloads under it.
+
+    Downloads are generated only when clicked (deferred), so dragging a slider never waits on exports.
+    """
+    st.altair_chart(fig.chart, theme=None, width="content", key=f"chart_{key}")
+    stem = f"{figures.slugify_model(model_id)}_{fig.slug}" if model_id else fig.slug
+    makers: dict[str, Callable[[], Any]] = {"png": fig.png, "svg": fig.svg, "pdf": fig.pdf, "csv": fig.csv}
+    cols = st.columns([1, 1, 1, 1, 3], gap="small")
+    for col, (fmt, make) in zip(cols, makers.items()):
+        col.download_button(fmt.upper(), data=make, file_name=f"{stem}.{fmt}", mime=EXPORT_MIME[fmt],
+                            on_click="ignore", key=f"dl_{key}_{fmt}", type="tertiary",
+                            icon=":material/download:", help=f"Download as {fmt.upper()}")
+    if caption and fig.caption:
+        st.caption(fig.caption)
+
+
+def definitions(keys: list[str] | None = None) -> None:
+    """The metric definitions from ``core.metrics`` (the one place they are written)."""
+    with st.expander("Definitions"):
+        for k, text in metrics.DEFINITIONS.items():
+            if keys is None or k in keys:
+                st.markdown(f"- **{k}**: {text}")
+
+
+def bits_picker(a: Analysis, key: str, label: str = "Bits") -> int:
+    bits = views.bits_available(a)
+    if st.session_state.get(key) not in bits:
+        st.session_state[key] = views.default_bits(a)
+    return int(st.segmented_control(label, bits, key=key, format_func=lambda b: f"w{b}", required=True))
+
+
+def layer_label(a: Analysis, name: str) -> str:
+    info = a.info(name)
+    return f"{name}  ·  {info['family']}  ·  {info['in_features']}→{info['out_features']}"
+
+
+def layer_picker(a: Analysis, key: str, default: str, label: str = "Layer") -> str:
+    names = a.names
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = default if default in names else names[0]
+    return str(st.selectbox(label, names, key=key, format_func=lambda n: layer_label(a, n)))
+
+
+def group_picker(a: Analysis, name: str, key: str, label: str = "Group size") -> int:
+    """Group sizes valid for this layer (they must divide its input width); 0 = one group per row."""
+    in_f = int(a.info(name)["in_features"])
+    options = views.group_size_options(in_f)
+    if st.session_state.get(key) not in options:
+        g = layer_group_size(in_f, a.settings.sweep.group_size) if a.settings.sweep.group_size > 0 else 0
+        st.session_state[key] = g if g in options and g != in_f else (128 if 128 in options else options[0])
+    return int(st.select_slider(label, options, key=key, format_func=group_label))
+
+
+def sweep_row(a: Analysis, name: str, bits: int) -> pd.Series | None:
+    lay = a.layers[(a.layers["name"] == name) & (a.layers["bits"] == bits)]
+    return None if lay.empty else lay.iloc[0]
+
+
+# --- 3D view -------------------------------------------------------------------------------------------
+
+_HTML_CACHE: OrderedDict[str, str] = OrderedDict()
+_HTML_LOCK = threading.Lock()
+
+
+def _inline_panel_html(plotter: Any, **backend_kwargs: Any) -> str:
+    """stpyvista's panel builder, but with every script inlined: the 3D view works without a network.
+
+    stpyvista's own builder saves panel's HTML with CDN links, so offline the iframe stays blank.
+    The result is cached by ``plotter._awq_cache_key`` (serialising the scene takes about a second).
+    """
+    import panel as pn
+    from bokeh.resources import INLINE
+
+    key = getattr(plotter, "_awq_cache_key", None)
+    with _HTML_LOCK:
+        if key is not None and key in _HTML_CACHE:
+            _HTML_CACHE.move_to_end(key)
+            return _HTML_CACHE[key]
+    use_container_width = backend_kwargs.pop("use_container_width", False)
+    width, height = plotter.window_size
+    backend_kwargs["height"] = height
+    if not use_container_width:
+        backend_kwargs["width"] = width
+    pn.extension("vtk")
+    pane = pn.pane.VTK(plotter.ren_win, **backend_kwargs)
+    import io
+
+    with io.StringIO() as buf:
+        pane.save(buf, title="AWQ Explorer 3D view", resources=INLINE)
+        html = buf.getvalue()
+    if key is not None:
+        with _HTML_LOCK:
+            _HTML_CACHE[key] = html
+            while len(_HTML_CACHE) > 8:
+                _HTML_CACHE.popitem(last=False)
+    return html
+
+
+def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key: str, key: str,
+                 height: int = 520) -> None:
+    """The interactive 3D surface (pyvista + stpyvista, panel backend, scripts inlined)."""
+    import stpyvista  # only inside a running app: the package registers a component at import
+
+    stpyvista._panel_html = _inline_panel_html  # the module looks this name up at call time
+    plotter = figures.surface_plotter(mat, title=title, value_name=value_name, log=log,
+                                      window_size=(960, height), with_bounds=False)
+    plotter._awq_cache_key = cache_key
+    try:
+        stpyvista.stpyvista(plotter, backend="panel", key=key,
+                            backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
+    finally:
+        plotter.close()
