@@ -285,7 +285,7 @@ class Analysis:
 
     def ref_sq(self, name: str, split: str = "calib") -> float:
         return self._memoized(("ref", name, split),
-                              lambda: metrics.output_ref_sq(self.inputs(name, split), self.weight(name)))
+                              lambda: awq.output_sq_norm(self.inputs(name, split), self.weight(name)))
 
     def layer_error(self, name: str, w_hat: torch.Tensor, split: str = "calib") -> float:
         """Relative output error of ``w_hat`` on the kept ``split`` rows: one ``X @ dW.T`` product."""

@@ -114,6 +114,11 @@ def _dw_sq_errors(x: torch.Tensor, dw: torch.Tensor, a: int) -> torch.Tensor:
     return kernels.row_sq_sums(y).view(a, -1).sum(1)
 
 
+def output_sq_norm(x: torch.Tensor, w: torch.Tensor) -> float:
+    """``||X W^T||^2`` in float64: ``metrics.output_ref_sq`` computed the way the errors are (one GEMM, one pass)."""
+    return float(_dw_sq_errors(x, w.float().contiguous(), 1)[0])
+
+
 def output_sq_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """``||X (W_hat - W)^T||^2`` (float64 scalar); ``w_hat`` may be a batch ``[A, out, in]`` -> ``[A]``."""
     dw = w_hat - w
@@ -194,6 +199,38 @@ def scale_sq_errors_multi(
             dw = (scaled_fake_quant(w, s, n_bit, g, zero_point) - w).reshape(n * out_f, in_f)
         for k, x in enumerate(xs):
             res[k, i : i + n] = _dw_sq_errors(x, dw, n)
+    return res
+
+
+def scale_sq_errors_bits(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    bits: Sequence[int],
+    group_size: int,
+    zero_point: bool = True,
+) -> torch.Tensor:
+    """``scale_sq_errors`` for several bit-widths at once -> float64 ``[len(bits), A]``.
+
+    The fused kernel finds each group's max/min of ``W*s`` once for all bit-widths (the layer-level sweep).
+    """
+    bits = [check_bits(b) for b in bits]
+    w = w.float().contiguous()
+    x = x.float()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    n_alpha, nb = scales.shape[0], len(bits)
+    res = torch.empty(nb, n_alpha, dtype=torch.float64)
+    step = max(1, min(n_alpha, _CHUNK_ELEMENTS // max(1, nb * w.numel())))
+    for i in range(0, n_alpha, step):
+        s = scales[i : i + step].to(torch.float32).contiguous()
+        n = s.shape[0]
+        dw = _buffer("dw", n * nb * out_f * in_f).view(n * nb * out_f, in_f)
+        if kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):
+            res[:, i : i + n] = _dw_sq_errors(x, dw, n * nb).view(n, nb).T
+        else:
+            for k, b in enumerate(bits):
+                res[k, i : i + n] = scale_sq_errors(w, x, s, b, g, zero_point)
     return res
 
 

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -58,8 +59,8 @@ static inline vf vabs(vf a) { return (vf)((vi)a & vsplat_i(0x7fffffff)); }
 /* fake quantization                                                                                */
 /* ------------------------------------------------------------------------------------------------ */
 typedef struct {
-    const float *w; const float *s; float *what; float *dw;
-    int64_t out, in, g, r0, r1; int nbit, zp; int bad;
+    const float *w; const float *s; float *what; float *dw; const int *nbits;
+    int64_t out, in, g, r0, r1; int nb, zp; int bad;
 } fq_job;
 
 static inline float clampf_(float x, float lo, float hi) {
@@ -69,100 +70,112 @@ static inline float clampf_(float x, float lo, float hi) {
     return x > hi ? hi : x;
 }
 
-static void fq_range(fq_job *j) {
-    const int64_t in = j->in, g = j->g, ng = in / g;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(g + 16));
-    if (!buf) { j->bad = 2; return; }
-    const float maxint = j->zp ? (float)((1 << j->nbit) - 1) : (float)((1 << (j->nbit - 1)) - 1);
-    const float minint = j->zp ? 0.0f : -(float)(1 << (j->nbit - 1));
-    for (int64_t R = j->r0; R < j->r1; R++) {
-        const int64_t a = R / j->out, r = R % j->out;
-        const float *wr = j->w + r * in;
-        const float *sr = j->s ? j->s + a * in : 0;
-        float *hr = j->what ? j->what + R * in : 0;
-        float *dr = j->dw ? j->dw + R * in : 0;
-        for (int64_t k = 0; k < ng; k++) {
-            const float *wp = wr + k * g;
-            const float *sp = sr ? sr + k * g : 0;
-            vf vmx = vsplat(-INFINITY), vmn = vsplat(INFINITY), vchk = vsplat(0.0f);
-            const vf vzero = vsplat(0.0f);
-            int64_t jj = 0;
-            float M = -INFINITY, m = INFINITY, c = 0.0f;
-            const int zp = j->zp;
-            for (jj = 0; jj + VW <= g; jj += VW) {
-                vf v; memcpy(&v, wp + jj, sizeof v);
-                if (sp) { vf sv; memcpy(&sv, sp + jj, sizeof sv); v = v * sv; }
-                memcpy(buf + jj, &v, sizeof v);
-                if (zp) {
-                    vmx = vsel(v > vmx, v, vmx);
-                    vmn = vsel(v < vmn, v, vmn);
-                } else {
-                    v = vabs(v);
-                    vmx = vsel(v > vmx, v, vmx);
-                }
-                vchk += v * vzero;
+/* One quantization group of g weights at one bit-width: scale and zero from the group's (max, min) of w*s
+   (or max |w*s| when symmetric), then the exact torch op sequence per element. */
+static inline void fq_group(const float *restrict wp, const float *restrict sp, float *restrict hp,
+                            float *restrict dp, int64_t g, float M, float m, int nbit, int zp) {
+    const float maxint = zp ? (float)((1 << nbit) - 1) : (float)((1 << (nbit - 1)) - 1);
+    const float minint = zp ? 0.0f : -(float)(1 << (nbit - 1));
+    float scale, zero;
+    if (zp) {
+        float d = M - m;
+        d = d < 1e-5f ? 1e-5f : d;
+        scale = d / maxint;
+        zero = clampf_(-rintf(m / scale), 0.0f, maxint);
+    } else {
+        float d = M < 1e-5f ? 1e-5f : M;
+        scale = d / maxint;
+        zero = 0.0f;
+    }
+    if (sp) {
+        if (dp && hp) {
+            for (int64_t jj = 0; jj < g; jj++) {
+                float q = clampf_(rintf((wp[jj] * sp[jj]) / scale) + zero, minint, maxint);
+                q = ((q - zero) * scale) / sp[jj];
+                hp[jj] = q; dp[jj] = q - wp[jj];
             }
-            for (; jj < g; jj++) {
-                float v = sp ? wp[jj] * sp[jj] : wp[jj];
-                buf[jj] = v;
-                if (zp) { M = v > M ? v : M; m = v < m ? v : m; }
-                else { v = fabsf(v); M = v > M ? v : M; }
-                c += v * 0.0f;
+        } else if (dp) {
+            for (int64_t jj = 0; jj < g; jj++) {
+                float q = clampf_(rintf((wp[jj] * sp[jj]) / scale) + zero, minint, maxint);
+                dp[jj] = ((q - zero) * scale) / sp[jj] - wp[jj];
             }
-            for (int i = 0; i < VW; i++) {
-                M = vmx[i] > M ? vmx[i] : M; m = vmn[i] < m ? vmn[i] : m; c += vchk[i];
+        } else {
+            for (int64_t jj = 0; jj < g; jj++) {
+                float q = clampf_(rintf((wp[jj] * sp[jj]) / scale) + zero, minint, maxint);
+                hp[jj] = ((q - zero) * scale) / sp[jj];
             }
-            if (c != 0.0f) { j->bad = 1; free(buf); return; }  /* NaN or inf in this group: torch path */
-            float scale, zero;
-            if (j->zp) {
-                float d = M - m;
-                d = d < 1e-5f ? 1e-5f : d;
-                scale = d / maxint;
-                zero = clampf_(-rintf(m / scale), 0.0f, maxint);
-            } else {
-                float d = M < 1e-5f ? 1e-5f : M;
-                scale = d / maxint;
-                zero = 0.0f;
+        }
+    } else {
+        if (dp && hp) {
+            for (int64_t jj = 0; jj < g; jj++) {
+                float q = clampf_(rintf(wp[jj] / scale) + zero, minint, maxint);
+                q = (q - zero) * scale;
+                hp[jj] = q; dp[jj] = q - wp[jj];
             }
-            float *hp = hr ? hr + k * g : 0;
-            float *dp = dr ? dr + k * g : 0;
-            if (sp) {
-                if (dp && hp) {
-                    for (jj = 0; jj < g; jj++) {
-                        float q = clampf_(rintf(buf[jj] / scale) + zero, minint, maxint);
-                        q = ((q - zero) * scale) / sp[jj];
-                        hp[jj] = q; dp[jj] = q - wp[jj];
-                    }
-                } else if (dp) {
-                    for (jj = 0; jj < g; jj++) {
-                        float q = clampf_(rintf(buf[jj] / scale) + zero, minint, maxint);
-                        dp[jj] = ((q - zero) * scale) / sp[jj] - wp[jj];
-                    }
-                } else {
-                    for (jj = 0; jj < g; jj++) {
-                        float q = clampf_(rintf(buf[jj] / scale) + zero, minint, maxint);
-                        hp[jj] = ((q - zero) * scale) / sp[jj];
-                    }
-                }
-            } else {
-                for (jj = 0; jj < g; jj++) {
-                    float q = clampf_(rintf(buf[jj] / scale) + zero, minint, maxint);
-                    q = (q - zero) * scale;
-                    if (hp) hp[jj] = q;
-                    if (dp) dp[jj] = q - wp[jj];
-                }
+        } else if (dp) {
+            for (int64_t jj = 0; jj < g; jj++) {
+                float q = clampf_(rintf(wp[jj] / scale) + zero, minint, maxint);
+                dp[jj] = (q - zero) * scale - wp[jj];
+            }
+        } else {
+            for (int64_t jj = 0; jj < g; jj++) {
+                float q = clampf_(rintf(wp[jj] / scale) + zero, minint, maxint);
+                hp[jj] = (q - zero) * scale;
             }
         }
     }
-    free(buf);
+}
+
+/* rows (a, r) in [r0, r1) of A * out; every bit-width in nbits[0..nb) for each; output row index
+   ((a * nb + b) * out + r). */
+static void fq_range(fq_job *j) {
+    const int64_t in = j->in, g = j->g, ng = in / g, out = j->out;
+    const int zp = j->zp, nb = j->nb;
+    for (int64_t R = j->r0; R < j->r1; R++) {
+        const int64_t a = R / out, r = R % out;
+        const float *wr = j->w + r * in;
+        const float *sr = j->s ? j->s + a * in : 0;
+        for (int64_t k = 0; k < ng; k++) {
+            const float *wp = wr + k * g;
+            const float *sp = sr ? sr + k * g : 0;
+            vf vmx = vsplat(-INFINITY), vmn = vsplat(INFINITY), vsum = vsplat(0.0f);
+            float M = -INFINITY, m = INFINITY, c = 0.0f;
+            int64_t jj = 0;
+            for (; jj + VW <= g; jj += VW) {
+                vf v; memcpy(&v, wp + jj, sizeof v);
+                if (sp) { vf sv; memcpy(&sv, sp + jj, sizeof sv); v = v * sv; }
+                vsum += v;  /* non-finite iff a NaN/inf is in the group (or, harmlessly, on overflow) */
+                if (!zp) v = vabs(v);
+                vmx = vsel(v > vmx, v, vmx);
+                if (zp) vmn = vsel(v < vmn, v, vmn);
+            }
+            for (; jj < g; jj++) {
+                float v = sp ? wp[jj] * sp[jj] : wp[jj];
+                c += v;
+                if (!zp) v = fabsf(v);
+                M = v > M ? v : M;
+                if (zp) m = v < m ? v : m;
+            }
+            for (int i = 0; i < VW; i++) {
+                M = vmx[i] > M ? vmx[i] : M; m = vmn[i] < m ? vmn[i] : m; c += vsum[i];
+            }
+            if (!isfinite(c)) { j->bad = 1; return; }  /* NaN or inf in this group: the caller uses torch */
+            for (int b = 0; b < nb; b++) {
+                const int64_t orow = (a * nb + b) * out + r;
+                float *hp = j->what ? j->what + orow * in + k * g : 0;
+                float *dp = j->dw ? j->dw + orow * in + k * g : 0;
+                fq_group(wp, sp, hp, dp, g, M, m, j->nbits[b], zp);
+            }
+        }
+    }
 }
 
 static void *fq_thread(void *p) { fq_range((fq_job *)p); return 0; }
 
-/* rows = A * out; s is [A, in] or NULL (A == 1); what / dw are [A, out, in] or NULL.
-   Returns 0 on success, 1 if a group held NaN/inf (outputs incomplete), 2 on allocation failure. */
+/* s is [A, in] or NULL (A == 1); what / dw are [A, nb, out, in] or NULL, nbits[0..nb) the bit-widths.
+   Returns 0 on success, 1 if a group held NaN/inf (outputs incomplete). */
 int awq_fake_quant(const float *w, const float *s, float *what, float *dw, int64_t A, int64_t out, int64_t in,
-                   int64_t g, int nbit, int zp, int nthreads) {
+                   int64_t g, const int *nbits, int nb, int zp, int nthreads) {
     int64_t rows = A * out;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
@@ -173,7 +186,7 @@ int awq_fake_quant(const float *w, const float *s, float *what, float *dw, int64
     #pragma omp parallel num_threads(nthreads) reduction(max:bad)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        fq_job job = {w, s, what, dw, out, in, g, rows * t / nt, rows * (t + 1) / nt, nbit, zp, 0};
+        fq_job job = {w, s, what, dw, nbits, out, in, g, rows * t / nt, rows * (t + 1) / nt, nb, zp, 0};
         fq_range(&job);
         bad = job.bad;
     }
@@ -182,7 +195,7 @@ int awq_fake_quant(const float *w, const float *s, float *what, float *dw, int64
     pthread_t th[MAXT];
     int started[MAXT];
     for (int t = 0; t < nthreads; t++) {
-        jobs[t] = (fq_job){w, s, what, dw, out, in, g, rows * t / nthreads, rows * (t + 1) / nthreads, nbit, zp, 0};
+        jobs[t] = (fq_job){w, s, what, dw, nbits, out, in, g, rows * t / nthreads, rows * (t + 1) / nthreads, nb, zp, 0};
         started[t] = 0;
     }
     for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&th[t], 0, fq_thread, &jobs[t]) == 0;
@@ -363,8 +376,8 @@ def _load() -> ctypes.CDLL | None:
                     _compile(cc, d, so, omp=False)
                 lib = ctypes.CDLL(str(so))
             i64, f_p, d_p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
-            lib.awq_fake_quant.argtypes = [f_p, f_p, f_p, f_p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_int]
+            lib.awq_fake_quant.argtypes = [f_p, f_p, f_p, f_p, i64, i64, i64, i64, ctypes.c_void_p, ctypes.c_int,
+                                           ctypes.c_int, ctypes.c_int]
             lib.awq_fake_quant.restype = ctypes.c_int
             lib.awq_row_sq_sums.argtypes = [f_p, d_p, i64, i64, ctypes.c_int]
             lib.awq_row_sq_sums.restype = None
@@ -397,36 +410,43 @@ def _ok(t: torch.Tensor | None) -> bool:
 def fake_quant(
     w: torch.Tensor,
     scales: torch.Tensor | None,
-    n_bit: int,
+    n_bit: int | Sequence[int],
     g: int,
     zero_point: bool,
     *,
     w_hat: torch.Tensor | None = None,
     dw: torch.Tensor | None = None,
 ) -> bool:
-    """Write ``Q(W*s)/s`` into ``w_hat`` and/or ``Q(W*s)/s - W`` into ``dw`` (each ``[A, out, in]``).
+    """Write ``Q(W*s)/s`` into ``w_hat`` and/or ``Q(W*s)/s - W`` into ``dw``.
 
-    ``w [out, in]``; ``scales [A, in]`` or ``None`` (plain ``Q(W)``, A = 1). Returns ``False`` (outputs
-    undefined) when the kernels are unavailable, a tensor is not contiguous CPU float32, or a group holds
-    NaN/inf: the caller then uses the torch path.
+    ``w [out, in]``; ``scales [A, in]`` or ``None`` (plain ``Q(W)``, A = 1); ``n_bit`` one bit-width or several
+    (the group max/min of ``W*s`` is then found once for all of them). Outputs are ``[A, len(n_bit), out, in]``
+    (any shape with that many elements). Returns ``False`` (outputs undefined) when the kernels are
+    unavailable, a tensor is not contiguous CPU float32, or a group holds NaN/inf: the caller then uses the
+    torch path.
     """
     lib = _load()
     if lib is None or w.dim() != 2 or not (_ok(w) and _ok(scales) and _ok(w_hat) and _ok(dw)):
         return False
     if w_hat is None and dw is None:
         return True
+    bits = [int(n_bit)] if isinstance(n_bit, int) else [int(b) for b in n_bit]
+    if not bits or any(not 2 <= b <= 8 for b in bits):
+        return False
     out_f, in_f = w.shape
     a = 1 if scales is None else scales.shape[0]
     if scales is not None and (scales.dim() != 2 or scales.shape[1] != in_f):
         return False
     for t in (w_hat, dw):
-        if t is not None and t.numel() != a * out_f * in_f:
+        if t is not None and t.numel() != a * len(bits) * out_f * in_f:
             return False
     if g <= 0 or in_f % g:
         return False
+    nb = (ctypes.c_int * len(bits))(*bits)
     rc = lib.awq_fake_quant(w.data_ptr(), scales.data_ptr() if scales is not None else None,
                             w_hat.data_ptr() if w_hat is not None else None, dw.data_ptr() if dw is not None else None,
-                            a, out_f, in_f, g, int(n_bit), int(bool(zero_point)), _threads())
+                            a, out_f, in_f, g, ctypes.cast(nb, ctypes.c_void_p), len(bits), int(bool(zero_point)),
+                            _threads())
     return rc == 0
 
 
