@@ -57,8 +57,8 @@ class ChannelAccumulator:
         self.max_abs = torch.zeros(n_features, dtype=torch.float32)
         self._hi: torch.Tensor | None = None
         self._lo: torch.Tensor | None = None
-        # fused mode: one C pass per batch, the extremes kept as per-channel buffers [in, 2k] whose first
-        # `_filled` entries are the same multiset of values as the torch path's running topk (the fallback)
+        # fused mode: one C pass per batch, the extremes kept per channel [in, k] (the first `_filled` entries:
+        # the same multiset of values as the torch path's running topk, which stays the fallback)
         self._fused = kernels.available() and self.k > 0
         self._heap_hi: torch.Tensor | None = None
         self._heap_lo: torch.Tensor | None = None
@@ -83,22 +83,26 @@ class ChannelAccumulator:
         also updates ``sum_abs``, ``max_abs`` and the extremes."""
         nb = x.shape[0]
         if self._fused:
-            if self._heap_hi is None:
-                self._heap_hi = torch.empty(x.shape[1], 2 * self.k, dtype=torch.float32)
-                self._heap_lo = torch.empty(x.shape[1], 2 * self.k, dtype=torch.float32)
-            # shift by the running mean (the batch mean for the first batch): any shift near the mean keeps
-            # the float32 differences accurate; the central moments below are exact for any shift
-            c = (x.mean(0) if self.n == 0 else self.mean.float()).contiguous()
+            first = self._heap_hi is None
+            if first:
+                self._heap_hi = torch.empty(x.shape[1], self.k, dtype=torch.float32)
+                self._heap_lo = torch.empty(x.shape[1], self.k, dtype=torch.float32)
+            # shift: the kernel's sample mean in the first batch, then the running mean; any shift near the mean
+            # keeps the float32 differences accurate, and the central moments below are exact for any shift
+            c = torch.empty(x.shape[1], dtype=torch.float32) if first else self.mean.float()
             r = kernels.channel_stats_update(x.contiguous(), c, self.max_abs, self._heap_hi, self._heap_lo,
-                                             self._filled)
+                                             self._filled, first=first)
             if r is not None:
                 sums, self._filled = r
                 self.sum_abs += sums[4]
                 return c, sums[0], sums[1], sums[2], sums[3]
-            self._fused = False  # pragma: no cover - kernels vanished; keep the extremes consistent
-            self._hi = self._heap_hi[:, : self._filled].T.contiguous()
-            self._lo = self._heap_lo[:, : self._filled].T.contiguous()
-            self._heap_hi = self._heap_lo = None
+            self._fused = False  # pragma: no cover - kernels vanished: continue on the torch path
+            if first:
+                self._heap_hi = self._heap_lo = None
+            else:
+                self._hi = self._heap_hi[:, : self._filled].T.contiguous()
+                self._lo = self._heap_lo[:, : self._filled].T.contiguous()
+                self._heap_hi = self._heap_lo = None
         c = x.mean(0)
         d = x - c
         d2 = d * d

@@ -259,34 +259,85 @@ void awq_row_sq_sums(const float *y, double *out, int64_t rows, int64_t cols, in
 /* ------------------------------------------------------------------------------------------------ */
 /* streaming per-channel statistics of x [T, C] (row-major): one pass per batch                       */
 /* ------------------------------------------------------------------------------------------------ */
-/* Reorder a[0..n) so that a[0..k) holds the k largest values (1 <= k <= n); returns the smallest of them.
-   Hoare partitioning: terminates for any input (NaN included). */
-static float select_top(float *a, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float x = a[lo], y = a[(lo + hi) / 2], z = a[hi], pivot;  /* median of three */
+/* Reorder a[0..n) so that a[0..k) holds the k largest values (1 <= k <= n); returns the k-th largest.
+   tmp: room for 2n floats. Quickselect; with AVX-512 each partition step moves 16 values with compress
+   stores (no data-dependent branches), else Hoare partitioning. Terminates for any input (NaN included:
+   it then only has to return something, the caller raises on non-finite statistics). */
+static float select_top(float *a, int64_t n, int64_t k, float *tmp) {
+    int64_t lo = 0, hi = n;
+    const int64_t want = k - 1;
+#if defined(__AVX512F__)
+    float *tg = tmp, *tl = tmp + n;
+    while (hi - lo > 16) {
+        float x = a[lo], y = a[(lo + hi) / 2], z = a[hi - 1], pivot;  /* median of three */
         if (x < y) { float t = x; x = y; y = t; }
         if (y < z) { y = z; if (x < y) y = x; }
         pivot = y;
-        int64_t i = lo, j = hi;
+        const __m512 pv = _mm512_set1_ps(pivot);
+        int64_t ng = 0, nl = 0;
+        for (int64_t i = lo; i < hi; i += 16) {
+            const int64_t left = hi - i;
+            const __mmask16 tail = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(tail, a + i);
+            __mmask16 g = _mm512_mask_cmp_ps_mask(tail, v, pv, _CMP_GT_OQ);
+            __mmask16 l = tail & (__mmask16)~g;
+            _mm512_mask_compressstoreu_ps(tg + ng, g, v); ng += __builtin_popcount(g);
+            _mm512_mask_compressstoreu_ps(tl + nl, l, v); nl += __builtin_popcount(l);
+        }
+        memcpy(a + lo, tg, sizeof(float) * (size_t)ng);
+        memcpy(a + lo + ng, tl, sizeof(float) * (size_t)nl);
+        const int64_t m = lo + ng;  /* a[lo..m) > pivot >= a[m..hi) (NaN goes right) */
+        if (want < m) { hi = m; continue; }
+        if (ng > 0) { lo = m; continue; }
+        /* the pivot is the range's maximum: split off the values equal to it */
+        int64_t ne = 0;
+        nl = 0;
+        for (int64_t i = m; i < hi; i += 16) {
+            const int64_t left = hi - i;
+            const __mmask16 tail = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(tail, a + i);
+            __mmask16 e = _mm512_mask_cmp_ps_mask(tail, v, pv, _CMP_EQ_OQ);
+            __mmask16 l = tail & (__mmask16)~e;
+            _mm512_mask_compressstoreu_ps(tg + ne, e, v); ne += __builtin_popcount(e);
+            _mm512_mask_compressstoreu_ps(tl + nl, l, v); nl += __builtin_popcount(l);
+        }
+        memcpy(a + m, tg, sizeof(float) * (size_t)ne);
+        memcpy(a + m + ne, tl, sizeof(float) * (size_t)nl);
+        if (want < m + ne || ne == 0) return a[want];  /* (ne == 0: a NaN pivot; the caller raises) */
+        lo = m + ne;
+    }
+    /* a short range: insertion sort, descending */
+    for (int64_t i = lo + 1; i < hi; i++) {
+        float v = a[i];
+        int64_t j = i - 1;
+        while (j >= lo && a[j] < v) { a[j + 1] = a[j]; j--; }
+        a[j + 1] = v;
+    }
+    return a[want];
+#else
+    (void)tmp;
+    int64_t l0 = 0, h0 = n - 1;
+    while (l0 < h0) {
+        float x = a[l0], y = a[(l0 + h0) / 2], z = a[h0], pivot;
+        if (x < y) { float t = x; x = y; y = t; }
+        if (y < z) { y = z; if (x < y) y = x; }
+        pivot = y;
+        int64_t i = l0, j = h0;
         while (i <= j) {
-            while (i <= hi && a[i] > pivot) i++;
-            while (j >= lo && a[j] < pivot) j--;
+            while (i <= h0 && a[i] > pivot) i++;
+            while (j >= l0 && a[j] < pivot) j--;
             if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
         }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
+        if (want <= j) h0 = j;
+        else if (want >= i) l0 = i;
         else break;
     }
-    float m = a[0];
-    for (int64_t i = 1; i < k; i++) m = a[i] < m ? a[i] : m;
-    return m;
+    (void)lo; (void)hi;
+    float mn = a[0];
+    for (int64_t i = 1; i < k; i++) mn = a[i] < mn ? a[i] : mn;
+    return mn;
+#endif
 }
-
-typedef struct {
-    const float *x; const float *shift; double *s1, *s2, *s3, *s4, *sabs; float *maxabs;
-    float *hi, *lo; int64_t T, C, k, filled, cb, b0, b1; int bad;
-} cs_job;
 
 static inline void cs_row1(const float *restrict xr, int64_t nc, const float *restrict sh, double *restrict a1,
                            double *restrict a2, double *restrict a3, double *restrict a4, double *restrict aa,
@@ -326,263 +377,226 @@ static inline void cs_row4(const float *restrict x0, int64_t C, int64_t nc, cons
     }
 }
 
-/* Candidates of one side (hi: values of x; lo: values of -x) go first to a sequential log of (channel,
-   value); a flush sorts the log by channel (counting sort) and feeds each channel's buffer of 2k values in
-   channel order, so the per-channel buffers (megabytes for wide layers) are touched sequentially instead of
-   once per candidate. A full buffer is cut back to its k largest (quickselect) and its threshold becomes the
-   k-th largest; a logged value below the channel's threshold at flush time is dropped (it cannot be among
-   the k largest any more). */
-typedef struct { int32_t c; float v; } cand_t;
-
+/* Extremes of one channel tile. Per channel and side (hi: values of x, lo: values of -x) a work buffer of
+   2k values and a threshold: a value at or beyond the threshold is appended; a full buffer is cut back to
+   its k largest (quickselect) and the threshold becomes the k-th largest. The tile is small enough for
+   the buffers to stay in L2, so an append is a few ns. */
 typedef struct {
-    cand_t *log, *tmp; int64_t n, cap; int64_t *cnt;  /* cnt: nc + 1 bucket offsets */
-    float *buf; int64_t *fill; float *thr; int64_t k, nc;
+    float *buf; int64_t *cnt; float *thr; uint8_t *cut; int64_t k; float *tmp;
 } side_t;
 
-static void side_flush(side_t *sd) {
-    if (sd->n == 0) return;
-    const int64_t nc = sd->nc, k = sd->k, k2 = 2 * k;
-    int64_t *cnt = sd->cnt;
-    for (int64_t c = 0; c <= nc; c++) cnt[c] = 0;
-    for (int64_t i = 0; i < sd->n; i++) cnt[sd->log[i].c + 1]++;
-    for (int64_t c = 0; c < nc; c++) cnt[c + 1] += cnt[c];
-    for (int64_t i = 0; i < sd->n; i++) sd->tmp[cnt[sd->log[i].c]++] = sd->log[i];
-    /* cnt[c] is now the end of bucket c */
-    int64_t i = 0;
-    for (int64_t c = 0; c < nc; c++) {
-        float *h = sd->buf + c * k2;
-        for (; i < cnt[c]; i++) {
-            float v = sd->tmp[i].v;
-            if (v < sd->thr[c]) continue;  /* (values equal to the k-th largest change nothing) */
-            h[sd->fill[c]++] = v;
-            if (sd->fill[c] == k2) { sd->thr[c] = select_top(h, k2, k); sd->fill[c] = k; }
-        }
-    }
-    sd->n = 0;
-}
-
 static inline void side_add(side_t *sd, int64_t c, float v) {
-    sd->log[sd->n].c = (int32_t)c; sd->log[sd->n].v = v;
-    if (++sd->n == sd->cap) side_flush(sd);
+    const int64_t k2 = 2 * sd->k;
+    float *h = sd->buf + c * k2;
+    h[sd->cnt[c]++] = v;
+    if (sd->cnt[c] == k2) { sd->thr[c] = select_top(h, k2, sd->k, sd->tmp); sd->cnt[c] = sd->k; sd->cut[c] = 1; }
 }
 
-/* One row segment: vector compares against the per-channel thresholds; only lanes holding a candidate are
-   logged. `ge`: also values equal to the threshold (first-batch thresholds). */
-static inline void cs_scan_row(const float *xq, int64_t nc, side_t *hs, side_t *ls, int ge) {
-    const float *thi = hs->thr, *tlo = ls->thr;  /* tlo holds thresholds of -x */
-    int64_t c = 0;
+/* One row segment: vector compares against the thresholds; the candidates of the row are first gathered with
+   compress stores (no data-dependent branches), then appended. `lv`/`lc`: room for 2 * nc + 32 entries. */
+static inline void cs_scan_row(const float *restrict xq, int64_t nc, side_t *hs, side_t *ls, float *lv, int32_t *lc) {
+    const float *thi = hs->thr, *tlo = ls->thr;  /* tlo: thresholds of -x */
+    int64_t c = 0, nh = 0, nl = 0;
+    float *lvl = lv + nc + 16;
+    int32_t *lcl = lc + nc + 16;
 #if defined(__AVX512F__)
     const __m512 sign = _mm512_set1_ps(-0.0f);
-    const int ph = ge ? _CMP_GE_OQ : _CMP_GT_OQ;
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (; c + 16 <= nc; c += 16) {
-        __m512 v = _mm512_loadu_ps(xq + c);
-        __m512 nv = _mm512_xor_ps(v, sign);
-        __mmask16 mh = ge ? _mm512_cmp_ps_mask(v, _mm512_loadu_ps(thi + c), _CMP_GE_OQ)
-                          : _mm512_cmp_ps_mask(v, _mm512_loadu_ps(thi + c), _CMP_GT_OQ);
-        __mmask16 ml = ge ? _mm512_cmp_ps_mask(nv, _mm512_loadu_ps(tlo + c), _CMP_GE_OQ)
-                          : _mm512_cmp_ps_mask(nv, _mm512_loadu_ps(tlo + c), _CMP_GT_OQ);
-        (void)ph;
-        if (!(mh | ml)) continue;
-        unsigned bh = mh, bl = ml;
-        while (bh) { int i = __builtin_ctz(bh); bh &= bh - 1; side_add(hs, c + i, xq[c + i]); }
-        while (bl) { int i = __builtin_ctz(bl); bl &= bl - 1; side_add(ls, c + i, -xq[c + i]); }
-    }
-#else
-    for (; c + VW <= nc; c += VW) {
-        vf v, th, tl;
-        memcpy(&v, xq + c, sizeof v); memcpy(&th, thi + c, sizeof th); memcpy(&tl, tlo + c, sizeof tl);
-        vf nv = -v;
-        vi mh = ge ? (v >= th) : (v > th);
-        vi ml = ge ? (nv >= tl) : (nv > tl);
-        vi m = mh | ml;
-        int any = 0;
-        for (int i = 0; i < VW; i++) any |= m[i];
-        if (!any) continue;
-        for (int i = 0; i < VW; i++) {
-            if (mh[i]) side_add(hs, c + i, v[i]);
-            if (ml[i]) side_add(ls, c + i, nv[i]);
-        }
+        __m512 v = _mm512_loadu_ps(xq + c), nv = _mm512_xor_ps(v, sign);
+        __mmask16 mh = _mm512_cmp_ps_mask(v, _mm512_loadu_ps(thi + c), _CMP_GE_OQ);
+        __mmask16 ml = _mm512_cmp_ps_mask(nv, _mm512_loadu_ps(tlo + c), _CMP_GE_OQ);
+        __m512i ci = _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)c));
+        _mm512_mask_compressstoreu_ps(lv + nh, mh, v);
+        _mm512_mask_compressstoreu_epi32(lc + nh, mh, ci);
+        nh += __builtin_popcount(mh);
+        _mm512_mask_compressstoreu_ps(lvl + nl, ml, nv);
+        _mm512_mask_compressstoreu_epi32(lcl + nl, ml, ci);
+        nl += __builtin_popcount(ml);
     }
 #endif
     for (; c < nc; c++) {
-        float v = xq[c], nv = -v;
-        if (ge ? v >= thi[c] : v > thi[c]) side_add(hs, c, v);
-        if (ge ? nv >= tlo[c] : nv > tlo[c]) side_add(ls, c, nv);
+        float v = xq[c];
+        if (v >= thi[c]) { lv[nh] = v; lc[nh++] = (int32_t)c; }
+        if (-v >= tlo[c]) { lvl[nl] = -v; lcl[nl++] = (int32_t)c; }
     }
+    for (int64_t i = 0; i < nh; i++) side_add(hs, lc[i], lv[i]);
+    for (int64_t i = 0; i < nl; i++) side_add(ls, lcl[i], lvl[i]);
 }
 
-static inline float min_k(const float *h, int64_t k) {
-    float m = h[0];
-    for (int64_t i = 1; i < k; i++) m = h[i] < m ? h[i] : m;
-    return m;
-}
+typedef struct {
+    const float *x; float *shift; double *s1, *s2, *s3, *s4, *sabs; float *maxabs;
+    float *hi, *lo; int64_t T, C, k, filled; int first;
+} cs_args;
 
-/* Channel blocks of j->cb channels (one per thread for the usual widths); every row's contiguous segment is
-   streamed, four rows at a time, the block's accumulators in L1/L2.
+#define TILE 512   /* channels per tile: accumulators in L1, extreme buffers (2 x 2k per channel) in L2 */
+#define SAMPLE 256 /* rows sampled for first-batch thresholds */
 
-   Extremes: per channel a buffer of 2k values whose first cnt entries are candidates; a full buffer is cut
-   back to its k largest (quickselect). On return each channel holds exactly min(k, seen) values: the k
-   largest of x (hi) and of -x (lo), the same multiset as a running topk.
-   - Once k values are held (later batches), candidates are values beyond the k-th largest so far,
-     checked in the statistics pass: few, and fewer with every batch.
-   - Before that (first batch), a first pass takes the statistics only; thresholds come from a row sample
-     (the order statistic that ~2k of the batch's values should beat); a second pass keeps the values at or
-     beyond them; a channel/side with fewer than k kept is completed by a third pass that keeps the rest of
-     its values. Exact in every case; the thresholds only decide how much work it is. */
-static void cs_range(cs_job *j) {
-    const int64_t T = j->T, C = j->C, k = j->k, cb = j->cb, k2 = 2 * k;
-    const int64_t S = T < 256 ? T : 256;  /* sampled rows */
-    const int64_t cap = 8 * k * cb + 1024;  /* log entries per side before a flush */
-    double *acc = (double *)malloc(sizeof(double) * 5 * (size_t)cb);
-    float *fl = (float *)malloc(sizeof(float) * 6 * (size_t)cb);
-    int64_t *cnt = (int64_t *)malloc(sizeof(int64_t) * (3 * (size_t)cb + 1));
-    float *smp = (float *)malloc(sizeof(float) * (size_t)S * (size_t)cb);
-    cand_t *logs = (cand_t *)malloc(sizeof(cand_t) * 3 * (size_t)cap);
-    if (!acc || !fl || !cnt || !smp || !logs) {
-        free(acc); free(fl); free(cnt); free(smp); free(logs); j->bad = 1; return;
+/* One tile of channels [c0, c0 + nc) over all T rows.
+   Thresholds: with k values held already (later batches) the k-th largest so far; in the first batch,
+   from a row sample (the order statistic that ~3k of the batch's values should reach), and with fewer
+   than 2k values in all simply everything. Exactness: afterwards each channel holds the earlier values and
+   every value of the batch at or beyond its threshold; when that includes k values at or beyond the
+   threshold (or a cut happened, which needs 2k values), the k largest are among them. A channel/side that
+   falls short gets one more pass over the batch that keeps the rest of its values. */
+static int cs_tile(const cs_args *A, int64_t c0, int64_t nc, double *acc, float *fl, int64_t *cnts, uint8_t *cuts,
+                   float *wb, float *smp, float *tmp, float *lv, int32_t *lc) {
+    const int64_t T = A->T, C = A->C, k = A->k, k2 = 2 * k, filled = A->filled;
+    double *a1 = acc, *a2 = acc + TILE, *a3 = acc + 2 * TILE, *a4 = acc + 3 * TILE, *aa = acc + 4 * TILE;
+    float *mx = fl, *sh = fl + TILE, *thi = fl + 2 * TILE, *tlo = fl + 3 * TILE, *ohi = fl + 4 * TILE,
+          *olo = fl + 5 * TILE;
+    side_t hs = {wb, cnts, thi, cuts, k, tmp}, ls = {wb + TILE * k2, cnts + TILE, tlo, cuts + TILE, k, tmp};
+    for (int64_t c = 0; c < nc; c++) {
+        a1[c] = a2[c] = a3[c] = a4[c] = aa[c] = 0.0;
+        mx[c] = A->maxabs[c0 + c];
+        cnts[c] = cnts[TILE + c] = filled < k ? filled : k;
+        cuts[c] = cuts[TILE + c] = 0;
+        memcpy(hs.buf + c * k2, A->hi + (c0 + c) * k, sizeof(float) * (size_t)cnts[c]);
+        memcpy(ls.buf + c * k2, A->lo + (c0 + c) * k, sizeof(float) * (size_t)cnts[c]);
     }
-    double *a1 = acc, *a2 = acc + cb, *a3 = acc + 2 * cb, *a4 = acc + 3 * cb, *aa = acc + 4 * cb;
-    float *mx = fl, *sh = fl + cb, *thi = fl + 2 * cb, *tlo = fl + 3 * cb, *ohi = fl + 4 * cb, *olo = fl + 5 * cb;
-    int64_t *chi = cnt, *clo = cnt + cb, *bucket = cnt + 2 * cb;
-    for (int64_t b = j->b0; b < j->b1; b++) {
-        const int64_t c0 = b * cb, nc = (C - c0) < cb ? (C - c0) : cb;
-        if (nc <= 0) break;
-        for (int64_t c = 0; c < nc; c++) {
-            a1[c] = a2[c] = a3[c] = a4[c] = aa[c] = 0.0;
-            mx[c] = j->maxabs[c0 + c]; sh[c] = j->shift[c0 + c];
-        }
-        const int64_t filled = j->filled;
-        float *hib = j->hi + c0 * k2, *lob = j->lo + c0 * k2;
-        for (int64_t c = 0; c < nc; c++) {
-            chi[c] = clo[c] = filled;
-            thi[c] = filled >= k ? min_k(hib + c * k2, k) : -INFINITY;
-            tlo[c] = filled >= k ? min_k(lob + c * k2, k) : -INFINITY;  /* threshold on -x */
-        }
-        side_t hs = {logs, logs + 2 * cap, 0, cap, bucket, hib, chi, thi, k, nc};
-        side_t ls = {logs + cap, logs + 2 * cap, 0, cap, bucket, lob, clo, tlo, k, nc};
-        const int steady = filled >= k;
-        /* statistics pass (with the candidate scan when thresholds are known) */
-        for (int64_t t = 0; t < T;) {
-            const int64_t nr = (T - t) >= 4 ? 4 : 1;
-            const float *xr = j->x + t * C + c0;
-            if (nr == 4) cs_row4(xr, C, nc, sh, a1, a2, a3, a4, aa, mx);
-            else cs_row1(xr, nc, sh, a1, a2, a3, a4, aa, mx);
-            if (steady)
-                for (int64_t r = 0; r < nr; r++) cs_scan_row(xr + r * C, nc, &hs, &ls, 0);
-            t += nr;
-        }
-        if (!steady) {
-            if (filled + T <= k2) {  /* few values in all: keep every one */
-                for (int64_t t = 0; t < T; t++) {
-                    const float *xr = j->x + t * C + c0;
-                    for (int64_t c = 0; c < nc; c++) {
-                        hib[c * k2 + chi[c]++] = xr[c];
-                        lob[c * k2 + clo[c]++] = -xr[c];
-                    }
-                }
-            } else {
-                /* sampled thresholds: the q-th largest of S evenly spaced rows, q ~ 2k * S / T */
-                int64_t q = (2 * k * S + T - 1) / T;
-                if (q < 1) q = 1;
-                if (q > S) q = S;
-                /* gather the sample transposed ([channel][row]) in tiles of 64 channels (cache friendly); the
-                   sampled rows are spread with an odd stride so they do not line up with sequence starts */
-                for (int64_t c1 = 0; c1 < nc; c1 += 64) {
-                    const int64_t c2 = c1 + 64 < nc ? c1 + 64 : nc;
-                    for (int64_t i = 0; i < S; i++) {
-                        const int64_t row = (i * T / S + (i * 7) % (T / S > 1 ? T / S : 1)) % T;
-                        const float *xr = j->x + row * C + c0;
-                        for (int64_t c = c1; c < c2; c++) smp[c * S + i] = xr[c];
-                    }
-                }
-                for (int64_t c = 0; c < nc; c++) {
-                    float *p = smp + c * S;
-                    thi[c] = select_top(p, S, q);
-                    for (int64_t i = 0; i < S; i++) p[i] = -p[i];
-                    tlo[c] = select_top(p, S, q);
-                }
-                for (int64_t t = 0; t < T; t++) cs_scan_row(j->x + t * C + c0, nc, &hs, &ls, 1);
-                side_flush(&hs); side_flush(&ls);
-                /* The buffer now holds the earlier values and this batch's values >= its threshold: exact when
-                   at least k of them are >= the threshold. A channel/side with fewer (threshold too high) gets a
-                   third pass that keeps its remaining values of the batch (those below the threshold). */
-                int need = 0;
-                for (int64_t c = 0; c < nc; c++) {
-                    int64_t nh = 0, nl = 0;
-                    for (int64_t i = 0; i < chi[c]; i++) nh += hib[c * k2 + i] >= thi[c];
-                    for (int64_t i = 0; i < clo[c]; i++) nl += lob[c * k2 + i] >= tlo[c];
-                    /* values >= ohi (of x) / olo (of -x) were kept already; -inf disables a side */
-                    ohi[c] = nh < k ? thi[c] : -INFINITY;
-                    olo[c] = nl < k ? tlo[c] : -INFINITY;
-                    if (nh < k) { thi[c] = -INFINITY; need = 1; }
-                    if (nl < k) { tlo[c] = -INFINITY; need = 1; }
-                }
-                if (need)
-                    for (int64_t t = 0; t < T; t++) {
-                        const float *xr = j->x + t * C + c0;
-                        for (int64_t c = 0; c < nc; c++) {
-                            float v = xr[c], nv = -v;
-                            if (v < ohi[c] && v > thi[c]) side_add(&hs, c, v);
-                            if (nv < olo[c] && nv > tlo[c]) side_add(&ls, c, nv);
-                        }
-                    }
+    const int steady = filled >= k, keep_all = !steady && filled + T <= k2;
+    const int64_t S = T < SAMPLE ? T : SAMPLE;
+    if (A->first || (!steady && !keep_all)) {
+        /* the sample, transposed to [channel][row] in blocks of 16 channels; rows spread over the batch with a
+           jitter, so they do not line up with sequence starts */
+        const int64_t step = T / S;
+        for (int64_t cc = 0; cc < nc; cc += 16) {
+            const int64_t ce = cc + 16 < nc ? cc + 16 : nc;
+            for (int64_t i = 0; i < S; i++) {
+                const int64_t row = i * T / S + (step > 1 ? (i * 7919) % step : 0);
+                const float *xr = A->x + row * C + c0;
+                for (int64_t c = cc; c < ce; c++) smp[c * S + i] = xr[c];
             }
         }
-        side_flush(&hs); side_flush(&ls);
+        if (A->first)  /* shift of the first batch: the sample mean (any value near the mean keeps d accurate) */
+            for (int64_t c = 0; c < nc; c++) {
+                double m = 0.0;
+                for (int64_t i = 0; i < S; i++) m += smp[c * S + i];
+                A->shift[c0 + c] = (float)(m / (double)S);
+            }
+    }
+    for (int64_t c = 0; c < nc; c++) sh[c] = A->shift[c0 + c];
+    if (steady)
         for (int64_t c = 0; c < nc; c++) {
-            if (chi[c] > k) select_top(hib + c * k2, chi[c], k);
-            if (clo[c] > k) select_top(lob + c * k2, clo[c], k);
-            j->s1[c0 + c] = a1[c]; j->s2[c0 + c] = a2[c]; j->s3[c0 + c] = a3[c]; j->s4[c0 + c] = a4[c];
-            j->sabs[c0 + c] = aa[c]; j->maxabs[c0 + c] = mx[c];
+            float m = hs.buf[c * k2], n = ls.buf[c * k2];
+            for (int64_t i = 1; i < k; i++) {
+                m = hs.buf[c * k2 + i] < m ? hs.buf[c * k2 + i] : m;
+                n = ls.buf[c * k2 + i] < n ? ls.buf[c * k2 + i] : n;
+            }
+            thi[c] = m; tlo[c] = n;
+        }
+    else if (keep_all)
+        for (int64_t c = 0; c < nc; c++) thi[c] = tlo[c] = -INFINITY;
+    else {
+        int64_t q = (3 * k * S + T - 1) / T;
+        if (q < 1) q = 1;
+        if (q > S) q = S;
+        for (int64_t c = 0; c < nc; c++) {
+            float *p = smp + c * S;
+            thi[c] = select_top(p, S, q, tmp);
+            for (int64_t i = 0; i < S; i++) p[i] = -p[i];
+            tlo[c] = select_top(p, S, q, tmp);
         }
     }
-    free(acc); free(fl); free(cnt); free(smp); free(logs);
+    for (int64_t c = 0; c < nc; c++) { ohi[c] = thi[c]; olo[c] = tlo[c]; }
+    /* the pass: statistics and extremes */
+    for (int64_t t = 0; t < T;) {
+        const int64_t nr = (T - t) >= 4 ? 4 : 1;
+        const float *xr = A->x + t * C + c0;
+        if (nr == 4) cs_row4(xr, C, nc, sh, a1, a2, a3, a4, aa, mx);
+        else cs_row1(xr, nc, sh, a1, a2, a3, a4, aa, mx);
+        for (int64_t r = 0; r < nr; r++) cs_scan_row(xr + r * C, nc, &hs, &ls, lv, lc);
+        t += nr;
+    }
+    if (!steady && !keep_all) {
+        int need = 0;
+        for (int64_t c = 0; c < nc; c++) {
+            int64_t nh = 0, nl = 0;
+            if (!cuts[c]) for (int64_t i = 0; i < cnts[c]; i++) nh += hs.buf[c * k2 + i] >= ohi[c];
+            if (!cuts[TILE + c]) for (int64_t i = 0; i < cnts[TILE + c]; i++) nl += ls.buf[c * k2 + i] >= olo[c];
+            /* a short side keeps its values below the old threshold (those at or above it are in already);
+               -inf disables a side */
+            if (!cuts[c] && nh < k) { thi[c] = -INFINITY; need = 1; } else ohi[c] = -INFINITY;
+            if (!cuts[TILE + c] && nl < k) { tlo[c] = -INFINITY; need = 1; } else olo[c] = -INFINITY;
+        }
+        if (need)
+            for (int64_t t = 0; t < T; t++) {
+                const float *xr = A->x + t * C + c0;
+                for (int64_t c = 0; c < nc; c++) {
+                    float v = xr[c], nv = -v;
+                    if (v < ohi[c] && v >= thi[c]) side_add(&hs, c, v);
+                    if (nv < olo[c] && nv >= tlo[c]) side_add(&ls, c, nv);
+                }
+            }
+    }
+    for (int64_t c = 0; c < nc; c++) {
+        if (cnts[c] > k) select_top(hs.buf + c * k2, cnts[c], k, tmp);
+        if (cnts[TILE + c] > k) select_top(ls.buf + c * k2, cnts[TILE + c], k, tmp);
+        const int64_t keep = cnts[c] < k ? cnts[c] : k;
+        memcpy(A->hi + (c0 + c) * k, hs.buf + c * k2, sizeof(float) * (size_t)keep);
+        memcpy(A->lo + (c0 + c) * k, ls.buf + c * k2, sizeof(float) * (size_t)keep);
+        A->s1[c0 + c] = a1[c]; A->s2[c0 + c] = a2[c]; A->s3[c0 + c] = a3[c]; A->s4[c0 + c] = a4[c];
+        A->sabs[c0 + c] = aa[c]; A->maxabs[c0 + c] = mx[c];
+    }
+    return 0;
 }
 
-static void *cs_thread(void *p) { cs_range((cs_job *)p); return 0; }
+static int cs_tiles(const cs_args *A, int64_t t0, int64_t t1, int64_t stride) {
+    const int64_t k2 = 2 * A->k;
+    double *acc = (double *)malloc(sizeof(double) * 5 * TILE);
+    float *fl = (float *)malloc(sizeof(float) * 6 * TILE);
+    int64_t *cnts = (int64_t *)malloc(sizeof(int64_t) * 2 * TILE);
+    uint8_t *cuts = (uint8_t *)malloc(2 * TILE);
+    float *wb = (float *)malloc(sizeof(float) * 2 * TILE * (size_t)k2);
+    float *smp = (float *)malloc(sizeof(float) * TILE * SAMPLE);
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)(2 * (k2 > SAMPLE ? k2 : SAMPLE) + 16));
+    float *lv = (float *)malloc(sizeof(float) * (2 * TILE + 64));
+    int32_t *lc = (int32_t *)malloc(sizeof(int32_t) * (2 * TILE + 64));
+    int bad = !acc || !fl || !cnts || !cuts || !wb || !smp || !tmp || !lv || !lc;
+    for (int64_t t = t0; !bad && t < t1; t += stride) {
+        const int64_t c0 = t * TILE, nc = A->C - c0 < TILE ? A->C - c0 : TILE;
+        bad = cs_tile(A, c0, nc, acc, fl, cnts, cuts, wb, smp, tmp, lv, lc);
+    }
+    free(acc); free(fl); free(cnts); free(cuts); free(wb); free(smp); free(tmp); free(lv); free(lc);
+    return bad;
+}
 
-/* Sums over the T rows of x of (x - shift)^1..4 (powers in float32, sums in float64), of |x| (float64),
-   the running max |x| (in place), and the running k largest values per channel of x (hi [C, 2k]) and of
-   -x (lo [C, 2k]), each channel's first `filled` entries valid on entry and min(k, filled + T) on return.
-   Returns the new fill count. */
-int64_t awq_channel_stats(const float *x, const float *shift, double *s1, double *s2, double *s3, double *s4,
+typedef struct { const cs_args *A; int64_t t0, t1, stride; int bad; } cs_job;
+static void *cs_thread(void *p) { cs_job *j = (cs_job *)p; j->bad = cs_tiles(j->A, j->t0, j->t1, j->stride); return 0; }
+
+/* Sums over the T rows of x of (x - shift)^1..4 (powers in float32, sums in float64) and of |x| (float64),
+   the running max |x| (in place), and the running k largest values per channel of x (hi [C, k]) and of -x
+   (lo [C, k]): each row's first min(k, filled) entries valid on entry, min(k, filled + T) on return.
+   first != 0: the shift is chosen here (a sample mean) and written to shift[]. Returns the new fill count,
+   or -1 when out of memory. */
+int64_t awq_channel_stats(const float *x, float *shift, double *s1, double *s2, double *s3, double *s4,
                           double *sabs, float *maxabs, float *hi, float *lo, int64_t T, int64_t C, int64_t k,
-                          int64_t filled, int nthreads) {
+                          int64_t filled, int first, int nthreads) {
+    cs_args A = {x, shift, s1, s2, s3, s4, sabs, maxabs, hi, lo, T, C, k, filled, first};
+    const int64_t ntiles = (C + TILE - 1) / TILE;
     int bad = 0;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
-    /* one block of channels per thread (long contiguous row segments measured fastest), multiple of 16 */
-    int64_t nb = 1;
-    if (nb < nthreads) nb = nthreads;
-    int64_t cb = (C + nb - 1) / nb;
-    cb = (cb + 15) / 16 * 16;
-    nb = (C + cb - 1) / cb;
-    if ((int64_t)nthreads > nb) nthreads = (int)nb;
+    if ((int64_t)nthreads > ntiles) nthreads = (int)ntiles;
 #ifdef _OPENMP
+    /* tiles handed out one by one: a thread the OS descheduled (shared machine) does not hold up the rest */
     #pragma omp parallel num_threads(nthreads) reduction(max:bad)
     {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        cs_job job = {x, shift, s1, s2, s3, s4, sabs, maxabs, hi, lo, T, C, k, filled, cb, nb * t / nt,
-                      nb * (t + 1) / nt, 0};
-        cs_range(&job);
-        if (job.bad) bad = 1;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntiles; t++) bad |= cs_tiles(&A, t, t + 1, 1);
     }
 #else
     cs_job jobs[MAXT]; pthread_t th[MAXT]; int started[MAXT];
-    for (int t = 0; t < nthreads; t++) {
-        jobs[t] = (cs_job){x, shift, s1, s2, s3, s4, sabs, maxabs, hi, lo, T, C, k, filled, cb,
-                           nb * t / nthreads, nb * (t + 1) / nthreads, 0};
-        started[t] = 0;
-    }
+    for (int t = 0; t < nthreads; t++) { jobs[t] = (cs_job){&A, t, ntiles, nthreads, 0}; started[t] = 0; }
     for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&th[t], 0, cs_thread, &jobs[t]) == 0;
-    for (int t = 1; t < nthreads; t++) if (!started[t]) cs_range(&jobs[t]);
-    cs_range(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) if (!started[t]) cs_thread(&jobs[t]);
+    cs_thread(&jobs[0]);
     for (int t = 0; t < nthreads; t++) {
         if (t > 0 && started[t]) pthread_join(th[t], 0);
-        if (jobs[t].bad) bad = 1;
+        bad |= jobs[t].bad;
     }
 #endif
-    if (bad) return -1;  /* out of memory: the caller falls back to torch */
+    if (bad) return -1;
     int64_t f = filled + T;
     return f < k ? f : k;
 }
@@ -715,7 +729,7 @@ def _load() -> ctypes.CDLL | None:
             lib.awq_fake_quant.restype = ctypes.c_int
             lib.awq_row_sq_sums.argtypes = [f_p, d_p, i64, i64, ctypes.c_int]
             lib.awq_row_sq_sums.restype = None
-            lib.awq_channel_stats.argtypes = [f_p] * 10 + [i64, i64, i64, i64, ctypes.c_int]
+            lib.awq_channel_stats.argtypes = [f_p] * 10 + [i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
             lib.awq_channel_stats.restype = i64
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
@@ -797,24 +811,26 @@ def row_sq_sums(y: torch.Tensor) -> torch.Tensor:
 
 
 def channel_stats_update(
-    x: torch.Tensor, shift: torch.Tensor, max_abs: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, filled: int
+    x: torch.Tensor, shift: torch.Tensor, max_abs: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, filled: int,
+    first: bool = False,
 ) -> tuple[torch.Tensor, int] | None:
     """One pass over a batch ``x [T, C]`` for ``core.collect.ChannelAccumulator``.
 
     Returns ``(sums [5, C] float64: sum d, d^2, d^3, d^4 with d = x - shift (powers in float32), sum |x|;
-    new fill count)`` and updates ``max_abs [C]`` and the extremes ``hi``/``lo [C, 2k]`` (the first
-    ``fill count`` entries of each row: the k largest values of x / of -x seen so far, in no order) in
-    place; ``None`` when the kernels are unavailable.
+    new fill count)``; updates ``max_abs [C]`` and the extremes ``hi`` / ``lo [C, k]`` (each row's first
+    ``fill count`` entries: the k largest values of x / of -x seen so far, in no order) in place. With
+    ``first`` the kernel picks the shift (a sample mean) and writes it into ``shift``. ``None`` when the
+    kernels are unavailable (nothing changed); ``MemoryError`` if the kernel could not allocate its buffers.
     """
     lib = _load()
     if lib is None or x.dim() != 2 or not all(_ok(t) for t in (x, shift, max_abs, hi, lo)):
         return None
     t_, c_ = x.shape
-    k = hi.shape[1] // 2
+    k = hi.shape[1]
     sums = torch.empty(5, c_, dtype=torch.float64)
     p = [sums[i].data_ptr() for i in range(5)]
     f = lib.awq_channel_stats(x.data_ptr(), shift.data_ptr(), *p, max_abs.data_ptr(), hi.data_ptr(), lo.data_ptr(),
-                              t_, c_, k, int(filled), _threads())
+                              t_, c_, k, int(filled), int(bool(first)), _threads())
     if f < 0:
-        return None
+        raise MemoryError("channel statistics kernel: out of memory")
     return sums, int(f)
