@@ -175,6 +175,7 @@ class Analysis:
         self._samples: dict[str, torch.Tensor] | None = None
         self._lock = threading.RLock()
         self._memo: OrderedDict[tuple, Any] = OrderedDict()
+        self._info: dict[str, dict[str, Any]] | None = None
 
     # --- tables -------------------------------------------------------------------------------
     @property
@@ -206,10 +207,13 @@ class Analysis:
         return f"{self.model_id} · {self.manifest.get('n_tokens', '?')} tokens · {self.path.name}"
 
     def info(self, name: str) -> dict[str, Any]:
-        row = self.linears[self.linears["name"] == name]
-        if row.empty:
+        with self._lock:
+            if self._info is None:  # one pass over the table instead of a boolean filter per call
+                self._info = {str(r["name"]): r for r in self.linears.to_dict("records")}
+            row = self._info.get(name)
+        if row is None:
             raise KeyError(f"no linear named {name!r}")
-        return row.iloc[0].to_dict()
+        return dict(row)
 
     def input_key(self, name: str) -> str:
         return str(self.info(name)["input_key"])
@@ -219,7 +223,10 @@ class Analysis:
         return self.channels[self.channels["input_key"] == self.input_key(name)].reset_index(drop=True)
 
     def x_mean(self, name: str) -> torch.Tensor:
-        return torch.tensor(self.channel_stats(name)["mean_abs"].to_numpy(), dtype=torch.float32)
+        key = self.input_key(name)
+        xm = self._memoized(("x_mean", key), lambda: torch.tensor(
+            self.channels.loc[self.channels["input_key"] == key, "mean_abs"].to_numpy(), dtype=torch.float32))
+        return xm.clone()
 
     # --- model and sample (lazy) ----------------------------------------------------------------
     @property
@@ -278,7 +285,7 @@ class Analysis:
 
     def ref_sq(self, name: str, split: str = "calib") -> float:
         return self._memoized(("ref", name, split),
-                              lambda: metrics.output_ref_sq(self.inputs(name, split), self.weight(name)))
+                              lambda: awq.output_sq_norm(self.inputs(name, split), self.weight(name)))
 
     def layer_error(self, name: str, w_hat: torch.Tensor, split: str = "calib") -> float:
         """Relative output error of ``w_hat`` on the kept ``split`` rows: one ``X @ dW.T`` product."""
@@ -286,8 +293,25 @@ class Analysis:
         return metrics.rel_error(awq.output_sq_error(x, self.weight(name), w_hat), self.ref_sq(name, split))
 
     def scales_at(self, name: str, alpha: float, *, group_size: int, duo_scaling: bool = False) -> torch.Tensor:
-        wm = awq.weight_mean(self.shared_weight(name), group_size) if duo_scaling else None
+        wm = None
+        if duo_scaling:
+            wm = self._memoized(("w_mean", self.input_key(name), group_size),
+                                lambda: awq.weight_mean(self.shared_weight(name), group_size))
         return awq.awq_scales(self.x_mean(name), torch.tensor([float(alpha)], dtype=torch.float64), wm)[0]
+
+    def awq_errors(self, name: str, *, alpha: float, bits: int, group_size: int = 128, zero_point: bool = True,
+                   duo_scaling: bool = False, splits: tuple[str, ...] = ("calib",)) -> tuple[torch.Tensor, list[float]]:
+        """``(Q(W*s)/s, [relative output error on each split])`` at ``alpha``, without clipping.
+
+        One output-error evaluation as a slider release does it: the scales at ``alpha``, one fused pass for
+        the quantized weights and their difference to ``W``, one ``dW @ X.T`` product per split
+        (``"calib"``, ``"heldout"``). Same numbers as ``layer_error(name, scaled_fake_quant(...), split)``.
+        """
+        g = int(group_size) if group_size > 0 else int(self.info(name)["in_features"])
+        s = self.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
+        w_hat, errs = awq.fake_quant_errors(self.weight(name), s, bits, g, zero_point,
+                                            [self.inputs(name, sp) for sp in splits])
+        return w_hat, [metrics.rel_error(e, self.ref_sq(name, sp)) for e, sp in zip(errs, splits)]
 
     def evaluate_layer(self, name: str, *, alpha: float, bits: int, group_size: int = 128, zero_point: bool = True,
                        duo_scaling: bool = False, clip: bool = False, clip_qk: bool = False,
@@ -301,27 +325,38 @@ class Analysis:
         search = self.alpha_curve(name, bits=bits, group_size=g, zero_point=zero_point,
                                   duo_scaling=duo_scaling, n_grid=n_grid)
         s = self.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
-        w_rtn = self._memoized(("rtn", name, bits, g, zero_point),
+        x, xh = self.inputs(name), self.inputs(name, "heldout")
+        rkey = (name, bits, g, zero_point)
+        if ("rtn",) + rkey not in self._memo:
+            # first visit at these settings: RTN weights and both RTN errors from one fused pass
+            w_rtn0, errs = awq.fake_quant_errors(w, torch.ones(w.shape[1]), bits, g, zero_point, [x, xh])
+            self._memoized(("rtn",) + rkey, lambda: w_rtn0)
+            self._memoized(("rtn_rel",) + rkey, lambda: metrics.rel_error(errs[0], self.ref_sq(name)))
+            self._memoized(("rtn_rel_h",) + rkey, lambda: metrics.rel_error(errs[1], self.ref_sq(name, "heldout")))
+        w_rtn = self._memoized(("rtn",) + rkey,
                                lambda: awq.scaled_fake_quant(w, torch.ones(w.shape[1]), bits, g, zero_point))
+        rtn_rel = self._memoized(("rtn_rel",) + rkey, lambda: self.layer_error(name, w_rtn))
+        rtn_h = self._memoized(("rtn_rel_h",) + rkey, lambda: self.layer_error(name, w_rtn, "heldout"))
         do_clip = clip and (clip_qk or not awq.is_clip_skipped(name))
         if do_clip:
             ws = w * s.view(1, -1)
-            max_val = awq.search_clip(ws, self.inputs(name) / s.view(1, -1), n_bit=bits, group_size=g,
-                                      zero_point=zero_point)
+            max_val = awq.search_clip(ws, x / s.view(1, -1), n_bit=bits, group_size=g, zero_point=zero_point)
             w_awq = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
+            awq_rel, awq_h = self.layer_error(name, w_awq), self.layer_error(name, w_awq, "heldout")
         else:
-            w_awq = awq.scaled_fake_quant(w, s, bits, g, zero_point)
-        rtn_rel = self._memoized(("rtn_rel", name, bits, g, zero_point), lambda: self.layer_error(name, w_rtn))
-        rtn_h = self._memoized(("rtn_rel_h", name, bits, g, zero_point),
-                               lambda: self.layer_error(name, w_rtn, "heldout"))
+            # one fused pass writes Q(W*s)/s and its difference to W; then one product per split
+            w_awq, (awq_rel, awq_h) = self.awq_errors(name, alpha=alpha, bits=bits, group_size=g,
+                                                      zero_point=zero_point, duo_scaling=duo_scaling,
+                                                      splits=("calib", "heldout"))
         ref = self.ref_sq(name)
-        n_out = self.inputs(name).shape[0] * w.shape[0]
+        n_out = x.shape[0] * w.shape[0]
+        importance = self._memoized(("importance", name), lambda: metrics.importance(w, self.x_mean(name)))
         return LayerEval(
             name=name, alpha=float(alpha), bits=int(bits), group_size=g, zero_point=zero_point,
-            duo_scaling=duo_scaling, clip=clip, rtn_rel=rtn_rel, awq_rel=self.layer_error(name, w_awq),
-            rtn_rel_heldout=rtn_h, awq_rel_heldout=self.layer_error(name, w_awq, "heldout"),
+            duo_scaling=duo_scaling, clip=clip, rtn_rel=rtn_rel, awq_rel=awq_rel,
+            rtn_rel_heldout=rtn_h, awq_rel_heldout=awq_h,
             search=search, rel_curve=search.losses * n_out / ref, scales=s,
-            importance=metrics.importance(w, self.x_mean(name)), weight=w, w_rtn=w_rtn, w_awq=w_awq,
+            importance=importance.clone(), weight=w, w_rtn=w_rtn, w_awq=w_awq,
             clipped=do_clip,
         )
 

@@ -3,17 +3,41 @@
 Shapes: ``w [out, in]``, ``x [tokens, in]``, scales ``[in]``. The official loss of a scale is the MSE
 of ``X @ (Q(W*s)/s).T`` against ``X @ W.T``; we compute it as ``X @ (Q(W*s)/s - W).T`` (one product
 instead of two, same value up to float rounding) and evaluate many alphas in one batched product.
+
+Speed (see BENCHMARKS.md): ``Q(W*s)/s - W`` comes from one fused pass (``core.kernels``, bit-identical to
+the torch ops, which remain the fallback) written into a reused buffer, the product is ``dW @ X.T`` so each
+alpha's output block is contiguous, and the float64 sum of squares is one pass over it.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from . import kernels
 from .quant import check_bits, effective_group_size, pseudo_quantize
 
 # Elements of a [alphas, out, in] temporary we allow at once; bounds memory on wide layers.
 _CHUNK_ELEMENTS = 24 * 1024 * 1024
+_ws = threading.local()  # per-thread reusable buffers (fresh 20-90 MB tensors cost page faults every call)
+
+
+def _buffer(name: str, numel: int) -> torch.Tensor:
+    """A float32 scratch buffer of at least ``numel`` elements, kept per thread between calls."""
+    buf = getattr(_ws, name, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        setattr(_ws, name, buf)
+    return buf[:numel]
+
+
+def release_buffers() -> None:
+    """Free this thread's scratch buffers (they are otherwise kept for the next evaluation)."""
+    for name in ("dw", "y"):
+        if hasattr(_ws, name):
+            delattr(_ws, name)
 CLIP_SKIP_PATTERNS = ("q_", "k_", "query", "key", "Wqkv")
 
 
@@ -69,19 +93,66 @@ def scaled_fake_quant(
 ) -> torch.Tensor:
     """``Q(W * s) / s`` for one scale vector ``[in]`` -> ``[out, in]``, or a batch ``[A, in]`` -> ``[A, out, in]``."""
     s = scales.to(w.dtype)
+    if w.dim() == 2 and s.dim() in (1, 2) and s.shape[-1] == w.shape[1] and w.dtype == torch.float32 \
+            and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or s.requires_grad)):
+        n_bit = check_bits(n_bit)
+        g = effective_group_size(w.shape[1], group_size)
+        s2 = s.reshape(-1, w.shape[1]).contiguous()
+        out = torch.empty((s2.shape[0], *w.shape) if s.dim() == 2 else w.shape, dtype=w.dtype)
+        if kernels.fake_quant(w.contiguous(), s2, n_bit, g, zero_point, w_hat=out):
+            return out
     if s.dim() == 1:
         return pseudo_quantize(w * s.view(1, -1), n_bit, group_size, zero_point) / s.view(1, -1)
     return pseudo_quantize(w.unsqueeze(0) * s[:, None, :], n_bit, group_size, zero_point) / s[:, None, :]
+
+
+def _dw_sq_errors(x: torch.Tensor, dw: torch.Tensor, a: int) -> torch.Tensor:
+    """``||X dW_i^T||^2`` for the ``a`` stacked blocks of ``dw [a*out, in]`` -> float64 ``[a]`` (one GEMM)."""
+    x = x.float()
+    y = _buffer("y", dw.shape[0] * x.shape[0]).view(dw.shape[0], x.shape[0])
+    torch.mm(dw, x.T, out=y)  # [a*out, tokens]: each alpha's block is contiguous
+    return kernels.row_sq_sums(y).view(a, -1).sum(1)
+
+
+def output_sq_norm(x: torch.Tensor, w: torch.Tensor) -> float:
+    """``||X W^T||^2`` in float64: ``metrics.output_ref_sq`` computed the way the errors are (one GEMM, one pass)."""
+    return float(_dw_sq_errors(x, w.float().contiguous(), 1)[0])
 
 
 def output_sq_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """``||X (W_hat - W)^T||^2`` (float64 scalar); ``w_hat`` may be a batch ``[A, out, in]`` -> ``[A]``."""
     dw = w_hat - w
     if dw.dim() == 2:
-        return (x @ dw.T).double().pow(2).sum()
+        return _dw_sq_errors(x, dw.contiguous(), 1)[0]
     a, out, inn = dw.shape
-    y = x @ dw.reshape(a * out, inn).T  # [tokens, A*out]: one GEMM for the whole batch
-    return y.double().pow(2).reshape(x.shape[0], a, out).sum(dim=(0, 2))
+    return _dw_sq_errors(x, dw.reshape(a * out, inn).contiguous(), a)
+
+
+def fake_quant_errors(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    n_bit: int,
+    group_size: int,
+    zero_point: bool,
+    xs: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q(W*s)/s, [||X_k (Q(W*s)/s - W)^T||^2 for X_k in xs])`` for one scale vector ``[in]``.
+
+    The same numbers as ``scaled_fake_quant`` followed by ``output_sq_error`` per ``x``, with the weights and
+    their difference written in one fused pass (what a Layer Lab slider release needs).
+    """
+    n_bit = check_bits(n_bit)
+    w = w.float().contiguous()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    s = scales.to(torch.float32).reshape(1, in_f).contiguous()
+    w_hat = torch.empty_like(w)
+    dw = _buffer("dw", out_f * in_f).view(out_f, in_f)
+    if not kernels.fake_quant(w, s, n_bit, g, zero_point, w_hat=w_hat, dw=dw):
+        w_hat = scaled_fake_quant(w, s[0], n_bit, g, zero_point)
+        dw = w_hat - w
+    errs = torch.stack([_dw_sq_errors(x, dw, 1)[0] for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)
+    return w_hat, errs
 
 
 def _chunk(n_alpha: int, w: torch.Tensor) -> int:
@@ -97,12 +168,70 @@ def scale_sq_errors(
     zero_point: bool = True,
 ) -> torch.Tensor:
     """``||X (Q(W*s)/s - W)^T||^2`` for each row of ``scales [A, in]`` -> float64 ``[A]``."""
-    out = []
-    step = _chunk(scales.shape[0], w)
-    for i in range(0, scales.shape[0], step):
-        w_hat = scaled_fake_quant(w, scales[i : i + step], n_bit, group_size, zero_point)
-        out.append(output_sq_error(x, w, w_hat))
-    return torch.cat(out)
+    return scale_sq_errors_multi(w, [x], scales, n_bit, group_size, zero_point)[0]
+
+
+def scale_sq_errors_multi(
+    w: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    n_bit: int,
+    group_size: int,
+    zero_point: bool = True,
+) -> torch.Tensor:
+    """``scale_sq_errors`` on several input samples (e.g. calibration and held-out rows) -> ``[len(xs), A]``.
+
+    Each ``Q(W*s)/s - W`` is computed once (fused kernel into a reused buffer) and multiplied by every ``x``.
+    """
+    n_bit = check_bits(n_bit)
+    w = w.float().contiguous()
+    xs = [x.float() for x in xs]
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    n_alpha = scales.shape[0]
+    res = torch.empty(len(xs), n_alpha, dtype=torch.float64)
+    step = _chunk(n_alpha, w)
+    for i in range(0, n_alpha, step):
+        s = scales[i : i + step].to(torch.float32).contiguous()
+        n = s.shape[0]
+        dw = _buffer("dw", n * out_f * in_f).view(n * out_f, in_f)
+        if not kernels.fake_quant(w, s, n_bit, g, zero_point, dw=dw):
+            dw = (scaled_fake_quant(w, s, n_bit, g, zero_point) - w).reshape(n * out_f, in_f)
+        for k, x in enumerate(xs):
+            res[k, i : i + n] = _dw_sq_errors(x, dw, n)
+    return res
+
+
+def scale_sq_errors_bits(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    bits: Sequence[int],
+    group_size: int,
+    zero_point: bool = True,
+) -> torch.Tensor:
+    """``scale_sq_errors`` for several bit-widths at once -> float64 ``[len(bits), A]``.
+
+    The fused kernel finds each group's max/min of ``W*s`` once for all bit-widths (the layer-level sweep).
+    """
+    bits = [check_bits(b) for b in bits]
+    w = w.float().contiguous()
+    x = x.float()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    n_alpha, nb = scales.shape[0], len(bits)
+    res = torch.empty(nb, n_alpha, dtype=torch.float64)
+    step = max(1, min(n_alpha, _CHUNK_ELEMENTS // max(1, nb * w.numel())))
+    for i in range(0, n_alpha, step):
+        s = scales[i : i + step].to(torch.float32).contiguous()
+        n = s.shape[0]
+        dw = _buffer("dw", n * nb * out_f * in_f).view(n * nb * out_f, in_f)
+        if kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):
+            res[:, i : i + n] = _dw_sq_errors(x, dw, n * nb).view(n, nb).T
+        else:
+            for k, b in enumerate(bits):
+                res[k, i : i + n] = scale_sq_errors(w, x, s, b, g, zero_point)
+    return res
 
 
 @dataclass(frozen=True)

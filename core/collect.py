@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import kernels
 from .models import LoadedModel, find_blocks
 
 Progress = Callable[[float, str], None]
@@ -54,14 +55,54 @@ class ChannelAccumulator:
         z = lambda: torch.zeros(n_features, dtype=torch.float64)  # noqa: E731
         self.mean, self.m2, self.m3, self.m4, self.sum_abs = z(), z(), z(), z(), z()
         self.max_abs = torch.zeros(n_features, dtype=torch.float32)
-        self.hi: torch.Tensor | None = None
-        self.lo: torch.Tensor | None = None
+        self._hi: torch.Tensor | None = None
+        self._lo: torch.Tensor | None = None
+        # fused mode: one C pass per batch, the extremes kept per channel [in, k] (the first `_filled` entries:
+        # the same multiset of values as the torch path's running topk, which stays the fallback)
+        self._fused = kernels.available() and self.k > 0
+        self._heap_hi: torch.Tensor | None = None
+        self._heap_lo: torch.Tensor | None = None
+        self._filled = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+    @property
+    def hi(self) -> torch.Tensor | None:
+        """The ``min(k, n)`` largest values seen per channel ``[kept, in]`` (in no particular order)."""
+        if self._heap_hi is not None:
+            return self._heap_hi[:, : self._filled].T
+        return self._hi
+
+    @property
+    def lo(self) -> torch.Tensor | None:
+        """The ``min(k, n)`` largest values of ``-x`` per channel ``[kept, in]``."""
+        if self._heap_lo is not None:
+            return self._heap_lo[:, : self._filled].T
+        return self._lo
+
+    def _batch_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(c, s1, s2, s3, s4)``: the shift and the sums of ``(x - c)^1..4`` (float32 powers, float64 sums);
+        also updates ``sum_abs``, ``max_abs`` and the extremes."""
         nb = x.shape[0]
-        if nb == 0:
-            return
+        if self._fused:
+            first = self._heap_hi is None
+            if first:
+                self._heap_hi = torch.empty(x.shape[1], self.k, dtype=torch.float32)
+                self._heap_lo = torch.empty(x.shape[1], self.k, dtype=torch.float32)
+            # shift: the kernel's sample mean in the first batch, then the running mean; any shift near the mean
+            # keeps the float32 differences accurate, and the central moments below are exact for any shift
+            c = torch.empty(x.shape[1], dtype=torch.float32) if first else self.mean.float()
+            r = kernels.channel_stats_update(x.contiguous(), c, self.max_abs, self._heap_hi, self._heap_lo,
+                                             self._filled, first=first)
+            if r is not None:
+                sums, self._filled = r
+                self.sum_abs += sums[4]
+                return c, sums[0], sums[1], sums[2], sums[3]
+            self._fused = False  # pragma: no cover - kernels vanished: continue on the torch path
+            if first:
+                self._heap_hi = self._heap_lo = None
+            else:
+                self._hi = self._heap_hi[:, : self._filled].T.contiguous()
+                self._lo = self._heap_lo[:, : self._filled].T.contiguous()
+                self._heap_hi = self._heap_lo = None
         c = x.mean(0)
         d = x - c
         d2 = d * d
@@ -69,6 +110,24 @@ class ChannelAccumulator:
         s2 = d2.sum(0, dtype=torch.float64)
         s3 = (d2 * d).sum(0, dtype=torch.float64)
         s4 = (d2 * d2).sum(0, dtype=torch.float64)
+        xa = x.abs()
+        self.sum_abs += xa.sum(0, dtype=torch.float64)
+        self.max_abs = torch.maximum(self.max_abs, xa.amax(0))
+        k = min(self.k, nb)
+        hi = x.topk(k, dim=0).values
+        lo = (-x).topk(k, dim=0).values
+        if self._hi is not None:
+            hi = torch.cat([self._hi, hi]).topk(min(self.k, self._hi.shape[0] + k), dim=0).values
+            lo = torch.cat([self._lo, lo]).topk(min(self.k, self._lo.shape[0] + k), dim=0).values
+        self._hi, self._lo = hi, lo
+        return c, s1, s2, s3, s4
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        c, s1, s2, s3, s4 = self._batch_sums(x)
         # raw moments about c -> central moments about the exact batch mean
         mb = c.double() + s1 / nb
         e = s1 / nb
@@ -77,16 +136,6 @@ class ChannelAccumulator:
         m4b = s4 - 4 * e * s3 + 6 * e * e * s2 - 3 * nb * e**4
         if not (torch.isfinite(s2).all() and torch.isfinite(s4).all()):
             raise CollectError("non-finite")
-        xa = x.abs()
-        self.sum_abs += xa.sum(0, dtype=torch.float64)
-        self.max_abs = torch.maximum(self.max_abs, xa.amax(0))
-        k = min(self.k, nb)
-        hi = x.topk(k, dim=0).values
-        lo = (-x).topk(k, dim=0).values
-        if self.hi is not None:
-            hi = torch.cat([self.hi, hi]).topk(min(self.k, self.hi.shape[0] + k), dim=0).values
-            lo = torch.cat([self.lo, lo]).topk(min(self.k, self.lo.shape[0] + k), dim=0).values
-        self.hi, self.lo = hi, lo
         na, n = self.n, self.n + nb
         if na == 0:
             self.mean, self.m2, self.m3, self.m4 = mb, m2b, m3b, m4b
@@ -106,8 +155,8 @@ class ChannelAccumulator:
         var = (self.m2 / n).clamp(min=0)
         std = var.sqrt()
         kurt = torch.where(var > 0, (self.m4 / n) / (var * var).clamp(min=1e-300) - 3.0, torch.zeros_like(var))
-        hi = self.hi.double() if self.hi is not None else torch.zeros(1, var.numel(), dtype=torch.float64)
-        lo = self.lo.double() if self.lo is not None else torch.zeros(1, var.numel(), dtype=torch.float64)
+        hi = self.hi.double() if self.hi is not None and self.n else torch.zeros(1, var.numel(), dtype=torch.float64)
+        lo = self.lo.double() if self.lo is not None and self.n else torch.zeros(1, var.numel(), dtype=torch.float64)
         thr = OUTLIER_SIGMA * std
         above = (hi - self.mean > thr).sum(0)
         below = (-lo - self.mean < -thr).sum(0)

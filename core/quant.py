@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -86,6 +88,23 @@ def pseudo_quantize(w: torch.Tensor, n_bit: int, group_size: int, zero_point: bo
     if w.dim() < 1 or w.numel() == 0:
         raise ValueError("pseudo_quantize needs a non-empty weight tensor")
     g = effective_group_size(w.shape[-1], group_size)
+    if _fused_ok(w):
+        out = torch.empty(w.shape, dtype=w.dtype)
+        if kernels.fake_quant(w.reshape(-1, w.shape[-1]).contiguous(), None, n_bit, g, zero_point, w_hat=out):
+            return out
+    return _pseudo_quantize_torch(w, n_bit, g, zero_point)
+
+
+def _fused_ok(w: torch.Tensor) -> bool:
+    """The fused kernel runs on CPU float32 tensors outside autograd (else: the torch ops below)."""
+    return (w.dtype == torch.float32 and w.device.type == "cpu"
+            and not (w.requires_grad and torch.is_grad_enabled()))
+
+
+def _pseudo_quantize_torch(w: torch.Tensor, n_bit: int, g: int, zero_point: bool) -> torch.Tensor:
+    """The reference implementation in torch ops (llm-awq's order of operations); ``g`` already checked."""
     wg = w.reshape(-1, g)
     qp = choose_qparams(wg, n_bit, zero_point)
-    return dequantize(quantize(wg, qp), qp).reshape(w.shape)
+    # quantize() then dequantize(), with the same operations in the same order, in place on one temporary
+    q = (wg / qp.scale).round_().add_(qp.zero).clamp_(qp.min_int, qp.max_int)
+    return q.sub_(qp.zero).mul_(qp.scale).reshape(w.shape)

@@ -80,17 +80,24 @@ def run_sweep(
         imp = metrics.importance(w, st.mean_abs)
         imp_frames.append(pd.DataFrame({"name": li.name, "channel": range(imp.numel()), "importance": imp.numpy()}))
         g = layer_group_size(li.in_features, settings.group_size)
-        ref = metrics.output_ref_sq(x, w)
-        ref_h = metrics.output_ref_sq(xh, w) if xh is not None else float("nan")
+        ref = awq.output_sq_norm(x, w)
+        ref_h = awq.output_sq_norm(xh, w) if xh is not None else float("nan")
         norm = x.shape[0] * w.shape[0]
-        for b in settings.bits:
-            res = awq.search_scale(w, x, n_bit=b, group_size=g, zero_point=settings.zero_point,
-                                   n_grid=settings.n_grid, x_mean=st.mean_abs)
-            sq = res.losses * norm
+        # search_scale for every bit-width at once: the same scales, one fused pass per alpha for all bits
+        scales = awq.awq_scales(st.mean_abs.float(), alphas)
+        sq_bits = awq.scale_sq_errors_bits(w, x, scales, settings.bits, g, settings.zero_point)
+        for b, sq in zip(settings.bits, sq_bits):
+            losses = sq / norm
+            best = awq.first_min_index(losses)
+            res = awq.ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best)
             rtn_rel, awq_rel = metrics.rel_error(sq[0], ref), metrics.rel_error(sq[res.best_index], ref)
             if xh is not None:
-                sq_h = awq.scale_sq_errors(w, xh, torch.stack([torch.ones_like(res.scales), res.scales]),
-                                           b, g, settings.zero_point)
+                if best == 0 and bool((res.scales == 1).all()):  # AWQ chose RTN: one product, not two
+                    sq_h = awq.scale_sq_errors(w, xh, torch.ones(1, w.shape[1]), b, g, settings.zero_point)
+                    sq_h = sq_h.repeat(2)
+                else:
+                    sq_h = awq.scale_sq_errors(w, xh, torch.stack([torch.ones_like(res.scales), res.scales]),
+                                               b, g, settings.zero_point)
                 rtn_h, awq_h = metrics.rel_error(sq_h[0], ref_h), metrics.rel_error(sq_h[1], ref_h)
             else:
                 rtn_h = awq_h = float("nan")
