@@ -20,7 +20,7 @@ import torch
 
 from . import awq, metrics, store
 from .calibration import CalibrationSpec, load_text, prepare
-from .collect import collect
+from .collect import collect, model_lock
 from .models import BUNDLED, LoadedModel, ModelLoadError, bundled_path, load_model, looks_like_path
 from .sweep import SweepSettings, channel_table, layer_group_size, run_sweep
 
@@ -239,7 +239,16 @@ class Analysis:
             return self._lm
 
     def weight(self, name: str) -> torch.Tensor:
-        return self.lm.weight(name)
+        """A private float32 copy of linear ``name``'s weight ``[out, in]``.
+
+        Read under the model's lock and kept: the loaded model is shared between sessions and a model-quality
+        run rewrites its weights in place (restoring them afterwards), so a view of the live parameter could
+        show quantized weights to another session.
+        """
+        def read() -> torch.Tensor:
+            with model_lock(self.lm.model):
+                return self.lm.weight(name).detach().float().cpu().clone()
+        return self._memoized(("weight", name), read)
 
     def samples(self) -> dict[str, torch.Tensor]:
         with self._lock:

@@ -21,16 +21,18 @@ from .models import LoadedModel, find_blocks
 Progress = Callable[[float, str], None]
 OUTLIER_SIGMA = 6.0
 
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(model: nn.Module) -> threading.Lock:
-    """One lock per model object: sessions that share a loaded model run their hooked passes one at a time."""
+def model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model object: sessions that share a loaded model run their hooked passes (and whole-model
+    fake quantization, which rewrites weights in place) one at a time. Re-entrant, so code holding it can
+    read weights through ``Analysis.weight``."""
     with _LOCKS_GUARD:
         lock = _LOCKS.get(model)
         if lock is None:
-            lock = _LOCKS[model] = threading.Lock()
+            lock = _LOCKS[model] = threading.RLock()
         return lock
 
 

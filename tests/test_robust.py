@@ -293,3 +293,47 @@ def test_cache_slug_for_hostile_ids(tmp_path):
         p = store.entry_path(tmp_path, bad, "0123")
         assert tmp_path.resolve() in p.parents
         assert ".." not in p.relative_to(tmp_path.resolve()).parts
+
+
+def test_layer_lab_never_sees_weights_a_quality_run_rewrote(tiny_dir, tokenizer_dir, tmp_path):
+    """A model-quality run rewrites the shared model's weights in place; another session reading a layer
+    meanwhile must get the original weights (it waits for the lock), never the quantized ones."""
+    from core.analysis import open_entry
+    from core.collect import model_lock
+    from core.evaluate import run_quality
+
+    s = tiny_settings(tiny_dir("llama"), tokenizer_dir)
+    lm = load_model(s.model, tokenizer_source=tokenizer_dir)
+    a = analyze(s, tmp_path, lm=lm)
+    name = a.names[3]
+    original = lm.weight(name).clone()
+
+    started, done = threading.Event(), threading.Event()
+
+    def rewriter() -> None:  # what a quality run does, made slow and deterministic
+        with model_lock(lm.model):
+            lm.model.get_submodule(name).weight.data.mul_(2)
+            started.set()
+            time.sleep(0.5)
+            lm.model.get_submodule(name).weight.data.div_(2)
+        done.set()
+    t = threading.Thread(target=rewriter)
+    t.start()
+    started.wait(10)
+    other_session = open_entry(a.path, lm)  # fresh memo: must read the live model
+    seen = other_session.weight(name)
+    assert done.is_set() and torch.equal(seen, original)
+    t.join()
+
+    # and with a real evaluation running in another thread
+    errors: list[BaseException] = []
+    th = threading.Thread(target=lambda: run_quality(a, modes=["rtn", "awq"], bits=[2], group_size=32))
+    th.start()
+    while th.is_alive():
+        fresh = open_entry(a.path, lm)
+        if not torch.equal(fresh.weight(name), original):
+            errors.append(AssertionError("saw rewritten weights"))
+        time.sleep(0.01)
+    th.join()
+    assert not errors
+    assert torch.equal(lm.weight(name), original)
