@@ -125,7 +125,8 @@ class ChannelAccumulator:
         return c, s1, s2, s3, s4
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        # The statistics live on the CPU (the fused kernels too): a GPU batch is reduced here after one copy.
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         nb = x.shape[0]
         if nb == 0:
             return

@@ -74,7 +74,7 @@ def run_sweep(
     for i, li in enumerate(lm.linears):
         key = col.input_of[li.name]
         st = col.stats[key]
-        w = lm.weight(li.name)
+        w = lm.weight(li.name).cpu()  # layer maths on the CPU (fused kernels); the forward pass may be on a GPU
         x = col.calib_sample[key]
         xh = col.heldout_sample.get(key)
         imp = metrics.importance(w, st.mean_abs)
