@@ -432,11 +432,17 @@ def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key:
     import stpyvista  # only inside a running app: the package registers a component at import
 
     stpyvista._panel_html = _inline_panel_html  # the module looks this name up at call time
-    plotter = figures.surface_plotter(mat, title=title, value_name=value_name, log=log,
-                                      window_size=(960, height), with_bounds=False)
-    plotter._awq_cache_key = cache_key
-    try:
-        stpyvista.stpyvista(plotter, backend="panel", key=key,
-                            backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
-    finally:
-        plotter.close()
+    with figures.VTK_LOCK:  # VTK objects are built and serialised by one session at a time
+        with _HTML_LOCK:
+            cached = cache_key in _HTML_CACHE
+        if cached:  # the scene's HTML is ready: stpyvista only needs a plotter of the same size
+            plotter = figures.pyvista_module().Plotter(off_screen=True, window_size=[960, height])
+        else:
+            plotter = figures.surface_plotter(mat, title=title, value_name=value_name, log=log,
+                                              window_size=(960, height), with_bounds=False)
+        plotter._awq_cache_key = cache_key
+        try:
+            stpyvista.stpyvista(plotter, backend="panel", key=key,
+                                backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
+        finally:
+            plotter.close()

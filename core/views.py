@@ -216,6 +216,22 @@ def top_channels(mat: np.ndarray, k: int = 10) -> pd.DataFrame:
                          "blocks_in_top1pct": [sum(i in s for s in top_sets) for i in idx]})
 
 
+def most_recurrent_family(analysis: "Analysis", value: str = "importance") -> str:
+    """The family whose top channel is in the top 1% of the most blocks (ties: larger top-1% share).
+
+    That is where the importance map shows ridges running through the network, so it opens there.
+    """
+    best, best_key = "", (-1, -1.0)
+    for fam in families_present(analysis.linears):
+        mat, _ = channel_matrix(analysis, fam, value)
+        top = top_channels(mat, k=1)
+        share = float(analysis.layers.loc[analysis.layers["family"] == fam, "top1_share"].mean())
+        key = (int(top["blocks_in_top1pct"].iloc[0]), share)
+        if key > best_key:
+            best, best_key = fam, key
+    return best
+
+
 # --- Layer Lab --------------------------------------------------------------------------------------
 
 def alpha_curve(ev: "LayerEval") -> pd.DataFrame:
