@@ -157,7 +157,9 @@ def gain_heatmap(analysis: "Analysis", bits: int, held_out: bool = False) -> Fig
         y=alt.Y("block:O", title="block"),
     )
     rect = base.mark_rect(stroke="white", strokeWidth=1).encode(
-        color=alt.Color("gain:Q", title="gain", scale=alt.Scale(type="log", scheme="redblue", domain=dom)),
+        color=alt.Color("gain:Q", title="gain", scale=alt.Scale(type="log", scheme="redblue", domain=dom),
+                        legend=alt.Legend(values=[round(float(v), 2) for v in np.exp(np.linspace(-span, span, 5))],
+                                          format=".2f")),
         tooltip=["name:N", "block:O", "family:N", alt.Tooltip("gain:Q", format=".3f")],
     )
     chart = rect

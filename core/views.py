@@ -347,6 +347,29 @@ def clip_skip_table(linears: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def qk_clip_effect(analysis: "Analysis", bits: int, progress=None) -> pd.DataFrame:
+    """For every linear on the Q/K skip list: its AWQ error at its best alpha without and with clipping.
+
+    The layer's own output error only: the attention scores QK^T, where Q and K errors multiply, are
+    not measured here.
+    """
+    rows = []
+    qk = [n for n in analysis.names if awq.is_clip_skipped(n)]
+    group = analysis.settings.sweep.group_size
+    for i, name in enumerate(qk):
+        lay = analysis.layers[(analysis.layers["name"] == name) & (analysis.layers["bits"] == bits)]
+        alpha = float(lay["best_alpha"].iloc[0]) if len(lay) else 0.5
+        g = layer_group_size(int(analysis.info(name)["in_features"]), group) if group > 0 else 0
+        plain = analysis.evaluate_layer(name, alpha=alpha, bits=bits, group_size=g)
+        clipped = analysis.evaluate_layer(name, alpha=alpha, bits=bits, group_size=g, clip=True, clip_qk=True)
+        rows.append({"name": name, "alpha": alpha, "awq_rel": plain.awq_rel, "awq_clip_rel": clipped.awq_rel,
+                     "change_pct": (clipped.awq_rel / plain.awq_rel - 1) * 100 if plain.awq_rel > 0 else float("nan"),
+                     "awq_rel_heldout": plain.awq_rel_heldout, "awq_clip_rel_heldout": clipped.awq_rel_heldout})
+        if progress is not None:
+            progress((i + 1) / len(qk), name)
+    return pd.DataFrame(rows)
+
+
 # --- Compare --------------------------------------------------------------------------------------
 
 def model_label(analysis: "Analysis") -> str:
