@@ -428,6 +428,7 @@ def test_empty_upload_is_refused_before_anything_is_written(cache):
     values = {"model_kind": "bundled", "text_source": "upload", "upload": Upload(), "n_samples": 4, "seqlen": 64,
               "heldout_samples": 1, "bits": [4], "group_size": 128, "zero_point": True, "dtype": "float32",
               "device": "cpu", "trust_remote_code": False}
+    before = snapshot(cache)
     with pytest.raises(CalibrationError, match="empty"):
         ui._settings_from_sidebar(values)
-    assert not (cache / ".uploads").exists() or not any((cache / ".uploads").iterdir())
+    assert snapshot(cache) == before
