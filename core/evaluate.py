@@ -219,6 +219,36 @@ def _per_linear_plan(lm: LoadedModel, bits: int, g: int, zp: bool, scales: dict[
     return plan
 
 
+def _awq_plan(analysis, lm: LoadedModel, bits: int, g: int, zp: bool, n_grid: int) -> tuple[Plan, list[dict]]:
+    """Per-linear AWQ: each linear's own best alpha from the layer-local search (the analysis' sweep table
+    when it was run at this setting, else ``Analysis.alpha_curve``, which computes the same search)."""
+    sw = analysis.settings.sweep
+    layers = analysis.layers
+    sel = layers[layers["bits"] == bits] if "bits" in layers else layers.iloc[0:0]
+    width = dict(zip(analysis.linears["name"], analysis.linears["in_features"]))
+    cached = (bits in tuple(sw.bits) and bool(sw.zero_point) == zp and int(sw.n_grid) == n_grid
+              and len(sel) == len(lm.linears)
+              and all(int(gs) == (g if g > 0 else int(width[n])) for n, gs in zip(sel["name"], sel["group_size"])))
+    scales: dict[str, torch.Tensor] = {}
+    rows: list[dict] = []
+    block_of = {li.name: li.block for li in lm.linears}
+    if cached:
+        curves = analysis.curves
+        curves = curves[curves["bits"] == bits]
+        for n, alpha in zip(sel["name"], sel["best_alpha"]):
+            scales[n] = analysis.scales_at(n, float(alpha), group_size=g)
+            c = curves[curves["name"] == n]
+            al = torch.tensor(c["alpha"].to_numpy())
+            rows += _search_rows("awq", bits, g, zp, block_of[n], n, al, torch.tensor(c["loss"].to_numpy()),
+                                 int((al - float(alpha)).abs().argmin()))
+    else:
+        for li in lm.linears:
+            c = analysis.alpha_curve(li.name, bits=bits, group_size=g, zero_point=zp, n_grid=n_grid)
+            scales[li.name] = c.scales
+            rows += _search_rows("awq", bits, g, zp, li.block, li.name, c.alphas, c.losses, c.best_index)
+    return _per_linear_plan(lm, bits, g, zp, scales), rows
+
+
 def _search_rows(mode: str, bits: int, g: int, zp: bool, block: int, target: str, alphas, losses, best: int) -> list[dict]:
     return [{"mode": mode, "bits": bits, "group_size": g, "zero_point": zp, "block": block, "target": target,
              "alpha": float(a), "loss": float(v), "chosen": i == best}
@@ -294,13 +324,8 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
                     plans[("rtn", b)], seconds[("rtn", b)] = Plan(bits=b, group_size=g, zero_point=zp), 0.0
                 if "awq" in q_modes:
                     t0 = time.perf_counter()
-                    scales = {}
-                    for li in lm.linears:
-                        c = analysis.alpha_curve(li.name, bits=b, group_size=g, zero_point=zp, n_grid=n_grid)
-                        scales[li.name] = c.scales
-                        search_rows += _search_rows("awq", b, g, zp, li.block, li.name, c.alphas, c.losses,
-                                                    c.best_index)
-                    plans[("awq", b)] = _per_linear_plan(lm, b, g, zp, scales)
+                    plans[("awq", b)], rows = _awq_plan(analysis, lm, b, g, zp, n_grid)
+                    search_rows += rows
                     seconds[("awq", b)] = time.perf_counter() - t0
                     ticker.step(0.2, f"per-linear AWQ scales, w{b}")
             if grouped:

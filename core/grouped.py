@@ -158,9 +158,9 @@ class Plan:
         """The scaled (and row-folded) weight before clipping and quantization."""
         w = w.float()
         if name in self.col:
-            w = w * self.col[name].float().view(1, -1)
+            w = w * self.col[name].to(w.device, torch.float32).view(1, -1)
         if name in self.row:
-            t = self.row[name].float()
+            t = self.row[name].to(w.device, torch.float32)
             w = w.clone()
             w[-t.numel():] = w[-t.numel():] / t.view(-1, 1)
         return w
@@ -168,11 +168,11 @@ class Plan:
     def final(self, name: str, w: torch.Tensor) -> torch.Tensor:
         w = self.prequant(name, w)
         if name in self.clip:
-            w = awq.apply_clip(w, self.clip[name])
+            w = awq.apply_clip(w, self.clip[name].to(w.device))
         if self.bits is not None:
             w = pseudo_quantize(w, self.bits, self.group_size, self.zero_point)
         if name in self.unscale:
-            w = w / self.col[name].float().view(1, -1)
+            w = w / self.col[name].to(w.device, torch.float32).view(1, -1)
         return w
 
 
@@ -223,14 +223,15 @@ def apply_plan(lm: LoadedModel, plan: Plan, snap: Snapshot, names: list[str] | N
     with torch.no_grad():
         for n in names:
             m = lm.model.get_submodule(n)
-            set_linear_weight(m, plan.final(n, original_weight(lm, snap, n)))
+            set_linear_weight(m, plan.final(n, original_weight(lm, snap, n).to(m.weight.device)))
             if n in plan.row and getattr(m, "bias", None) is not None:
-                t = plan.row[n].float()
+                t = plan.row[n].float().cpu()
                 b = snap[f"{n}.bias"].float().clone()
                 b[-t.numel():] = b[-t.numel():] / t
                 m.bias.data.copy_(b.to(m.bias.dtype))
         for n, s in plan.norm.items():
             m = lm.model.get_submodule(n)
+            s = s.float().cpu()
             m.weight.data.copy_((snap[f"{n}.weight"].float() / s).to(m.weight.dtype))
             if getattr(m, "bias", None) is not None:
                 m.bias.data.copy_((snap[f"{n}.bias"].float() / s).to(m.bias.dtype))
@@ -421,6 +422,7 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
     t_scale = {b: 0.0 for b in bits}
     t_clip = {b: 0.0 for b in bits}
     names_of = {i: [li.name for li in lm.linears if li.block == i] for i in range(n_blocks)}
+    dev = lm.device
     for i in range(n_blocks):
         groups = grouping.of_block(i)
         t0 = time.perf_counter()
@@ -433,7 +435,7 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
         cap = capture_block(lm, i, calib, batch_tokens=batch_tokens, linears=set(key_of.values()),
                             modules={g.inspect for g in groups if g.inspect})
         t_cap = (time.perf_counter() - t0) / max(1, len(bits))
-        weights = {n: original_weight(lm, snap, n) for n in names_of[i]}
+        weights = {n: original_weight(lm, snap, n).to(dev) for n in names_of[i]}
         grams: dict[str, torch.Tensor] = {}
         for b_i, b in enumerate(bits):
             t1 = time.perf_counter()
@@ -466,10 +468,10 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                         continue  # official skips q/k: their outputs meet in Q K^T
                     x = cap.x[key_of[n]].float()
                     if n in plans[b].col:
-                        x = x / plans[b].col[n].view(1, -1)  # official apply_scale divides input_feat by s
+                        x = x / plans[b].col[n].to(x.device).view(1, -1)  # official apply_scale divides input_feat by s
                     clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, n_bit=b, group_size=group_size,
                                                   zero_point=zero_point, n_grid=CLIP_GRID, max_shrink=CLIP_MAX_SHRINK,
-                                                  n_sample_token=CLIP_SAMPLE_TOKENS)
+                                                  n_sample_token=CLIP_SAMPLE_TOKENS).cpu()
                 t_clip[b] += time.perf_counter() - t2
             progress((i + (b_i + 1) / len(bits)) / n_blocks, f"grouped AWQ search: block {i + 1}/{n_blocks}, w{b}")
         del cap, grams

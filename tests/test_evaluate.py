@@ -1,0 +1,277 @@
+"""Model quality (issue 4): whole-model fake quantization, grouped AWQ, quality metrics, cache and CLI,
+on tiny random Llama / Qwen2 / BERT models built from configs (no download)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, build_tiny, tiny_settings
+from core import awq, evaluate, grouped, models
+from core.analysis import analyze, open_entry
+from core.quant import pseudo_quantize
+
+GS = 32  # divides the tiny models' widths (64, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis(tiny_dir, tokenizer_dir, tmp_path_factory):
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = analyze(tiny_settings(tiny_dir(kind), tokenizer_dir), tmp_path_factory.mktemp(f"cache-{kind}"))
+        return made[kind]
+    return get
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), f"{k} changed"
+
+
+def values(df, mode, bits, metric) -> float:
+    sel = df[(df["mode"] == mode) & (df["bits"] == bits) & (df["metric"] == metric)]
+    assert len(sel) == 1, (mode, bits, metric)
+    return float(sel["value"].iloc[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# causal LMs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
+    import transformers
+
+    a = tiny_analysis(kind)
+    before = state(a.lm.model)
+    seen = []
+    df = evaluate.run_quality(a, modes=list(evaluate.MODES), bits=[8, 2], group_size=GS,
+                              progress=lambda f, m: seen.append(f))
+    assert list(df.columns) == evaluate.COLUMNS
+    assert_bit_identical(a.lm.model, before)
+    assert seen and all(0 <= f <= 1 for f in seen) and seen[-1] == 1.0
+    assert all(x <= y for x, y in zip(seen, seen[1:])), "progress goes backwards"
+
+    # fp perplexity is the plain model's (loaded afresh, scored by transformers itself)
+    data = evaluate.eval_data(a, a.lm)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir(kind)).eval()
+    with torch.no_grad():
+        loss = plain(input_ids=data.heldout, labels=data.heldout, use_cache=False).loss
+    fp_ppl = values(df, "fp", evaluate.FP_BITS, "perplexity")
+    assert fp_ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    fp_rows = df[df["mode"] == "fp"]
+    assert set(fp_rows["metric"]) == {"perplexity", "kl"} and (fp_rows["bits"] == evaluate.FP_BITS).all()
+    assert (df["n_tokens"] == data.heldout.shape[0] * (data.heldout.shape[1] - 1)).all()
+    assert (df["group_size"] == GS).all() and df["zero_point"].all()
+
+    for mode in evaluate.MODES[1:]:
+        p8, p2 = values(df, mode, 8, "perplexity"), values(df, mode, 2, "perplexity")
+        k8, k2 = values(df, mode, 8, "kl"), values(df, mode, 2, "kl")
+        assert abs(p8 / fp_ppl - 1) < 0.02, (mode, p8, fp_ppl)  # 8 bits: within 2% of fp
+        assert 0 <= k8 < k2, (mode, k8, k2)  # 2 bits is worse than 8 bits
+    assert abs(values(df, "rtn", 2, "perplexity") / fp_ppl - 1) > abs(values(df, "rtn", 8, "perplexity") / fp_ppl - 1)
+
+    # cached beside the analysis, and shown at once after reopening it
+    again = open_entry(a.path)
+    cached = evaluate.cached_quality(again)
+    assert cached is not None and cached.equals(evaluate.cached_quality(a)) and len(cached) == len(df)
+    search = evaluate.cached_search(again)
+    assert set(search["mode"]) == {"awq", "awq-grouped", "const-alpha"}
+    for _, curve in search.groupby(["mode", "bits", "target"]):
+        assert curve["chosen"].sum() == 1
+        assert float(curve.loc[curve["chosen"], "loss"].iloc[0]) <= float(curve.loc[curve["alpha"] == 0, "loss"].iloc[0])
+
+
+def test_weights_restored_when_evaluation_fails(tiny_analysis, monkeypatch):
+    a = tiny_analysis("llama")
+    before = state(a.lm.model)
+    real, calls = evaluate._output, []
+
+    def flaky(lm, ids):
+        calls.append(1)
+        if len(calls) == 2:  # the first forward after the weights were quantized
+            raise RuntimeError("boom")
+        return real(lm, ids)
+    monkeypatch.setattr(evaluate, "_output", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate.run_quality(a, modes=["rtn"], bits=[3], group_size=GS)
+    assert_bit_identical(a.lm.model, before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_folded_scales_leave_every_block_output_unchanged(kind, tiny_analysis):
+    a = tiny_analysis(kind)
+    lm = a.lm
+    gr = grouped.build_grouping(lm, {})
+    assert gr.kind == "llama"
+    per_block = 4 if kind == "llama" else 3  # Qwen2/Mistral tiny configs have GQA: v_proj [32, 64], o_proj [64, 64]
+    assert len(gr.of_block(0)) == per_block and len(gr.skipped) == (0 if kind == "llama" else 2)
+    assert {g.prev_kind for g in gr.groups} == {"norm", "linear"}  # o_proj has no group under GQA, down_proj has
+    before = state(lm.model)
+    snap = grouped.snapshot(lm)
+    ids = torch.randint(100, 30000, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    data = evaluate.eval_data(a, lm)
+    searched = grouped.search_grouped(lm, gr, data.calib, snap, bits=[3], group_size=GS, n_grid=10)
+    gen = torch.Generator().manual_seed(0)
+    random_plan = grouped.Plan(bits=None, group_size=GS)
+    for g in gr.groups:
+        n_in = lm.weight(g.linears[0]).shape[1]
+        grouped.add_group(random_plan, g, torch.exp(torch.randn(n_in, generator=gen)))  # s in ~[0.05, 20]
+    searched_plan = searched.plans[3]
+    searched_plan.bits = None  # fold the searched scales, no quantization
+    for plan in (random_plan, searched_plan):
+        assert plan.norm and plan.row and not plan.unscale  # folded into norms and preceding linears
+        grouped.apply_plan(lm, plan, snap)
+        try:
+            norm = lm.model.get_submodule(next(iter(plan.norm)))
+            assert not torch.equal(norm.weight, snap[f"{next(iter(plan.norm))}.weight"])  # the fold really happened
+            with torch.no_grad():
+                out = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        finally:
+            grouped.restore(lm, snap)
+        for h, r in zip(out, ref):  # embeddings, then the output of every block
+            torch.testing.assert_close(h, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+    assert_bit_identical(lm.model, before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grouped_search_never_above_rtn(kind, tiny_analysis):
+    a = tiny_analysis(kind)
+    lm = a.lm
+    gr = grouped.build_grouping(lm, {})
+    snap = grouped.snapshot(lm)
+    data = evaluate.eval_data(a, lm)
+    before = state(lm.model)
+    res = grouped.search_grouped(lm, gr, data.calib, snap, bits=[2, 4], group_size=GS, n_grid=10, clip=True)
+    assert_bit_identical(lm.model, before)
+    for b in (2, 4):
+        assert len(res.searches[b]) == len(gr.groups)
+        for s in res.searches[b]:
+            assert float(s.alphas[0]) == 0.0 and s.best_loss <= s.rtn_loss
+        assert not any("q_proj" in n or "k_proj" in n for n in res.clips[b])  # the official skip list
+        assert any("down_proj" in n for n in res.clips[b])
+
+    # alpha 0 is exactly RTN: recompute RTN's loss of block 0's module-scored groups independently
+    cap = grouped.capture_block(lm, 0, data.calib, batch_tokens=4096, linears=set(),
+                                modules={g.inspect for g in gr.of_block(0) if g.inspect})
+    for s in res.searches[4][:len(gr.of_block(0))]:
+        g = s.group
+        if not g.inspect:
+            continue
+        mod = lm.model.get_submodule(g.inspect)
+        with torch.no_grad():
+            ref = [grouped._first(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
+            for n in g.linears:
+                models.set_linear_weight(lm.model.get_submodule(n), pseudo_quantize(lm.weight(n), 4, GS))
+            try:
+                out = [grouped._first(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
+            finally:
+                grouped.restore(lm, snap)
+        mse = sum(float((r - o).double().pow(2).sum()) for r, o in zip(ref, out)) / sum(r.numel() for r in ref)
+        assert s.rtn_loss == pytest.approx(mse, rel=1e-6)
+
+    # the Gram-matrix loss equals the direct one
+    x = torch.randn(600, 64, dtype=torch.float32) * torch.linspace(0.1, 5, 64)
+    w = torch.randn(96, 64)
+    sc = awq.awq_scales(x.abs().mean(0), awq.alpha_grid(10))
+    direct = grouped.linear_losses(w, x, sc, n_bit=3, group_size=GS, zero_point=True)
+    viag = grouped.linear_losses(w, None, sc, n_bit=3, group_size=GS, zero_point=True,
+                                 gram_matrix=grouped.gram(x), n_tokens=600)
+    torch.testing.assert_close(viag, direct, rtol=1e-5, atol=0)
+
+
+def test_per_linear_awq_uses_the_sweep_when_it_matches(tiny_analysis):
+    a = tiny_analysis("qwen2")
+    s = a.settings.sweep
+    plan, rows = evaluate._awq_plan(a, a.lm, s.bits[0], s.group_size, s.zero_point, s.n_grid)
+    for li in a.lm.linears:
+        c = a.alpha_curve(li.name, bits=s.bits[0], group_size=s.group_size, zero_point=s.zero_point, n_grid=s.n_grid)
+        assert torch.equal(plan.col[li.name], c.scales)
+    assert sum(r["chosen"] for r in rows) == len(a.lm.linears)
+
+
+# --------------------------------------------------------------------------------------------------
+# encoders
+# --------------------------------------------------------------------------------------------------
+def test_encoder_quality_and_shared_input_groups(tiny_analysis):
+    a = tiny_analysis("bert")
+    before = state(a.lm.model)
+    df = evaluate.run_quality(a, modes=["fp", "rtn", "awq-grouped", "awq-clip"], bits=[2, 8], group_size=GS)
+    assert_bit_identical(a.lm.model, before)
+    assert set(df["metric"]) == {"cosine", "hidden_rel_error"}
+    assert values(df, "fp", evaluate.FP_BITS, "cosine") == 1.0
+    data = evaluate.eval_data(a, a.lm)
+    assert (df["n_tokens"] == data.heldout.numel()).all()
+    for mode in ("rtn", "awq-grouped", "awq-clip"):
+        assert values(df, mode, 8, "cosine") > 0.999 and values(df, mode, 8, "hidden_rel_error") < 1e-3
+        assert values(df, mode, 2, "cosine") < values(df, mode, 8, "cosine")
+        assert values(df, mode, 2, "hidden_rel_error") > values(df, mode, 8, "hidden_rel_error")
+
+    input_of = dict(zip(a.linears["name"], a.linears["input_key"]))
+    gr = grouped.build_grouping(a.lm, input_of)
+    assert gr.kind == "shared-input"
+    assert [len(g.linears) for g in gr.of_block(0)] == [3, 1, 1, 1]  # {q, k, v}, o, intermediate, output
+    assert all(g.prev is None and g.inspect is None for g in gr.groups)
+    note = evaluate.grouping_note(a)
+    assert "not a Llama-style" in note and "attention.self.query, attention.self.key, attention.self.value" in note
+
+    # reruns replace their rows in the cache instead of duplicating them
+    n = len(evaluate.cached_quality(a))
+    evaluate.run_quality(a, modes=["rtn"], bits=[2], group_size=GS)
+    cached = evaluate.cached_quality(a)
+    assert len(cached) == n
+    assert len(cached[(cached["mode"] == "rtn") & (cached["bits"] == 2)]) == 2
+
+
+def test_grouping_note_for_llama_and_gqa(tiny_analysis):
+    assert "v_proj → o_proj scored on o_proj" in evaluate.grouping_note(tiny_analysis("llama"))
+    assert "grouped-query attention" in evaluate.grouping_note(tiny_analysis("qwen2"))
+
+
+def test_bad_input_is_a_clear_error(tiny_analysis):
+    a = tiny_analysis("llama")
+    with pytest.raises(ValueError, match="unknown mode"):
+        evaluate.run_quality(a, modes=["gptq"], bits=[4], group_size=GS)
+    with pytest.raises(ValueError, match="bits"):
+        evaluate.run_quality(a, modes=["rtn"], bits=[1], group_size=GS)
+    with pytest.raises(ValueError, match="does not divide"):
+        evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=48)
+    with pytest.raises(ValueError, match="at least one bit-width"):
+        evaluate.run_quality(a, modes=["rtn"], bits=[], group_size=GS)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def test_cli_evaluate_json(tiny_dir, tokenizer_dir, tmp_path):
+    cmd = [sys.executable, "-m", "core", "evaluate", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir,
+           "--modes", "fp,rtn,awq-grouped", "--bits", "4,8", "--group-size", str(GS), "--n-samples", "4",
+           "--seqlen", "64", "--heldout-samples", "2", "--sample-rows", "128", "--sweep-bits", "4",
+           "--cache-dir", str(tmp_path), "--json", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(set(x) == {"mode", "bits", "group_size", "metric", "value"} for x in rows)
+    assert {(x["mode"], x["bits"]) for x in rows} == {("fp", 16), ("rtn", 4), ("rtn", 8), ("awq-grouped", 4),
+                                                      ("awq-grouped", 8)}
+    assert {x["metric"] for x in rows} == {"perplexity", "kl"} and all(x["group_size"] == GS for x in rows)
+    assert "perplexity" in r.stdout and "awq-grouped" in r.stdout
+
+    from core import cli
+    assert cli.main(["evaluate", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir, "--modes", "bogus",
+                     "--cache-dir", str(tmp_path), "--quiet"]) == 2
