@@ -264,7 +264,7 @@ def render_sidebar() -> None:
             f"Figure pack (ZIP, w{pack_bits})", data=lambda: figures.figure_pack(a, pack_bits),
             file_name=f"awq_explorer_{figures.slugify_model(a.model_id)}_w{pack_bits}.zip", mime="application/zip",
             on_click="ignore", key="figure_pack", icon=":material/folder_zip:",
-            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces (takes a few seconds).")
+            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces and a README (built when clicked: 10-20 s for the bundled model).")
 
     entries = list_cached(cache_dir())
     if entries:

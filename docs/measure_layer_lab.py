@@ -7,8 +7,9 @@
    vocab 151936; ``--qwen-layers`` blocks, 2 by default: only one linear is timed, its shape is what
    matters), analyzed in memory on the bundled text with the bundled BERT tokenizer (token ids only
    feed the embedding), then the same timings on its largest linears (``up_proj`` / ``down_proj``).
-3. The Layer Lab page itself: one AppTest rerun after moving the alpha slider (the whole script; a
-   browser reruns only the fragment, see tests/test_browser.py's printout).
+3. The Layer Lab page itself: one AppTest rerun after moving the alpha slider (AppTest reruns the whole
+   script), and in headless chromium (``--browser``): from releasing the dragged alpha slider to the new
+   AWQ error on screen (a fragment rerun: evaluate_layer, metrics, four chart specs, websocket, render).
 
 Times are wall-clock medians of ``--repeat`` calls on this machine's CPU (torch threads as set).
 """
@@ -67,6 +68,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--skip-qwen", action="store_true")
     ap.add_argument("--skip-apptest", action="store_true")
+    ap.add_argument("--browser", action="store_true", help="also time slider releases in headless chromium")
     args = ap.parse_args()
 
     import torch
@@ -136,7 +138,39 @@ def main() -> int:
         assert not at.exception, [e.value for e in at.exception]
         report("AppTest: Layer Lab script rerun after an alpha change (bundled model)",
                {"median": statistics.median(runs), "min": min(runs)})
+    if args.browser:
+        report("chromium: alpha slider release -> new AWQ error shown (bundled model)", browser_release(cache, args.repeat))
     return 0
+
+
+def browser_release(cache: Path, repeat: int) -> dict[str, float]:
+    from playwright.sync_api import sync_playwright
+    from test_browser import drag_slider
+
+    from app_harness import CHROMIUM, CHROMIUM_ARGS, metric_value, settle, streamlit_server
+
+    log = Path(tempfile.gettempdir()) / "awq_measure_streamlit.log"
+    runs = []
+    with streamlit_server(cache, log) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(url, timeout=120_000)
+        settle(page)
+        for i in range(repeat + 1):
+            before = metric_value(page, "AWQ rel. error")
+            drag_slider(page, "alpha", 0.1 + 0.8 * ((i * 0.37) % 1.0))
+            t0 = time.perf_counter()
+            page.wait_for_function(
+                """([old]) => { for (const m of document.querySelectorAll('[data-testid="stMetric"]')) {
+                       const l = m.querySelector('[data-testid="stMetricLabel"]');
+                       if (l && l.innerText.trim() === 'AWQ rel. error')
+                           return m.querySelector('[data-testid="stMetricValue"]').innerText.trim() !== old; }
+                     return false; }""", arg=[before], timeout=60_000)
+            if i:  # the first release also loads the layer's weights
+                runs.append((time.perf_counter() - t0) * 1000)
+            settle(page, quiet=0.5)
+        browser.close()
+    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs)}
 
 
 if __name__ == "__main__":
