@@ -119,7 +119,7 @@ def require_analysis() -> Analysis:
     return a
 
 
-def run_analysis(settings: AnalysisSettings, *, text: str | None = None, where: Any = None) -> Analysis | None:
+def run_analysis(settings: AnalysisSettings, *, where: Any = None) -> Analysis | None:
     """Analyze (or reopen from the cache) with a live progress bar; on failure ``st.error``, nothing changes."""
     where = where or st
     label = "the bundled model" if settings.model == BUNDLED else settings.model
@@ -133,7 +133,7 @@ def run_analysis(settings: AnalysisSettings, *, text: str | None = None, where: 
         try:
             with registry().run_lock:
                 progress(0.0, "starting")
-                a = analyze(settings, cache_dir(), progress=progress, text=text)
+                a = analyze(settings, cache_dir(), progress=progress)
         except Exception as e:  # noqa: BLE001 - any failure becomes one sentence; the app stays usable
             status.update(label=f"Analysis of {label} failed", state="error", expanded=True)
             where.error(readable(e))
@@ -206,8 +206,12 @@ def group_label(g: int) -> str:
     return "per row" if int(g) <= 0 else str(g)
 
 
-def _settings_from_sidebar(values: dict[str, Any]) -> tuple[AnalysisSettings, str | None]:
-    """Turn the sidebar's values into settings (+ uploaded text); raises ValueError with a sentence."""
+def _settings_from_sidebar(values: dict[str, Any]) -> AnalysisSettings:
+    """Turn the sidebar's values into settings; raises a ValueError subclass with one sentence.
+
+    An upload is kept under ``<cache>/.uploads/`` (by content hash) and becomes the calibration source,
+    so the analysis (and the model-quality run, which re-reads the text) can be reproduced.
+    """
     kind = values["model_kind"]
     if kind == "bundled":
         model = BUNDLED
@@ -223,7 +227,6 @@ def _settings_from_sidebar(values: dict[str, Any]) -> tuple[AnalysisSettings, st
         if not Path(model).expanduser().exists():
             raise ModelLoadError(f"model folder {raw!r} does not exist")
     tok = (values.get("tokenizer") or "").strip()
-    text = None
     source = values["text_source"]
     if source == "upload":
         up = values.get("upload")
@@ -241,7 +244,7 @@ def _settings_from_sidebar(values: dict[str, Any]) -> tuple[AnalysisSettings, st
                                 revision=(values.get("revision") or "").strip() or None,
                                 tokenizer=str(Path(tok).expanduser().resolve()) if tok else None,
                                 calibration=cal, sweep=sweep)
-    return settings, text
+    return settings
 
 
 def render_sidebar() -> None:
@@ -261,7 +264,7 @@ def render_sidebar() -> None:
             f"Figure pack (ZIP, w{pack_bits})", data=lambda: figures.figure_pack(a, pack_bits),
             file_name=f"awq_explorer_{figures.slugify_model(a.model_id)}_w{pack_bits}.zip", mime="application/zip",
             on_click="ignore", key="figure_pack", icon=":material/folder_zip:",
-            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces (takes a few seconds).")
+            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces and a README (built when clicked: 10-20 s for the bundled model).")
 
     entries = list_cached(cache_dir())
     if entries:
@@ -313,11 +316,11 @@ def render_sidebar() -> None:
         go = st.button("Analyze", type="primary", key="analyze", width="stretch", icon=":material/play_arrow:")
     if go:
         try:
-            settings, text = _settings_from_sidebar(v)
+            settings = _settings_from_sidebar(v)
         except USER_ERRORS as e:
             sb.error(readable(e))
         else:
-            run_analysis(settings, text=text, where=sb)
+            run_analysis(settings, where=sb)
     if st.session_state.get("sidebar_error"):
         sb.error(st.session_state.pop("sidebar_error"))
 
@@ -386,6 +389,12 @@ def sweep_row(a: Analysis, name: str, bits: int) -> pd.Series | None:
     return None if lay.empty else lay.iloc[0]
 
 
+@st.cache_data(max_entries=64, show_spinner="Running the clip search…")
+def clip_study(entry: str, name: str, bits: int, group_size: int, alpha: float) -> views.ClipStudy:
+    """``views.clip_study`` on a registered analysis, cached per setting (toggles on the page do not redo it)."""
+    return views.clip_study(registry().get(entry), name, bits=bits, group_size=group_size, alpha=alpha)
+
+
 # --- 3D view -------------------------------------------------------------------------------------------
 
 _HTML_CACHE: OrderedDict[str, str] = OrderedDict()
@@ -432,11 +441,17 @@ def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key:
     import stpyvista  # only inside a running app: the package registers a component at import
 
     stpyvista._panel_html = _inline_panel_html  # the module looks this name up at call time
-    plotter = figures.surface_plotter(mat, title=title, value_name=value_name, log=log,
-                                      window_size=(960, height), with_bounds=False)
-    plotter._awq_cache_key = cache_key
-    try:
-        stpyvista.stpyvista(plotter, backend="panel", key=key,
-                            backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
-    finally:
-        plotter.close()
+    with figures.VTK_LOCK:  # VTK objects are built and serialised by one session at a time
+        with _HTML_LOCK:
+            cached = cache_key in _HTML_CACHE
+        if cached:  # the scene's HTML is ready: stpyvista only needs a plotter of the same size
+            plotter = figures.pyvista_module().Plotter(off_screen=True, window_size=[960, height])
+        else:
+            plotter = figures.surface_plotter(mat, title=title, value_name=value_name, log=log,
+                                              window_size=(960, height), with_bounds=False)
+        plotter._awq_cache_key = cache_key
+        try:
+            stpyvista.stpyvista(plotter, backend="panel", key=key,
+                                backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
+        finally:
+            plotter.close()

@@ -157,7 +157,9 @@ def gain_heatmap(analysis: "Analysis", bits: int, held_out: bool = False) -> Fig
         y=alt.Y("block:O", title="block"),
     )
     rect = base.mark_rect(stroke="white", strokeWidth=1).encode(
-        color=alt.Color("gain:Q", title="gain", scale=alt.Scale(type="log", scheme="redblue", domain=dom)),
+        color=alt.Color("gain:Q", title="gain", scale=alt.Scale(type="log", scheme="redblue", domain=dom),
+                        legend=alt.Legend(values=[round(float(v), 2) for v in np.exp(np.linspace(-span, span, 5))],
+                                          format=".2f")),
         tooltip=["name:N", "block:O", "family:N", alt.Tooltip("gain:Q", format=".3f")],
     )
     chart = rect
@@ -440,10 +442,10 @@ def quality_bars(df: pd.DataFrame) -> Figure:
 
 # --- 3D surface (pyvista) -------------------------------------------------------------------------------
 
-_VTK_LOCK = threading.Lock()
+VTK_LOCK = threading.Lock()
 
 
-def _pyvista():
+def pyvista_module():
     # Headless EGL rendering; set before VTK creates its first render window (no X11 needed).
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     import pyvista as pv
@@ -469,7 +471,7 @@ def surface_geometry(mat: np.ndarray, log: bool = False) -> tuple[np.ndarray, np
 
 
 def surface_mesh(mat: np.ndarray, log: bool = False, value_name: str = "importance") -> "pv.StructuredGrid":
-    pv = _pyvista()
+    pv = pyvista_module()
     xs, ys, z, vals = surface_geometry(mat, log)
     x, y = np.meshgrid(xs, ys)  # [blocks, channels]
     grid = pv.StructuredGrid(x, y, z)
@@ -480,7 +482,7 @@ def surface_mesh(mat: np.ndarray, log: bool = False, value_name: str = "importan
 def surface_plotter(mat: np.ndarray, *, title: str, value_name: str = "importance", log: bool = False,
                     window_size: tuple[int, int] = (960, 540), with_bounds: bool = True) -> "pv.Plotter":
     """An off-screen plotter holding the surface (also what the interactive view serializes)."""
-    pv = _pyvista()
+    pv = pyvista_module()
     mesh = surface_mesh(mat, log, value_name)
     pl = pv.Plotter(off_screen=True, window_size=list(window_size))
     pl.set_background("white")
@@ -504,7 +506,7 @@ def surface_png(mat: np.ndarray, *, title: str, value_name: str = "importance", 
     """The 3D surface rendered off-screen as PNG bytes (EGL, no display needed)."""
     from PIL import Image
 
-    with _VTK_LOCK:  # VTK render windows are not safe to drive from several threads at once
+    with VTK_LOCK:  # VTK render windows are not safe to drive from several threads at once
         pl = surface_plotter(mat, title=title, value_name=value_name, log=log, window_size=window_size)
         try:
             img = pl.screenshot(return_img=True)

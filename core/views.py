@@ -216,6 +216,22 @@ def top_channels(mat: np.ndarray, k: int = 10) -> pd.DataFrame:
                          "blocks_in_top1pct": [sum(i in s for s in top_sets) for i in idx]})
 
 
+def most_recurrent_family(analysis: "Analysis", value: str = "importance") -> str:
+    """The family whose top channel is in the top 1% of the most blocks (ties: larger top-1% share).
+
+    That is where the importance map shows ridges running through the network, so it opens there.
+    """
+    best, best_key = "", (-1, -1.0)
+    for fam in families_present(analysis.linears):
+        mat, _ = channel_matrix(analysis, fam, value)
+        top = top_channels(mat, k=1)
+        share = float(analysis.layers.loc[analysis.layers["family"] == fam, "top1_share"].mean())
+        key = (int(top["blocks_in_top1pct"].iloc[0]), share)
+        if key > best_key:
+            best, best_key = fam, key
+    return best
+
+
 # --- Layer Lab --------------------------------------------------------------------------------------
 
 def alpha_curve(ev: "LayerEval") -> pd.DataFrame:
@@ -329,6 +345,29 @@ def clip_skip_table(linears: pd.DataFrame) -> pd.DataFrame:
     df["clipped_by_default"] = [not awq.is_clip_skipped(n) for n in df["name"]]
     df["matched_pattern"] = [next((p for p in awq.CLIP_SKIP_PATTERNS if p in n), "") for n in df["name"]]
     return df
+
+
+def qk_clip_effect(analysis: "Analysis", bits: int, progress=None) -> pd.DataFrame:
+    """For every linear on the Q/K skip list: its AWQ error at its best alpha without and with clipping.
+
+    The layer's own output error only: the attention scores QK^T, where Q and K errors multiply, are
+    not measured here.
+    """
+    rows = []
+    qk = [n for n in analysis.names if awq.is_clip_skipped(n)]
+    group = analysis.settings.sweep.group_size
+    for i, name in enumerate(qk):
+        lay = analysis.layers[(analysis.layers["name"] == name) & (analysis.layers["bits"] == bits)]
+        alpha = float(lay["best_alpha"].iloc[0]) if len(lay) else 0.5
+        g = layer_group_size(int(analysis.info(name)["in_features"]), group) if group > 0 else 0
+        plain = analysis.evaluate_layer(name, alpha=alpha, bits=bits, group_size=g)
+        clipped = analysis.evaluate_layer(name, alpha=alpha, bits=bits, group_size=g, clip=True, clip_qk=True)
+        rows.append({"name": name, "alpha": alpha, "awq_rel": plain.awq_rel, "awq_clip_rel": clipped.awq_rel,
+                     "change_pct": (clipped.awq_rel / plain.awq_rel - 1) * 100 if plain.awq_rel > 0 else float("nan"),
+                     "awq_rel_heldout": plain.awq_rel_heldout, "awq_clip_rel_heldout": clipped.awq_rel_heldout})
+        if progress is not None:
+            progress((i + 1) / len(qk), name)
+    return pd.DataFrame(rows)
 
 
 # --- Compare --------------------------------------------------------------------------------------

@@ -1,10 +1,8 @@
 """Clipping: AWQ's weight-clip search on one layer, the Q/K skip list, and what clipping Q/K would do."""
-import pandas as pd
 import streamlit as st
 
 import ui
 from core import awq, figures, views
-from core.sweep import layer_group_size
 
 a = ui.require_analysis()
 st.title("Clipping")
@@ -33,7 +31,7 @@ skipped = awq.is_clip_skipped(name)
 try:
     plain = a.evaluate_layer(name, alpha=alpha, bits=bits, group_size=group, clip=False)
     clipped = a.evaluate_layer(name, alpha=alpha, bits=bits, group_size=group, clip=True, clip_qk=clip_qk)
-    study = views.clip_study(a, name, bits=bits, group_size=group, alpha=alpha)
+    study = ui.clip_study(str(a.path), name, bits, group, float(alpha))
 except ui.USER_ERRORS as e:
     st.error(ui.readable(e))
     st.stop()
@@ -68,17 +66,7 @@ st.caption(f"Patterns {', '.join(repr(p) for p in awq.CLIP_SKIP_PATTERNS)}: "
 st.dataframe(skip, hide_index=True, height=240)
 
 if st.button("What would clipping do to every Q/K projection?", key="clip_all_qk"):
-    rows = []
     bar = st.progress(0.0)
-    qk = [n for n in a.names if awq.is_clip_skipped(n)]
-    for i, n in enumerate(qk):
-        r = ui.sweep_row(a, n, bits)
-        al = float(r["best_alpha"]) if r is not None else 0.5
-        g = layer_group_size(int(a.info(n)["in_features"]), a.settings.sweep.group_size)
-        e0 = a.evaluate_layer(n, alpha=al, bits=bits, group_size=g)
-        e1 = a.evaluate_layer(n, alpha=al, bits=bits, group_size=g, clip=True, clip_qk=True)
-        rows.append({"name": n, "awq_rel": e0.awq_rel, "awq_clip_rel": e1.awq_rel,
-                     "change_pct": (e1.awq_rel / e0.awq_rel - 1) * 100 if e0.awq_rel > 0 else float("nan"),
-                     "awq_rel_heldout": e0.awq_rel_heldout, "awq_clip_rel_heldout": e1.awq_rel_heldout})
-        bar.progress((i + 1) / len(qk), text=n)
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    table = views.qk_clip_effect(a, bits, progress=lambda f, msg: bar.progress(f, text=msg))
+    st.dataframe(table, hide_index=True, column_config={
+        c: st.column_config.NumberColumn(c, format="%.4g") for c in table.columns if c not in ("name", "alpha")})

@@ -13,7 +13,7 @@ fams = views.families_present(a.linears)
 c1, c2, c3 = st.columns([3, 2, 1])
 with c1:
     if st.session_state.get("map_family") not in fams:
-        st.session_state["map_family"] = "down" if "down" in fams else fams[0]
+        st.session_state["map_family"] = views.most_recurrent_family(a)
     family = st.segmented_control("Module family", fams, key="map_family", required=True)
 with c2:
     value = st.selectbox("Value", list(views.CHANNEL_VALUES), format_func=views.CHANNEL_VALUES.get, key="map_value")

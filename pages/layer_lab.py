@@ -63,6 +63,12 @@ def layer_lab(a: Analysis) -> None:
         return
     dt = time.perf_counter() - t0
 
+    info = a.info(name)
+    st.container(key="lab_summary").caption(
+        f"**{name}** · {info['family']} · {info['in_features']}→{info['out_features']} · w{bits} · group "
+        f"{ui.group_label(ev.group_size if ev.group_size < int(info['in_features']) else 0)} · alpha {alpha:.2f} · "
+        f"grid {n_grid} · {'zero point' if zero_point else 'symmetric'}"
+        f"{' · duo scaling' if duo else ''}{' · clip' if clip else ''}{' (Q/K too)' if clip and clip_qk else ''}")
     m = st.columns(6)
     m[0].metric("RTN rel. error", views.fmt_rel(ev.rtn_rel), help=metrics.DEFINITIONS["rel_error"])
     m[1].metric("AWQ rel. error", views.fmt_rel(ev.awq_rel),

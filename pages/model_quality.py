@@ -25,7 +25,9 @@ groups = [g for g in (32, 64, 128, 256) if any(int(f) % g == 0 for f in a.linear
 default_g = a.settings.sweep.group_size if a.settings.sweep.group_size in groups else groups[0]
 group = c3.selectbox("Group size", groups, index=groups.index(default_g), format_func=ui.group_label, key="mq_group")
 zero_point = c4.toggle("Zero point", value=True, key="mq_zp")
-st.caption(evaluate.grouping_note(a))
+st.caption(evaluate.grouping_note(a) + " Every mode runs the whole model over the held-out text (awq-grouped, "
+           "awq-clip and const-alpha also over calibration text): all six modes at two bit-widths take a few "
+           "minutes for the bundled model on a CPU.")
 
 if st.button("Run", type="primary", key="mq_run", disabled=not modes or not bits, icon=":material/play_arrow:"):
     with st.status("Evaluating the whole model…", expanded=True) as status:

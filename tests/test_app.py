@@ -316,12 +316,17 @@ def test_bad_input_shows_a_readable_error_and_keeps_the_app_usable(tiny, cache, 
 
 
 def test_sidebar_analyze_of_a_local_folder_switches_the_pages_to_it(cache, tiny, tiny_dir, tokenizer_dir):
-    """The whole sidebar path: folder + tokenizer + calibration settings -> Analyze -> pages show it."""
+    """The whole sidebar path: folder + tokenizer + uploaded text + settings -> Analyze -> pages show it."""
+    from core.calibration import bundled_text
+
+    text = bundled_text()[:40_000].encode()
     at = open_app(tiny["qwen2"])
     at.run()
     at.radio(key="src_kind").set_value("folder").run()
     at.text_input(key="src_folder").input(tiny_dir("llama"))
     at.text_input(key="src_tok").input(tokenizer_dir)
+    at.selectbox(key="cal_source").set_value("upload").run()
+    at.file_uploader(key="cal_upload").set_value(("notes.txt", text, "text/plain"))
     at.number_input(key="cal_n").set_value(4)
     at.number_input(key="cal_len").set_value(64)
     at.number_input(key="cal_held").set_value(2)
@@ -334,6 +339,8 @@ def test_sidebar_analyze_of_a_local_folder_switches_the_pages_to_it(cache, tiny,
     assert a.model_id == str(Path(tiny_dir("llama")).resolve())
     assert a.settings.calibration.n_samples == 4 and a.settings.sweep.bits == (3, 4)
     assert not a.settings.trust_remote_code
+    kept = Path(a.settings.calibration.source)  # the upload is kept so the analysis can be reproduced
+    assert kept.parent == cache / ".uploads" and kept.read_bytes() == text
     at.switch_page("pages/overview.py").run()
     assert_clean(at)
     assert metrics_shown(at)["Linears"] == str(len(a.names))
@@ -421,6 +428,7 @@ def test_empty_upload_is_refused_before_anything_is_written(cache):
     values = {"model_kind": "bundled", "text_source": "upload", "upload": Upload(), "n_samples": 4, "seqlen": 64,
               "heldout_samples": 1, "bits": [4], "group_size": 128, "zero_point": True, "dtype": "float32",
               "device": "cpu", "trust_remote_code": False}
+    before = snapshot(cache)
     with pytest.raises(CalibrationError, match="empty"):
         ui._settings_from_sidebar(values)
-    assert not (cache / ".uploads").exists() or not any((cache / ".uploads").iterdir())
+    assert snapshot(cache) == before
