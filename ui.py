@@ -347,6 +347,27 @@ def show_figure(fig: figures.Figure, key: str, *, model_id: str = "", caption: b
         st.caption(fig.caption)
 
 
+# Labels and number formats of the summary columns that several pages show: one place, same wording everywhere.
+TABLE_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "median_rtn_rel": ("median RTN rel. error", "%.4g"),
+    "median_awq_rel": ("median AWQ rel. error", "%.4g"),
+    "mean_gain": ("mean gain", "%.3f"),
+    "median_gain": ("median gain", "%.3f"),
+    "median_gain_heldout": ("median gain, held-out", "%.3f"),
+    "mean_best_alpha": ("mean best alpha", "%.2f"),
+    "mean_top1_share": ("top-1% importance share", "%.3f"),
+    "max_kurtosis": ("max kurtosis", "%.1f"),
+    "max_mean_abs_over_median": ("max mean|x| / median", "%.1f"),
+}
+
+
+def show_table(df: pd.DataFrame, **columns: tuple[str, str | None]) -> None:
+    """``st.dataframe`` with the shared column labels/formats; ``columns`` adds or overrides (label, format)."""
+    spec = {**TABLE_COLUMNS, **columns}
+    st.dataframe(df, hide_index=True, column_config={
+        c: st.column_config.NumberColumn(label, format=fmt) for c, (label, fmt) in spec.items() if c in df.columns})
+
+
 def definitions(keys: list[str] | None = None) -> None:
     """The metric definitions from ``core.metrics`` (the one place they are written)."""
     with st.expander("Definitions"):

@@ -52,12 +52,7 @@ else:
     bits = st.segmented_control("Bits", common, key="cmp_bits", format_func=lambda b: f"w{b}", required=True)
 
 if bits is not None:
-    st.dataframe(views.compare_headlines(analyses, bits), hide_index=True, column_config={
-        "median_gain": st.column_config.NumberColumn("median gain", format="%.3f"),
-        "median_gain_heldout": st.column_config.NumberColumn("median gain, held-out", format="%.3f"),
-        "median_awq_rel": st.column_config.NumberColumn("median AWQ rel. error", format="%.4g"),
-        "max_mean_abs_over_median": st.column_config.NumberColumn("max mean|x| / median", format="%.1f"),
-    })
+    ui.show_table(views.compare_headlines(analyses, bits))
 c1, c2 = st.columns(2)
 with c1:
     if bits is not None:

@@ -37,8 +37,6 @@ else:
 
 ui.show_figure(heat, "map_heat", model_id=a.model_id)
 st.subheader("Channels that stand out across blocks")
-st.dataframe(views.top_channels(mat), hide_index=True, column_config={
-    "sum_over_blocks": st.column_config.NumberColumn(f"{label}, summed over blocks", format="%.4g"),
-    "blocks_in_top1pct": st.column_config.NumberColumn("blocks where it is in the top 1%"),
-})
+ui.show_table(views.top_channels(mat), sum_over_blocks=(f"{label}, summed over blocks", "%.4g"),
+              blocks_in_top1pct=("blocks where it is in the top 1%", None))
 ui.definitions([value] if value in metrics.DEFINITIONS else ["importance"])

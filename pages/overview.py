@@ -22,16 +22,7 @@ m[5].metric("Top outlier channel", f"#{h['max_outlier_channel']}",
             help=f"mean|x| max/median = {h['max_outlier_ratio']:.1f}x at the input of {h['max_outlier_input']}")
 
 st.subheader("Module families")
-st.dataframe(views.family_table(a.layers, bits), hide_index=True, column_config={
-    "median_rtn_rel": st.column_config.NumberColumn("median RTN rel. error", format="%.4g"),
-    "median_awq_rel": st.column_config.NumberColumn("median AWQ rel. error", format="%.4g"),
-    "mean_gain": st.column_config.NumberColumn("mean gain", format="%.3f"),
-    "median_gain": st.column_config.NumberColumn("median gain", format="%.3f"),
-    "median_gain_heldout": st.column_config.NumberColumn("median gain, held-out", format="%.3f"),
-    "mean_best_alpha": st.column_config.NumberColumn("mean best alpha", format="%.2f"),
-    "mean_top1_share": st.column_config.NumberColumn("top-1% importance share", format="%.3f"),
-    "max_kurtosis": st.column_config.NumberColumn("max kurtosis", format="%.1f"),
-})
+ui.show_table(views.family_table(a.layers, bits))
 
 c1, c2 = st.columns(2)
 with c1:
