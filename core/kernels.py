@@ -186,12 +186,14 @@ int awq_fake_quant(const float *w, const float *s, float *what, float *dw, int64
     int bad = 0;
 #ifdef _OPENMP
     /* torch's own OpenMP runtime (the same libgomp): its worker threads are already spinning */
-    #pragma omp parallel num_threads(nthreads) reduction(max:bad)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        fq_job job = {w, s, what, dw, nbits, out, in, g, rows * t / nt, rows * (t + 1) / nt, nb, zp, 0};
+    /* chunks of rows handed out dynamically: a thread the OS descheduled (shared machine) does not hold up
+       the others */
+    const int64_t nchunks = rows < 64 * (int64_t)nthreads ? rows : 64 * (int64_t)nthreads;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(max:bad)
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        fq_job job = {w, s, what, dw, nbits, out, in, g, rows * ch / nchunks, rows * (ch + 1) / nchunks, nb, zp, 0};
         fq_range(&job);
-        bad = job.bad;
+        if (job.bad > bad) bad = job.bad;
     }
 #else
     fq_job jobs[MAXT];
@@ -237,10 +239,10 @@ void awq_row_sq_sums(const float *y, double *out, int64_t rows, int64_t cols, in
     if (nthreads > MAXT) nthreads = MAXT;
     if ((int64_t)nthreads > rows) nthreads = rows > 0 ? (int)rows : 1;
 #ifdef _OPENMP
-    #pragma omp parallel num_threads(nthreads)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        ss_job job = {y, out, cols, rows * t / nt, rows * (t + 1) / nt};
+    const int64_t nchunks = rows < 16 * (int64_t)nthreads ? rows : 16 * (int64_t)nthreads;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        ss_job job = {y, out, cols, rows * ch / nchunks, rows * (ch + 1) / nchunks};
         ss_range(&job);
     }
 #else
