@@ -234,6 +234,51 @@ def scale_sq_errors_bits(
     return res
 
 
+def rtn_and_scaled_sq_errors(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    scales: Sequence[torch.Tensor | None],
+    bits: Sequence[int],
+    group_size: int,
+    zero_point: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(RTN errors [len(bits)], errors at scales[i] for bits[i] [len(bits)])`` on one input sample.
+
+    What the held-out columns of the sweep need: RTN for every bit-width from one fused pass and one GEMM,
+    the chosen scales per bit-width from one more GEMM. ``scales[i] is None`` means "the same as RTN".
+    Same values as ``scale_sq_errors`` per bit-width (up to float summation order).
+    """
+    bits = [check_bits(b) for b in bits]
+    w = w.float().contiguous()
+    x = x.float()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    nb = len(bits)
+    rtn = awq = None
+    if nb * w.numel() <= _CHUNK_ELEMENTS:
+        dw = _buffer("dw", nb * w.numel()).view(nb * out_f, in_f)
+        if kernels.fake_quant(w, None, bits, g, zero_point, dw=dw):
+            rtn = _dw_sq_errors(x, dw, nb)
+            todo = [i for i, sc in enumerate(scales) if sc is not None]
+            awq = rtn.clone()
+            if todo:
+                dw = _buffer("dw", len(todo) * w.numel()).view(len(todo), out_f, in_f)
+                ok = all(kernels.fake_quant(w, scales[i].to(torch.float32).reshape(1, in_f).contiguous(), bits[i], g,
+                                            zero_point, dw=dw[n]) for n, i in enumerate(todo))
+                if ok:
+                    awq[todo] = _dw_sq_errors(x, dw.view(len(todo) * out_f, in_f), len(todo))
+                else:
+                    rtn = None
+    if rtn is None:  # torch path (or a very wide layer): per bit-width
+        rtn = torch.empty(nb, dtype=torch.float64)
+        awq = torch.empty(nb, dtype=torch.float64)
+        for i, b in enumerate(bits):
+            sc = [torch.ones(in_f)] + ([scales[i].float()] if scales[i] is not None else [])
+            e = scale_sq_errors(w, x, torch.stack(sc), b, g, zero_point)
+            rtn[i], awq[i] = e[0], e[-1]
+    return rtn, awq
+
+
 @dataclass(frozen=True)
 class ScaleSearch:
     """Result of the AWQ scale grid search on one linear (or one shared-input group)."""
