@@ -534,6 +534,9 @@ def main() -> int:
         row("  statistics updates' share", f"{res['collect_update_share'] * 100:.1f}%",
             f"of the hooked pass -> overhead {res['collect_overhead_from_share']:.3f} if the rest is the forward; "
             f"min/min ratio {res['collect_overhead_min']:.3f}")
+        if abs(res["collect_overhead"] - res["collect_overhead_from_share"]) > 0.05:
+            row("  NOTE", "noisy", "wall-clock ratio and update share disagree by > 0.05: other processes "
+                "slowed some passes; trust the share-based figure more")
     row("collect tokens/s", f"{res['collect_tokens_per_s']:.0f}", f"(forward alone {res['forward_tokens_per_s']:.0f})")
     row("collect_peak_rss_mb / model_fp32_mb", f"{res['collect_peak_rss_mb']:.0f} / {res['model_fp32_mb']:.0f}",
         f"limit {res['collect_rss_limit_mb']:.0f} MiB")
