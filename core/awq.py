@@ -5,7 +5,7 @@ of ``X @ (Q(W*s)/s).T`` against ``X @ W.T``; we compute it as ``X @ (Q(W*s)/s - 
 instead of two, same value up to float rounding) and evaluate many alphas in one batched product.
 
 Speed (see BENCHMARKS.md): ``Q(W*s)/s - W`` comes from one fused pass (``core.kernels``, bit-identical to
-the torch ops, which remain the fallback) written into a reused buffer, the product is ``dW @ X.T`` so each
+the torch ops, which remain the fallback) written into a pooled scratch buffer, the product is ``dW @ X.T`` so each
 alpha's output block is contiguous, and the float64 sum of squares is one pass over it.
 """
 from __future__ import annotations
@@ -21,23 +21,49 @@ from .quant import check_bits, effective_group_size, pseudo_quantize
 
 # Elements of a [alphas, out, in] temporary we allow at once; bounds memory on wide layers.
 _CHUNK_ELEMENTS = 24 * 1024 * 1024
-_ws = threading.local()  # per-thread reusable buffers (fresh 20-90 MB tensors cost page faults every call)
+_POOL: dict[str, list[torch.Tensor]] = {}  # idle scratch buffers by name, shared by all threads
+_POOL_LOCK = threading.Lock()
+_POOL_KEEP = 1  # idle buffers kept per name (Streamlit runs each rerun in a new thread: a per-thread cache
+# would start cold every time, and fresh 20-90 MB tensors cost page faults on every evaluation)
 
 
-def _buffer(name: str, numel: int) -> torch.Tensor:
-    """A float32 scratch buffer of at least ``numel`` elements, kept per thread between calls."""
-    buf = getattr(_ws, name, None)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
-        setattr(_ws, name, buf)
-    return buf[:numel]
+class _Scratch:
+    """Float32 scratch buffers checked out of the shared pool for the duration of a ``with`` block."""
+
+    def __init__(self):
+        self._held: list[tuple[str, torch.Tensor]] = []
+
+    def __enter__(self) -> "_Scratch":
+        return self
+
+    def get(self, name: str, numel: int) -> torch.Tensor:
+        with _POOL_LOCK:
+            idle = _POOL.get(name, [])
+            fit = [b for b in idle if b.numel() >= numel]
+            buf = min(fit, key=lambda b: b.numel()) if fit else None
+            if buf is not None:
+                del idle[next(i for i, b in enumerate(idle) if b is buf)]  # (list.remove would compare values)
+        if buf is None:
+            buf = torch.empty(numel, dtype=torch.float32)
+        self._held.append((name, buf))
+        return buf[:numel]
+
+    def __exit__(self, *exc) -> None:
+        with _POOL_LOCK:
+            for name, buf in self._held:
+                idle = _POOL.setdefault(name, [])
+                idle.append(buf)
+                idle.sort(key=lambda b: b.numel(), reverse=True)
+                del idle[_POOL_KEEP:]
+        self._held.clear()
 
 
 def release_buffers() -> None:
-    """Free this thread's scratch buffers (they are otherwise kept for the next evaluation)."""
-    for name in ("dw", "y"):
-        if hasattr(_ws, name):
-            delattr(_ws, name)
+    """Free the idle scratch buffers (they are otherwise kept for the next evaluation)."""
+    with _POOL_LOCK:
+        _POOL.clear()
+
+
 CLIP_SKIP_PATTERNS = ("q_", "k_", "query", "key", "Wqkv")
 
 
@@ -109,9 +135,10 @@ def scaled_fake_quant(
 def _dw_sq_errors(x: torch.Tensor, dw: torch.Tensor, a: int) -> torch.Tensor:
     """``||X dW_i^T||^2`` for the ``a`` stacked blocks of ``dw [a*out, in]`` -> float64 ``[a]`` (one GEMM)."""
     x = x.float()
-    y = _buffer("y", dw.shape[0] * x.shape[0]).view(dw.shape[0], x.shape[0])
-    torch.mm(dw, x.T, out=y)  # [a*out, tokens]: each alpha's block is contiguous
-    return kernels.row_sq_sums(y).view(a, -1).sum(1)
+    with _Scratch() as sc:
+        y = sc.get("y", dw.shape[0] * x.shape[0]).view(dw.shape[0], x.shape[0])
+        torch.mm(dw, x.T, out=y)  # [a*out, tokens]: each alpha's block is contiguous
+        return kernels.row_sq_sums(y).view(a, -1).sum(1)
 
 
 def output_sq_norm(x: torch.Tensor, w: torch.Tensor) -> float:
@@ -147,11 +174,12 @@ def fake_quant_errors(
     g = effective_group_size(in_f, group_size)
     s = scales.to(torch.float32).reshape(1, in_f).contiguous()
     w_hat = torch.empty_like(w)
-    dw = _buffer("dw", out_f * in_f).view(out_f, in_f)
-    if not kernels.fake_quant(w, s, n_bit, g, zero_point, w_hat=w_hat, dw=dw):
-        w_hat = scaled_fake_quant(w, s[0], n_bit, g, zero_point)
-        dw = w_hat - w
-    errs = torch.stack([_dw_sq_errors(x, dw, 1)[0] for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)
+    with _Scratch() as sc:
+        dw = sc.get("dw", out_f * in_f).view(out_f, in_f)
+        if not kernels.fake_quant(w, s, n_bit, g, zero_point, w_hat=w_hat, dw=dw):
+            w_hat = scaled_fake_quant(w, s[0], n_bit, g, zero_point)
+            dw = w_hat - w
+        errs = torch.stack([_dw_sq_errors(x, dw, 1)[0] for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)
     return w_hat, errs
 
 
@@ -191,14 +219,16 @@ def scale_sq_errors_multi(
     n_alpha = scales.shape[0]
     res = torch.empty(len(xs), n_alpha, dtype=torch.float64)
     step = _chunk(n_alpha, w)
-    for i in range(0, n_alpha, step):
-        s = scales[i : i + step].to(torch.float32).contiguous()
-        n = s.shape[0]
-        dw = _buffer("dw", n * out_f * in_f).view(n * out_f, in_f)
-        if not kernels.fake_quant(w, s, n_bit, g, zero_point, dw=dw):
-            dw = (scaled_fake_quant(w, s, n_bit, g, zero_point) - w).reshape(n * out_f, in_f)
-        for k, x in enumerate(xs):
-            res[k, i : i + n] = _dw_sq_errors(x, dw, n)
+    with _Scratch() as sc:
+        buf = sc.get("dw", min(step, n_alpha) * out_f * in_f)
+        for i in range(0, n_alpha, step):
+            s = scales[i : i + step].to(torch.float32).contiguous()
+            n = s.shape[0]
+            dw = buf[: n * out_f * in_f].view(n * out_f, in_f)
+            if not kernels.fake_quant(w, s, n_bit, g, zero_point, dw=dw):
+                dw = (scaled_fake_quant(w, s, n_bit, g, zero_point) - w).reshape(n * out_f, in_f)
+            for k, x in enumerate(xs):
+                res[k, i : i + n] = _dw_sq_errors(x, dw, n)
     return res
 
 
@@ -222,16 +252,65 @@ def scale_sq_errors_bits(
     n_alpha, nb = scales.shape[0], len(bits)
     res = torch.empty(nb, n_alpha, dtype=torch.float64)
     step = max(1, min(n_alpha, _CHUNK_ELEMENTS // max(1, nb * w.numel())))
-    for i in range(0, n_alpha, step):
-        s = scales[i : i + step].to(torch.float32).contiguous()
-        n = s.shape[0]
-        dw = _buffer("dw", n * nb * out_f * in_f).view(n * nb * out_f, in_f)
-        if kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):
-            res[:, i : i + n] = _dw_sq_errors(x, dw, n * nb).view(n, nb).T
-        else:
-            for k, b in enumerate(bits):
-                res[k, i : i + n] = scale_sq_errors(w, x, s, b, g, zero_point)
+    with _Scratch() as sc:
+        buf = sc.get("dw", step * nb * out_f * in_f)
+        for i in range(0, n_alpha, step):
+            s = scales[i : i + step].to(torch.float32).contiguous()
+            n = s.shape[0]
+            dw = buf[: n * nb * out_f * in_f].view(n * nb * out_f, in_f)
+            if kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):
+                res[:, i : i + n] = _dw_sq_errors(x, dw, n * nb).view(n, nb).T
+            else:
+                for k, b in enumerate(bits):
+                    res[k, i : i + n] = scale_sq_errors(w, x, s, b, g, zero_point)
     return res
+
+
+def rtn_and_scaled_sq_errors(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    scales: Sequence[torch.Tensor | None],
+    bits: Sequence[int],
+    group_size: int,
+    zero_point: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(RTN errors [len(bits)], errors at scales[i] for bits[i] [len(bits)])`` on one input sample.
+
+    What the held-out columns of the sweep need: RTN for every bit-width from one fused pass and one GEMM,
+    the chosen scales per bit-width from one more GEMM. ``scales[i] is None`` means "the same as RTN".
+    Same values as ``scale_sq_errors`` per bit-width (up to float summation order).
+    """
+    bits = [check_bits(b) for b in bits]
+    w = w.float().contiguous()
+    x = x.float()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    nb = len(bits)
+    rtn = awq = None
+    if nb * w.numel() <= _CHUNK_ELEMENTS:
+        with _Scratch() as scr:
+            buf = scr.get("dw", nb * w.numel())
+            dw = buf.view(nb * out_f, in_f)
+            if kernels.fake_quant(w, None, bits, g, zero_point, dw=dw):
+                rtn = _dw_sq_errors(x, dw, nb)
+                todo = [i for i, sc in enumerate(scales) if sc is not None]
+                awq = rtn.clone()
+                if todo:
+                    dw = buf[: len(todo) * w.numel()].view(len(todo), out_f, in_f)
+                    ok = all(kernels.fake_quant(w, scales[i].to(torch.float32).reshape(1, in_f).contiguous(), bits[i],
+                                                g, zero_point, dw=dw[n]) for n, i in enumerate(todo))
+                    if ok:
+                        awq[todo] = _dw_sq_errors(x, dw.view(len(todo) * out_f, in_f), len(todo))
+                    else:
+                        rtn = None
+    if rtn is None:  # torch path (or a very wide layer): per bit-width
+        rtn = torch.empty(nb, dtype=torch.float64)
+        awq = torch.empty(nb, dtype=torch.float64)
+        for i, b in enumerate(bits):
+            sc = [torch.ones(in_f)] + ([scales[i].float()] if scales[i] is not None else [])
+            e = scale_sq_errors(w, x, torch.stack(sc), b, g, zero_point)
+            rtn[i], awq[i] = e[0], e[-1]
+    return rtn, awq
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
 static inline vf vsplat(float x) { vf v; for (int i = 0; i < VW; i++) v[i] = x; return v; }
 /* m ? a : b, lane by lane (m is a comparison result: all ones or all zeros) */
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+/* lane i <- lane i + VW/2 (etc.): steps of a reduction tree */
+static inline vf vhalf(vf v) { return __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}); }
+static inline vf vquart(vf v) { return __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}); }
+static inline vf veighth(vf v) { return __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}); }
+static inline vf vsixt(vf v) { return __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}); }
 static inline vi vsplat_i(int32_t x) { vi v; for (int i = 0; i < VW; i++) v[i] = x; return v; }
 static inline vf vabs(vf a) { return (vf)((vi)a & vsplat_i(0x7fffffff)); }
 
@@ -159,9 +164,14 @@ static void fq_range(fq_job *j) {
                 M = v > M ? v : M;
                 if (zp) m = v < m ? v : m;
             }
-            for (int i = 0; i < VW; i++) {
-                M = vmx[i] > M ? vmx[i] : M; m = vmn[i] < m ? vmn[i] : m; c += vsum[i];
-            }
+            /* horizontal reductions as shuffle trees (a finite group's max/min do not depend on the order) */
+            vmx = vsel(vhalf(vmx) > vmx, vhalf(vmx), vmx); vmn = vsel(vhalf(vmn) < vmn, vhalf(vmn), vmn);
+            vmx = vsel(vquart(vmx) > vmx, vquart(vmx), vmx); vmn = vsel(vquart(vmn) < vmn, vquart(vmn), vmn);
+            vmx = vsel(veighth(vmx) > vmx, veighth(vmx), vmx); vmn = vsel(veighth(vmn) < vmn, veighth(vmn), vmn);
+            vmx = vsel(vsixt(vmx) > vmx, vsixt(vmx), vmx); vmn = vsel(vsixt(vmn) < vmn, vsixt(vmn), vmn);
+            M = vmx[0] > M ? vmx[0] : M; m = vmn[0] < m ? vmn[0] : m;
+            vsum += vhalf(vsum); vsum += vquart(vsum); vsum += veighth(vsum); vsum += vsixt(vsum);
+            c += vsum[0];
             if (!isfinite(c)) { j->bad = 1; return; }  /* NaN or inf in this group: the caller uses torch */
             for (int b = 0; b < nb; b++) {
                 const int64_t orow = (a * nb + b) * out + r;
@@ -186,12 +196,14 @@ int awq_fake_quant(const float *w, const float *s, float *what, float *dw, int64
     int bad = 0;
 #ifdef _OPENMP
     /* torch's own OpenMP runtime (the same libgomp): its worker threads are already spinning */
-    #pragma omp parallel num_threads(nthreads) reduction(max:bad)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        fq_job job = {w, s, what, dw, nbits, out, in, g, rows * t / nt, rows * (t + 1) / nt, nb, zp, 0};
+    /* chunks of rows handed out dynamically: a thread the OS descheduled (shared machine) does not hold up
+       the others */
+    const int64_t nchunks = rows < 64 * (int64_t)nthreads ? rows : 64 * (int64_t)nthreads;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(max:bad)
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        fq_job job = {w, s, what, dw, nbits, out, in, g, rows * ch / nchunks, rows * (ch + 1) / nchunks, nb, zp, 0};
         fq_range(&job);
-        bad = job.bad;
+        if (job.bad > bad) bad = job.bad;
     }
 #else
     fq_job jobs[MAXT];
@@ -237,10 +249,10 @@ void awq_row_sq_sums(const float *y, double *out, int64_t rows, int64_t cols, in
     if (nthreads > MAXT) nthreads = MAXT;
     if ((int64_t)nthreads > rows) nthreads = rows > 0 ? (int)rows : 1;
 #ifdef _OPENMP
-    #pragma omp parallel num_threads(nthreads)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        ss_job job = {y, out, cols, rows * t / nt, rows * (t + 1) / nt};
+    const int64_t nchunks = rows < 16 * (int64_t)nthreads ? rows : 16 * (int64_t)nthreads;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        ss_job job = {y, out, cols, rows * ch / nchunks, rows * (ch + 1) / nchunks};
         ss_range(&job);
     }
 #else

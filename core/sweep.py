@@ -86,19 +86,20 @@ def run_sweep(
         # search_scale for every bit-width at once: the same scales, one fused pass per alpha for all bits
         scales = awq.awq_scales(st.mean_abs.float(), alphas)
         sq_bits = awq.scale_sq_errors_bits(w, x, scales, settings.bits, g, settings.zero_point)
-        for b, sq in zip(settings.bits, sq_bits):
+        searches = []
+        for sq in sq_bits:
             losses = sq / norm
             best = awq.first_min_index(losses)
-            res = awq.ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best)
+            searches.append(awq.ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best))
+        if xh is not None:  # held-out: RTN for all bits in one pass, AWQ at each bit's chosen alpha
+            is_rtn = [r.best_index == 0 and bool((r.scales == 1).all()) for r in searches]
+            sq_h_rtn, sq_h_awq = awq.rtn_and_scaled_sq_errors(
+                w, xh, [None if rt else r.scales for r, rt in zip(searches, is_rtn)], settings.bits, g,
+                settings.zero_point)
+        for bi, (b, sq, res) in enumerate(zip(settings.bits, sq_bits, searches)):
             rtn_rel, awq_rel = metrics.rel_error(sq[0], ref), metrics.rel_error(sq[res.best_index], ref)
             if xh is not None:
-                if best == 0 and bool((res.scales == 1).all()):  # AWQ chose RTN: one product, not two
-                    sq_h = awq.scale_sq_errors(w, xh, torch.ones(1, w.shape[1]), b, g, settings.zero_point)
-                    sq_h = sq_h.repeat(2)
-                else:
-                    sq_h = awq.scale_sq_errors(w, xh, torch.stack([torch.ones_like(res.scales), res.scales]),
-                                               b, g, settings.zero_point)
-                rtn_h, awq_h = metrics.rel_error(sq_h[0], ref_h), metrics.rel_error(sq_h[1], ref_h)
+                rtn_h, awq_h = metrics.rel_error(sq_h_rtn[bi], ref_h), metrics.rel_error(sq_h_awq[bi], ref_h)
             else:
                 rtn_h = awq_h = float("nan")
             layer_rows.append({

@@ -1,0 +1,121 @@
+"""The fused CPU kernels (core.kernels) against the plain torch code they replace: same bits, same statistics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core import awq, collect, kernels, quant
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels unavailable: {kernels.status()}")
+
+
+def _weights(seed: int, out: int = 48, inn: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g) * torch.rand(1, inn, generator=g) * 3
+    w[:, :32] = 0.0  # an all-zero group
+    w[1] = 5.0  # constant rows
+    w[2, 40:72] = -0.0
+    w[3] *= 1e-7  # tiny values: the 1e-5 clamp on the scale
+    w[4, :64] = torch.arange(64, dtype=torch.float32) / 2  # exact halves: round half to even
+    return w
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("zero_point", [True, False])
+@pytest.mark.parametrize("g", [32, 128, 0])
+def test_pseudo_quantize_kernel_is_bit_exact(zero_point, g):
+    for seed in range(3):
+        w = _weights(seed)
+        for n_bit in (2, 3, 4, 5, 8):
+            ref = quant._pseudo_quantize_torch(w, n_bit, quant.effective_group_size(256, g), zero_point)
+            assert torch.equal(_bits(quant.pseudo_quantize(w, n_bit, g, zero_point)), _bits(ref))
+
+
+@needs_kernels
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_scaled_fake_quant_and_multi_bit_kernel_are_bit_exact(zero_point):
+    w = _weights(7, out=20)
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(3, 256, generator=g) * 4 + 0.01
+    bits = [2, 3, 4, 8]
+    dw = torch.empty(3, len(bits), 20, 256)
+    wh = torch.empty(3, len(bits), 20, 256)
+    assert kernels.fake_quant(w, s, bits, 64, zero_point, w_hat=wh, dw=dw)
+    for a in range(3):
+        for i, b in enumerate(bits):
+            ref = quant._pseudo_quantize_torch(w * s[a].view(1, -1), b, 64, zero_point) / s[a].view(1, -1)
+            assert torch.equal(_bits(wh[a, i]), _bits(ref))
+            assert torch.equal(_bits(dw[a, i]), _bits(ref - w))
+            assert torch.equal(_bits(awq.scaled_fake_quant(w, s[a], b, 64, zero_point)), _bits(ref))
+
+
+@needs_kernels
+def test_non_finite_weights_fall_back_to_torch():
+    w = _weights(3)
+    w[5, 7] = float("nan")
+    w[6, 9] = float("inf")
+    assert not kernels.fake_quant(w, None, 4, 32, True, w_hat=torch.empty_like(w))
+    ref = quant._pseudo_quantize_torch(w, 4, 32, True)
+    assert torch.equal(quant.pseudo_quantize(w, 4, 32).isnan(), ref.isnan())
+    fin = ref.isfinite()
+    assert torch.equal(quant.pseudo_quantize(w, 4, 32)[fin], ref[fin])
+
+
+def test_errors_without_kernels_match(monkeypatch):
+    """The torch fallback gives the same losses (up to float summation order) and the same quantized weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 128, generator=g) * (torch.rand(128, generator=g) * 3 + 0.1)
+    w = torch.randn(40, 128, generator=g) / 12
+    scales = awq.awq_scales(x.abs().mean(0), awq.alpha_grid(8))
+    fast = awq.scale_sq_errors_bits(w, x, scales, [3, 4], 32)
+    w_fast, e_fast = awq.fake_quant_errors(w, scales[5], 3, 32, True, [x, x[:50]])
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", True)
+    assert not kernels.available()
+    slow = awq.scale_sq_errors_bits(w, x, scales, [3, 4], 32)
+    w_slow, e_slow = awq.fake_quant_errors(w, scales[5], 3, 32, True, [x, x[:50]])
+    assert torch.allclose(fast, slow, rtol=1e-6)
+    assert torch.equal(w_fast, w_slow) and torch.allclose(e_fast, e_slow, rtol=1e-6)
+    for i, b in enumerate([3, 4]):
+        assert torch.allclose(slow[i], awq.scale_sq_errors(w, x, scales, b, 32), rtol=1e-6)
+
+
+def _acts(kind: str, t: int, c: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "gauss":
+        return torch.randn(t, c, generator=g) * (torch.rand(c, generator=g) * 3) + torch.randn(c, generator=g)
+    if kind == "ties":
+        return torch.randint(-3, 4, (t, c), generator=g).float()
+    if kind == "relu":
+        return torch.relu(torch.randn(t, c, generator=g))
+    if kind == "spiky":  # attention-sink-like rows at every sequence start
+        x = torch.randn(t, c, generator=g) * 0.1
+        x[::64] = 50.0
+        return x
+    return torch.full((t, c), 2.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["gauss", "ties", "relu", "spiky", "const"])
+@pytest.mark.parametrize("sizes", [(700, 700), (30, 20, 900), (9,)])
+def test_channel_statistics_kernel_matches_torch(kind, sizes):
+    g = torch.Generator().manual_seed(len(sizes))
+    batches = [_acts(kind, t, 40, g) for t in sizes]
+    accs = []
+    for fused in (True, False):
+        acc = collect.ChannelAccumulator(40, k_extremes=64)
+        acc._fused = fused
+        for b in batches:
+            acc.update(b)
+        accs.append(acc)
+    fast, slow = accs
+    for side in ("hi", "lo"):  # the same multiset of extremes as the running topk
+        assert torch.equal(getattr(fast, side).sort(0).values, getattr(slow, side).sort(0).values)
+    rf, rs = fast.result(), slow.result()
+    for f in ("mean_abs", "max_abs", "outlier_ratio", "outlier_saturated"):
+        assert torch.equal(getattr(rf, f), getattr(rs, f)), f
+    for f in ("mean", "std", "kurtosis"):
+        assert torch.allclose(getattr(rf, f), getattr(rs, f), rtol=1e-4, atol=1e-5), f
