@@ -292,7 +292,7 @@ def main() -> int:
 
     quick = args.quick
     R = dict(matmul=15 if quick else 30, layer=11 if quick else 25, evaluate=7 if quick else 15,
-             curve=3 if quick else 7, reopen=5 if quick else 11, collect=2 if quick else 3)
+             curve=3 if quick else 7, reopen=5 if quick else 11, collect=3 if quick else 5)
     t_start = time.perf_counter()
     tmp_ctx = None
     if args.workdir:

@@ -148,11 +148,17 @@ def output_sq_norm(x: torch.Tensor, w: torch.Tensor) -> float:
 
 def output_sq_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """``||X (W_hat - W)^T||^2`` (float64 scalar); ``w_hat`` may be a batch ``[A, out, in]`` -> ``[A]``."""
-    dw = w_hat - w
-    if dw.dim() == 2:
-        return _dw_sq_errors(x, dw.contiguous(), 1)[0]
-    a, out, inn = dw.shape
-    return _dw_sq_errors(x, dw.reshape(a * out, inn).contiguous(), a)
+    a = 1 if w_hat.dim() == 2 else w_hat.shape[0]
+    out_f, in_f = w_hat.shape[-2:]
+    if w_hat.dtype != torch.float32 or w.dtype != torch.float32 or w_hat.device.type != "cpu":
+        dw = (w_hat - w).reshape(a * out_f, in_f).float().contiguous()
+        e = _dw_sq_errors(x, dw, a)
+        return e[0] if w_hat.dim() == 2 else e
+    with _Scratch() as sc:  # dW in a pooled buffer: a fresh 17+ MB temporary per call cost page faults
+        dw = sc.get("dw", a * out_f * in_f).view(w_hat.shape)
+        torch.sub(w_hat, w, out=dw)
+        e = _dw_sq_errors(x, dw.view(a * out_f, in_f), a)
+    return e[0] if w_hat.dim() == 2 else e
 
 
 def fake_quant_errors(
