@@ -312,27 +312,12 @@ def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_token
 # searches
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GroupSearch:
-    """The alpha grid search of one group at one setting; ``losses[0]`` (alpha 0, all s = 1) is RTN's loss."""
+class GroupSearch(awq.ScaleSearch):
+    """The alpha grid search of one group at one setting (``best_alpha``, ``rtn_loss`` ... as ``ScaleSearch``:
+    ``losses[0]``, alpha 0 with every s = 1, is RTN's loss)."""
 
-    group: ScaleGroup
-    bits: int
-    alphas: torch.Tensor
-    losses: torch.Tensor  # float64 [n_grid], official MSE
-    best_index: int
-    scales: torch.Tensor  # [in] the winner
-
-    @property
-    def best_alpha(self) -> float:
-        return float(self.alphas[self.best_index])
-
-    @property
-    def best_loss(self) -> float:
-        return float(self.losses[self.best_index])
-
-    @property
-    def rtn_loss(self) -> float:
-        return float(self.losses[0])
+    group: ScaleGroup | None = None
+    bits: int = 0
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -456,7 +441,8 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                     else:
                         losses = linear_losses(w, x, scales, n_bit=b, group_size=group_size, zero_point=zero_point)
                 best = awq.first_min_index(losses)
-                gs = GroupSearch(g, b, alphas, losses, best, scales[best].clone())
+                gs = GroupSearch(alphas=alphas, losses=losses, scales=scales[best].clone(), best_index=best,
+                                 group=g, bits=b)
                 searches[b].append(gs)
                 add_group(plans[b], g, gs.scales)
             t_scale[b] += t_cap + time.perf_counter() - t1
