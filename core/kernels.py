@@ -553,23 +553,38 @@ static int cs_tile(const cs_args *A, int64_t c0, int64_t nc, double *acc, float 
     return 0;
 }
 
+typedef struct {
+    double *acc; float *fl; int64_t *cnts; uint8_t *cuts; float *wb, *smp, *tmp, *lv; int32_t *lc; int bad;
+} cs_bufs;
+
+static void cs_free(cs_bufs *B) {
+    free(B->acc); free(B->fl); free(B->cnts); free(B->cuts); free(B->wb); free(B->smp); free(B->tmp); free(B->lv);
+    free(B->lc);
+}
+
+static int cs_alloc(cs_bufs *B, int64_t k) {
+    const int64_t k2 = 2 * k;
+    B->acc = (double *)malloc(sizeof(double) * 5 * TILE);
+    B->fl = (float *)malloc(sizeof(float) * 6 * TILE);
+    B->cnts = (int64_t *)malloc(sizeof(int64_t) * 2 * TILE);
+    B->cuts = (uint8_t *)malloc(2 * TILE);
+    B->wb = (float *)malloc(sizeof(float) * 2 * TILE * (size_t)k2);
+    B->smp = (float *)malloc(sizeof(float) * TILE * SAMPLE);
+    B->tmp = (float *)malloc(sizeof(float) * (size_t)(2 * (k2 > SAMPLE ? k2 : SAMPLE) + 16));
+    B->lv = (float *)malloc(sizeof(float) * (2 * TILE + 64));
+    B->lc = (int32_t *)malloc(sizeof(int32_t) * (2 * TILE + 64));
+    B->bad = !B->acc || !B->fl || !B->cnts || !B->cuts || !B->wb || !B->smp || !B->tmp || !B->lv || !B->lc;
+    return B->bad;
+}
+
 static int cs_tiles(const cs_args *A, int64_t t0, int64_t t1, int64_t stride) {
-    const int64_t k2 = 2 * A->k;
-    double *acc = (double *)malloc(sizeof(double) * 5 * TILE);
-    float *fl = (float *)malloc(sizeof(float) * 6 * TILE);
-    int64_t *cnts = (int64_t *)malloc(sizeof(int64_t) * 2 * TILE);
-    uint8_t *cuts = (uint8_t *)malloc(2 * TILE);
-    float *wb = (float *)malloc(sizeof(float) * 2 * TILE * (size_t)k2);
-    float *smp = (float *)malloc(sizeof(float) * TILE * SAMPLE);
-    float *tmp = (float *)malloc(sizeof(float) * (size_t)(2 * (k2 > SAMPLE ? k2 : SAMPLE) + 16));
-    float *lv = (float *)malloc(sizeof(float) * (2 * TILE + 64));
-    int32_t *lc = (int32_t *)malloc(sizeof(int32_t) * (2 * TILE + 64));
-    int bad = !acc || !fl || !cnts || !cuts || !wb || !smp || !tmp || !lv || !lc;
+    cs_bufs B;
+    int bad = cs_alloc(&B, A->k);
     for (int64_t t = t0; !bad && t < t1; t += stride) {
         const int64_t c0 = t * TILE, nc = A->C - c0 < TILE ? A->C - c0 : TILE;
-        bad = cs_tile(A, c0, nc, acc, fl, cnts, cuts, wb, smp, tmp, lv, lc);
+        bad = cs_tile(A, c0, nc, B.acc, B.fl, B.cnts, B.cuts, B.wb, B.smp, B.tmp, B.lv, B.lc);
     }
-    free(acc); free(fl); free(cnts); free(cuts); free(wb); free(smp); free(tmp); free(lv); free(lc);
+    cs_free(&B);
     return bad;
 }
 
@@ -585,17 +600,24 @@ int64_t awq_channel_stats(const float *x, float *shift, double *s1, double *s2, 
                           double *sabs, float *maxabs, float *hi, float *lo, int64_t T, int64_t C, int64_t k,
                           int64_t filled, int first, int nthreads) {
     cs_args A = {x, shift, s1, s2, s3, s4, sabs, maxabs, hi, lo, T, C, k, filled, first};
+    (void)cs_tiles;
     const int64_t ntiles = (C + TILE - 1) / TILE;
     int bad = 0;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
     if ((int64_t)nthreads > ntiles) nthreads = (int)ntiles;
 #ifdef _OPENMP
-    /* tiles handed out one by one: a thread the OS descheduled (shared machine) does not hold up the rest */
+    /* tiles handed out one by one: a thread the OS descheduled (shared machine) does not hold up the rest;
+       each thread allocates its buffers once per call */
     #pragma omp parallel num_threads(nthreads) reduction(max:bad)
     {
+        cs_bufs B;
+        if (cs_alloc(&B, k)) bad = 1;
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntiles; t++) bad |= cs_tiles(&A, t, t + 1, 1);
+        for (int64_t t = 0; t < ntiles; t++)
+            if (!B.bad) cs_tile(&A, t * TILE, (C - t * TILE) < TILE ? (C - t * TILE) : TILE, B.acc, B.fl, B.cnts,
+                                B.cuts, B.wb, B.smp, B.tmp, B.lv, B.lc);
+        cs_free(&B);
     }
 #else
     cs_job jobs[MAXT]; pthread_t th[MAXT]; int started[MAXT];
