@@ -12,10 +12,12 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+
+from .cli_common import add_common
 
 
-def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(subparsers: Any) -> None:
     from .evaluate import MODES
 
     p = subparsers.add_parser("evaluate", help="whole-model fake quantization: perplexity / embedding fidelity "
@@ -57,15 +59,15 @@ def table(df) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .analysis import analyze
-    from .cli import _int_list, _settings, stderr_progress
+    from .cli_common import int_list, settings_from_args, stderr_progress
     from .evaluate import FP_BITS, cached_quality, check_modes, grouping_note, run_quality
     from .quant import check_bits
 
     modes = check_modes(args.modes)
-    bits = sorted({check_bits(b) for b in _int_list(args.bits)})
+    bits = sorted({check_bits(b) for b in int_list(args.bits)})
     ns = argparse.Namespace(**vars(args))
     ns.bits = args.sweep_bits
-    settings = _settings(ns)
+    settings = settings_from_args(ns)
     t0 = time.time()
     a = analyze(settings, args.cache_dir, progress=None if args.quiet else stderr_progress("analysis "))
     t_an = time.time() - t0
