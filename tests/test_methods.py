@@ -1,0 +1,78 @@
+"""The small baselines (MSE-clipped RTN, rotated RTN) and the method registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core import mse_clip, rotation
+from core.quant import pseudo_quantize
+
+
+def _outlier_weight(seed=0, out=32, d=128):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, d, generator=g) * 0.02
+    w[:, 7] *= 30  # an outlier input column
+    w[3, 50] = 0.5
+    return w
+
+
+@pytest.mark.parametrize("bits,g,zp", [(3, 32, True), (4, 64, True), (3, 0, True), (4, 32, False), (2, 32, True)])
+def test_mse_clip_never_raises_a_groups_error(bits, g, zp):
+    w = _outlier_weight()
+    q = mse_clip.mse_clip_quantize(w, bits, g, zp)
+    rtn = pseudo_quantize(w, bits, g, zp)
+    gg = g if g > 0 else w.shape[1]
+    e_clip = (q - w).reshape(-1, gg).abs().pow(2.4).sum(1)
+    e_rtn = (rtn - w).reshape(-1, gg).abs().pow(2.4).sum(1)
+    assert (e_clip <= e_rtn).all()
+    assert (e_clip < e_rtn).any()  # and it does clip somewhere
+    # candidate 0 (p = 1) is exactly core.quant's RTN
+    errs = mse_clip.mse_clip_errors(w, bits, g, zp)
+    assert errs.shape == (80, w.numel() // gg)
+    assert torch.allclose(errs[0], e_rtn, rtol=1e-5)
+    # every group is on some candidate's grid: the chosen error is the minimum over candidates
+    assert torch.allclose(e_clip, errs.min(0).values, rtol=1e-5)
+
+
+def test_mse_clip_hand_computed():
+    # one 2-bit group [0, 1, 2, 10]: p = 1 -> scale 10/3, levels 0, 3.33, 6.67, 10: errors 0, 1, 2, 0
+    w = torch.tensor([[0.0, 1.0, 2.0, 10.0]])
+    q1 = mse_clip._candidate(w, w.amin(1, keepdim=True), w.amax(1, keepdim=True), 1.0, 2, True)
+    assert torch.allclose(q1, torch.tensor([[0.0, 0.0, 10 / 3, 10.0]]))
+    q = mse_clip.mse_clip_quantize(w, 2, 4)
+    assert (q - w).abs().pow(2.4).sum() < (q1 - w).abs().pow(2.4).sum()
+
+
+@pytest.mark.parametrize("n", [64, 128, 576, 1536, 896, 4864 // 19 * 3])
+def test_rotation_is_orthogonal_and_output_preserving(n):
+    r = rotation.rotation(n, seed=1)
+    assert r.shape == (n, n)
+    assert torch.allclose(r @ r.T, torch.eye(n), atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, n, generator=g), torch.randn(8, n, generator=g)
+    assert torch.allclose((x @ r) @ (w @ r).T, x @ w.T, rtol=1e-4, atol=1e-3)
+    assert torch.equal(r, rotation.rotation(n, seed=1))  # seeded
+    assert not torch.equal(r, rotation.rotation(n, seed=2))
+    # it mixes every input into every output coordinate (no block-diagonal structure)
+    assert (r.abs() > 0).all()
+
+
+def test_rotation_of_4864_and_hadamard():
+    h = rotation.hadamard(8)
+    assert torch.equal(h @ h.T, 8 * torch.eye(8, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        rotation.hadamard(12)
+    r = rotation.rotation(4864)
+    assert torch.allclose(r[:64] @ r.T, torch.eye(4864)[:64], atol=1e-4)  # a slice: the full product is 115 GFLOP
+
+
+def test_rotated_rtn_spreads_outlier_columns():
+    w = _outlier_weight(1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, w.shape[1], generator=g)
+    rot = rotation.rotated_rtn(w, 3, 32)
+    rtn = pseudo_quantize(w, 3, 32)
+    err = lambda wh: float((x @ (w - wh).T).pow(2).sum())  # noqa: E731
+    assert err(rot) < err(rtn)
+    # at 8 bits the rotated weights are w up to quantization noise
+    assert torch.allclose(rotation.rotated_rtn(w, 8, 32), w, atol=5e-3)
