@@ -76,3 +76,91 @@ def test_rotated_rtn_spreads_outlier_columns():
     assert err(rot) < err(rtn)
     # at 8 bits the rotated weights are w up to quantization noise
     assert torch.allclose(rotation.rotated_rtn(w, 8, 32), w, atol=5e-3)
+
+
+# --- the registry --------------------------------------------------------------------------------------------
+from core import methods as M  # noqa: E402
+from core.gptq import gptq_quantize  # noqa: E402
+
+
+def _layer(seed=0, out=48, d=128, n=384):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    x = torch.randn(n, d, generator=g) @ mix * (1 + 4 * torch.rand(d, generator=g))
+    x[:, 9] *= 20  # a salient channel
+    w = torch.randn(out, d, generator=g) * 0.05
+    return w, x[: n // 2], x[n // 2:]
+
+
+def test_registry_names_and_specs():
+    assert list(M.METHODS) == ["rtn", "rtn-mse", "awq", "awq-clip", "gptq", "gptq-act", "hqq", "rotated-rtn"]
+    assert {k for k, v in M.METHODS.items() if not v.needs_data} == {"rtn", "rtn-mse", "hqq", "rotated-rtn"}
+
+
+@pytest.mark.parametrize("method", list(M.METHODS))
+@pytest.mark.parametrize("g", [32, 0])
+def test_every_method_quantizes(method, g):
+    w, x, _ = _layer()
+    w0 = w.clone()
+    inp = M.LayerInputs(x_mean=x.abs().mean(0), x=x, hessian=x.T @ x, name="model.layers.0.mlp.down_proj")
+    q = M.quantize_layer(method, w, inp, n_bit=3, group_size=g)
+    assert q.shape == w.shape and q.dtype == torch.float32 and torch.isfinite(q).all()
+    assert torch.equal(w, w0)
+    assert not torch.equal(q, w)
+    rel = float((x @ (w - q).T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    assert rel < 0.2  # a real 3-bit quantization of this layer, not garbage
+
+
+def test_registry_matches_the_primitives():
+    w, x, _ = _layer(1)
+    H = x.T @ x
+    inp = M.LayerInputs(x_mean=x.abs().mean(0), x=x, hessian=H)
+    assert torch.equal(M.quantize_layer("rtn", w, inp, n_bit=4, group_size=32), pseudo_quantize(w, 4, 32))
+    assert torch.equal(M.quantize_layer("gptq", w, inp, n_bit=4, group_size=32),
+                       gptq_quantize(w, H, n_bit=4, group_size=32))
+    assert torch.equal(M.quantize_layer("gptq-act", w, inp, n_bit=4, group_size=0),
+                       gptq_quantize(w, H, n_bit=4, group_size=0, act_order=True))
+    # alpha = 0: every scale is 1, AWQ is RTN
+    assert torch.equal(M.quantize_layer("awq", w, inp, n_bit=4, group_size=32, alpha=0.0), pseudo_quantize(w, 4, 32))
+    # Q/K are not clipped by default
+    qk = M.LayerInputs(x_mean=x.abs().mean(0), x=x, name="model.layers.0.self_attn.q_proj")
+    assert torch.equal(M.quantize_layer("awq-clip", w, qk, n_bit=3, group_size=32, alpha=0.5),
+                       M.quantize_layer("awq", w, qk, n_bit=3, group_size=32, alpha=0.5))
+    assert not torch.equal(M.quantize_layer("awq-clip", w, qk, n_bit=3, group_size=32, alpha=0.5, clip_qk=True),
+                           M.quantize_layer("awq", w, qk, n_bit=3, group_size=32, alpha=0.5))
+    # without a stored Hessian GPTQ falls back to the sample's X^T X
+    no_h = M.LayerInputs(x=x)
+    assert torch.allclose(M.quantize_layer("gptq", w, no_h, n_bit=4, group_size=32),
+                          gptq_quantize(w, H, n_bit=4, group_size=32), rtol=1e-4, atol=1e-6)
+
+
+def test_rotated_rtn_weights_take_the_unrotated_input():
+    w, x, _ = _layer(2)
+    q = M.quantize_layer("rotated-rtn", w, None, n_bit=8, group_size=32)
+    rel = float((x @ (w - q).T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    assert rel < 1e-3
+
+
+def test_registry_bad_input():
+    w, x, _ = _layer()
+    with pytest.raises(ValueError, match="unknown method"):
+        M.quantize_layer("squeeze", w, None, n_bit=4, group_size=32)
+    with pytest.raises(ValueError, match="calibration input"):
+        M.quantize_layer("awq", w, M.LayerInputs(), n_bit=4, group_size=32)
+    with pytest.raises(ValueError, match="does not take"):
+        M.quantize_layer("rtn", w, None, n_bit=4, group_size=32, alpha=0.5)
+    with pytest.raises(ValueError, match="divide"):
+        M.quantize_layer("hqq", w, None, n_bit=4, group_size=48)
+
+
+def test_compare_table():
+    w, x, xh = _layer(3)
+    inp = M.LayerInputs(x_mean=x.abs().mean(0), x=x, hessian=x.T @ x)
+    df = M.compare(w, inp, xh, n_bit=3, group_size=32, alpha=0.3)
+    assert df["method"].tolist() == ["rtn", "rtn-mse", "awq", "awq@0.3", "awq-clip", "gptq", "gptq-act", "hqq",
+                                     "rotated-rtn"]
+    r = df.set_index("method")
+    assert r.loc["gptq", "rel_error"] < r.loc["rtn", "rel_error"]
+    assert r.loc["awq", "rel_error"] <= r.loc["awq@0.3", "rel_error"]  # best alpha on the same rows
+    assert (r["seconds"] >= 0).all() and r["sqnr_db_heldout"].notna().all()
+    assert abs(r.loc["rtn", "sqnr_db"] + 10 * torch.log10(torch.tensor(r.loc["rtn", "rel_error"])).item()) < 1e-6
