@@ -164,3 +164,62 @@ def test_compare_table():
     assert r.loc["awq", "rel_error"] <= r.loc["awq@0.3", "rel_error"]  # best alpha on the same rows
     assert (r["seconds"] >= 0).all() and r["sqnr_db_heldout"].notna().all()
     assert abs(r.loc["rtn", "sqnr_db"] + 10 * torch.log10(torch.tensor(r.loc["rtn", "rel_error"])).item()) < 1e-6
+
+
+# --- Hessians collected in the streaming pass and kept in the cache --------------------------------------------
+from conftest import build_tiny, tiny_settings  # noqa: E402
+from core import collect, models, store  # noqa: E402
+
+
+def test_streamed_hessian_equals_xtx_of_all_inputs():
+    lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
+    ids = torch.randint(0, 1000, (6, 32), generator=torch.Generator().manual_seed(0))
+    # sample every token: the kept sample is then the concatenation of all inputs, in order
+    col = collect.collect(lm, ids, None, sample_rows=ids.numel(), batch_tokens=64, hessians=True)
+    assert set(col.hessians) == set(col.stats) and len(col.hessians) == 8
+    for key, h in col.hessians.items():
+        x = col.calib_sample[key].double()
+        assert h.dtype == torch.float64
+        assert torch.allclose(h, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert not collect.collect(lm, ids, None, sample_rows=8).hessians  # off by default in collect()
+
+
+def test_hessian_packing_round_trip():
+    a = torch.randn(9, 9, dtype=torch.float64)
+    h = a @ a.T
+    v = store.pack_symmetric(h)
+    assert v.shape == (45,) and v.dtype == torch.float32
+    assert torch.equal(store.unpack_symmetric(v, 9), h.float())
+    with pytest.raises(store.CacheError):
+        store.unpack_symmetric(v, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis(tiny_dir, tokenizer_dir, tmp_path_factory):
+    from core.analysis import analyze
+    return analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir), tmp_path_factory.mktemp("methods-cache"))
+
+
+def test_analysis_keeps_hessians_and_compares_methods(tiny_analysis, tiny_dir, tokenizer_dir, tmp_path):
+    from core.analysis import analyze, open_entry
+    a = tiny_analysis
+    name = "model.layers.1.mlp.down_proj"
+    h = a.hessian(name)
+    assert h is not None and h.shape == (128, 128) and torch.allclose(h, h.T)
+    # reopened without the model: the Hessian alone runs GPTQ on this layer
+    b = open_entry(a.path)
+    assert b._lm is None and torch.equal(b.hessian(name), h)
+    n_tokens = a.manifest["n_tokens"]
+    x = a.inputs(name)
+    # the sample is a subset of the tokens: its second moment estimates the full one's
+    assert torch.diag(h).sum() / n_tokens == pytest.approx(float(torch.diag(x.T @ x).sum()) / x.shape[0], rel=0.3)
+    df = a.compare_methods(name, bits=3, group_size=32, alpha=0.5)
+    assert set(df["method"]) == set(M.METHODS) | {"awq@0.5"}
+    r = df.set_index("method")
+    assert r.loc["gptq", "rel_error"] < r.loc["rtn", "rel_error"]
+    w = a.quantize_layer(name, "gptq", bits=3, group_size=32)
+    assert torch.equal(w, gptq_quantize(a.weight(name), h, n_bit=3, group_size=32))
+    # opting out: no Hessian file, GPTQ falls back to the sample's X^T X
+    c = analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir, hessians=False), tmp_path)
+    assert c.hessian(name) is None and not (c.path / store.HESSIANS).exists()
+    assert c.compare_methods(name, bits=3, group_size=32, methods=["gptq"])["rel_error"].notna().all()
