@@ -223,3 +223,76 @@ def test_analysis_keeps_hessians_and_compares_methods(tiny_analysis, tiny_dir, t
     c = analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir, hessians=False), tmp_path)
     assert c.hessian(name) is None and not (c.path / store.HESSIANS).exists()
     assert c.compare_methods(name, bits=3, group_size=32, methods=["gptq"])["rel_error"].notna().all()
+
+
+# --- whole-model weights: sequential GPTQ, AWQ + GPTQ, HQQ -----------------------------------------------------
+from core import grouped, sequential  # noqa: E402
+from core.hqq import hqq_quantize  # noqa: E402
+
+
+def _state(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same_state(lm, before):
+    after = lm.model.state_dict()
+    return all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_sequential_gptq_is_block_by_block_on_quantized_inputs():
+    lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
+    before = _state(lm)
+    snap = grouped.snapshot(lm)
+    with torch.no_grad():
+        got = sequential.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64)
+    assert _same_state(lm, before)
+    assert set(got) == {li.name for li in lm.linears}
+    b0 = [li.name for li in lm.linears if li.block == 0]
+    b1 = [li.name for li in lm.linears if li.block == 1]
+    # block 0 sees the fp model's inputs
+    cap0 = grouped.capture_block(lm, 0, ids, batch_tokens=64, linears=set(b0), modules=set())
+    for n in b0:
+        ref = gptq_quantize(lm.weight(n), grouped.gram(cap0.x[n]).float(), n_bit=3, group_size=32)
+        assert torch.allclose(got[n], ref, rtol=1e-5, atol=1e-6), n
+    # block 1 sees the inputs produced by the already-quantized block 0 (not the fp ones)
+    with torch.no_grad():
+        for n in b0:
+            models.set_linear_weight(lm.model.get_submodule(n), got[n])
+        cap1 = grouped.capture_block(lm, 1, ids, batch_tokens=64, linears=set(b1), modules=set())
+        grouped.restore(lm, snap)
+    cap1_fp = grouped.capture_block(lm, 1, ids, batch_tokens=64, linears=set(b1), modules=set())
+    n = b1[-1]
+    ref_q = gptq_quantize(lm.weight(n), grouped.gram(cap1.x[n]).float(), n_bit=3, group_size=32)
+    ref_fp = gptq_quantize(lm.weight(n), grouped.gram(cap1_fp.x[n]).float(), n_bit=3, group_size=32)
+    assert torch.allclose(got[n], ref_q, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[n], ref_fp, rtol=1e-5, atol=1e-6)
+    # AWQ + GPTQ with unit scales is GPTQ; with real scales it is GPTQ(W s, H_{X/s}) / s
+    ones = {n: torch.ones(lm.weight(n).shape[1]) for n in got}
+    with torch.no_grad():
+        same = sequential.awq_gptq(lm, ids, snap, ones, bits=3, group_size=32, batch_tokens=64)
+    assert all(torch.equal(same[n], got[n]) for n in got)
+    assert _same_state(lm, before)
+    s = torch.rand(lm.weight(b0[0]).shape[1]) + 0.5
+    w, h = lm.weight(b0[0]), grouped.gram(cap0.x[b0[0]])
+    q = sequential.gptq_with_scales(w, h, s, n_bit=3, group_size=32)
+    xs = cap0.x[b0[0]] / s
+    assert torch.allclose(q * s, gptq_quantize(w * s, (xs.double().T @ xs.double()).float(), n_bit=3, group_size=32),
+                          rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_restores_the_model_on_error_and_hqq():
+    lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(2))
+    before = _state(lm)
+    snap = grouped.snapshot(lm)
+
+    def boom(f, m):
+        raise RuntimeError("stop")
+    with pytest.raises(RuntimeError, match="stop"):
+        sequential.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64, progress=boom)
+    assert _same_state(lm, before)
+    hq = sequential.hqq_weights(lm, snap, bits=3, group_size=32)
+    assert _same_state(lm, before)
+    n = lm.linears[0].name
+    assert torch.equal(hq[n], hqq_quantize(lm.weight(n), n_bit=3, group_size=32))
