@@ -296,3 +296,30 @@ def test_sequential_restores_the_model_on_error_and_hqq():
     assert _same_state(lm, before)
     n = lm.linears[0].name
     assert torch.equal(hq[n], hqq_quantize(lm.weight(n), n_bit=3, group_size=32))
+
+
+def test_methods_table_winners_and_cache(tiny_analysis):
+    a = tiny_analysis
+    names = [n for n in a.names if n.startswith("model.layers.1.")][:3]
+    t = M.methods_table(a, bits=[3], group_size=32, names=names, methods=["rtn", "gptq", "awq"])
+    assert len(t) == 3 * 3 and set(t["method"]) == {"rtn", "gptq", "awq"}
+    assert (t["group_size"] == 32).all() and t["rel_error_heldout"].notna().all()
+    w = M.winners(t)
+    assert set(w["family"]) == set(t["family"])
+    assert (w["margin"] >= 1).all()
+    for r in w.to_dict("records"):  # the winner has the lowest median error of its family
+        fam = t[(t["family"] == r["family"]) & (t["bits"] == r["bits"])]
+        assert r["winner_error"] == fam.groupby("method")["rel_error_heldout"].median().min()
+    h = M.head_to_head(t)
+    assert len(h) == 3 and (h["ratio"] > 0).all()
+    assert M.cached_methods_table(a, bits=[3], group_size=32, compute=False) is None
+
+
+def test_cli_analyze_methods(tiny_dir, tokenizer_dir, tmp_path, capsys):
+    from core.cli import main
+    rc = main(["analyze", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir, "--cache-dir", str(tmp_path),
+               "--bits", "3", "--group-size", "32", "--n-samples", "4", "--seqlen", "64", "--heldout-samples", "2",
+               "--sample-rows", "64", "--n-grid", "5", "--quiet", "--methods"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "methods (median held-out" in out
+    assert sum(line.strip().startswith("w3 ") for line in out.splitlines()) == 7  # one line per family
