@@ -20,6 +20,7 @@ PAGES = [
     st.Page("pages/layer_lab.py", title="Layer Lab", icon=":material/tune:", default=True),
     st.Page("pages/importance_map.py", title="Importance map", icon=":material/landscape:"),
     st.Page("pages/clipping.py", title="Clipping", icon=":material/content_cut:"),
+    st.Page("pages/methods.py", title="Methods", icon=":material/leaderboard:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("pages/model_quality.py", title="Model quality", icon=":material/fact_check:"),
 ]

@@ -323,3 +323,53 @@ def test_cli_analyze_methods(tiny_dir, tokenizer_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "methods (median held-out" in out
     assert sum(line.strip().startswith("w3 ") for line in out.splitlines()) == 7  # one line per family
+
+
+# --- the app: Layer Lab's methods section and the Methods page (AppTest) -------------------------------------
+def _app(cache, entry, monkeypatch):
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cache))
+    original_init = PagesManager.__init__
+
+    def init(self, *args, **kwargs):  # navigation mode in every AppTest run (see tests/test_app.py)
+        original_init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+    monkeypatch.setattr(PagesManager, "__init__", init)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.session_state["entry_path"] = str(entry.path)
+    return at
+
+
+def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeypatch):
+    import json
+
+    from core.analysis import analyze, open_entry
+    a = analyze(tiny_settings(tiny_dir("qwen2"), tokenizer_dir, sweep=__import__("core.sweep").sweep.SweepSettings(
+        bits=(3,), group_size=32, n_grid=10)), tmp_path)
+    at = _app(tmp_path, a, monkeypatch)
+    at.switch_page("pages/layer_lab.py").run()
+    assert not at.exception and not at.error
+    at.toggle(key="lab_methods_on").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    name, bits = at.selectbox(key="lab_layer").value, int(at.select_slider(key="lab_bits").value)
+    group, alpha = int(at.select_slider(key="lab_group").value), float(at.slider(key="lab_alpha").value)
+    shown = at.dataframe[-1].value
+    ref = open_entry(a.path).compare_methods(name, bits=bits, group_size=group, alpha=alpha)
+    assert len(shown) == len(ref) == len(M.METHODS) + 1
+    assert sorted(shown["rel_error_heldout"].round(10)) == sorted(ref["rel_error_heldout"].round(10))
+    assert any("Methods on" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
+    assert "Recomputed in" in {m.label for m in at.metric}
+
+    at.switch_page("pages/methods.py").run()
+    assert not at.exception and not at.error
+    at.multiselect(key="methods_bits").set_value([3]).run()
+    at.button(key="methods_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    t = M.cached_methods_table(open_entry(a.path), bits=[3], group_size=32, compute=False)
+    assert t is not None and len(t) == len(a.names) * len(M.METHODS)
+    fam = at.dataframe[0].value
+    assert set(fam["family"]) == set(a.linears["family"]) and set(fam["winner"]) <= set(M.METHODS)
+    assert any("beat GPTQ" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
