@@ -239,8 +239,9 @@ def _same_state(lm, before):
     return all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_sequential_gptq_is_block_by_block_on_quantized_inputs():
-    lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
+    lm = models.wrap_model(build_tiny(kind), tokenizer=None)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
     before = _state(lm)
     snap = grouped.snapshot(lm)
