@@ -96,8 +96,8 @@ static void fq_range(fq_job *j) {
                 if (sp) { vf sv; memcpy(&sv, sp + jj, sizeof sv); v = v * sv; }
                 vsum += v;  /* non-finite iff a NaN/inf is in the group (or, harmlessly, on overflow) */
                 if (!zp) v = vabs(v);
-                vmx = vsel(v > vmx, v, vmx);
-                if (zp) vmn = vsel(v < vmn, v, vmn);
+                vmx = vmax(v, vmx);
+                if (zp) vmn = vmin(v, vmn);
             }
 #endif
             for (; jj < g; jj++) {
@@ -108,14 +108,9 @@ static void fq_range(fq_job *j) {
                 if (zp) m = v < m ? v : m;
             }
 #if AWQ_VEC
-            /* horizontal reductions as shuffle trees (a finite group's max/min do not depend on the order) */
-            vmx = vsel(vhalf(vmx) > vmx, vhalf(vmx), vmx); vmn = vsel(vhalf(vmn) < vmn, vhalf(vmn), vmn);
-            vmx = vsel(vquart(vmx) > vmx, vquart(vmx), vmx); vmn = vsel(vquart(vmn) < vmn, vquart(vmn), vmn);
-            vmx = vsel(veighth(vmx) > vmx, veighth(vmx), vmx); vmn = vsel(veighth(vmn) < vmn, veighth(vmn), vmn);
-            vmx = vsel(vsixt(vmx) > vmx, vsixt(vmx), vmx); vmn = vsel(vsixt(vmn) < vmn, vsixt(vmn), vmn);
-            M = vmx[0] > M ? vmx[0] : M; m = vmn[0] < m ? vmn[0] : m;
-            vsum += vhalf(vsum); vsum += vquart(vsum); vsum += veighth(vsum); vsum += vsixt(vsum);
-            c += vsum[0];
+            M = vhmax(vmx) > M ? vhmax(vmx) : M;
+            m = vhmin(vmn) < m ? vhmin(vmn) : m;
+            c += vhsum(vsum);
 #endif
             if (!isfinite(c)) { j->bad = 1; return; }  /* NaN or inf in this group: the caller uses torch */
             for (int b = 0; b < nb; b++) {
