@@ -225,3 +225,287 @@ def uniform_plan(n_weights: Mapping[str, int], group_sizes: Mapping[str, int], b
     return BitPlan(model=model, method=method, budget_bits=avg, zero_point=zero_point,
                    layers={n: (int(bits), int(group_sizes[n])) for n in n_weights}, avg_bits=avg,
                    objective=float("nan"), exact=True, slack_bits=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# sensitivity (cached as extra tables of the analysis)
+# ------------------------------------------------------------------------------------------------
+PLAN_METHODS = ("awq", "gptq", "rtn")
+SENS_VERSION = 1
+DEFAULT_SENS_TOKENS = 512  # held-out tokens each sensitivity variant is scored on
+SENS_COLUMNS = ["unit", "bits", "metric", "value", "n_tokens"]
+
+
+def check_method(method: str) -> str:
+    m = str(method).strip().lower()
+    if m not in PLAN_METHODS:
+        raise ValueError(f"unknown plan method {method!r}; pick from {', '.join(PLAN_METHODS)}")
+    return m
+
+
+def model_metric(analysis) -> str:
+    """What model-level sensitivity measures: mean KL for causal LMs, hidden-state error for encoders."""
+    return "kl" if analysis.manifest.get("is_causal", True) else "hidden_rel_error"
+
+
+def layer_geometry(analysis) -> tuple[dict[str, int], dict[str, int]]:
+    """``(weights per linear, group length per linear)``; the group length is the sweep's per-layer one."""
+    lin = analysis.linears
+    nw = {str(r.name): int(r.in_features) * int(r.out_features) for r in lin.itertuples(index=False)}
+    g0 = int(analysis.settings.sweep.group_size)
+    gs = {str(r.name): (g0 if g0 > 0 and int(r.in_features) % g0 == 0 else int(r.in_features))
+          for r in lin.itertuples(index=False)}
+    return nw, gs
+
+
+def quantized_weight(analysis, name: str, method: str, bits: int, group_size: int, zero_point: bool):
+    """Linear ``name`` quantized by ``method`` (``core.methods.quantize_layer``, the one entry); ``[out, in]``."""
+    from .methods import quantize_layer
+
+    return quantize_layer(method, analysis.weight(name), analysis.layer_inputs(name), n_bit=int(bits),
+                          group_size=int(group_size), zero_point=zero_point).float()
+
+
+def plan_weights(analysis, layers: Mapping[str, tuple[int, int]], method: str, zero_point: bool):
+    """A ``score_variants`` variant: the callable returning every non-fp16 linear's quantized weight."""
+    def make() -> dict:
+        return {n: quantized_weight(analysis, n, method, b, g, zero_point)
+                for n, (b, g) in layers.items() if int(b) != 16}
+    return make
+
+
+def _sens_key(method: str, zero_point: bool, granularity: str, max_tokens: int | None) -> str:
+    return f"plan_sens_v{SENS_VERSION}_{method}_{'zp' if zero_point else 'sym'}_{granularity}_t{max_tokens or 'all'}"
+
+
+def layer_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point: bool = True,
+                      progress=None) -> "pd.DataFrame":
+    """Held-out relative output error of each linear at each bit-width for ``method``.
+
+    Columns ``name, block, family, bits, rel_heldout``. RTN and AWQ come from the sweep's table where it
+    has those bits (and the plan's zero point); anything else runs ``core.methods.quantize_layer`` on the
+    layer and scores it on the kept held-out rows. Cached as an extra table of the analysis.
+    """
+    import pandas as pd
+
+    method = check_method(method)
+    bits = [int(b) for b in bits if int(b) != 16]
+    key = f"plan_layer_v{SENS_VERSION}_{method}_{'zp' if zero_point else 'sym'}"
+    old = analysis.read_extra(key)
+    have = set() if old is None else set(zip(old["name"], old["bits"]))
+    lin = analysis.linears
+    _, gs = layer_geometry(analysis)
+    sweep = analysis.layers
+    col = {"rtn": "rtn_rel_heldout", "awq": "awq_rel_heldout"}.get(method)
+    use_sweep = col is not None and analysis.settings.sweep.zero_point == zero_point
+    rows = []
+    todo = [(r, b) for r in lin.itertuples(index=False) for b in bits if (str(r.name), b) not in have]
+    for i, (r, b) in enumerate(todo):
+        name = str(r.name)
+        hit = sweep[(sweep["name"] == name) & (sweep["bits"] == b)] if use_sweep else sweep.iloc[:0]
+        if len(hit) and math.isfinite(float(hit[col].iloc[0])):
+            rel = float(hit[col].iloc[0])
+        else:
+            w_hat = quantized_weight(analysis, name, method, b, gs[name], zero_point)
+            rel = analysis.layer_error(name, w_hat, "heldout")
+        rows.append({"name": name, "block": int(r.block), "family": str(r.family), "bits": b, "rel_heldout": rel})
+        if progress:
+            progress((i + 1) / len(todo), f"layer sensitivity {name} w{b}")
+    new = pd.DataFrame(rows, columns=["name", "block", "family", "bits", "rel_heldout"])
+    df = new if old is None else pd.concat([old, new], ignore_index=True)
+    if len(new):
+        analysis.write_extra(key, df)
+    return df[df["bits"].isin(bits)].reset_index(drop=True)
+
+
+def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point: bool = True,
+                      granularity: str = "block", max_tokens: int | None = DEFAULT_SENS_TOKENS,
+                      progress=None) -> "pd.DataFrame":
+    """Whole-model damage when only one unit is quantized at each bit-width, everything else fp.
+
+    ``granularity``: ``"block"`` (unit = a block's linears together) or ``"linear"`` (unit = one linear).
+    Scored by ``core.evaluate.score_variants`` on ``max_tokens`` held-out tokens: mean KL for causal LMs,
+    hidden-state relative error for encoders. Columns ``unit, bits, metric, value, n_tokens``; cached per
+    (method, zero point, granularity, token budget), only missing (unit, bits) pairs are computed.
+    """
+    import pandas as pd
+
+    from .evaluate import score_variants
+
+    method = check_method(method)
+    if granularity not in ("block", "linear"):
+        raise ValueError(f"granularity must be 'block' or 'linear', got {granularity!r}")
+    bits = [int(b) for b in bits if int(b) != 16]
+    metric = model_metric(analysis)
+    key = _sens_key(method, zero_point, granularity, max_tokens)
+    old = analysis.read_extra(key)
+    have = set() if old is None else set(zip(old["unit"].astype(str), old["bits"]))
+    _, gs = layer_geometry(analysis)
+    lin = analysis.linears
+    units: dict[str, list[str]] = {}
+    for r in lin.itertuples(index=False):
+        u = str(int(r.block)) if granularity == "block" else str(r.name)
+        units.setdefault(u, []).append(str(r.name))
+    variants = {}
+    for u, names in units.items():
+        for b in bits:
+            if (u, b) not in have:
+                variants[f"{u}@{b}"] = plan_weights(analysis, {n: (b, gs[n]) for n in names}, method, zero_point)
+    if variants:
+        res = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
+        res = res[res["metric"] == metric]
+        new = pd.DataFrame({"unit": [v.rsplit("@", 1)[0] for v in res["variant"]],
+                            "bits": [int(v.rsplit("@", 1)[1]) for v in res["variant"]],
+                            "metric": metric, "value": res["value"].astype(float).to_numpy(),
+                            "n_tokens": res["n_tokens"].astype(int).to_numpy()})
+        old = new if old is None else pd.concat([old, new], ignore_index=True)
+        analysis.write_extra(key, old)
+    out = old[old["bits"].isin(bits)].reset_index(drop=True)
+    out["unit"] = out["unit"].astype(str)
+    return out
+
+
+def combine_sensitivity(layer_df, model_df, granularity: str = "block") -> dict[str, dict[int, float]]:
+    """Per-linear solver values ``{name: {bits: value}}`` from the two measurements.
+
+    ``linear`` granularity: the measured model-level value itself. ``block``: the block's measured value
+    split over its linears in proportion to their held-out relative output errors at that width (the
+    values of a block sum to its measured damage; the split is the layer-level estimate of which linear
+    causes it). Negative measurements (noise at high bits) count as 0.
+    """
+    out: dict[str, dict[int, float]] = {}
+    model = {(str(u), int(b)): max(0.0, float(v)) for u, b, v in zip(model_df["unit"], model_df["bits"],
+                                                                     model_df["value"])}
+    if granularity == "linear":
+        for r in layer_df.itertuples(index=False):
+            out.setdefault(str(r.name), {})[int(r.bits)] = model[(str(r.name), int(r.bits))]
+        return out
+    tot = layer_df.groupby(["block", "bits"])["rel_heldout"].sum()
+    for r in layer_df.itertuples(index=False):
+        t = float(tot[(r.block, r.bits)])
+        share = float(r.rel_heldout) / t if t > 0 else 0.0
+        out.setdefault(str(r.name), {})[int(r.bits)] = model[(str(int(r.block)), int(r.bits))] * share
+    return out
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What a plan is made of. ``bits``: candidate widths (16 = keep fp16); ``sens_tokens``: held-out tokens
+    per sensitivity variant; ``eval_tokens``: held-out tokens of the verification (None = all)."""
+
+    budget: float = 3.5
+    method: str = "awq"
+    bits: tuple[int, ...] = DEFAULT_CHOICES
+    zero_point: bool = True
+    granularity: str = "block"
+    sens_tokens: int | None = DEFAULT_SENS_TOKENS
+    eval_tokens: int | None = None
+
+
+def sensitivities(analysis, s: PlanSettings, progress=None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """``(layer-level table, model-level table)`` for the plan's method and candidate bits (cached)."""
+    sub = _split_progress(progress, 0.2)
+    lay = layer_sensitivity(analysis, s.method, s.bits, zero_point=s.zero_point, progress=sub[0])
+    mod = model_sensitivity(analysis, s.method, s.bits, zero_point=s.zero_point, granularity=s.granularity,
+                            max_tokens=s.sens_tokens, progress=sub[1])
+    return lay, mod
+
+
+def _split_progress(progress, first: float):
+    if progress is None:
+        return None, None
+    return (lambda f, m: progress(first * f, m)), (lambda f, m: progress(first + (1 - first) * f, m))
+
+
+def make_plan(analysis, s: PlanSettings, progress=None) -> BitPlan:
+    """Sensitivity (cached) + the exact solver: the plan for ``s.budget`` (not yet verified)."""
+    choices = check_choices(s.bits)
+    method = check_method(s.method)
+    nw, gs = layer_geometry(analysis)
+    lo, hi = budget_range(nw, gs, choices, s.zero_point)
+    check_budget(s.budget, lo, hi)  # refuse before any expensive measurement
+    lay, mod = sensitivities(analysis, s, progress)
+    sens = combine_sensitivity(lay, mod, s.granularity)
+    return solve_plan(sens, nw, gs, s.budget, choices=choices, zero_point=s.zero_point,
+                      model=analysis.model_id, method=method)
+
+
+# ------------------------------------------------------------------------------------------------
+# verification and the frontier (measured points only)
+# ------------------------------------------------------------------------------------------------
+FRONTIER_KEY = "plan_frontier_v1"
+
+
+def verify(analysis, plans: Mapping[str, BitPlan], *, max_tokens: int | None = None, progress=None) -> "pd.DataFrame":
+    """Apply each plan to the whole model (fake quant, restored afterwards) and score it: the full quality report.
+
+    Returns ``score_variants``' rows plus ``avg_bits`` and ``kind`` ("plan"/"uniform") per variant.
+    """
+    from .evaluate import score_variants
+
+    variants = {label: plan_weights(analysis, p.layers, p.method, p.zero_point) for label, p in plans.items()}
+    df = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
+    df = df.copy()
+    df["avg_bits"] = [plans[v].avg_bits for v in df["variant"]]
+    df["kind"] = ["uniform" if len(set(plans[v].counts())) == 1 else "plan" for v in df["variant"]]
+    return df
+
+
+def with_measured(plan: BitPlan, rows) -> BitPlan:
+    """The plan with its verified metrics (``rows``: verify()'s rows of this plan)."""
+    from dataclasses import replace
+
+    return replace(plan, measured={str(m): float(v) for m, v in zip(rows["metric"], rows["value"])})
+
+
+def frontier(analysis, s: PlanSettings, budgets: Sequence[float], *, progress=None) -> "pd.DataFrame":
+    """Uniform bit-widths vs plans at ``budgets``, every point measured on the whole model (cached).
+
+    Rows: ``variant, kind, avg_bits, metric, value, n_tokens, seconds``.
+    """
+    import pandas as pd
+
+    choices = check_choices(s.bits)
+    method = check_method(s.method)
+    nw, gs = layer_geometry(analysis)
+    sub = _split_progress(progress, 0.6)
+    plans: dict[str, BitPlan] = {}
+    for b in choices:
+        if b != 16:
+            plans[f"uniform w{b}"] = uniform_plan(nw, gs, b, zero_point=s.zero_point, model=analysis.model_id,
+                                                  method=method)
+    for bud in budgets:
+        from dataclasses import replace
+
+        plans[f"plan {float(bud):g}"] = make_plan(analysis, replace(s, budget=float(bud)), sub[0])
+    df = verify(analysis, plans, max_tokens=s.eval_tokens, progress=sub[1])
+    df["method"] = method
+    key = f"{FRONTIER_KEY}_{method}_{'zp' if s.zero_point else 'sym'}_{s.granularity}"
+    old = analysis.read_extra(key)
+    if old is not None:
+        old = old[~old["variant"].isin(set(df["variant"]))]
+        analysis.write_extra(key, pd.concat([old, df], ignore_index=True))
+    else:
+        analysis.write_extra(key, df)
+    return df
+
+
+def frontier_note(df, metric: str = "kl") -> list[str]:
+    """Sentences comparing each plan with uniform quantization at the same or a higher budget, from measurements."""
+    sub = df[df["metric"] == metric]
+    uni = sub[sub["kind"] == "uniform"].sort_values("avg_bits")
+    notes = []
+    for r in sub[sub["kind"] == "plan"].sort_values("avg_bits").itertuples(index=False):
+        cheaper = uni[uni["avg_bits"] <= r.avg_bits + 1e-9]
+        dearer = uni[uni["avg_bits"] > r.avg_bits + 1e-9]
+        parts = [f"{r.variant} ({r.avg_bits:.3f} bits): {metric} {r.value:.4g}"]
+        if len(cheaper):
+            c = cheaper.iloc[-1]
+            verdict = "beats" if r.value < c["value"] else "does NOT beat"
+            parts.append(f"{verdict} {c['variant']} ({c['avg_bits']:.3f} bits, {c['value']:.4g})")
+        if len(dearer):
+            d = dearer.iloc[0]
+            rel = "below" if r.value < d["value"] else "above"
+            parts.append(f"{rel} {d['variant']} ({d['avg_bits']:.3f} bits, {d['value']:.4g})")
+        notes.append("; ".join(parts))
+    return notes

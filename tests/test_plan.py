@@ -275,3 +275,65 @@ def test_export_validation_catches_a_wrong_regex(tmp_path):
         pe.validate_recipe(recipe, plan, modules)
     with pytest.raises(pe.ExportError, match="unknown export format"):
         pe.check_formats("json,onnx")
+
+
+# ------------------------------------------------------------------------------------------------
+# sensitivity combination (pure) and the alpha predictor
+# ------------------------------------------------------------------------------------------------
+def test_combine_sensitivity_by_hand():
+    import pandas as pd
+
+    from core.plan import combine_sensitivity
+
+    layer = pd.DataFrame({"name": ["a", "b", "c"], "block": [0, 0, 1], "family": ["q", "down", "q"],
+                          "bits": [3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5]})
+    model = pd.DataFrame({"unit": ["0", "1"], "bits": [3, 3], "metric": "kl", "value": [0.2, -0.001]})
+    s = combine_sensitivity(layer, model, "block")
+    assert s["a"][3] == pytest.approx(0.05) and s["b"][3] == pytest.approx(0.15)  # 0.2 split 1:3
+    assert s["c"][3] == 0.0  # a negative (noise) measurement counts 0
+    model_l = pd.DataFrame({"unit": ["a", "b", "c"], "bits": [3, 3, 3], "metric": "kl", "value": [0.1, 0.2, 0.3]})
+    assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}}
+
+
+def test_alpha_predictor_fits_a_planted_line():
+    import pandas as pd
+
+    from core.alpha_predict import fit_line, leave_one_block_out, predict_line
+
+    grid = np.arange(20) / 20
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 4, 40)
+    df = pd.DataFrame({"block": np.repeat(np.arange(10), 4), "kurtosis": x,
+                       "best_alpha": np.round((0.1 + 0.2 * x) * 20).clip(0, 19) / 20})
+    coef = fit_line(df[["kurtosis"]].to_numpy(), df["best_alpha"].to_numpy())
+    assert coef[1] == pytest.approx(0.2, abs=0.02)
+    p = leave_one_block_out(df, ("kurtosis",), grid)
+    assert np.mean(np.abs(p - df["best_alpha"])) < 0.03  # a statistic that carries the answer predicts it
+    const = leave_one_block_out(df, (), grid)
+    assert np.mean(np.abs(const - df["best_alpha"])) > 0.1
+    assert set(predict_line(coef, np.array([[100.0]]), grid)) == {0.95}  # clipped to the grid
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_dir, tokenizer_dir, tmp_path_factory):
+    from conftest import tiny_settings
+    from core.analysis import analyze
+    from core.calibration import CalibrationSpec
+    from core.sweep import SweepSettings
+
+    s = tiny_settings(tiny_dir("llama"), tokenizer_dir, sweep=SweepSettings(bits=(2, 3, 4, 8), group_size=32, n_grid=10),
+                      calibration=CalibrationSpec(n_samples=4, seqlen=64, heldout_samples=2))
+    return analyze(s, tmp_path_factory.mktemp("cache-plan"))
+
+
+def test_alpha_study_on_a_real_analysis(tiny_llama):
+    from core.alpha_predict import FEATURES, study
+
+    st = study(tiny_llama, 3)
+    assert list(st.table["predictor"])[0] == st.best
+    assert set(st.table["predictor"]) == {"constant", "all", *FEATURES}
+    assert len(st.layers) == len(tiny_llama.names)
+    # the search's own alpha keeps its whole gain by definition; predictions are scored the same way
+    lay = tiny_llama.layers[tiny_llama.layers["bits"] == 3].set_index("name")
+    assert np.allclose(st.layers["search_heldout"], lay.loc[st.layers["name"], "awq_rel_heldout"], rtol=1e-4)
+    assert np.isfinite(st.table["kept_gain"]).all() and st.table["kept_gain"].is_monotonic_decreasing
