@@ -509,3 +509,33 @@ def frontier_note(df, metric: str = "kl") -> list[str]:
             parts.append(f"{rel} {d['variant']} ({d['avg_bits']:.3f} bits, {d['value']:.4g})")
         notes.append("; ".join(parts))
     return notes
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """A plan with its measurements: ``plan`` (``measured`` filled in), ``quality`` (verify() rows of the plan
+    and the uniform baselines), ``layer_sens`` / ``model_sens`` (the sensitivity tables), ``notes``."""
+
+    plan: BitPlan
+    quality: "pd.DataFrame"
+    layer_sens: "pd.DataFrame"
+    model_sens: "pd.DataFrame"
+    notes: tuple[str, ...]
+
+
+def run(analysis, s: PlanSettings, *, baselines: bool = True, progress=None) -> PlanReport:
+    """Sensitivity (cached) -> exact plan -> whole-model verification of the plan and uniform baselines."""
+    nw, gs = layer_geometry(analysis)
+    sub = _split_progress(progress, 0.5)
+    plan = make_plan(analysis, s, sub[0])
+    plans = {"plan": plan}
+    if baselines:
+        for b in check_choices(s.bits):
+            if b != 16:
+                plans[f"uniform w{b}"] = uniform_plan(nw, gs, b, zero_point=s.zero_point, model=analysis.model_id,
+                                                      method=plan.method)
+    df = verify(analysis, plans, max_tokens=s.eval_tokens, progress=sub[1])
+    plan = with_measured(plan, df[df["variant"] == "plan"])
+    lay, mod = sensitivities(analysis, s)  # cached by now
+    metric = "kl" if "kl" in set(df["metric"]) else model_metric(analysis)
+    return PlanReport(plan=plan, quality=df, layer_sens=lay, model_sens=mod, notes=tuple(frontier_note(df, metric)))
