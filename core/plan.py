@@ -539,3 +539,26 @@ def run(analysis, s: PlanSettings, *, baselines: bool = True, progress=None) -> 
     lay, mod = sensitivities(analysis, s)  # cached by now
     metric = "kl" if "kl" in set(df["metric"]) else model_metric(analysis)
     return PlanReport(plan=plan, quality=df, layer_sens=lay, model_sens=mod, notes=tuple(frontier_note(df, metric)))
+
+
+def standouts(values, groups=None, *, z: float = 3.5) -> "np.ndarray":
+    """Boolean mask of values that stand out: robust z-score of log10(value) above ``z`` within their group.
+
+    Robust z = 0.6745 (x - median) / MAD (Iglewicz-Hoaglin; 3.5 is their outlier threshold). Non-positive
+    values never stand out. ``groups``: e.g. the family of each value (each family compared with itself).
+    """
+    v = np.asarray(values, dtype=float)
+    g = np.zeros(len(v), dtype=int) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    out = np.zeros(len(v), dtype=bool)
+    pos = v > 0
+    x = np.where(pos, np.log10(np.where(pos, v, 1.0)), np.nan)
+    for k in np.unique(g):
+        sel = (g == k) & pos
+        if sel.sum() < 3:
+            continue
+        med = np.median(x[sel])
+        mad = np.median(np.abs(x[sel] - med))
+        if mad <= 0:
+            continue
+        out[sel] = 0.6745 * (x[sel] - med) / mad > z
+    return out

@@ -421,3 +421,25 @@ def test_cli_refuses_bad_budget(tiny_dir, tokenizer_dir, tmp_path):
     last = r.stderr.strip().splitlines()[-1]  # (transformers' own loading bar may come before it)
     assert last.startswith("error: a budget of 1.5 bits per weight is below the cheapest plan")
     assert r.stdout == ""
+
+
+def test_standouts():
+    from core.plan import standouts
+
+    v = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 50.0, 1.0, 0.0])
+    assert standouts(v).tolist() == [False] * 5 + [True, False, False]
+    # compared within groups: 50 is ordinary among its own family
+    g = np.array(["a"] * 5 + ["b", "b", "b"])
+    assert not standouts(np.array([1, 1.1, 0.9, 1.05, 0.95, 50, 60, 55.0]), g).any()
+
+
+def test_plan_figures(tiny_llama, standins):
+    from core import figures
+    from core import plan as P
+
+    s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
+    rep = P.run(tiny_llama, s)
+    for fig in (figures.plan_sensitivity(rep.layer_sens, rep.model_sens, 3),
+                figures.plan_map(rep.plan.layers, tiny_llama.linears),
+                figures.plan_frontier(rep.quality, "kl")):
+        assert fig.spec() and len(fig.data) and fig.png()[:4] == b"\x89PNG"
