@@ -443,3 +443,33 @@ def test_plan_figures(tiny_llama, standins):
                 figures.plan_map(rep.plan.layers, tiny_llama.linears),
                 figures.plan_frontier(rep.quality, "kl")):
         assert fig.spec() and len(fig.data) and fig.png()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------
+# the page
+# ------------------------------------------------------------------------------------------------
+def test_plan_page(tiny_llama, standins, monkeypatch):
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(tiny_llama.path.parent.parent))
+    original_init = PagesManager.__init__
+
+    def init(self, *args, **kwargs):  # navigation mode on every AppTest run (see tests/test_app.py)
+        original_init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+    monkeypatch.setattr(PagesManager, "__init__", init)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.session_state["entry_path"] = str(tiny_llama.path)
+    at.switch_page("pages/plan.py").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Plan"
+    at.selectbox(key="plan_method").set_value("rtn")
+    at.number_input(key="plan_budget").set_value(3.75)
+    at.button(key="plan_run").click().run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert any("bits per weight for a budget of 3.75" in m.value for m in at.markdown)
+    at.button(key="plan_alpha_run").click().run()
+    assert not at.exception and not at.error, (at.exception, at.error)
