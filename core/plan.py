@@ -262,8 +262,23 @@ def quantized_weight(analysis, name: str, method: str, bits: int, group_size: in
     """Linear ``name`` quantized by ``method`` (``core.methods.quantize_layer``, the one entry); ``[out, in]``."""
     from .methods import quantize_layer
 
+    opts = {}
+    if method == "awq":
+        alpha = sweep_alpha(analysis, name, bits, group_size, zero_point)
+        if alpha is not None:  # the sweep already searched this layer at these settings: same numbers, no search
+            opts["alpha"] = alpha
     return quantize_layer(method, analysis.weight(name), analysis.layer_inputs(name), n_bit=int(bits),
-                          group_size=int(group_size), zero_point=zero_point).float()
+                          group_size=int(group_size), zero_point=zero_point, **opts).float()
+
+
+def sweep_alpha(analysis, name: str, bits: int, group_size: int, zero_point: bool) -> float | None:
+    """The sweep's best alpha for ``name`` at these settings, or None when the sweep did not run them."""
+    sw = analysis.settings.sweep
+    if sw.zero_point != zero_point:
+        return None
+    lay = analysis.layers
+    hit = lay[(lay["name"] == name) & (lay["bits"] == int(bits)) & (lay["group_size"] == int(group_size))]
+    return float(hit["best_alpha"].iloc[0]) if len(hit) else None
 
 
 def plan_weights(analysis, layers: Mapping[str, tuple[int, int]], method: str, zero_point: bool):
