@@ -448,21 +448,19 @@ def make_plan(analysis, s: PlanSettings, progress=None) -> BitPlan:
 # ------------------------------------------------------------------------------------------------
 # verification and the frontier (measured points only)
 # ------------------------------------------------------------------------------------------------
-FRONTIER_KEY = "plan_frontier_v1"
-
-
 def verify(analysis, plans: Mapping[str, BitPlan], *, max_tokens: int | None = None, progress=None) -> "pd.DataFrame":
     """Apply each plan to the whole model (fake quant, restored afterwards) and score it: the full quality report.
 
-    Returns ``score_variants``' rows plus ``avg_bits`` and ``kind`` ("plan"/"uniform") per variant.
+    Returns ``score_variants``' rows plus ``avg_bits`` and ``kind`` per variant ("uniform" for labels starting
+    with "uniform", else "plan"); the fp reference's rows, if ``score_variants`` returns them, are dropped.
     """
     from .evaluate import score_variants
 
     variants = {label: plan_weights(analysis, p.layers, p.method, p.zero_point) for label, p in plans.items()}
     df = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
-    df = df.copy()
+    df = df[df["variant"].isin(set(plans))].reset_index(drop=True)
     df["avg_bits"] = [plans[v].avg_bits for v in df["variant"]]
-    df["kind"] = ["uniform" if len(set(plans[v].counts())) == 1 else "plan" for v in df["variant"]]
+    df["kind"] = ["uniform" if str(v).startswith("uniform") else "plan" for v in df["variant"]]
     return df
 
 
@@ -471,38 +469,6 @@ def with_measured(plan: BitPlan, rows) -> BitPlan:
     from dataclasses import replace
 
     return replace(plan, measured={str(m): float(v) for m, v in zip(rows["metric"], rows["value"])})
-
-
-def frontier(analysis, s: PlanSettings, budgets: Sequence[float], *, progress=None) -> "pd.DataFrame":
-    """Uniform bit-widths vs plans at ``budgets``, every point measured on the whole model (cached).
-
-    Rows: ``variant, kind, avg_bits, metric, value, n_tokens, seconds``.
-    """
-    import pandas as pd
-
-    choices = check_choices(s.bits)
-    method = check_method(s.method)
-    nw, gs = layer_geometry(analysis)
-    sub = _split_progress(progress, 0.6)
-    plans: dict[str, BitPlan] = {}
-    for b in choices:
-        if b != 16:
-            plans[f"uniform w{b}"] = uniform_plan(nw, gs, b, zero_point=s.zero_point, model=analysis.model_id,
-                                                  method=method)
-    for bud in budgets:
-        from dataclasses import replace
-
-        plans[f"plan {float(bud):g}"] = make_plan(analysis, replace(s, budget=float(bud)), sub[0])
-    df = verify(analysis, plans, max_tokens=s.eval_tokens, progress=sub[1])
-    df["method"] = method
-    key = f"{FRONTIER_KEY}_{method}_{'zp' if s.zero_point else 'sym'}_{s.granularity}"
-    old = analysis.read_extra(key)
-    if old is not None:
-        old = old[~old["variant"].isin(set(df["variant"]))]
-        analysis.write_extra(key, pd.concat([old, df], ignore_index=True))
-    else:
-        analysis.write_extra(key, df)
-    return df
 
 
 def frontier_note(df, metric: str = "kl") -> list[str]:
@@ -538,12 +504,22 @@ class PlanReport:
     notes: tuple[str, ...]
 
 
-def run(analysis, s: PlanSettings, *, baselines: bool = True, progress=None) -> PlanReport:
-    """Sensitivity (cached) -> exact plan -> whole-model verification of the plan and uniform baselines."""
+def run(analysis, s: PlanSettings, *, baselines: bool = True, extra_budgets: Sequence[float] = (),
+        progress=None) -> PlanReport:
+    """Sensitivity (cached) -> exact plan -> whole-model verification of the plan and uniform baselines.
+
+    ``extra_budgets``: more plans (``"plan <budget>"``) verified in the same pass, for the frontier; every
+    point of it is measured (one fp reference for all).
+    """
+    from dataclasses import replace
+
     nw, gs = layer_geometry(analysis)
     sub = _split_progress(progress, 0.5)
     plan = make_plan(analysis, s, sub[0])
     plans = {"plan": plan}
+    for bud in extra_budgets:
+        if abs(float(bud) - s.budget) > 1e-12:
+            plans[f"plan {float(bud):g}"] = make_plan(analysis, replace(s, budget=float(bud)))
     if baselines:
         for b in check_choices(s.bits):
             if b != 16:

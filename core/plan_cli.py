@@ -31,6 +31,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sens-tokens", type=int, default=512, help="held-out tokens per sensitivity variant")
     p.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens of the verification (0 = all)")
     p.add_argument("--no-baselines", action="store_true", help="verify the plan only, not the uniform widths")
+    p.add_argument("--frontier", default="", help="more budgets to plan and verify in the same pass, e.g. 3,4,4.5")
+    p.add_argument("--figure", default=None, help="write the frontier figure (mean KL vs bits) here (.png/.svg/.pdf)")
     p.add_argument("--export", default="json", help="comma-separated: json,llmcompressor,gptqmodel,llamacpp")
     p.add_argument("--out", default=None, help="folder for the exports (default: the analysis' cache entry)")
     p.set_defaults(func=cmd_plan)
@@ -64,7 +66,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       granularity=args.granularity, sens_tokens=args.sens_tokens or None,
                       eval_tokens=args.eval_tokens or None)
     t1 = time.time()
-    rep = run(a, ps, baselines=not args.no_baselines,
+    extra = []
+    for t in (args.frontier or "").split(","):
+        if t.strip():
+            try:
+                extra.append(check_budget(float(t), *budget_range(nw, gs, choices, zp)))
+            except ValueError as e:
+                raise ValueError(f"--frontier: {e}") from None
+    rep = run(a, ps, baselines=not args.no_baselines, extra_budgets=extra,
               progress=None if quiet else stderr_progress("sensitivity + verification "))
     t2 = time.time()
     plan, df = rep.plan, rep.quality
@@ -92,5 +101,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"note       {note}")
     for f, p in paths.items():
         print(f"export     {f}: {p}")
+    if args.figure:
+        from pathlib import Path
+
+        from .figures import plan_frontier
+
+        fig = plan_frontier(df, "kl" if "kl" in metrics else metrics[0])
+        dest = Path(args.figure).expanduser()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        ext = dest.suffix.lower()
+        data = fig.png() if ext == ".png" else fig.pdf() if ext == ".pdf" else fig.svg().encode()
+        dest.write_bytes(data)
+        print(f"figure     {dest}")
     sys.stdout.flush()
     return 0

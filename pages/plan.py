@@ -23,10 +23,13 @@ granularity = c4.selectbox("Sensitivity unit", ["block", "linear"], key="plan_gr
 lo, hi = P.budget_range(nw, gs, choices or [16], a.settings.sweep.zero_point)
 budget = c1.number_input("Budget (bits / weight)", min_value=float(round(lo, 4)), max_value=float(round(hi, 4)),
                          value=float(min(max(3.5, lo), hi)), step=0.125, key="plan_budget")
-c5, c6 = st.columns(2)
+c5, c6, c7 = st.columns(3)
 sens_tokens = c5.select_slider("Tokens per sensitivity run", [128, 256, 512, 1024, 2048], value=512, key="plan_stok")
 eval_tokens = c6.select_slider("Tokens of the verification", [256, 512, 1024, 2048, 0], value=0, key="plan_etok",
                                format_func=lambda t: "all held-out" if t == 0 else str(t))
+extra = c7.multiselect("More budgets on the frontier", [2.75, 3.0, 3.25, 3.75, 4.0, 4.25, 4.5, 5.0, 6.0],
+                       default=[], key="plan_extra", help="each one is planned and measured on the whole model too")
+extra = [b for b in extra if lo <= b <= hi]
 settings = P.PlanSettings(budget=float(budget), method=method, bits=tuple(choices), zero_point=a.settings.sweep.zero_point,
                           granularity=granularity, sens_tokens=int(sens_tokens), eval_tokens=int(eval_tokens) or None)
 key = ("plan_report", str(a.path))
@@ -35,7 +38,7 @@ if st.button("Plan and verify", type="primary", key="plan_run", disabled=not cho
     with st.status("Measuring sensitivity, solving, verifying…", expanded=True) as status:
         bar = st.progress(0.0, text="starting")
         try:
-            st.session_state[key] = P.run(a, settings, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+            st.session_state[key] = P.run(a, settings, extra_budgets=extra, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
         except Exception as e:  # noqa: BLE001 - one sentence; the page stays up
             status.update(label="Planning failed", state="error")
             st.error(ui.readable(e))
