@@ -81,3 +81,44 @@ def bit_cost(bits: int, group_size: int, zero_point: bool = True) -> float:
     if isinstance(group_size, bool) or int(group_size) != group_size or int(group_size) <= 0:
         raise ValueError(f"group size must be a positive integer (the row length for per-row groups), got {group_size!r}")
     return b + (2 * FP16_BITS if zero_point else FP16_BITS) / int(group_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole-model quality of a causal LM (llama.cpp's ``--kl-divergence`` report)
+# ------------------------------------------------------------------------------------------------
+def token_divergence(ref_logp: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per scored token, from log-probabilities ``[..., vocab]`` of the reference ``p`` and the quantized
+    ``q`` model and the actual next tokens ``targets [...]``: ``KL(p || q)`` in nats (float64), whether the
+    argmax is unchanged (bool) and ``q[y] - p[y]`` (float64). Shapes ``[...]``."""
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1, dtype=torch.float64)
+    same = ref_logp.argmax(-1) == logp.argmax(-1)
+    y = targets.unsqueeze(-1)
+    dp = logp.gather(-1, y).squeeze(-1).double().exp() - ref_logp.gather(-1, y).squeeze(-1).double().exp()
+    return kl, same, dp
+
+
+def percentile(values: torch.Tensor, fraction: float) -> float:
+    """llama.cpp's percentile: sort, then interpolate linearly between ranks ``fraction * (n - 1)``
+    (numpy's default ``linear`` method). NaN for no values."""
+    v = values.reshape(-1).double().sort().values
+    n = v.numel()
+    if n == 0:
+        return float("nan")
+    p = min(max(float(fraction), 0.0), 1.0) * (n - 1)
+    i = math.floor(p)
+    j = min(i + 1, n - 1)
+    return float(v[i] + (p - i) * (v[j] - v[i]))
+
+
+def perplexity_with_se(ce_sum: float, ce_sq_sum: float, n: int) -> tuple[float, float]:
+    """``exp(mean CE)`` and its standard error by the delta method, ``exp(m) * sqrt((E[c^2] - m^2) / (n - 1))``,
+    from the sum and the sum of squares of the per-token cross-entropies (llama.cpp's ``log_ppl``)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    m = ce_sum / n
+    ppl = math.exp(m)
+    if n < 2:
+        return ppl, float("nan")
+    var = max(ce_sq_sum / n - m * m, 0.0)
+    return ppl, ppl * math.sqrt(var / (n - 1))
