@@ -260,14 +260,15 @@ def layer_geometry(analysis) -> tuple[dict[str, int], dict[str, int]]:
 
 def quantized_weight(analysis, name: str, method: str, bits: int, group_size: int, zero_point: bool):
     """Linear ``name`` quantized by ``method`` (``core.methods.quantize_layer``, the one entry); ``[out, in]``."""
-    from .methods import quantize_layer
+    from .methods import METHODS, quantize_layer
 
     opts = {}
     if method == "awq":
         alpha = sweep_alpha(analysis, name, bits, group_size, zero_point)
         if alpha is not None:  # the sweep already searched this layer at these settings: same numbers, no search
             opts["alpha"] = alpha
-    return quantize_layer(method, analysis.weight(name), analysis.layer_inputs(name), n_bit=int(bits),
+    inputs = analysis.layer_inputs(name) if METHODS[method].needs_data else None
+    return quantize_layer(method, analysis.weight(name), inputs, n_bit=int(bits),
                           group_size=int(group_size), zero_point=zero_point, **opts).float()
 
 
@@ -368,7 +369,7 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
                 variants[f"{u}@{b}"] = plan_weights(analysis, {n: (b, gs[n]) for n in names}, method, zero_point)
     if variants:
         res = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
-        res = res[res["metric"] == metric]
+        res = res[(res["metric"] == metric) & res["variant"].isin(set(variants))]  # not the fp reference rows
         new = pd.DataFrame({"unit": [v.rsplit("@", 1)[0] for v in res["variant"]],
                             "bits": [int(v.rsplit("@", 1)[1]) for v in res["variant"]],
                             "metric": metric, "value": res["value"].astype(float).to_numpy(),

@@ -343,47 +343,27 @@ def test_alpha_study_on_a_real_analysis(tiny_llama):
 # sensitivity -> plan -> verification on a real (tiny) analysis
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture()
-def standins(monkeypatch):
-    """TEMPORARY until core.methods.quantize_layer and core.evaluate.score_variants land on main: the agreed
-    signatures, RTN weights and a weight-error score. Counts the scored variants."""
-    import sys
-    import types
-
-    import torch
-
+def scored(monkeypatch):
+    """Records the variant names each ``score_variants`` call scores (the real function does the work)."""
     from core import evaluate
-    from core.analysis import Analysis
-    from core.quant import pseudo_quantize
 
     calls = []
-    mod = types.ModuleType("core.methods")
-    mod.quantize_layer = lambda method, w, inputs, *, n_bit, group_size, zero_point=True, **kw: \
-        pseudo_quantize(w, n_bit, group_size, zero_point)
-    monkeypatch.setitem(sys.modules, "core.methods", mod)
-    monkeypatch.setattr(Analysis, "layer_inputs", lambda self, name: None, raising=False)
+    real = evaluate.score_variants
 
-    def score_variants(analysis, variants, *, max_tokens=None, progress=None):
-        import pandas as pd
-        rows = []
-        for v, make in variants.items():
-            calls.append(v)
-            ws = make()
-            e = sum(float((analysis.weight(n) - w).pow(2).sum() / analysis.weight(n).pow(2).sum()) for n, w in ws.items())
-            for m in ("kl", "perplexity"):
-                rows.append({"variant": v, "metric": m, "value": e if m == "kl" else 10 + e, "n_tokens": 128,
-                             "seconds": 0.0})
-        return pd.DataFrame(rows)
-    monkeypatch.setattr(evaluate, "score_variants", score_variants, raising=False)
+    def spy(analysis, variants, **kw):
+        calls.extend(variants)
+        return real(analysis, variants, **kw)
+    monkeypatch.setattr(evaluate, "score_variants", spy)
     return calls
 
 
-def test_plan_end_to_end(tiny_llama, standins, tmp_path):
+def test_plan_end_to_end(tiny_llama, scored, tmp_path):
     from core import plan as P
 
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)
     n_blocks = int(tiny_llama.linears["block"].nunique())
-    assert len([c for c in standins if "@" in c]) == n_blocks * 4  # one variant per block and bit-width
+    assert len([c for c in scored if "@" in c]) == n_blocks * 4  # one variant per block and bit-width
     assert rep.plan.avg_bits <= 3.75 + 1e-12 and rep.plan.exact
     assert set(rep.quality["variant"]) == {"plan", "uniform w2", "uniform w3", "uniform w4", "uniform w8"}
     assert rep.plan.measured["kl"] == float(rep.quality.query("variant == 'plan' and metric == 'kl'")["value"].iloc[0])
@@ -391,20 +371,48 @@ def test_plan_end_to_end(tiny_llama, standins, tmp_path):
     lay = tiny_llama.layers.set_index(["name", "bits"])
     r = rep.layer_sens.iloc[0]
     assert r["rel_heldout"] == lay.loc[(r["name"], r["bits"]), "rtn_rel_heldout"]
-    standins.clear()
+    scored.clear()
     P.run(tiny_llama, s, baselines=False)  # the sensitivity is cached: only the plan is scored again
-    assert standins == ["plan"]
+    assert scored == ["plan"]
     assert rep.notes and all("uniform" in n for n in rep.notes)
+    # the block-0 value is what score_variants says of block 0 alone at 3 bits, weights made independently
+    from core import evaluate
+    from core.quant import pseudo_quantize
+
+    names = tiny_llama.linears.query("block == 0")["name"].tolist()
+    ref = evaluate.score_variants(tiny_llama, {"b0": lambda: {n: pseudo_quantize(tiny_llama.weight(n), 3, 32)
+                                                              for n in names}}, max_tokens=128)
+    got = rep.model_sens.query("unit == '0' and bits == 3")["value"].iloc[0]
+    assert got == pytest.approx(float(ref.query("variant == 'b0' and metric == 'kl'")["value"].iloc[0]), rel=1e-9)
+    q = rep.quality.pivot_table(index="variant", columns="metric", values="value")
+    assert q.loc["uniform w8", "kl"] < q.loc["uniform w4", "kl"] < q.loc["uniform w2", "kl"]
+    assert {"perplexity", "perplexity_se", "kl", "kl_p99", "same_top", "rms_dp"} <= set(q.columns)
 
 
-def test_plan_refuses_bad_budget_before_measuring(tiny_llama, standins):
+def test_awq_weights_reuse_the_sweep_alpha(tiny_llama):
+    import torch
+
+    from core import plan as P
+
+    name = tiny_llama.names[3]
+    alpha = P.sweep_alpha(tiny_llama, name, 3, 32, True)
+    row = tiny_llama.layers.query("name == @name and bits == 3").iloc[0]
+    assert alpha == row["best_alpha"]
+    w = P.quantized_weight(tiny_llama, name, "awq", 3, 32, True)
+    w_ref, (err,) = tiny_llama.awq_errors(name, alpha=alpha, bits=3, group_size=32, splits=("heldout",))
+    assert torch.equal(w, w_ref)
+    assert err == pytest.approx(row["awq_rel_heldout"], rel=1e-5)
+    assert P.sweep_alpha(tiny_llama, name, 5, 32, True) is None  # not swept: the method searches itself
+
+
+def test_plan_refuses_bad_budget_before_measuring(tiny_llama, scored):
     from core import plan as P
 
     with pytest.raises(ValueError, match="below the cheapest"):
         P.make_plan(tiny_llama, P.PlanSettings(budget=2.0, method="awq"))
     with pytest.raises(ValueError, match="unknown plan method"):
         P.make_plan(tiny_llama, P.PlanSettings(budget=4.0, method="hqq-x"))
-    assert standins == []
+    assert scored == []
 
 
 def test_cli_refuses_bad_budget(tiny_dir, tokenizer_dir, tmp_path):
@@ -433,7 +441,7 @@ def test_standouts():
     assert not standouts(np.array([1, 1.1, 0.9, 1.05, 0.95, 50, 60, 55.0]), g).any()
 
 
-def test_plan_figures(tiny_llama, standins):
+def test_plan_figures(tiny_llama, scored):
     from core import figures
     from core import plan as P
 
@@ -448,7 +456,7 @@ def test_plan_figures(tiny_llama, standins):
 # ------------------------------------------------------------------------------------------------
 # the page
 # ------------------------------------------------------------------------------------------------
-def test_plan_page(tiny_llama, standins, monkeypatch):
+def test_plan_page(tiny_llama, scored, monkeypatch):
     from streamlit.runtime.pages_manager import PagesManager
     from streamlit.testing.v1 import AppTest
 
