@@ -22,6 +22,7 @@ PAGES = [
     st.Page("pages/clipping.py", title="Clipping", icon=":material/content_cut:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("pages/model_quality.py", title="Model quality", icon=":material/fact_check:"),
+    st.Page("pages/plan.py", title="Plan", icon=":material/stacked_bar_chart:"),
 ]
 
 page = st.navigation(PAGES)
