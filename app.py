@@ -23,6 +23,7 @@ PAGES = [
     st.Page("pages/methods.py", title="Methods", icon=":material/leaderboard:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("pages/model_quality.py", title="Model quality", icon=":material/fact_check:"),
+    st.Page("pages/plan.py", title="Plan", icon=":material/stacked_bar_chart:"),
 ]
 
 page = st.navigation(PAGES)
