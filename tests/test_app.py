@@ -104,7 +104,7 @@ def snapshot(cache: Path) -> list[tuple[str, int, int]]:
 
 def lab_state(at: AppTest) -> dict:
     return {
-        "name": at.selectbox(key="lab_layer").value, "bits": int(at.select_slider(key="lab_bits").value),
+        "name": at.selectbox(key="lab_layer").value, "bits": int(at.segmented_control(key="lab_bits").value),
         "alpha": float(at.slider(key="lab_alpha").value), "group_size": int(at.select_slider(key="lab_group").value),
         "n_grid": int(at.select_slider(key="lab_grid").value), "zero_point": at.toggle(key="lab_zp").value,
         "duo_scaling": at.toggle(key="lab_duo").value, "clip": at.toggle(key="lab_clip").value,
@@ -130,29 +130,87 @@ def check_lab_against_engine(at: AppTest, engine) -> object:
     ev = engine.evaluate_layer(st_.pop("name"), **st_)
     shown = metrics_shown(at)
     assert {k: shown[k] for k in LAB_METRICS} == expected_lab_metrics(ev)
-    curve = next(df for data in chart_data(at) for df in data.values() if list(df.columns) == ["alpha", "loss", "rel_error"])
+    curve = lab_curve(at)
     assert np.allclose(curve["alpha"], ev.search.alphas.numpy()) and np.allclose(curve["rel_error"], ev.rel_curve.numpy())
     return ev
 
 
+def lab_curve(at: AppTest, which: str = figures.CURVE_PLAIN) -> pd.DataFrame:
+    """The points of one curve of the Layer Lab's error-vs-alpha chart, as the browser receives them."""
+    for data in chart_data(at):
+        for df in data.values():
+            if list(df.columns) == ["alpha", "curve", "rel_error"]:
+                return df[df["curve"] == which].reset_index(drop=True)
+    raise AssertionError("no error-vs-alpha chart")
+
+
+def lab_spec(at: AppTest) -> dict:
+    return next(sp for sp in chart_specs(at) if figures.figure_title(sp).startswith("Output error vs alpha"))
+
+
+def title_words(spec: dict) -> str:
+    """Title and subtitle of a spec as one line (they are wrapped into several lines to fit the chart)."""
+    t = spec.get("title", {})
+    parts = []
+    for k in ("text", "subtitle"):
+        v = t.get(k, "") if isinstance(t, dict) else (t if k == "text" else "")
+        parts += v if isinstance(v, list) else [v]
+    return " ".join(str(p) for p in parts)
+
+
 # --- opening the app ---------------------------------------------------------------------------------
 
-def test_first_open_analyzes_the_bundled_model_and_lands_on_the_layer_lab(cache):
-    """No typing: a fresh session analyzes the bundled model (or reads it from the cache) and shows the Lab."""
+INTRO_TITLES = ("Round to nearest", "Input activations of", "s = mean|x|^α", "Q(W·s)/s vs Q(W)", "AWQ gain per layer")
+
+
+def test_first_open_walks_how_awq_works_then_the_layer_lab(cache):
+    """No typing: a fresh session analyzes the bundled model (or reads it from the cache) and starts the walk.
+
+    The walk's five figures are live numbers of this model; its button opens the Layer Lab at the walk's
+    layer; a later session (the walk has been shown once) opens on the Layer Lab.
+    """
+    import ui
+
+    (cache / ui.INTRO_MARK).unlink(missing_ok=True)
     at = open_app()
     at.run()
     assert_clean(at)
-    assert at.title[0].value == "Layer Lab"
+    assert at.title[0].value == "How AWQ works"
     entries = [m for m in list_cached(cache) if m["model_id"] == BUNDLED_ID]
     assert entries, "the bundled model's analysis was not cached"
     assert at.session_state[ENTRY] == entries[0]["path"]
     engine = open_entry(entries[0]["path"])
+    walk = views.intro_walk(engine)
+    steps = [h.value for h in at.subheader]
+    assert [h.split(" · ")[0] for h in steps[:5]] == ["1", "2", "3", "4", "5"], steps
+    assert "https://arxiv.org/abs/2306.00978" in at.caption[0].value and "MLSys 2024" in at.caption[0].value
+    titles = [figures.figure_title(sp) for sp in chart_specs(at)]
+    for start in INTRO_TITLES:
+        assert any(t.startswith(start) for t in titles), (start, titles)
+    # live: the weight group drawn is this model's weight row, and its RTN values are what pseudo_quantize gives
+    pts, levels, info = views.weight_group(walk.ev)
+    group = next(df for data in chart_data(at) for df in data.values() if {"channel", "weight", "rtn"} <= set(df.columns))
+    w = engine.weight(walk.name)[info["row"]].double().numpy()
+    assert np.allclose(group["weight"], w[group["channel"].to_numpy()])
+    assert set(np.round(group["rtn"], 6)) <= set(np.round(levels["level"], 6))
+    assert len(levels) == 2 ** walk.bits
+    assert_themed(at, 5)
+
+    at.button(key="intro_to_lab").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Layer Lab"
+    assert at.selectbox(key="lab_layer").value == walk.name
     before = check_lab_against_engine(at, engine)
     at.slider(key="lab_alpha").set_value(0.2).run()
     after = check_lab_against_engine(at, engine)
     assert after.alpha == pytest.approx(0.2)
     assert metrics_shown(at)["AWQ rel. error"] != views.fmt_rel(before.awq_rel)
     assert_themed(at, 4)
+
+    later = open_app()  # the walk has been shown once: later visits open on the Layer Lab
+    later.run()
+    assert_clean(later)
+    assert later.title[0].value == "Layer Lab"
 
 
 def test_every_page_on_the_bundled_model(cache):
@@ -207,22 +265,57 @@ def test_layer_lab_controls_recompute_exactly_what_the_engine_computes(tiny):
     shown = metrics_shown(at)
     assert shown["AWQ rel. error"] == shown["RTN rel. error"]  # alpha 0 is RTN
 
+    assert "RTN (= alpha 0)" in title_words(lab_spec(at))  # true here: no duo scaling
+
     at.slider(key="lab_alpha").set_value(0.5).run()
-    for key, value in (("lab_bits", 2), ("lab_group", 16), ("lab_grid", 10)):
+    at.segmented_control(key="lab_bits").set_value(2).run()
+    check_lab_against_engine(at, engine)
+    for key, value in (("lab_group", 16), ("lab_grid", 10)):
         at.select_slider(key=key).set_value(value).run()
         check_lab_against_engine(at, engine)
     at.toggle(key="lab_zp").set_value(False).run()
     check_lab_against_engine(at, engine)
+
+    # Duo scaling: the curve is the duo-scaled search, whose alpha-0 point is not RTN, and the chart says so.
     at.toggle(key="lab_duo").set_value(True).run()
-    check_lab_against_engine(at, engine)
+    ev = check_lab_against_engine(at, engine)
+    st_ = lab_state(at)
+    at0 = engine.evaluate_layer(st_["name"], **{**{k: v for k, v in st_.items() if k != "name"}, "alpha": 0.0})
+    curve = lab_curve(at)
+    assert curve["alpha"].iloc[0] == 0.0
+    assert curve["rel_error"].iloc[0] == pytest.approx(at0.awq_rel, rel=1e-9)
+    assert abs(curve["rel_error"].iloc[0] - ev.rtn_rel) > 1e-6 * ev.rtn_rel  # alpha 0 with duo scaling is not RTN
+    title = title_words(lab_spec(at))
+    assert "alpha 0 is not RTN" in title and "= alpha 0" not in title
+
+    # Clipping: the chart says its curve is the unclipped search; on request it draws the clipped curve,
+    # whose point at the current alpha is the shown AWQ + clip error, and "Set alpha" follows that curve.
+    down = next(n for n in a.names if n.endswith("down_proj"))
+    at.selectbox(key="lab_layer").set_value(down).run()
     at.toggle(key="lab_clip").set_value(True).run()
     ev = check_lab_against_engine(at, engine)
-    assert metrics_shown(at)["Clipping"] == ("applied" if ev.clipped else "skipped (Q/K)")
+    assert ev.clipped and metrics_shown(at)["Clipping"] == "applied"
+    title = title_words(lab_spec(at))
+    assert "+ clip" in title and "curve without clipping" in title
+    at.button(key="lab_clip_curve_btn").click().run()
+    ev = check_lab_against_engine(at, engine)
+    clipped = lab_curve(at, figures.CURVE_CLIP)
+    assert len(clipped) == 10 and "curve without clipping" not in title_words(lab_spec(at))
+    here = clipped.loc[np.isclose(clipped["alpha"], ev.alpha), "rel_error"]
+    assert len(here) == 1 and here.iloc[0] == pytest.approx(ev.awq_rel, rel=1e-9)
+    for alpha in (0.0, 0.3):  # every point is evaluate_layer(clip=True) at that alpha
+        ref = engine.evaluate_layer(ev.name, alpha=alpha, bits=ev.bits, group_size=16, zero_point=False,
+                                    duo_scaling=True, clip=True, n_grid=10)
+        assert clipped.loc[np.isclose(clipped["alpha"], alpha), "rel_error"].iloc[0] == pytest.approx(ref.awq_rel, rel=1e-9)
+    best_clip = float(clipped["alpha"].iloc[int(np.argmin(clipped["rel_error"].to_numpy()))])
+    at.button(key="lab_snap_clip").click().run()
+    assert at.slider(key="lab_alpha").value == pytest.approx(best_clip)
+    check_lab_against_engine(at, engine)
 
     q_proj = next(n for n in a.names if n.endswith("q_proj"))
     at.selectbox(key="lab_layer").set_value(q_proj).run()
     ev = check_lab_against_engine(at, engine)
-    assert not ev.clipped and metrics_shown(at)["Clipping"] == "skipped (Q/K)"
+    assert not ev.clipped and metrics_shown(at)["Clipping"] == "Q/K: skipped"
     at.toggle(key="lab_clip_qk").set_value(True).run()
     ev = check_lab_against_engine(at, engine)
     assert ev.clipped and metrics_shown(at)["Clipping"] == "applied"
