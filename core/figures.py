@@ -285,7 +285,7 @@ def _title(text: str, subtitle: str | None = None, width: int = WIDTH) -> alt.Ti
 
 AX = {
     "rel_error": "relative output error ||ΔY||² / ||Y||²",
-    "gain": "AWQ gain, RTN error / AWQ error (×)",
+    "gain": "AWQ gain (×, RTN / AWQ error)",
     "ratio": "AWQ error / RTN error (×; < 1: AWQ better)",
     "bits": "bits per weight",
     "block": "block (index)",
@@ -366,20 +366,20 @@ def _error_bits_chart(err: pd.DataFrame, ratio: pd.DataFrame, color: str | None,
         shape = alt.Shape("method:N", title="method", sort=["RTN", "AWQ"])
     x = alt.X("bits:O", title=AX["bits"], axis=alt.Axis(labelAngle=0))
     top = alt.Chart(err).mark_line(point=alt.OverlayMarkDef(size=70, filled=True)).encode(
-        x=x, y=alt.Y("median_rel_error:Q", title=["median relative output error", "(log scale)"], scale=alt.Scale(type="log")),
+        x=x, y=alt.Y("median_rel_error:Q", title=["rel. output error", "(median, log scale)"], scale=alt.Scale(type="log")),
         color=ccol, strokeDash=dash, shape=shape,
         tooltip=[c for c in (color,) if c] + ["bits:O", "method:N", "split:N",
                                               alt.Tooltip("median_rel_error:Q", format=".4g")],
-    ).properties(width=WIDTH, height=170)
+    ).properties(width=WIDTH, height=190)
     rdash = alt.StrokeDash("split:N", title="scored on", scale=alt.Scale(domain=list(SPLIT_DASH),
                                                                          range=list(SPLIT_DASH.values())))
     rshape = alt.Shape("split:N", title="scored on", scale=alt.Scale(domain=list(SPLIT_DASH), range=["circle", "triangle"]))
     bottom = alt.Chart(ratio).mark_line(point=alt.OverlayMarkDef(size=70, filled=True)).encode(
-        x=x, y=alt.Y("median_awq_over_rtn:Q", title=["median AWQ error / RTN error", "(×, linear; < 1: AWQ better)"],
+        x=x, y=alt.Y("median_awq_over_rtn:Q", title=["AWQ / RTN error", "(×; < 1: AWQ better)"],
                      scale=alt.Scale(zero=False, type="linear")),
         color=rcol, strokeDash=rdash, shape=rshape,
         tooltip=[c for c in (color,) if c] + ["bits:O", "split:N", alt.Tooltip("median_awq_over_rtn:Q", format=".3f")],
-    ).properties(width=WIDTH, height=170)
+    ).properties(width=WIDTH, height=190)
     one = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(color="#333", strokeDash=[2, 3]).encode(y="y:Q")
     return alt.vconcat(top, bottom + one, spacing=14).resolve_scale(color="independent", strokeDash="independent",
                                                                      shape="independent").properties(
@@ -950,17 +950,21 @@ def surface_png(mat: np.ndarray, *, title: str, value_name: str = "importance", 
 def surface_axes(mat: np.ndarray, log: bool = False) -> dict[str, Any]:
     """Axis ticks for panel's VTK pane in scene coordinates, labelled with channels / blocks / values.
 
-    panel's pane has no axis titles, so the first label of each axis names it ("channel 0", "block 0").
+    panel's pane has no axis titles, so the last label of the channel and block axes names the axis
+    ("400 channel", "block 5"); at the origin, where the three axes meet, only the channel axis' "0" is
+    written (the block and height axes leave their first label empty, so nothing prints over it).
     """
     ax = surface_ticks(mat, log)
     z0, z1 = ax.z_ticks[0], ax.z_ticks[-1]
+    last_x, last_y = len(ax.x_ticks) - 1, len(ax.y_ticks) - 1
     return {
         "xticker": {"ticks": [t / ax.x_max * 3.0 for t in ax.x_ticks],
-                    "labels": [f"channel {t}" if i == 0 else str(t) for i, t in enumerate(ax.x_ticks)]},
+                    "labels": [f"{t} channel" if i == last_x else str(t) for i, t in enumerate(ax.x_ticks)]},
         "yticker": {"ticks": [t / ax.y_max * 1.2 for t in ax.y_ticks],
-                    "labels": [f"block {t}" if i == 0 else str(t) for i, t in enumerate(ax.y_ticks)]},
+                    "labels": ["" if i == 0 else (f"block {t}" if i == last_y else str(t))
+                               for i, t in enumerate(ax.y_ticks)]},
         "zticker": {"ticks": [(t - z0) / (z1 - z0) for t in ax.z_ticks],
-                    "labels": [ax.z_format % t for t in ax.z_ticks]},
+                    "labels": ["" if i == 0 else ax.z_format % t for i, t in enumerate(ax.z_ticks)]},
         "fontsize": 13, "digits": 3, "show_grid": True, "grid_opacity": 0.15, "axes_opacity": 0.6,
         "origin": (0.0, 0.0, 0.0),
     }

@@ -569,6 +569,10 @@ def assert_slide_ready(fig: figures.Figure) -> None:
                                      for v in _views_of(spec)):
                 continue  # a layer that shares the axis titled by another layer
             assert title, (fig.slug, ch, enc.get("field"))
+            extent = (view.get("width") if ch == "x" else view.get("height")) or spec.get("width" if ch == "x" else "height")
+            if isinstance(extent, (int, float)):  # an axis title is not longer than its axis
+                for line in title if isinstance(title, list) else [title]:
+                    assert figures.text_width(line, 14) * 0.85 <= extent + 30, (fig.slug, ch, line)
             if enc["field"] in INDEX_FIELDS and enc.get("type") == "quantitative":
                 assert enc.get("axis", {}).get("format") == "d", (fig.slug, enc["field"])
     width = max([w for w in widths if isinstance(w, (int, float))] + [figures.WIDTH]) if widths else figures.WIDTH
@@ -730,8 +734,9 @@ def test_3d_axes_have_integer_ticks_distinct_labels_and_refuse_log_of_signed_val
     zl = [ax.z_format % t for t in ax.z_ticks]
     assert len(set(zl)) == len(zl) and float(zl[0]) <= mat.min() and float(zl[-1]) >= mat.max()
     axes = figures.surface_axes(mat)
-    assert axes["xticker"]["labels"][0] == "channel 0" and axes["yticker"]["labels"][0] == "block 0"
-    assert len(set(axes["zticker"]["labels"])) == len(axes["zticker"]["labels"])
+    assert axes["xticker"]["labels"][-1].endswith("channel") and axes["yticker"]["labels"][-1] == "block 5"
+    assert axes["xticker"]["labels"][0] == "0" and axes["yticker"]["labels"][0] == axes["zticker"]["labels"][0] == ""
+    assert len(set(axes["zticker"]["labels"][1:])) == len(axes["zticker"]["labels"]) - 1
     pl = figures.surface_plotter(mat, title="t", window_size=(640, 360))
     try:
         labels = pl.renderer.cube_axes_actor.x_labels
