@@ -36,7 +36,7 @@ GROUPS = {
                 page("pages/clipping.py", "Clipping", ":material/content_cut:"),
                 page("pages/methods.py", "Methods", ":material/science:")],
     "Decide": [page("pages/model_quality.py", "Model quality", ":material/fact_check:"),
-               page("pages/plan.py", "Plan", ":material/account_tree:"),
+               page("pages/plan.py", "Plan", ":material/stacked_bar_chart:"),
                page("pages/compare.py", "Compare", ":material/compare_arrows:")],
 }
 
