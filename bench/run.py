@@ -761,6 +761,14 @@ def rep_seed(res: dict, row: Row) -> None:
         "machine of issue 13, products ~50 s there)")
 
 
+# --- Model quality modes on the bundled LLM (issue 9; self-contained in bench/quality_bench.py) -------------------------
+@figure("modes", "every Model quality mode on the bundled LLM, as ratios to one plain forward pass")
+def _modes(b: "Bench") -> None:
+    from quality_bench import bench_modes, report_modes  # bench/ is on sys.path when this file runs
+    b.res.update(bench_modes(b.quick, b.workdir))
+    report_for("modes")(report_modes)
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 def platform_info() -> dict[str, Any]:
     """The machine and the instruction set the kernels were built for (reported beside every figure)."""

@@ -774,6 +774,29 @@ def intro_channel_errors(ev: "LayerEval") -> Figure:
                   "e_j = mean_i |W_ij - W_hat_ij| * mean|x_j|, averaged in log-spaced rank bins")
 
 
+def kl_distribution(kl: pd.DataFrame) -> Figure:
+    """Per-token KL(p_fp || q) as a cumulative distribution per mode, one panel per bit-width, from the
+    quantiles of ``core.evaluate.cached_kl`` (columns mode, bits, fraction, kl). Log x axis: KL values
+    below 1e-6 nats (and the exact zeros) are drawn at 1e-6."""
+    data = kl[["mode", "bits", "fraction", "kl"]].copy()
+    data["kl"] = data["kl"].clip(lower=1e-6)
+    data["bits"] = "w" + data["bits"].astype(str)
+    data = data.sort_values(["mode", "bits", "fraction"])
+    modes = [m for m in ("rtn", "awq", "awq-grouped", "awq-clip", "const-alpha") if m in set(data["mode"])]
+    modes += sorted(set(data["mode"]) - set(modes))
+    chart = alt.Chart(data).mark_line(interpolate="step-after").encode(
+        x=alt.X("kl:Q", title="per-token KL(p_fp || q) (nats)", scale=alt.Scale(type="log")),
+        y=alt.Y("fraction:Q", title="share of scored tokens with KL ≤ x", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("mode:N", sort=modes, title="mode", scale=alt.Scale(range=PALETTE)),
+        order="fraction:Q",
+        tooltip=["mode:N", "bits:N", alt.Tooltip("fraction:Q", format=".3f"), alt.Tooltip("kl:Q", format=".4g")],
+    ).properties(width=WIDTH, height=HEIGHT).facet(
+        column=alt.Column("bits:N", title=None, sort=sorted(set(data["bits"]), key=lambda b: int(b[1:]))),
+    ).properties(title=_title("Per-token KL divergence to full precision",
+                              "cumulative share of held-out tokens; further left is better"))
+    return Figure("kl_distribution", chart, kl)
+
+
 # --- 3D surface (pyvista) -------------------------------------------------------------------------------
 
 VTK_LOCK = threading.Lock()
