@@ -484,6 +484,8 @@ def main() -> int:
         res["alpha_curve_ratio_paired"] = statistics.median(cv_ratio)
         res["alpha_curve_stats_ms"] = {k: (v * 1e3 if k in ("median", "min", "max") else v) for k, v in stats(cv).items()}
 
+        res.update(__import__("methods_bench").run(quick))  # issue 10: GPTQ speed figures (bench/methods_bench.py)
+
         # --- matmul summary (all probe samples, taken throughout the run) ---
         mm = stats(probe.samples)
         res["matmul_ms"] = mm["median"] * 1e3
