@@ -399,3 +399,14 @@ def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monk
     with pytest.raises(RuntimeError, match="boom"):
         evaluate.run_quality(a, modes=[mode], bits=[3], group_size=32)
     assert _same_state(a.lm, before)
+
+
+@pytest.mark.parametrize("n,block", [(600, 256), (64, 16), (100, 256), (257, 128)])
+def test_blocked_lower_gram_equals_xtx(n, block):
+    g = torch.Generator().manual_seed(n)
+    h = torch.zeros(n, n, dtype=torch.float64)
+    xs = [torch.randn(37, n, generator=g) for _ in range(3)]
+    for x in xs:
+        collect.add_gram_lower(h, x, block)
+    full = torch.cat(xs).double()
+    assert torch.allclose(collect.symmetrize_lower(h, block), full.T @ full, rtol=1e-5, atol=1e-4)
