@@ -769,6 +769,13 @@ def _modes(b: "Bench") -> None:
     report_for("modes")(report_modes)
 
 
+# --- methods beyond AWQ (issue 10; self-contained in bench/methods_bench.py) -----------------------------------------
+@figure("methods", "GPTQ on the 4864-input down_proj vs one bare matmul of that layer; whole-model GPTQ vs one forward")
+def _methods(b: "Bench") -> None:
+    import methods_bench  # bench/ is on sys.path when this file runs
+    b.res.update(methods_bench.run(b.quick))
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 def platform_info() -> dict[str, Any]:
     """The machine and the instruction set the kernels were built for (reported beside every figure)."""

@@ -482,6 +482,28 @@ def _const_alpha_mode(ctx: ModeContext, bits: int, progress: Progress) -> Varian
     return plan
 
 
+def _gptq_mode(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
+    """Sequential GPTQ (core.sequential) on the search token budget."""
+    from .sequential import sequential_gptq
+    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=bits, group_size=ctx.group_size,
+                           zero_point=ctx.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
+                           progress=progress)
+
+
+def _awq_gptq_mode(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
+    from .sequential import sequential_gptq
+    res = ctx.memo["grouped"]
+    ctx.seconds[("awq-gptq", bits)] = res.scale_seconds[bits]
+    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=bits, group_size=ctx.group_size,
+                           zero_point=ctx.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
+                           scales=dict(res.plans[bits].col), progress=progress)
+
+
+def _hqq_mode(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
+    from .sequential import hqq_weights
+    return hqq_weights(ctx.lm, ctx.snap, bits=bits, group_size=ctx.group_size, progress=progress)
+
+
 SHARED_SEARCHES: dict[str, SharedSearch] = {
     "grouped": SharedSearch(_grouped_search, _grouped_cost),
 }
@@ -498,6 +520,15 @@ MODE_REGISTRY: dict[str, ModeSpec] = {
                             "budget of calibration text; W -> Q(W*s)/s", _const_alpha_mode,
                             lambda ctx, b: (ctx.n_grid + (0 if ctx.lm.is_causal else 1)) * ctx.units(
                                 ctx.const_alpha_blocks())),
+    # issue 10 (core.sequential): block inputs captured once, each block run twice on them, GPTQ per linear
+    "gptq": ModeSpec("GPTQ, sequential: block by block, each block's Hessians X^T X from the search token budget "
+                     "run through the already-quantized blocks before it", _gptq_mode,
+                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5),
+    "hqq": ModeSpec("HQQ: data-free half-quadratic optimisation of each group's zero (asymmetric)", _hqq_mode,
+                    lambda ctx, b: 0.2),
+    "awq-gptq": ModeSpec("AWQ's grouped scales, then sequential GPTQ on the scaled weights W*s with the Hessian of "
+                         "X/s (GPTQ(W*s)/s: the function of folding 1/s into the previous op)", _awq_gptq_mode,
+                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5, shared="grouped"),
 }
 MODES = ("fp", *MODE_REGISTRY)
 MODE_DEFINITIONS: dict[str, str] = {"fp": "the unquantized model (reference)",
@@ -637,7 +668,8 @@ def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens
         return max(spec.seqlen, min(spec.n_samples * spec.seqlen, n_tok) // spec.seqlen * spec.seqlen) / held
     q = [m for m in modes if m != "fp"]
     total = 1.0 + len(q) * len(bits)
-    if any(m in q for m in ("awq-grouped", "awq-clip")):
+    total += sum(2 * units(search_tokens) + 0.5 for m in q if m in ("gptq", "awq-gptq")) * len(bits)
+    if any(m in q for m in ("awq-grouped", "awq-clip", "awq-gptq")):
         total += _grouped_units(units(search_tokens), units(min(search_tokens, CLIP_TOKENS)), len(bits), n_grid,
                                 "awq-clip" in q)
     if "const-alpha" in q:

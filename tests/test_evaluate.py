@@ -271,7 +271,7 @@ def test_grouping_note_for_llama_and_gqa(tiny_analysis):
 def test_bad_input_is_a_clear_error(tiny_analysis):
     a = tiny_analysis("llama")
     with pytest.raises(ValueError, match="unknown mode"):
-        evaluate.run_quality(a, modes=["gptq"], bits=[4], group_size=GS)
+        evaluate.run_quality(a, modes=["squeeze"], bits=[4], group_size=GS)
     with pytest.raises(ValueError, match="bits"):
         evaluate.run_quality(a, modes=["rtn"], bits=[1], group_size=GS)
     with pytest.raises(ValueError, match="does not divide"):
