@@ -177,10 +177,15 @@ def collect_worker(workdir: Path, repeats: int) -> None:
     calib = torch.randint(0, QWEN["vocab_size"], CALIB_SHAPE, generator=g)
     heldout = torch.randint(0, QWEN["vocab_size"], (1, CALIB_SHAPE[1]), generator=g)
 
+    import inspect
+    # what analyze does by default: with the methods' Hessian accumulation (X^T X per distinct input), if present
+    hkw = {"hessians": True} if "hessians" in inspect.signature(C.collect).parameters else {}
     rss_before = _rss_mb("VmRSS")
     reset = _reset_peak_rss()
     t0 = time.perf_counter()
-    col = C.collect(lm, calib, heldout, sample_rows=512, heldout_rows=512, seed=0, batch_tokens=BATCH_TOKENS)
+    col = C.collect(lm, calib, heldout, sample_rows=512, heldout_rows=512, seed=0, batch_tokens=BATCH_TOKENS, **hkw)
+    n_hess_mb = sum(h.numel() * h.element_size() for h in getattr(col, "hessians", {}).values()) / 2**20
+    col = replace(col, hessians={}) if hkw else col
     first_s = time.perf_counter() - t0
     peak = _rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log(f"[collect worker] first collection (calib + held-out) {first_s:.1f} s, peak RSS {peak:.0f} MiB")
@@ -214,7 +219,7 @@ def collect_worker(workdir: Path, repeats: int) -> None:
             inside["s"] += time.perf_counter() - t0
 
     def hooked() -> None:
-        C.collect(lm, calib, None, sample_rows=512, seed=0, batch_tokens=BATCH_TOKENS)
+        C.collect(lm, calib, None, sample_rows=512, seed=0, batch_tokens=BATCH_TOKENS, **hkw)
 
     plain_t, hooked_t, inside_t = [], [], []
     C.ChannelAccumulator.update = timed_update
@@ -240,7 +245,7 @@ def collect_worker(workdir: Path, repeats: int) -> None:
     save_s = time.perf_counter() - t0
     out = {
         "build_s": build_s, "first_collect_s": first_s, "save_s": save_s, "rss_before_mb": rss_before,
-        "peak_rss_mb": peak, "peak_reset": reset, "model_fp32_mb": model_bytes(model) / 2**20,
+        "peak_rss_mb": peak, "peak_reset": reset, "hessians": bool(hkw), "hessians_mb": n_hess_mb, "model_fp32_mb": model_bytes(model) / 2**20,
         "plain_s": plain_t, "hooked_s": hooked_t, "update_s": inside_t, "input_of": col.input_of, "n_tokens": col.n_tokens,
         "n_stats_tokens": {k: s.n for k, s in col.stats.items()}, "threads": torch.get_num_threads(),
     }
@@ -500,6 +505,8 @@ def fig_collect(b: Bench) -> None:
     res["collect_rss_limit_mb"] = 1.5 * info["model_fp32_mb"] + 1024
     res["collect_rss_ratio"] = info["peak_rss_mb"] / res["collect_rss_limit_mb"]
     res["first_collect_s"] = info["first_collect_s"]
+    res["collect_hessians"] = info.get("hessians", False)
+    res["collect_hessians_mb"] = info.get("hessians_mb", 0.0)
 
 
 @report_for("collect")
@@ -516,7 +523,8 @@ def rep_collect(res: dict, row: Row) -> None:
                 "slowed some passes; trust the share-based figure more")
     row("collect tokens/s", f"{res['collect_tokens_per_s']:.0f}", f"(forward alone {res['forward_tokens_per_s']:.0f})")
     row("collect_peak_rss_mb / model_fp32_mb", f"{res['collect_peak_rss_mb']:.0f} / {res['model_fp32_mb']:.0f}",
-        f"limit {res['collect_rss_limit_mb']:.0f} MiB")
+        f"limit {res['collect_rss_limit_mb']:.0f} MiB" + (f"; with X^T X accumulation ({res['collect_hessians_mb']:.0f} "
+                                                            "MiB of Hessians)" if res.get("collect_hessians") else ""))
 
 
 @figure("sweep", "layer-level sweep of 168 linears (w2/3/4/8, 20 alphas, g128) in GFLOP/s vs the matmul's",
