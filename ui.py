@@ -355,18 +355,21 @@ def render_sidebar() -> None:
                                         key="cal_source")
         if v["text_source"] == "upload":
             v["upload"] = st.file_uploader("UTF-8 text file", type=["txt", "md", "text"], key="cal_upload")
-        c1, c2, c3 = st.columns(3)
+        # two inputs per row at most: three squeezed labels ("Held-out", "Zero point") were cut in the sidebar
+        c1, c2 = st.columns(2)
         v["n_samples"] = c1.number_input("Blocks", 1, 1024, DEFAULTS.calibration.n_samples, key="cal_n",
                                          help="Calibration blocks (official AWQ: 128).")
         v["seqlen"] = c2.number_input("Tokens", 16, 4096, DEFAULTS.calibration.seqlen, step=16, key="cal_len",
                                       help="Tokens per block, capped at the model's positions (official AWQ: 512).")
-        v["heldout_samples"] = c3.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
-                                               help="Held-out blocks, scored but never used to choose alpha.")
-        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
         c1, c2 = st.columns(2)
-        v["group_size"] = c1.selectbox("Group size", GROUP_CHOICES, index=GROUP_CHOICES.index(DEFAULTS.sweep.group_size),
+        v["heldout_samples"] = c1.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
+                                               help="Held-out blocks, scored but never used to choose alpha.")
+        v["group_size"] = c2.selectbox("Group size", GROUP_CHOICES,
+                                       index=GROUP_CHOICES.index(DEFAULTS.sweep.group_size)
+                                       if DEFAULTS.sweep.group_size in GROUP_CHOICES else 0,
                                        format_func=group_label, key="q_group")
-        v["zero_point"] = c2.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
+        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
+        v["zero_point"] = st.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
                                     help="Asymmetric quantization with a zero point (official AWQ); off: symmetric.")
         c1, c2 = st.columns(2)
         v["dtype"] = c1.selectbox("dtype", ["float32", "bfloat16", "float16"], key="m_dtype")

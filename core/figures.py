@@ -468,7 +468,8 @@ def loss_curve(ev: "LayerEval", clipped: pd.DataFrame | None = None) -> Figure:
         x=alt.X("alpha:Q", title=AX["alpha"], scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("rel_error:Q", title=AX["rel_error"], scale=alt.Scale(zero=False)),
         strokeDash=alt.StrokeDash("curve:N", title=None, scale=alt.Scale(domain=curves, range=[[1, 0], [6, 3]][:len(curves)]),
-                                  legend=alt.Legend(orient="bottom") if with_clip else None),
+                                  legend=alt.Legend(orient="bottom", symbolType="stroke", symbolStrokeWidth=2.5,
+                                                    symbolSize=500) if with_clip else None),
         detail="curve:N",
         tooltip=["curve:N", alt.Tooltip("alpha:Q", format=".3f"), alt.Tooltip("rel_error:Q", format=".4g")],
     )

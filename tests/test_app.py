@@ -99,7 +99,9 @@ def assert_themed(at: AppTest, n_min: int = 1) -> None:
 
 
 def snapshot(cache: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    """Every file of the cache (the first-visit marker aside: a page view writes it, no analysis does)."""
+    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*")
+                  if p.name != ".intro_seen")
 
 
 def lab_state(at: AppTest) -> dict:
