@@ -231,7 +231,7 @@ def uniform_plan(n_weights: Mapping[str, int], group_sizes: Mapping[str, int], b
 # sensitivity (cached as extra tables of the analysis)
 # ------------------------------------------------------------------------------------------------
 PLAN_METHODS = ("awq", "gptq", "rtn")
-SENS_VERSION = 1
+SENS_VERSION = 2
 DEFAULT_SENS_TOKENS = 512  # held-out tokens each sensitivity variant is scored on
 SENS_COLUMNS = ["unit", "bits", "metric", "value", "n_tokens"]
 
@@ -339,7 +339,8 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
                       progress=None) -> "pd.DataFrame":
     """Whole-model damage when only one unit is quantized at each bit-width, everything else fp.
 
-    ``granularity``: ``"block"`` (unit = a block's linears together) or ``"linear"`` (unit = one linear).
+    ``granularity``: ``"block"`` (units: each block's linears together, and each family's linears in all
+    blocks together, ``"family:<f>"``) or ``"linear"`` (unit = one linear).
     Scored by ``core.evaluate.score_variants`` on ``max_tokens`` held-out tokens: mean KL for causal LMs,
     hidden-state relative error for encoders. Columns ``unit, bits, metric, value, n_tokens``; cached per
     (method, zero point, granularity, token budget), only missing (unit, bits) pairs are computed.
@@ -362,6 +363,8 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
     for r in lin.itertuples(index=False):
         u = str(int(r.block)) if granularity == "block" else str(r.name)
         units.setdefault(u, []).append(str(r.name))
+        if granularity == "block":  # and each family across all blocks: how hard the model feels that family
+            units.setdefault(f"family:{r.family}", []).append(str(r.name))
     variants = {}
     for u, names in units.items():
         for b in bits:
@@ -385,9 +388,12 @@ def combine_sensitivity(layer_df, model_df, granularity: str = "block") -> dict[
     """Per-linear solver values ``{name: {bits: value}}`` from the two measurements.
 
     ``linear`` granularity: the measured model-level value itself. ``block``: the block's measured value
-    split over its linears in proportion to their held-out relative output errors at that width (the
-    values of a block sum to its measured damage; the split is the layer-level estimate of which linear
-    causes it). Negative measurements (noise at high bits) count as 0.
+    ``K_block(b)`` split over its linears in proportion to ``rel_l(b) * gamma_f(b)``, where ``rel_l`` is the
+    linear's held-out relative output error and ``gamma_f = K_family(b) / sum_{l in f} rel_l(b)`` the model's
+    damage per unit of layer error in its family (measured with that family quantized in every block). So a
+    block's values sum to its measured damage, and inside it a family that hurts the model more per unit of
+    layer error (a last projection, say) takes a larger share than its layer error alone would give it.
+    Without family rows the split is by ``rel_l`` alone. Negative measurements (noise at high bits) count 0.
     """
     out: dict[str, dict[int, float]] = {}
     model = {(str(u), int(b)): max(0.0, float(v)) for u, b, v in zip(model_df["unit"], model_df["bits"],
@@ -396,10 +402,18 @@ def combine_sensitivity(layer_df, model_df, granularity: str = "block") -> dict[
         for r in layer_df.itertuples(index=False):
             out.setdefault(str(r.name), {})[int(r.bits)] = model[(str(r.name), int(r.bits))]
         return out
-    tot = layer_df.groupby(["block", "bits"])["rel_heldout"].sum()
-    for r in layer_df.itertuples(index=False):
+    lay = layer_df.copy()
+    fam_rel = lay.groupby(["family", "bits"])["rel_heldout"].sum()
+    gamma = []
+    for r in lay.itertuples(index=False):
+        k = model.get((f"family:{r.family}", int(r.bits)))
+        t = float(fam_rel[(r.family, r.bits)])
+        gamma.append(1.0 if k is None else (k / t if t > 0 else 0.0))
+    lay["weighted"] = lay["rel_heldout"].to_numpy(dtype=float) * np.asarray(gamma)
+    tot = lay.groupby(["block", "bits"])["weighted"].sum()
+    for r in lay.itertuples(index=False):
         t = float(tot[(r.block, r.bits)])
-        share = float(r.rel_heldout) / t if t > 0 else 0.0
+        share = float(r.weighted) / t if t > 0 else 0.0
         out.setdefault(str(r.name), {})[int(r.bits)] = model[(str(int(r.block)), int(r.bits))] * share
     return out
 

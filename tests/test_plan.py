@@ -291,6 +291,11 @@ def test_combine_sensitivity_by_hand():
     s = combine_sensitivity(layer, model, "block")
     assert s["a"][3] == pytest.approx(0.05) and s["b"][3] == pytest.approx(0.15)  # 0.2 split 1:3
     assert s["c"][3] == 0.0  # a negative (noise) measurement counts 0
+    # with family rows, each family's model damage per unit of layer error reweights the split
+    fam = pd.DataFrame({"unit": ["family:q", "family:down"], "bits": [3, 3], "metric": "kl", "value": [0.102, 0.09]})
+    s = combine_sensitivity(layer, pd.concat([model, fam]), "block")  # gamma_q = 0.102 / 0.51, gamma_down = 3
+    assert s["a"][3] == pytest.approx(0.2 * 0.002 / 0.092) and s["b"][3] == pytest.approx(0.2 * 0.09 / 0.092)
+    assert s["a"][3] + s["b"][3] == pytest.approx(0.2)
     model_l = pd.DataFrame({"unit": ["a", "b", "c"], "bits": [3, 3, 3], "metric": "kl", "value": [0.1, 0.2, 0.3]})
     assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}}
 
@@ -363,7 +368,8 @@ def test_plan_end_to_end(tiny_llama, scored, tmp_path):
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)
     n_blocks = int(tiny_llama.linears["block"].nunique())
-    assert len([c for c in scored if "@" in c]) == n_blocks * 4  # one variant per block and bit-width
+    n_fam = int(tiny_llama.linears["family"].nunique())
+    assert len([c for c in scored if "@" in c]) == (n_blocks + n_fam) * 4  # one per block / family and width
     assert rep.plan.avg_bits <= 3.75 + 1e-12 and rep.plan.exact
     assert set(rep.quality["variant"]) == {"plan", "uniform w2", "uniform w3", "uniform w4", "uniform w8"}
     assert rep.plan.measured["kl"] == float(rep.quality.query("variant == 'plan' and metric == 'kl'")["value"].iloc[0])
