@@ -385,15 +385,17 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
 
 
 def combine_sensitivity(layer_df, model_df, granularity: str = "block") -> dict[str, dict[int, float]]:
-    """Per-linear solver values ``{name: {bits: value}}`` from the two measurements.
+    """Per-linear solver values ``{name: {bits: value}}`` from the measurements.
 
-    ``linear`` granularity: the measured model-level value itself. ``block``: the block's measured value
-    ``K_block(b)`` split over its linears in proportion to ``rel_l(b) * gamma_f(b)``, where ``rel_l`` is the
-    linear's held-out relative output error and ``gamma_f = K_family(b) / sum_{l in f} rel_l(b)`` the model's
-    damage per unit of layer error in its family (measured with that family quantized in every block). So a
-    block's values sum to its measured damage, and inside it a family that hurts the model more per unit of
-    layer error (a last projection, say) takes a larger share than its layer error alone would give it.
-    Without family rows the split is by ``rel_l`` alone. Negative measurements (noise at high bits) count 0.
+    ``linear`` granularity: each linear's own measured model-level value. ``block``: a separable (block x
+    family) model of two measured margins, ``v(i, f, b) = K_block(i, b) * K_family(f, b) / sum_f' K_family(f', b)``
+    (divided by the number of linears of family ``f`` in block ``i``): ``K_block`` with only block ``i``
+    quantized, ``K_family`` with family ``f`` quantized in every block. A block's values sum to its measured
+    damage, shared by how much the model feels each family. On all-MiniLM-L6-v2 (36 linears, AWQ w2-w8, 256
+    held-out tokens) this correlates 0.88-0.92 (log scale) with measuring every linear alone; splitting by the
+    layer-level relative error instead correlated 0.71 and mis-ranked the last down projection (its 2-bit
+    damage under-estimated 13x), so the layer-level table is shown, not used, here. Without family rows the
+    split is even. Negative measurements (noise at high bits) count 0.
     """
     out: dict[str, dict[int, float]] = {}
     model = {(str(u), int(b)): max(0.0, float(v)) for u, b, v in zip(model_df["unit"], model_df["bits"],
@@ -402,19 +404,17 @@ def combine_sensitivity(layer_df, model_df, granularity: str = "block") -> dict[
         for r in layer_df.itertuples(index=False):
             out.setdefault(str(r.name), {})[int(r.bits)] = model[(str(r.name), int(r.bits))]
         return out
-    lay = layer_df.copy()
-    fam_rel = lay.groupby(["family", "bits"])["rel_heldout"].sum()
-    gamma = []
-    for r in lay.itertuples(index=False):
-        k = model.get((f"family:{r.family}", int(r.bits)))
-        t = float(fam_rel[(r.family, r.bits)])
-        gamma.append(1.0 if k is None else (k / t if t > 0 else 0.0))
-    lay["weighted"] = lay["rel_heldout"].to_numpy(dtype=float) * np.asarray(gamma)
-    tot = lay.groupby(["block", "bits"])["weighted"].sum()
-    for r in lay.itertuples(index=False):
-        t = float(tot[(r.block, r.bits)])
-        share = float(r.weighted) / t if t > 0 else 0.0
-        out.setdefault(str(r.name), {})[int(r.bits)] = model[(str(int(r.block)), int(r.bits))] * share
+    fams = sorted(set(layer_df["family"].astype(str)))
+    count = layer_df.groupby(["block", "family", "bits"])["name"].transform("count").to_numpy()
+    for r, c in zip(layer_df.itertuples(index=False), count):
+        b = int(r.bits)
+        ks = [model.get((f"family:{f}", b)) for f in fams]
+        if any(k is None for k in ks):
+            share = 1.0 / len(fams)
+        else:
+            tot = sum(ks)
+            share = model[(f"family:{r.family}", b)] / tot if tot > 0 else 1.0 / len(fams)
+        out.setdefault(str(r.name), {})[b] = model[(str(int(r.block)), b)] * share / int(c)
     return out
 
 
