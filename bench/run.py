@@ -761,6 +761,14 @@ def rep_seed(res: dict, row: Row) -> None:
         "machine of issue 13, products ~50 s there)")
 
 
+# --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
+@figure("plan", "sensitivity pass and plan verification on the bundled model, as ratios to one forward pass")
+def _plan(b: "Bench") -> None:
+    from plan_bench import bench_plan, report_plan  # bench/ is on sys.path when this file runs
+    b.res.update(bench_plan(b.quick, log))
+    report_for("plan")(report_plan)
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 def platform_info() -> dict[str, Any]:
     """The machine and the instruction set the kernels were built for (reported beside every figure)."""
