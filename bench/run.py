@@ -784,6 +784,14 @@ def _methods(b: "Bench") -> None:
     b.res.update(methods_bench.run(b.quick))
 
 
+# --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
+@figure("plan", "sensitivity pass and plan verification on the bundled model, as ratios to one forward pass")
+def _plan(b: "Bench") -> None:
+    from plan_bench import bench_plan, report_plan  # bench/ is on sys.path when this file runs
+    b.res.update(bench_plan(b.quick, log))
+    report_for("plan")(report_plan)
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 def platform_info() -> dict[str, Any]:
     """The machine and the instruction set the kernels were built for (reported beside every figure)."""
