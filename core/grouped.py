@@ -273,10 +273,8 @@ class Captured:
     calls: dict[str, list[tuple[tuple, dict]]]  # module name -> (args, kwargs) per batch
 
 
-def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_tokens: int,
-                  linears: set[str], modules: set[str]) -> Captured:
-    """Run the model on ``ids`` up to the end of block ``block`` and keep what these linears / modules got."""
-    prefix, blocks = find_blocks(lm.model)
+def _capture_hooks(lm: LoadedModel, linears: set[str], modules: set[str]):
+    """Forward pre-hooks keeping the inputs of ``linears`` (``[tokens, in]`` rows) and the calls of ``modules``."""
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     calls: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in modules}
 
@@ -289,11 +287,21 @@ def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_token
                 calls[name].append((_keep(args), {k: _keep(v) for k, v in kwargs.items()}))
         return fn
 
+    handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True)
+               for n in sorted(set(linears) | set(modules))]
+    return xs, calls, handles
+
+
+def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_tokens: int,
+                  linears: set[str], modules: set[str]) -> Captured:
+    """Run the model on ``ids`` up to the end of block ``block`` and keep what these linears / modules got.
+    (The straightforward path: ``block + 1`` blocks of forward work; ``BlockInputs`` does the same in one.)"""
+    _, blocks = find_blocks(lm.model)
+    xs, calls, handles = _capture_hooks(lm, linears, modules)
+
     def stop(mod, args, out):
         raise _Stop
 
-    handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True)
-               for n in sorted(set(linears) | set(modules))]
     handles.append(blocks[block].register_forward_hook(stop))
     try:
         with torch.no_grad():
@@ -306,6 +314,57 @@ def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_token
         for h in handles:
             h.remove()
     return Captured(block, {n: torch.cat(v) for n, v in xs.items() if v}, calls)
+
+
+class BlockInputs:
+    """The full-precision inputs of one block after another, as official ``run_awq`` keeps them
+    (``inps = layer(inps)``): one truncated model forward for block 0's calls (hidden states and the
+    keyword arguments the model passes every block: masks, rotary embeddings), then each block's own forward
+    on its cached inputs gives the next block's. Block ``i``'s capture costs one block of forward work
+    instead of ``i + 1`` (what :func:`capture_block` does); the values are the same bits."""
+
+    def __init__(self, lm: LoadedModel, ids: torch.Tensor, *, batch_tokens: int):
+        self.lm = lm
+        _, self.blocks = find_blocks(lm.model)
+        self.next_block = 0
+        self.calls: list[tuple[tuple, dict]] = []
+
+        def grab(mod, args, kwargs):
+            self.calls.append((_keep(args), {k: _keep(v) for k, v in kwargs.items()}))
+            raise _Stop
+
+        h = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for b in token_batches(ids, batch_tokens):
+                    try:
+                        forward(lm, b)
+                    except _Stop:
+                        pass
+        finally:
+            h.remove()
+
+    def capture(self, block: int, *, linears: set[str], modules: set[str]) -> Captured:
+        """Run block ``block`` (the blocks must be visited in order, on unmodified weights) on its inputs,
+        keeping what these linears / modules got; its outputs become the next block's inputs."""
+        if block != self.next_block:
+            raise ValueError(f"blocks must be captured in order: expected block {self.next_block}, got {block}")
+        xs, calls, handles = _capture_hooks(self.lm, linears, modules)
+        nxt: list[tuple[tuple, dict]] = []
+        try:
+            with torch.no_grad():
+                for args, kwargs in self.calls:
+                    h = _first(self.blocks[block](*args, **kwargs))
+                    if args:
+                        nxt.append(((h, *args[1:]), kwargs))
+                    else:
+                        nxt.append((args, {**kwargs, "hidden_states": h}))
+        finally:
+            for hd in handles:
+                hd.remove()
+        self.calls = nxt
+        self.next_block = block + 1
+        return Captured(block, {n: torch.cat(v) for n, v in xs.items() if v}, calls)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,15 +411,18 @@ def _first(out: Any) -> torch.Tensor:
 
 
 def module_losses(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple, dict]], weights: dict[str, torch.Tensor],
-                  scales: torch.Tensor, *, n_bit: int, group_size: int, zero_point: bool) -> torch.Tensor:
+                  scales: torch.Tensor, *, n_bit: int, group_size: int, zero_point: bool,
+                  ref: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Official ``_search_module_scale``: for each candidate ``s``, the group's linears become ``Q(W*s)/s``
     and the mean squared difference of ``group.inspect``'s output (all calibration tokens) is the loss.
+    ``ref``: the module's fp outputs on ``calls`` when already computed (:func:`module_reference`).
     The linears are restored from ``weights`` afterwards (also on error)."""
     module = lm.model.get_submodule(group.inspect)
     mods = [lm.model.get_submodule(n) for n in group.linears]
     losses = torch.empty(scales.shape[0], dtype=torch.float64)
     with torch.no_grad():
-        ref = [_first(module(*a, **k)) for a, k in calls]
+        if ref is None:
+            ref = module_reference(lm, group, calls)
         n_el = sum(r.numel() for r in ref)
         try:
             for i in range(scales.shape[0]):
@@ -374,6 +436,13 @@ def module_losses(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple, d
             for n, m in zip(group.linears, mods):
                 set_linear_weight(m, weights[n])
     return losses
+
+
+def module_reference(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """The fp outputs of ``group.inspect`` on its captured ``calls`` (shared by every bit-width's search)."""
+    module = lm.model.get_submodule(group.inspect)
+    with torch.no_grad():
+        return [_first(module(*a, **k)) for a, k in calls]
 
 
 @dataclass
@@ -392,10 +461,15 @@ class GroupedResult:
 def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, snap: Snapshot, *, bits: list[int],
                    group_size: int, zero_point: bool = True, n_grid: int = 20, clip: bool = False,
                    clip_qk: bool = False, batch_tokens: int = 4096, input_of: dict[str, str] | None = None,
-                   progress: Progress | None = None) -> GroupedResult:
+                   progress: Progress | None = None, cache_inputs: bool = True) -> GroupedResult:
     """Official grouped AWQ search on ``calib [n, seqlen]`` blocks, one block at a time on full-precision
     inputs (as ``run_awq`` does: scales never change the full-precision function, so block inputs are
-    those of the unmodified model). The model must be unmodified (``snap`` holds its weights)."""
+    those of the unmodified model). The model must be unmodified (``snap`` holds its weights).
+
+    Work: one forward pass of the blocks to capture their inputs (``BlockInputs``; ``cache_inputs=False``
+    recaptures each block through the whole model instead, the straightforward path, same values), then per
+    bit-width and group one run of the scoring module per alpha (its fp output computed once for all
+    bit-widths)."""
     progress = progress or (lambda f, m: None)
     _, blocks = find_blocks(lm.model)
     n_blocks = len(blocks)
@@ -408,6 +482,7 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
     t_clip = {b: 0.0 for b in bits}
     names_of = {i: [li.name for li in lm.linears if li.block == i] for i in range(n_blocks)}
     dev = lm.device
+    inputs = BlockInputs(lm, calib, batch_tokens=batch_tokens) if cache_inputs else None
     for i in range(n_blocks):
         groups = grouping.of_block(i)
         t0 = time.perf_counter()
@@ -417,8 +492,12 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                 key_of[n] = g.linears[0]
         for n in names_of[i]:
             key_of.setdefault(n, input_of.get(n, n))
-        cap = capture_block(lm, i, calib, batch_tokens=batch_tokens, linears=set(key_of.values()),
-                            modules={g.inspect for g in groups if g.inspect})
+        want = dict(linears=set(key_of.values()), modules={g.inspect for g in groups if g.inspect})
+        if inputs is not None:
+            cap = inputs.capture(i, **want)
+        else:
+            cap = capture_block(lm, i, calib, batch_tokens=batch_tokens, **want)
+        refs = {g.inspect: module_reference(lm, g, cap.calls[g.inspect]) for g in groups if g.inspect}
         t_cap = (time.perf_counter() - t0) / max(1, len(bits))
         weights = {n: original_weight(lm, snap, n).to(dev) for n in names_of[i]}
         grams: dict[str, torch.Tensor] = {}
@@ -429,8 +508,8 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                 x_mean = x.abs().mean(0)  # official get_act_scale: mean |x| over the group's calibration tokens
                 scales = awq.awq_scales(x_mean, alphas)
                 if g.inspect:
-                    losses = module_losses(lm, g, cap.calls[g.inspect], weights, scales,
-                                           n_bit=b, group_size=group_size, zero_point=zero_point)
+                    losses = module_losses(lm, g, cap.calls[g.inspect], weights, scales, n_bit=b,
+                                           group_size=group_size, zero_point=zero_point, ref=refs[g.inspect])
                 else:
                     w = torch.cat([weights[n] for n in g.linears])
                     if x.shape[0] > 2 * x.shape[1]:
@@ -460,7 +539,7 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                                                   n_sample_token=CLIP_SAMPLE_TOKENS).cpu()
                 t_clip[b] += time.perf_counter() - t2
             progress((i + (b_i + 1) / len(bits)) / n_blocks, f"grouped AWQ search: block {i + 1}/{n_blocks}, w{b}")
-        del cap, grams
+        del cap, grams, refs
     return GroupedResult(grouping, searches, plans, clips, t_scale, t_clip)
 
 

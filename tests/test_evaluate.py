@@ -56,13 +56,15 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
 
     a = tiny_analysis(kind)
     before = state(a.lm.model)
-    seen = []
+    seen, msgs = [], []
     df = evaluate.run_quality(a, modes=list(evaluate.MODES), bits=[8, 2], group_size=GS,
-                              progress=lambda f, m: seen.append(f))
+                              progress=lambda f, m: (seen.append(f), msgs.append(m)))
     assert list(df.columns) == evaluate.COLUMNS
     assert_bit_identical(a.lm.model, before)
     assert seen and all(0 <= f <= 1 for f in seen) and seen[-1] == 1.0
     assert all(x <= y for x, y in zip(seen, seen[1:])), "progress goes backwards"
+    assert msgs[0] == "loading the model" and msgs[1].startswith("full-precision reference: batch 1")
+    assert seen[1] > 0  # moves with the first batch of the reference
 
     # fp perplexity is the plain model's (loaded afresh, scored by transformers itself)
     data = evaluate.eval_data(a, a.lm)
@@ -72,21 +74,45 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
     fp_ppl = values(df, "fp", evaluate.FP_BITS, "perplexity")
     assert fp_ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
     fp_rows = df[df["mode"] == "fp"]
-    assert set(fp_rows["metric"]) == {"perplexity", "kl"} and (fp_rows["bits"] == evaluate.FP_BITS).all()
+    assert set(fp_rows["metric"]) == set(evaluate.CAUSAL_METRICS) and (fp_rows["bits"] == evaluate.FP_BITS).all()
+    assert values(df, "fp", evaluate.FP_BITS, "same_top") == 1.0 and values(df, "fp", evaluate.FP_BITS, "kl_p999") == 0.0
+    # its standard error by the delta method, from transformers' own per-token cross-entropies
+    with torch.no_grad():
+        logits = plain(input_ids=data.heldout, use_cache=False).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), data.heldout[:, 1:].reshape(-1),
+                                               reduction="none").double()
+    se = math.exp(float(ce.mean())) * float(ce.std()) / math.sqrt(ce.numel())  # std: (n-1); / sqrt(n)
+    assert values(df, "fp", evaluate.FP_BITS, "perplexity_se") == pytest.approx(se, rel=1e-4)
     assert (df["n_tokens"] == data.heldout.shape[0] * (data.heldout.shape[1] - 1)).all()
     assert (df["group_size"] == GS).all() and df["zero_point"].all()
+    n_calib = data.calib.numel()  # the tiny analysis has fewer calibration tokens than either default budget
+    budget = dict(zip(df["mode"], df["search_tokens"]))
+    assert budget == {"fp": 0, "rtn": 0, "awq": 0, "awq-grouped": n_calib, "awq-clip": n_calib, "const-alpha": n_calib}
+    assert evaluate.estimate_units(a, list(evaluate.MODES), [8, 2]) > 1 + 10
 
     for mode in evaluate.MODES[1:]:
         p8, p2 = values(df, mode, 8, "perplexity"), values(df, mode, 2, "perplexity")
         k8, k2 = values(df, mode, 8, "kl"), values(df, mode, 2, "kl")
         assert abs(p8 / fp_ppl - 1) < 0.02, (mode, p8, fp_ppl)  # 8 bits: within 2% of fp
         assert 0 <= k8 < k2, (mode, k8, k2)  # 2 bits is worse than 8 bits
+        for b in (8, 2):
+            assert 0 <= values(df, mode, b, "kl_p99") <= values(df, mode, b, "kl_p999")
+            assert 0 <= values(df, mode, b, "same_top") <= 1 and values(df, mode, b, "rms_dp") >= 0
+            assert values(df, mode, b, "perplexity_se") > 0
+        assert values(df, mode, 8, "same_top") > values(df, mode, 2, "same_top")
+        assert values(df, mode, 8, "rms_dp") < values(df, mode, 2, "rms_dp")
     assert abs(values(df, "rtn", 2, "perplexity") / fp_ppl - 1) > abs(values(df, "rtn", 8, "perplexity") / fp_ppl - 1)
 
     # cached beside the analysis, and shown at once after reopening it
     again = open_entry(a.path)
     cached = evaluate.cached_quality(again)
     assert cached is not None and cached.equals(evaluate.cached_quality(a)) and len(cached) == len(df)
+    kl = evaluate.cached_kl(again)
+    assert set(zip(kl["mode"], kl["bits"])) == {(m, b) for m in evaluate.MODES[1:] for b in (8, 2)}
+    for (mode, b), q in kl.groupby(["mode", "bits"]):
+        q = q.sort_values("fraction")
+        assert q["kl"].is_monotonic_increasing
+        assert float(q.loc[q["fraction"] == 0.99, "kl"].iloc[0]) == pytest.approx(values(df, mode, b, "kl_p99"))
     search = evaluate.cached_search(again)
     assert set(search["mode"]) == {"awq", "awq-grouped", "const-alpha"}
     for _, curve in search.groupby(["mode", "bits", "target"]):
@@ -245,7 +271,7 @@ def test_grouping_note_for_llama_and_gqa(tiny_analysis):
 def test_bad_input_is_a_clear_error(tiny_analysis):
     a = tiny_analysis("llama")
     with pytest.raises(ValueError, match="unknown mode"):
-        evaluate.run_quality(a, modes=["gptq"], bits=[4], group_size=GS)
+        evaluate.run_quality(a, modes=["squeeze"], bits=[4], group_size=GS)
     with pytest.raises(ValueError, match="bits"):
         evaluate.run_quality(a, modes=["rtn"], bits=[1], group_size=GS)
     with pytest.raises(ValueError, match="does not divide"):
@@ -269,9 +295,136 @@ def test_cli_evaluate_json(tiny_dir, tokenizer_dir, tmp_path):
     assert all(set(x) == {"mode", "bits", "group_size", "metric", "value"} for x in rows)
     assert {(x["mode"], x["bits"]) for x in rows} == {("fp", 16), ("rtn", 4), ("rtn", 8), ("awq-grouped", 4),
                                                       ("awq-grouped", 8)}
-    assert {x["metric"] for x in rows} == {"perplexity", "kl"} and all(x["group_size"] == GS for x in rows)
+    assert {x["metric"] for x in rows} == set(evaluate.CAUSAL_METRICS) and all(x["group_size"] == GS for x in rows)
     assert "perplexity" in r.stdout and "awq-grouped" in r.stdout
 
     from core import cli
     assert cli.main(["evaluate", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir, "--modes", "bogus",
                      "--cache-dir", str(tmp_path), "--quiet"]) == 2
+    assert cli.main(["evaluate", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir, "--search-tokens", "0",
+                     "--cache-dir", str(tmp_path), "--quiet"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# the KL report's statistics on hand-made distributions
+# --------------------------------------------------------------------------------------------------
+def test_token_divergence_percentile_and_perplexity_se_by_hand():
+    from core import metrics
+
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    q = torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    kl, same, dp = metrics.token_divergence(p.log().float(), q.log().float(), y)
+    # KL row 0: 0.5 ln 2 + 0.25 ln(1/2) + 0 = 0.25 ln 2; row 1: identical distributions
+    torch.testing.assert_close(kl, torch.tensor([0.25 * math.log(2), 0.0], dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    assert same.tolist() == [False, True]  # argmax 0 -> 1, then unchanged
+    torch.testing.assert_close(dp, torch.tensor([0.25, 0.0], dtype=torch.float64), rtol=1e-6, atol=1e-7)
+
+    v = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert metrics.percentile(v, 0.5) == 3.0
+    assert metrics.percentile(v, 0.99) == pytest.approx(4.96)  # rank 3.96: 4 + 0.96 * (5 - 4)
+    assert metrics.percentile(v, 1.0) == 5.0 and metrics.percentile(v, 0.0) == 1.0
+    assert math.isnan(metrics.percentile(torch.tensor([]), 0.5))
+
+    ce = [1.0, 2.0, 3.0, 6.0]  # mean 3, population variance 3.5
+    ppl, se = metrics.perplexity_with_se(sum(ce), sum(c * c for c in ce), len(ce))
+    assert ppl == pytest.approx(math.exp(3.0)) and se == pytest.approx(math.exp(3.0) * math.sqrt(3.5 / 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# score_variants: the agreed whole-model API
+# --------------------------------------------------------------------------------------------------
+def test_score_variants(tiny_analysis):
+    a = tiny_analysis("llama")
+    lm = a.lm
+    before = state(lm.model)
+    calls = []
+
+    def rtn4():
+        calls.append("rtn4")
+        return {li.name: pseudo_quantize(lm.weight(li.name), 4, GS) for li in lm.linears}
+
+    def one_layer():
+        name = lm.linears[0].name
+        return {name: pseudo_quantize(lm.weight(name), 2, GS)}
+
+    def check_restored():  # each variant starts from the fp weights
+        assert_bit_identical(lm.model, before)
+        return {}
+
+    df = evaluate.score_variants(a, {"none": lambda: {}, "rtn4": rtn4, "one": one_layer, "check": check_restored,
+                                     "rtn4 again": rtn4})
+    assert list(df.columns) == evaluate.SCORE_COLUMNS
+    assert_bit_identical(lm.model, before)
+    assert calls == ["rtn4", "rtn4"]
+    val = {(r.variant, r.metric): r.value for r in df.itertuples()}
+    assert set(df["variant"]) == {"fp", "none", "rtn4", "one", "check", "rtn4 again"}
+    assert set(df["metric"]) == set(evaluate.CAUSAL_METRICS)
+    for v in ("none", "check"):  # no replaced weights: the fp model exactly
+        assert val[(v, "kl")] == 0 and val[(v, "kl_p999")] == 0 and val[(v, "same_top")] == 1
+        assert val[(v, "rms_dp")] == 0 and val[(v, "perplexity")] == val[("fp", "perplexity")]
+    assert val[("rtn4", "kl")] > val[("one", "kl")] > 0 or val[("one", "kl")] > 0
+    assert all(val[("rtn4", m)] == val[("rtn4 again", m)] for m in evaluate.CAUSAL_METRICS)  # deterministic
+    data = evaluate.eval_data(a, lm)
+    assert (df["n_tokens"] == data.heldout.shape[0] * (data.heldout.shape[1] - 1)).all()
+
+    # the same numbers as run_quality's rtn mode (the same weights, the same scoring engine)
+    q = evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=GS)
+    for m in evaluate.CAUSAL_METRICS:
+        assert values(q, "rtn", 4, m) == pytest.approx(val[("rtn4", m)], rel=1e-12, abs=1e-15), m
+
+    # a token budget scores the first whole held-out blocks only
+    small = evaluate.score_variants(a, {"rtn4": rtn4}, max_tokens=data.heldout.shape[1])
+    assert (small["n_tokens"] == data.heldout.shape[1] - 1).all()
+
+    # restored when a variant fails half-way (after some weights were written), and clear errors
+    def broken():
+        w = {li.name: torch.zeros(li.out_features, li.in_features) for li in lm.linears[:3]}
+        w[lm.linears[3].name] = torch.zeros(1, 1)
+        return w
+    with pytest.raises(ValueError, match="has shape"):
+        evaluate.score_variants(a, {"ok": rtn4, "broken": broken})
+    assert_bit_identical(lm.model, before)
+    with pytest.raises(ValueError, match="not a quantizable linear"):
+        evaluate.score_variants(a, {"x": lambda: {"lm_head": torch.zeros(3, 3)}})
+    with pytest.raises(ValueError, match="max_tokens"):
+        evaluate.score_variants(a, {"x": lambda: {}}, max_tokens=0)
+    assert_bit_identical(lm.model, before)
+
+
+def test_score_variants_encoder(tiny_analysis):
+    a = tiny_analysis("bert")
+    lm = a.lm
+    before = state(lm.model)
+    df = evaluate.score_variants(a, {"none": lambda: {}, "rtn2": lambda: {
+        li.name: pseudo_quantize(lm.weight(li.name), 2, GS) for li in lm.linears}})
+    assert_bit_identical(lm.model, before)
+    val = {(r.variant, r.metric): r.value for r in df.itertuples()}
+    assert set(df["metric"]) == set(evaluate.ENCODER_METRICS)
+    assert val[("none", "cosine")] == pytest.approx(1.0, abs=1e-12) and val[("none", "hidden_rel_error")] == 0
+    assert val[("rtn2", "hidden_rel_error")] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the fast grouped search (cached block inputs, one fp module output for all bit-widths) against the
+# straightforward one (recapture every block through the whole model)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_fast_grouped_search_equals_straightforward(kind, tiny_analysis):
+    a = tiny_analysis(kind)
+    lm = a.lm
+    input_of = dict(zip(a.linears["name"], a.linears["input_key"]))
+    gr = grouped.build_grouping(lm, input_of)
+    snap = grouped.snapshot(lm)
+    calib = evaluate.eval_data(a, lm).calib
+    kw = dict(bits=[2, 4], group_size=GS, n_grid=5, clip=True, batch_tokens=128, input_of=input_of)
+    fast = grouped.search_grouped(lm, gr, calib, snap, **kw)
+    slow = grouped.search_grouped(lm, gr, calib, snap, cache_inputs=False, **kw)
+    for b in (2, 4):
+        assert [s.best_alpha for s in fast.searches[b]] == [s.best_alpha for s in slow.searches[b]]
+        for f, s in zip(fast.searches[b], slow.searches[b]):
+            assert torch.equal(f.losses, s.losses) and torch.equal(f.scales, s.scales)
+        assert fast.clips[b].keys() == slow.clips[b].keys()
+        assert all(torch.equal(fast.clips[b][n], slow.clips[b][n]) for n in fast.clips[b])
+    with pytest.raises(ValueError, match="in order"):
+        grouped.BlockInputs(lm, calib[:1], batch_tokens=128).capture(1, linears=set(), modules=set())
