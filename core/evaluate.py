@@ -49,7 +49,7 @@ from .collect import model_lock
 from .grouped import (Plan, apply_plan, build_grouping, forward, is_llama_like, restore, search_grouped,
                       snapshot, with_clip)
 from .models import LoadedModel, set_linear_weight
-from .quant import check_bits
+from .quant import check_bits, check_model_group_size
 
 Progress = Callable[[float, str], None]
 Weights = Mapping[str, torch.Tensor]
@@ -119,17 +119,8 @@ def check_bits_list(bits: list[int] | tuple[int, ...], modes: list[str]) -> list
 
 
 def check_group_size(widths: list[int], group_size: int) -> int:
-    if isinstance(group_size, bool) or int(group_size) != group_size:
-        raise ValueError(f"group size must be an integer, got {group_size!r}")
-    g = int(group_size)
-    if g <= 0:
-        return 0
-    bad = sorted({w for w in widths if w % g})
-    if bad:
-        raise ValueError(f"group size {g} does not divide the input width of every linear "
-                         f"({', '.join(str(b) for b in bad)}); pick a common divisor of "
-                         f"{', '.join(str(w) for w in sorted(set(widths)))}, or 0 for one group per output row")
-    return g
+    """The model-wide group-size rule, shared with analyze and the Layer Lab (``core.quant``)."""
+    return check_model_group_size(widths, group_size)
 
 
 def check_tokens(n: int | None, label: str) -> int | None:
@@ -855,13 +846,15 @@ def _split_name(name: str, block: int) -> tuple[str, str]:
 
 def _model_type(analysis) -> str:
     lm = getattr(analysis, "_lm", None)
+    if lm is None and analysis.manifest.get("model_type"):  # recorded by analyze (GGUF sources have no config.json)
+        return str(analysis.manifest["model_type"])
     if lm is None:
         try:
             from transformers import AutoConfig
 
-            from .models import BUNDLED, bundled_path
+            from .models import MINILM, canonical_model, minilm_path
             s = analysis.settings
-            src = str(bundled_path()) if s.model == BUNDLED else s.model
+            src = str(minilm_path()) if canonical_model(s.model) == MINILM else s.model
             cfg = AutoConfig.from_pretrained(src, trust_remote_code=s.trust_remote_code,
                                              **({"revision": s.revision} if s.revision else {}))
             return str(getattr(cfg, "model_type", "") or "")

@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     a = analyze(settings, args.cache_dir, progress=None if args.quiet else stderr_progress("analysis "))
     t_an = time.time() - t0
     zp = not args.symmetric
-    g = max(0, int(args.group_size))
+    g = max(0, int(settings.sweep.group_size))  # 'auto' resolved by settings_from_args
     df = None
     cached = cached_quality(a) if not args.force else None
     if cached is not None:
