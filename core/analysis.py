@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from . import awq, metrics, store
+from . import awq, methods, metrics, store
 from .calibration import CalibrationSpec, load_text, prepare
 from .collect import collect, model_lock
 from .models import BUNDLED, LoadedModel, ModelLoadError, bundled_path, load_model, looks_like_path
@@ -48,6 +48,9 @@ class AnalysisSettings:
     heldout_rows: int = 512
     seed: int = 0
     batch_tokens: int = 4096
+    # keep X^T X of every distinct input (GPTQ's Hessian, float32 upper triangle) in the entry; False: GPTQ in the
+    # Layer Lab falls back to the kept sample's X^T X
+    hessians: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -369,6 +372,37 @@ class Analysis:
             clipped=do_clip,
         )
 
+    # --- other methods (core.methods) -------------------------------------------------------------
+    def hessian(self, name: str) -> torch.Tensor | None:
+        """``X^T X [in, in]`` (float32) of linear ``name``'s input over all calibration tokens, or None if the
+        entry has none (``AnalysisSettings.hessians`` off, or an older entry)."""
+        key = self.input_key(name)
+
+        def read() -> torch.Tensor | None:
+            v = store.load_tensor(self.path, store.HESSIANS, key)
+            return None if v is None else store.unpack_symmetric(v, int(self.info(name)["in_features"]))
+        return self._memoized(("hessian", key), read)
+
+    def layer_inputs(self, name: str, *, duo_scaling: bool = False) -> methods.LayerInputs:
+        """What ``core.methods.quantize_layer`` may use for linear ``name``."""
+        return methods.LayerInputs(x_mean=self.x_mean(name), x=self.inputs(name), hessian=self.hessian(name),
+                                   w_shared=self.shared_weight(name) if duo_scaling else None, name=name)
+
+    def quantize_layer(self, name: str, method: str, *, bits: int, group_size: int, zero_point: bool = True,
+                       **options: Any) -> torch.Tensor:
+        """Linear ``name`` quantized with ``method`` (dequantized ``[out, in]``), memoized per setting."""
+        key = ("method", name, method, bits, group_size, zero_point, tuple(sorted(options.items())))
+        return self._memoized(key, lambda: methods.quantize_layer(
+            method, self.weight(name), self.layer_inputs(name, duo_scaling=bool(options.get("duo_scaling"))),
+            n_bit=bits, group_size=group_size, zero_point=zero_point, **options))
+
+    def compare_methods(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,
+                        alpha: float | None = None, methods: list[str] | None = None) -> pd.DataFrame:
+        """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds."""
+        from . import methods as _m
+        return _m.compare(self.weight(name), self.layer_inputs(name), self.inputs(name, "heldout"), n_bit=bits,
+                          group_size=group_size, zero_point=zero_point, alpha=alpha, methods=methods)
+
     # --- extra tables (evaluations etc.) ---------------------------------------------------------
     def read_extra(self, name: str) -> pd.DataFrame | None:
         return store.read_extra_table(self.path, name)
@@ -426,7 +460,7 @@ def analyze(
     progress(0.02, "tokenizing calibration text")
     data = prepare(settings.calibration, lm.tokenizer, lm.max_positions, text=text)
     col = collect(lm, data.calib, data.heldout, sample_rows=settings.sample_rows, heldout_rows=settings.heldout_rows,
-                  seed=settings.seed, batch_tokens=settings.batch_tokens,
+                  seed=settings.seed, batch_tokens=settings.batch_tokens, hessians=settings.hessians,
                   progress=lambda f, m: progress(0.03 + 0.5 * f, m))
     layers, curves, importance = run_sweep(lm, col, settings.sweep, progress=lambda f, m: progress(0.55 + 0.43 * f, m))
     linears = pd.DataFrame([{**asdict(li), "input_key": col.input_of[li.name]} for li in lm.linears])
@@ -440,7 +474,9 @@ def analyze(
         "n_heldout_tokens": int(data.heldout.numel()), "seqlen": data.seqlen, "versions": _versions(),
     }
     progress(0.99, "writing cache")
-    path = store.write_entry(path, manifest, tables, tensors)
+    hess = {k: store.pack_symmetric(h) for k, h in col.hessians.items()}
+    col.hessians.clear()
+    path = store.write_entry(path, manifest, tables, tensors, tensor_files={store.HESSIANS: hess})
     progress(1.0, "done")
     return open_entry(path, lm)
 

@@ -67,6 +67,7 @@ def settings_from_args(args: argparse.Namespace):
         revision=args.revision, tokenizer=args.tokenizer, calibration=cal,
         sweep=SweepSettings(bits=bits, group_size=args.group_size, zero_point=not args.symmetric, n_grid=args.n_grid),
         sample_rows=args.sample_rows, heldout_rows=args.sample_rows,
+        hessians=not getattr(args, "no_hessians", False),
     )
 
 

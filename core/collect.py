@@ -196,6 +196,8 @@ class Collected:
     heldout_sample: dict[str, torch.Tensor]
     n_tokens: int
     sample_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # input key -> X^T X [in, in] float64 over all calibration tokens (empty unless collect(hessians=True))
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def sample_indices(n_total: int, k: int, seed: int) -> torch.Tensor:
@@ -229,8 +231,13 @@ def collect(
     batch_tokens: int = 4096,
     k_extremes: int | None = None,
     progress: Progress | None = None,
+    hessians: bool = False,
 ) -> Collected:
     """Stream statistics over ``calib [n, seqlen]`` token blocks and keep sample rows of every distinct input.
+
+    ``hessians``: also accumulate ``X^T X`` of every distinct input over all calibration tokens (GPTQ's Hessian,
+    up to a factor): one float32 GEMM per batch and input, added into a float64 ``[in, in]`` accumulator, in the
+    same pass (memory: 8 bytes * in^2 per distinct input while collecting).
 
     Hooks are always removed, also on error. Concurrent calls on the same model run one after another.
     """
@@ -248,6 +255,7 @@ def collect(
     # the kept rows, written in place into one preallocated [rows, in] float32 tensor per input (no per-batch
     # pieces and no final concatenation: that held two copies of ~0.4 GB at the end of a Qwen2.5-0.5B pass)
     samples: dict[str, torch.Tensor] = {}
+    hess: dict[str, torch.Tensor] = {}
     state = {"offset": 0, "idx": calib_idx, "stats": True, "first": True}
     seen: dict[tuple, tuple[weakref.ref, int, str]] = {}
 
@@ -273,6 +281,12 @@ def collect(
                     raise CollectError(
                         f"NaN or inf in the activations entering {name} (overflow in {lm.dtype}? try float32)"
                     ) from None
+                if hessians:
+                    xf = x2.float()
+                    h = hess.get(name)
+                    if h is None:
+                        h = hess[name] = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float64, device=xf.device)
+                    h += xf.T @ xf  # one float32 GEMM per batch; the float64 sum keeps many batches exact enough
             off, idx = state["offset"], state["idx"]
             lo = int(torch.searchsorted(idx, off))
             hi = int(torch.searchsorted(idx, off + x2.shape[0]))
@@ -330,4 +344,5 @@ def collect(
         heldout_sample=heldout_samples,
         n_tokens=n_total,
         sample_index=calib_idx,
+        hessians={k: v.cpu() for k, v in hess.items()},
     )

@@ -1,4 +1,4 @@
-"""One definition of each metric the app shows (DESIGN.md section 3).
+"""One definition of each metric the app shows (listed in the README, section "Metrics").
 
 The UI prints ``DEFINITIONS`` next to the numbers, so the text here is the documentation.
 """
@@ -21,6 +21,8 @@ DEFINITIONS: dict[str, str] = {
     "loss": "official AWQ loss: mean over output elements of (X W_hat^T - X W^T)^2",
     "gain": "RTN rel_error / AWQ rel_error at the same bits and group size (> 1: AWQ helps)",
     "gain_heldout": "the same gain with alpha chosen on calibration tokens and scored on held-out tokens",
+    "bit_cost": "storage bits per weight: bits + (16-bit scale + 16-bit zero) / group size (no zero when symmetric); "
+                "fp16 layers cost 16",
 }
 
 
@@ -56,6 +58,29 @@ def gain(rtn_rel: float, awq_rel: float) -> float:
 def output_ref_sq(x: torch.Tensor, w: torch.Tensor) -> float:
     """``||X W^T||^2`` in float64."""
     return float((x.float() @ w.float().T).double().pow(2).sum())
+
+
+FP16_BITS = 16
+
+
+def bit_cost(bits: int, group_size: int, zero_point: bool = True) -> float:
+    """Storage bits per weight of a setting, counted honestly (DESIGN.md section 3).
+
+    ``bits + (16 + 16) / group_size`` with an fp16 scale and an fp16 zero per group (4-bit g128 = 4.25,
+    3-bit g64 = 3.5); symmetric (``zero_point=False``) stores no zero: ``bits + 16 / group_size``. ``bits=16``
+    means the layer stays fp16 and costs 16. ``group_size`` is the group length actually used (for one group
+    per output row pass the row length, ``in_features``).
+    """
+    if isinstance(bits, bool) or int(bits) != bits:
+        raise ValueError(f"bits must be an integer, got {bits!r}")
+    b = int(bits)
+    if b == FP16_BITS:
+        return 16.0
+    if not 2 <= b <= 8:
+        raise ValueError(f"bits must be 2..8 (or 16 for fp16), got {b}")
+    if isinstance(group_size, bool) or int(group_size) != group_size or int(group_size) <= 0:
+        raise ValueError(f"group size must be a positive integer (the row length for per-row groups), got {group_size!r}")
+    return b + (2 * FP16_BITS if zero_point else FP16_BITS) / int(group_size)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TABLES = ("linears", "channels", "layers", "curves", "importance")
 SAMPLES = "samples.safetensors"
+# X^T X per distinct input (GPTQ's Hessian), float32, packed upper triangle: optional, large, read one at a time
+HESSIANS = "hessians.safetensors"
+UNVERIFIED = (SAMPLES, HESSIANS)  # large tensor files: size-checked on open, not hashed (safetensors checks headers)
 
 
 class CacheError(RuntimeError):
@@ -111,8 +114,12 @@ def write_entry(
     manifest: dict[str, Any],
     tables: dict[str, pd.DataFrame],
     tensors: dict[str, torch.Tensor] | None = None,
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a complete entry at ``path``; if another process finished the same entry first, keep theirs."""
+    """Write a complete entry at ``path``; if another process finished the same entry first, keep theirs.
+
+    ``tensors`` go to ``samples.safetensors``; ``tensor_files`` maps further safetensors file names (e.g.
+    ``HESSIANS``) to their tensors."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +130,9 @@ def write_entry(
             write_table(tmp / f"{name}.parquet", df)
         if tensors:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / SAMPLES))
+        for fname, ts in (tensor_files or {}).items():
+            if ts:
+                save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp / fname))
         for f in sorted(tmp.iterdir()):
             files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
         full = {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **manifest, "files": files}
@@ -169,7 +179,7 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any] | None:
                 return None
         except (OSError, KeyError, TypeError):
             return None
-        if verify and name != SAMPLES and _sha256(f) != meta.get("sha256"):
+        if verify and name not in UNVERIFIED and _sha256(f) != meta.get("sha256"):
             return None
     return m
 
@@ -185,6 +195,40 @@ def load_samples(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path / SAMPLES))
     except Exception as e:  # noqa: BLE001
         raise CacheError(f"cached input sample is unreadable ({type(e).__name__})") from e
+
+
+def pack_symmetric(h: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a symmetric ``[n, n]`` matrix, row by row, as float32 ``[n(n+1)/2]``."""
+    n = h.shape[0]
+    mask = torch.ones(n, n, dtype=torch.bool).triu_()
+    return h.float()[mask]
+
+
+def unpack_symmetric(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of ``pack_symmetric``: the full symmetric ``[n, n]`` float32 matrix."""
+    if v.numel() != n * (n + 1) // 2:
+        raise CacheError(f"a packed {n} x {n} matrix needs {n * (n + 1) // 2} values, got {v.numel()}")
+    mask = torch.ones(n, n, dtype=torch.bool).triu_()
+    h = torch.zeros(n, n, dtype=torch.float32)
+    h[mask] = v.float()
+    # mirror the strict upper triangle: h + h^T counts the diagonal twice
+    return h + h.triu(1).T
+
+
+def load_tensor(path: Path, fname: str, key: str) -> torch.Tensor | None:
+    """One tensor of a safetensors file of the entry (read lazily), or ``None`` if the file or key is missing."""
+    from safetensors import safe_open
+
+    f = path / fname
+    if not f.exists():
+        return None
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            if key not in st.keys():
+                return None
+            return st.get_tensor(key)
+    except Exception as e:  # noqa: BLE001
+        raise CacheError(f"cached tensor file {fname} is unreadable ({type(e).__name__})") from e
 
 
 def list_entries(cache_dir: str | Path) -> list[dict[str, Any]]:

@@ -78,7 +78,7 @@ if shown.empty:
     st.info("No results at this group size and zero-point setting yet: press **Run**.")
     st.stop()
 
-c1, c2 = st.columns([3, 2])
+c1, c2 = st.container(), st.container()  # stacked, full width: no table is cut off
 with c1:
     st.subheader("Model level")
     table = shown.pivot_table(index=["mode", "bits"], columns="metric", values="value", aggfunc="last")
@@ -99,15 +99,20 @@ with c1:
         f"{m} {t:,}" for m, t in budgets.items()) + " calibration tokens). " if budgets else ". ") + " ".join(
         f"**{m}**: {d}." for m, d in evaluate.DEFINITIONS.items() if m in set(shown["metric"])))
 with c2:
-    st.subheader("Gain vs RTN: layer and model")
-    gains = views.gain_levels(a.layers, shown)
+    st.subheader(f"Gain vs RTN at group {ui.group_label(group)}: layer and model")
+    gains = views.gain_levels(a.layers, shown, a.settings.sweep.group_size)
     if gains.empty:
         st.info("Run with the rtn mode to compare gains.")
     else:
         st.dataframe(gains, hide_index=True, column_config={
-            c: st.column_config.NumberColumn(c, format="%.3f") for c in gains.columns if c != "bits"})
-    st.caption(f"Layer gain: median over linears of the sweep (group {ui.group_label(a.settings.sweep.group_size)}). "
-               "Model gain: error(rtn) / error(mode) for the model's output error metric — > 1 means the "
+            "group_size": st.column_config.NumberColumn("group size", format="%d"),
+            **{c: st.column_config.NumberColumn(c, format="%.3f") for c in gains.columns if c not in ("bits", "group_size")}})
+    same = int(group) == int(a.settings.sweep.group_size)
+    st.caption((f"Layer gain: median over linears of the sweep, at the same group size {ui.group_label(group)}. "
+                if same else f"Layer gain: not shown — the sweep ran at group {ui.group_label(a.settings.sweep.group_size)}, "
+                f"these model rows at group {ui.group_label(group)}; pick group "
+                f"{ui.group_label(a.settings.sweep.group_size)} to compare the two at one group size. ")
+               + "Model gain: error(rtn) / error(mode) for the model's output error metric — > 1 means the "
                "mode beats RTN on the whole model, as the layer gain says for single layers.")
 kl = evaluate.cached_kl(a)
 if kl is not None:

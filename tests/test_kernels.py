@@ -9,6 +9,19 @@ from core import awq, collect, kernels, quant
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels unavailable: {kernels.status()}")
 
 
+@pytest.fixture(params=kernels.supported_isas())
+def isa(request):
+    """Each instruction set this CPU runs (AVX-512 / AVX2 / NEON and the scalar portable build): same bits."""
+    kernels.set_isa(request.param)
+    try:
+        if not kernels.available():
+            pytest.skip(f"{request.param} kernels unavailable: {kernels.status()}")
+        assert kernels.isa() == request.param  # the library reports the ISA it was compiled for
+        yield request.param
+    finally:
+        kernels.set_isa(None)
+
+
 def _weights(seed: int, out: int = 48, inn: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inn, generator=g) * torch.rand(1, inn, generator=g) * 3
@@ -27,17 +40,33 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("zero_point", [True, False])
 @pytest.mark.parametrize("g", [32, 128, 0])
-def test_pseudo_quantize_kernel_is_bit_exact(zero_point, g):
+def test_pseudo_quantize_kernel_is_bit_exact(zero_point, g, isa):
     for seed in range(3):
         w = _weights(seed)
         for n_bit in (2, 3, 4, 5, 8):
             ref = quant._pseudo_quantize_torch(w, n_bit, quant.effective_group_size(256, g), zero_point)
             assert torch.equal(_bits(quant.pseudo_quantize(w, n_bit, g, zero_point)), _bits(ref))
+    w = _weights(5, out=9, inn=250)  # groups of 50 and 250: vector body plus a scalar tail
+    for gs in (50, 0):
+        ref = quant._pseudo_quantize_torch(w, 3, quant.effective_group_size(250, gs), zero_point)
+        assert torch.equal(_bits(quant.pseudo_quantize(w, 3, gs, zero_point)), _bits(ref))
+
+
+def test_isa_selection(monkeypatch):
+    """``$AWQ_EXPLORER_ISA`` picks the build; a name this CPU cannot run falls back to the native ISA."""
+    assert kernels.supported_isas()[0] == kernels.native_isa() and kernels.supported_isas()[-1] == "portable"
+    monkeypatch.setenv("AWQ_EXPLORER_ISA", "portable")
+    assert kernels.requested_isa() == "portable"
+    monkeypatch.setenv("AWQ_EXPLORER_ISA", "no-such-isa")
+    with pytest.warns(RuntimeWarning, match="not one this CPU runs"):
+        assert kernels.requested_isa() == kernels.native_isa()
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        kernels.set_isa("sse9")
 
 
 @needs_kernels
 @pytest.mark.parametrize("zero_point", [True, False])
-def test_scaled_fake_quant_and_multi_bit_kernel_are_bit_exact(zero_point):
+def test_scaled_fake_quant_and_multi_bit_kernel_are_bit_exact(zero_point, isa):
     w = _weights(7, out=20)
     g = torch.Generator().manual_seed(1)
     s = torch.rand(3, 256, generator=g) * 4 + 0.01
@@ -54,7 +83,7 @@ def test_scaled_fake_quant_and_multi_bit_kernel_are_bit_exact(zero_point):
 
 
 @needs_kernels
-def test_non_finite_weights_fall_back_to_torch():
+def test_non_finite_weights_fall_back_to_torch(isa):
     w = _weights(3)
     w[5, 7] = float("nan")
     w[6, 9] = float("inf")
@@ -73,8 +102,7 @@ def test_errors_without_kernels_match(monkeypatch):
     scales = awq.awq_scales(x.abs().mean(0), awq.alpha_grid(8))
     fast = awq.scale_sq_errors_bits(w, x, scales, [3, 4], 32)
     w_fast, e_fast = awq.fake_quant_errors(w, scales[5], 3, 32, True, [x, x[:50]])
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_tried", True)
+    monkeypatch.setattr(kernels, "_load", lambda: None)
     assert not kernels.available()
     slow = awq.scale_sq_errors_bits(w, x, scales, [3, 4], 32)
     w_slow, e_slow = awq.fake_quant_errors(w, scales[5], 3, 32, True, [x, x[:50]])
@@ -101,7 +129,7 @@ def _acts(kind: str, t: int, c: int, g: torch.Generator) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("kind", ["gauss", "ties", "relu", "spiky", "const"])
 @pytest.mark.parametrize("sizes", [(700, 700), (30, 20, 900), (9,)])
-def test_channel_statistics_kernel_matches_torch(kind, sizes):
+def test_channel_statistics_kernel_matches_torch(kind, sizes, isa):
     g = torch.Generator().manual_seed(len(sizes))
     batches = [_acts(kind, t, 40, g) for t in sizes]
     accs = []
