@@ -24,6 +24,10 @@ from core.store import CacheError
 from core.sweep import SweepSettings, layer_group_size
 
 ROOT = Path(__file__).resolve().parent
+SHARED_LAYER = "shared_layer"  # session state: the linear Layer Lab, Clipping, How AWQ works and Methods show
+SHARED_BITS = "shared_bits"  # session state: the bit-width every page's bits control starts from
+PRESET_KEY = "export_preset"  # session state: "standard" or "talk" (figures.PRESETS)
+PACK_SECONDS = "about 25 s"  # figure pack of the bundled model, measured on 2 cores (README)
 DEFAULTS = AnalysisSettings()  # the bundled model with the CPU-friendly defaults: what a first open analyzes
 ENTRY_KEY = "entry_path"  # session state: the cache entry the pages show
 MAX_OPEN_ANALYSES = 6  # analyses (and their loaded models) kept in memory for all sessions
@@ -120,28 +124,76 @@ def require_analysis() -> Analysis:
 
 
 def run_analysis(settings: AnalysisSettings, *, where: Any = None) -> Analysis | None:
-    """Analyze (or reopen from the cache) with a live progress bar; on failure ``st.error``, nothing changes."""
+    """Analyze (or reopen from the cache) with a live progress bar; on failure ``st.error``, nothing changes.
+
+    The engine runs in a worker thread while this (the script's) thread redraws the bar four times a second:
+    the current stage and the elapsed seconds move from the first second on, also while the model loads
+    (a stage without progress callbacks). The fraction is the engine's own, never a guess.
+    """
     where = where or st
     label = "the bundled model" if settings.model == BUNDLED else settings.model
-    with where.status(f"Analyzing {label}…", expanded=True) as status:
-        bar = st.progress(0.0, text="waiting for another analysis to finish")
-        t0 = time.time()
+    state: dict[str, Any] = {"frac": 0.0, "msg": "waiting for another analysis to finish", "result": None,
+                             "error": None}
 
-        def progress(frac: float, msg: str) -> None:
-            bar.progress(min(max(float(frac), 0.0), 1.0), text=f"{msg} · {time.time() - t0:.0f} s")
+    def progress(frac: float, msg: str) -> None:
+        state["frac"], state["msg"] = min(max(float(frac), 0.0), 1.0), msg
 
+    reg, cache = registry(), cache_dir()  # read here: the worker thread has no Streamlit context
+
+    def work() -> None:
         try:
-            with registry().run_lock:
-                progress(0.0, "starting")
-                a = analyze(settings, cache_dir(), progress=progress)
-        except Exception as e:  # noqa: BLE001 - any failure becomes one sentence; the app stays usable
+            with reg.run_lock:
+                progress(0.0, f"starting: loading {label}")
+                state["result"] = analyze(settings, cache, progress=progress)
+        except BaseException as e:  # noqa: BLE001 - handed to the script thread, shown as one sentence
+            state["error"] = e
+
+    with where.status(f"Analyzing {label}…", expanded=True) as status:
+        t0 = time.time()
+        bar = st.progress(0.0, text=f"{state['msg']} · 0 s")
+        worker = threading.Thread(target=work, name="awq-analysis", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            bar.progress(state["frac"], text=f"{state['msg']} · {time.time() - t0:.0f} s")
+            worker.join(0.25)
+        e = state["error"]
+        if e is not None or state["result"] is None:
             status.update(label=f"Analysis of {label} failed", state="error", expanded=True)
-            where.error(readable(e))
+            where.error(readable(e) if e is not None else "the analysis ended without a result")
             return None
+        a: Analysis = state["result"]
+        bar.progress(1.0, text=f"done · {time.time() - t0:.0f} s")
         status.update(label=f"Ready: {a.model_id} ({time.time() - t0:.1f} s)", state="complete", expanded=False)
     registry().put(a)
     st.session_state[ENTRY_KEY] = str(a.path)
     return a
+
+
+INTRO_MARK = ".intro_seen"  # in the cache folder: the first-visit walk has been shown once
+START_KEY = "start_page"
+
+
+def start_page() -> str:
+    """The page a session opens on: "How AWQ works" until it has been shown once, then the Layer Lab.
+
+    Decided on a session's first run and kept for the session (the default page is the app's root URL,
+    which must not change under a user's feet).
+    """
+    if START_KEY not in st.session_state:
+        seen = (cache_dir() / INTRO_MARK).exists()
+        st.session_state[START_KEY] = "layer_lab" if seen else "how_awq_works"
+    return str(st.session_state[START_KEY])
+
+
+def mark_intro_seen() -> None:
+    """Remember (in the cache folder) that the walk has been shown, so later visits open on the Layer Lab."""
+    path = cache_dir() / INTRO_MARK
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("the How AWQ works walk was shown once; delete this file to start there again\n")
+    except OSError:
+        pass  # a read-only cache: the walk is simply offered again next time
 
 
 def ensure_analysis() -> None:
@@ -259,17 +311,29 @@ def render_sidebar() -> None:
         sb.caption(f"{a.manifest.get('n_tokens')} calibration tokens ({src}) · bits "
                    f"{', '.join(str(b) for b in sw.bits)} · group {group_label(sw.group_size)} · "
                    f"{'asymmetric' if sw.zero_point else 'symmetric'} · {a.settings.dtype}")
-        pack_bits = int(st.session_state.get("ov_bits") or views.default_bits(a))
+        swept = views.bits_available(a)
+        pack_bits = st.session_state.get(SHARED_BITS)
+        pack_bits = int(pack_bits) if pack_bits in swept else views.default_bits(a)
+        layer = st.session_state.get(SHARED_LAYER)
+        layer = layer if layer in a.names else None
+        preset = export_preset()
         sb.download_button(
-            f"Figure pack (ZIP, w{pack_bits})", data=lambda: figures.figure_pack(a, pack_bits),
-            file_name=f"awq_explorer_{figures.slugify_model(a.model_id)}_w{pack_bits}.zip", mime="application/zip",
-            on_click="ignore", key="figure_pack", icon=":material/folder_zip:",
-            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces and a README (built when clicked: 10-20 s for the bundled model).")
+            f"Figure pack (ZIP, w{pack_bits})",
+            data=lambda: figures.figure_pack(a, pack_bits, layer=layer, preset=preset),
+            file_name=f"awq_explorer_{figures.slugify_model(a.model_id)}_w{pack_bits}"
+                      f"{'_talk' if preset == 'talk' else ''}.zip", mime="application/zip",
+            on_click="ignore", key="figure_pack", icon=":material/folder_zip:", width="stretch",
+            help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces and a README; "
+                 f"the layer figures show {layer or 'the layer AWQ helps most'}. Built when clicked: "
+                 f"{PACK_SECONDS} for the bundled model on two CPU cores.")
+        sb.radio("Chart downloads", list(figures.PRESETS), key=PRESET_KEY, format_func=figures.PRESETS.get,
+                 help="The size of every PNG / SVG / PDF download and of the figure pack. Talk: one chart "
+                      "per 16:9 slide, 1920 x 1080 px, fonts about twice as large.")
 
     entries = list_cached(cache_dir())
     if entries:
         with sb.expander(f"Cached analyses ({len(entries)})", expanded=False):
-            labels = {m["path"]: entry_label(m) for m in entries}
+            labels = dict(zip((m["path"] for m in entries), views.compare_labels(entries)))
             paths = list(labels)
             cur = str(a.path) if a is not None else None
             pick = st.selectbox("Cached analysis", paths, index=paths.index(cur) if cur in paths else 0,
@@ -291,18 +355,21 @@ def render_sidebar() -> None:
                                         key="cal_source")
         if v["text_source"] == "upload":
             v["upload"] = st.file_uploader("UTF-8 text file", type=["txt", "md", "text"], key="cal_upload")
-        c1, c2, c3 = st.columns(3)
+        # two inputs per row at most: three squeezed labels ("Held-out", "Zero point") were cut in the sidebar
+        c1, c2 = st.columns(2)
         v["n_samples"] = c1.number_input("Blocks", 1, 1024, DEFAULTS.calibration.n_samples, key="cal_n",
                                          help="Calibration blocks (official AWQ: 128).")
         v["seqlen"] = c2.number_input("Tokens", 16, 4096, DEFAULTS.calibration.seqlen, step=16, key="cal_len",
                                       help="Tokens per block, capped at the model's positions (official AWQ: 512).")
-        v["heldout_samples"] = c3.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
-                                               help="Held-out blocks, scored but never used to choose alpha.")
-        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
         c1, c2 = st.columns(2)
-        v["group_size"] = c1.selectbox("Group size", GROUP_CHOICES, index=GROUP_CHOICES.index(DEFAULTS.sweep.group_size),
+        v["heldout_samples"] = c1.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
+                                               help="Held-out blocks, scored but never used to choose alpha.")
+        v["group_size"] = c2.selectbox("Group size", GROUP_CHOICES,
+                                       index=GROUP_CHOICES.index(DEFAULTS.sweep.group_size)
+                                       if DEFAULTS.sweep.group_size in GROUP_CHOICES else 0,
                                        format_func=group_label, key="q_group")
-        v["zero_point"] = c2.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
+        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
+        v["zero_point"] = st.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
                                     help="Asymmetric quantization with a zero point (official AWQ); off: symmetric.")
         c1, c2 = st.columns(2)
         v["dtype"] = c1.selectbox("dtype", ["float32", "bfloat16", "float16"], key="m_dtype")
@@ -336,13 +403,18 @@ def show_figure(fig: figures.Figure, key: str, *, model_id: str = "", caption: b
     Downloads are generated only when clicked (deferred), so dragging a slider never waits on exports.
     """
     st.altair_chart(fig.chart, theme=None, width="content", key=f"chart_{key}")
+    preset = export_preset()
     stem = f"{figures.slugify_model(model_id)}_{fig.slug}" if model_id else fig.slug
-    makers: dict[str, Callable[[], Any]] = {"png": fig.png, "svg": fig.svg, "pdf": fig.pdf, "csv": fig.csv}
+    makers: dict[str, Callable[[], Any]] = {"png": lambda: fig.png(preset=preset), "svg": lambda: fig.svg(preset),
+                                            "pdf": lambda: fig.pdf(preset), "csv": fig.csv}
+    if preset == "talk":
+        stem += "_talk"
     cols = st.columns([1, 1, 1, 1, 3], gap="small")
     for col, (fmt, make) in zip(cols, makers.items()):
         col.download_button(fmt.upper(), data=make, file_name=f"{stem}.{fmt}", mime=EXPORT_MIME[fmt],
                             on_click="ignore", key=f"dl_{key}_{fmt}", type="tertiary",
-                            icon=":material/download:", help=f"Download as {fmt.upper()}")
+                            icon=":material/download:",
+                            help=f"Download as {fmt.upper()}" + (" (talk: 16:9, 1920 x 1080)" if preset == "talk" and fmt != "csv" else ""))
     if caption and fig.caption:
         st.caption(fig.caption)
 
@@ -376,11 +448,32 @@ def definitions(keys: list[str] | None = None) -> None:
                 st.markdown(f"- **{k}**: {text}")
 
 
-def bits_picker(a: Analysis, key: str, label: str = "Bits") -> int:
-    bits = views.bits_available(a)
-    if st.session_state.get(key) not in bits:
-        st.session_state[key] = views.default_bits(a)
-    return int(st.segmented_control(label, bits, key=key, format_func=lambda b: f"w{b}", required=True))
+def export_preset() -> str:
+    """The download size chosen in the sidebar: ``standard`` or ``talk``."""
+    p = st.session_state.get(PRESET_KEY)
+    return p if p in figures.PRESETS else "standard"
+
+
+def _share(widget_key: str, shared_key: str) -> None:
+    st.session_state[shared_key] = st.session_state.get(widget_key)
+
+
+def bits_picker(a: Analysis | None, key: str, label: str = "Bits", options: list[int] | None = None) -> int:
+    """The one bits control of every page (w2 … w8 buttons), starting from the bit-width last picked anywhere.
+
+    ``options``: the bit-widths this page can show (default: the swept ones of ``a``).
+    """
+    bits = list(options) if options is not None else views.bits_available(a)
+    shared = st.session_state.get(SHARED_BITS)
+    if shared in bits and st.session_state.get(key) != shared:
+        st.session_state[key] = shared
+    elif st.session_state.get(key) not in bits:
+        default = views.default_bits(a) if a is not None else 3
+        st.session_state[key] = default if default in bits else bits[0]
+    value = int(st.segmented_control(label, bits, key=key, format_func=lambda b: f"w{b}", required=True,
+                                     on_change=_share, args=(key, SHARED_BITS)))
+    st.session_state[SHARED_BITS] = value
+    return value
 
 
 def layer_label(a: Analysis, name: str) -> str:
@@ -388,11 +481,34 @@ def layer_label(a: Analysis, name: str) -> str:
     return f"{name}  ·  {info['family']}  ·  {info['in_features']}→{info['out_features']}"
 
 
-def layer_picker(a: Analysis, key: str, default: str, label: str = "Layer") -> str:
+def layer_picker(a: Analysis, key: str, default: str | None = None, label: str = "Layer") -> str:
+    """The layer selectbox of Layer Lab, Clipping, How AWQ works and Methods: one selection shared by all.
+
+    Picking a layer on one page shows the same layer on the others (``SHARED_LAYER`` in session state);
+    ``default`` (else the layer where AWQ helps most) applies until a layer has been picked.
+    """
     names = a.names
-    if st.session_state.get(key) not in names:
+    shared = st.session_state.get(SHARED_LAYER)
+    if shared in names and st.session_state.get(key) != shared:
+        st.session_state[key] = shared
+    elif st.session_state.get(key) not in names:
+        default = default or views.best_layer(a, views.default_bits(a))
         st.session_state[key] = default if default in names else names[0]
-    return str(st.selectbox(label, names, key=key, format_func=lambda n: layer_label(a, n)))
+    name = str(st.selectbox(label, names, key=key, format_func=lambda n: layer_label(a, n),
+                            on_change=_share, args=(key, SHARED_LAYER)))
+    st.session_state[SHARED_LAYER] = name
+    return name
+
+
+def shared_layer_picker(a: Analysis, key: str = "methods_layer", label: str = "Layer") -> str:
+    """The shared layer selection for another page (e.g. Methods): same layer as the Layer Lab and Clipping."""
+    return layer_picker(a, key, label=label)
+
+
+def open_layer_lab(name: str) -> None:
+    """Jump to the Layer Lab showing ``name`` (button callback: sets the shared layer, then switches page)."""
+    st.session_state[SHARED_LAYER] = name
+    st.session_state.pop("lab_alpha", None)  # start from the layer's best alpha
 
 
 def group_picker(a: Analysis, name: str, key: str, label: str = "Group size") -> int:
@@ -414,6 +530,14 @@ def sweep_row(a: Analysis, name: str, bits: int) -> pd.Series | None:
 def clip_study(entry: str, name: str, bits: int, group_size: int, alpha: float) -> views.ClipStudy:
     """``views.clip_study`` on a registered analysis, cached per setting (toggles on the page do not redo it)."""
     return views.clip_study(registry().get(entry), name, bits=bits, group_size=group_size, alpha=alpha)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def clipped_curve(entry: str, name: str, bits: int, group_size: int, zero_point: bool, duo_scaling: bool,
+                  n_grid: int) -> pd.DataFrame:
+    """``views.clipped_alpha_curve`` on a registered analysis, cached per setting (one clip search per alpha)."""
+    return views.clipped_alpha_curve(registry().get(entry), name, bits=bits, group_size=group_size,
+                                     zero_point=zero_point, duo_scaling=duo_scaling, n_grid=n_grid)
 
 
 # --- 3D view -------------------------------------------------------------------------------------------
@@ -476,6 +600,7 @@ def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key:
                                 backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
         finally:
             plotter.close()
+    st.altair_chart(figures.colour_bar(mat, value_name, log).chart, theme=None, width="content", key=f"{key}_bar")
 
 
 # --- Methods side by side (Layer Lab section; core.methods) ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One definition of each metric the app shows (DESIGN.md section 3).
+"""One definition of each metric the app shows (listed in the README, section "Metrics").
 
 The UI prints ``DEFINITIONS`` next to the numbers, so the text here is the documentation.
 """

@@ -125,6 +125,22 @@ def error_by_bits(layers: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def error_ratio_by_bits(layers: pd.DataFrame) -> pd.DataFrame:
+    """Median over linears of AWQ error / RTN error per bit-width, on calibration and held-out rows.
+
+    The per-layer ratio is ``1 / gain``: below 1, AWQ's output error is smaller than RTN's.
+    """
+    rows = []
+    for b, lay in layers.groupby("bits"):
+        for split, num, den in (("calibration", "awq_rel", "rtn_rel"), ("held-out", "awq_rel_heldout", "rtn_rel_heldout")):
+            r = (lay[num] / lay[den]).replace([np.inf, -np.inf], np.nan).dropna()
+            if r.empty:
+                continue
+            rows.append({"bits": int(b), "split": split, "median_awq_over_rtn": float(r.median()),
+                         "q25": float(r.quantile(0.25)), "q75": float(r.quantile(0.75))})
+    return pd.DataFrame(rows)
+
+
 def _rank_points(n: int, k: int = 120) -> np.ndarray:
     """Ranks ``1..n`` thinned log-uniformly to about ``k`` points (keeps every one of the top ranks)."""
     return np.unique(np.round(np.geomspace(1, n, num=min(n, k))).astype(int))
@@ -150,11 +166,20 @@ def hockey_stick(analysis: "Analysis", by: str = "family", n_points: int = 120) 
             continue
         v = v / v.mean()
         pct = 100.0 * np.arange(1, v.size + 1) / v.size
-        # below a layer's first rank (narrow layers) keep its top value rather than extrapolate
-        vals = np.interp(np.log(grid), np.log(pct), v, left=v[0], right=v[-1])
+        # Only inside the layer's own ranks: a narrow layer has no channel at 0.1 %, so it has no value
+        # there (NaN) rather than a flat plateau copied from its top channel.
+        lp, lg = np.log(pct), np.log(grid)
+        lg = np.where(np.abs(lg - lp[0]) < 1e-9, lp[0], np.where(np.abs(lg - lp[-1]) < 1e-9, lp[-1], lg))
+        vals = np.interp(lg, lp, v, left=np.nan, right=np.nan)
         curves.setdefault(str(fam.get(name, "other")) if by == "family" else "all linears", []).append(vals)
-    rows = [pd.DataFrame({"group": k, "rank_pct": grid, "importance_norm": np.mean(vs, axis=0)})
-            for k, vs in curves.items()]
+    rows = []
+    for k, vs in curves.items():
+        stack = np.vstack(vs)
+        have = np.isfinite(stack).sum(0)
+        # a grid point is kept where every linear of the group has data (the narrowest sets the start)
+        keep = have == stack.shape[0]
+        mean = np.where(keep, np.nansum(stack, axis=0) / np.maximum(have, 1), np.nan)
+        rows.append(pd.DataFrame({"group": k, "rank_pct": grid[keep], "importance_norm": mean[keep]}))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["group", "rank_pct", "importance_norm"])
 
 
@@ -232,12 +257,53 @@ def most_recurrent_family(analysis: "Analysis", value: str = "importance") -> st
     return best
 
 
+def log_applicable(values) -> bool:
+    """A log scale can show these values: all finite and > 0 (excess kurtosis, for one, can be negative)."""
+    v = np.asarray(values, dtype=np.float64)
+    return bool(v.size) and bool(np.isfinite(v).all()) and bool((v > 0).all())
+
+
 # --- Layer Lab --------------------------------------------------------------------------------------
 
 def alpha_curve(ev: "LayerEval") -> pd.DataFrame:
-    """Loss-vs-alpha of one layer at the evaluated bits / group size (alpha 0 is plain RTN)."""
+    """The scale search of one layer: relative output error (and the official MSE ``loss``) per alpha.
+
+    Computed as ``ev`` was: same bits, group size, zero point and duo scaling, without clipping
+    (official AWQ chooses alpha first, then clips). Alpha 0 is plain RTN only without duo scaling.
+    """
     return pd.DataFrame({"alpha": ev.search.alphas.numpy(), "loss": ev.search.losses.numpy(),
                          "rel_error": ev.rel_curve.double().numpy()})
+
+
+def clipped_alpha_curve(analysis: "Analysis", name: str, *, bits: int, group_size: int, zero_point: bool = True,
+                        duo_scaling: bool = False, n_grid: int = 20, progress=None) -> pd.DataFrame:
+    """Relative output error vs alpha with AWQ's clip search after scaling, at every alpha of the grid.
+
+    Each point is what ``Analysis.evaluate_layer(..., clip=True, clip_qk=True)`` computes at that alpha
+    (scales, per-(row, group) clip search on the scaled weights, ``Q(clip(W s)) / s``), on the calibration
+    sample. One clip search per alpha, so it takes seconds: the Layer Lab computes it on request.
+    Columns: alpha, rel_error, rel_error_heldout.
+    """
+    info = analysis.info(name)
+    g = layer_group_size(int(info["in_features"]), group_size) if group_size > 0 else int(info["in_features"])
+    w, x = analysis.weight(name), analysis.inputs(name)
+    alphas = awq.alpha_grid(n_grid).tolist()
+    rel, rel_h = [], []
+    for i, alpha in enumerate(alphas):
+        s = analysis.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
+        ws = w * s.view(1, -1)
+        max_val = awq.search_clip(ws, x / s.view(1, -1), n_bit=bits, group_size=g, zero_point=zero_point)
+        w_hat = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
+        rel.append(analysis.layer_error(name, w_hat))
+        rel_h.append(analysis.layer_error(name, w_hat, "heldout"))
+        if progress is not None:
+            progress((i + 1) / len(alphas), f"alpha {alpha:.2f}")
+    return pd.DataFrame({"alpha": alphas, "rel_error": rel, "rel_error_heldout": rel_h})
+
+
+def first_min(values) -> int:
+    """Index of the first minimum (strict ``<``: ties keep the smaller alpha, as the scale search does)."""
+    return awq.first_min_index(torch.tensor(np.array(values, dtype=np.float64)))
 
 
 def sorted_importance(ev: "LayerEval", max_rows: int = 2000) -> pd.DataFrame:
@@ -372,48 +438,92 @@ def qk_clip_effect(analysis: "Analysis", bits: int, progress=None) -> pd.DataFra
 
 # --- Compare --------------------------------------------------------------------------------------
 
+def _settings_parts(manifest: dict[str, Any]) -> dict[str, str]:
+    """The settings of a cached analysis that can tell two analyses apart, each as a short readable part."""
+    s = manifest.get("settings", {})
+    cal, sw = s.get("calibration", {}), s.get("sweep", {})
+    src = str(cal.get("source", "?")).rsplit("/", 1)[-1]
+    g = int(sw.get("group_size", 0) or 0)
+    return {
+        "model": str(manifest.get("model_id", "?")).rstrip("/").split("/")[-1],
+        "zero_point": "zero point" if sw.get("zero_point", True) else "symmetric",
+        "group_size": f"group {g}" if g > 0 else "per-row groups",
+        "tokens": f"{cal.get('n_samples')}x{cal.get('seqlen')} tokens",
+        "heldout": f"{cal.get('heldout_samples')} held-out blocks",
+        "calibration": f"text {src}",
+        "bits": "bits " + ",".join(str(b) for b in sw.get("bits", [])),
+        "grid": f"grid {sw.get('n_grid')}",
+        "dtype": str(s.get("dtype", "")),
+        "rows": f"{s.get('sample_rows')} sample rows",
+    }
+
+
+def compare_labels(manifests: list[dict[str, Any]]) -> list[str]:
+    """One label per analysis: the model name plus only the settings that differ between ``manifests``.
+
+    Two analyses of the same model at different zero point / group size / tokens read
+    ``all-MiniLM-L6-v2 · symmetric · group 64`` and ``all-MiniLM-L6-v2 · zero point · group 128``; identical
+    settings fall back to the creation time. Labels are unique.
+    """
+    parts = [_settings_parts(m) for m in manifests]
+    keys = [k for k in (parts[0] if parts else {}) if k != "model" and len({p[k] for p in parts}) > 1]
+    labels = [" · ".join([p["model"]] + [p[k] for k in keys]) for p in parts]
+    for i, m in enumerate(manifests):
+        if labels.count(labels[i]) > 1:
+            labels[i] += f" · {str(m.get('created', ''))[5:16].replace('T', ' ')}"
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(list(labels)):  # still equal (same minute): number them
+        seen[lab] = seen.get(lab, 0) + 1
+        if labels.count(lab) > 1:
+            labels[i] = f"{lab} #{seen[lab]}"
+    return labels
+
+
+def _labels(analyses: list["Analysis"]) -> list[str]:
+    return compare_labels([a.manifest for a in analyses])
+
+
 def model_label(analysis: "Analysis") -> str:
-    """Short label for a model in comparisons: the last part of its id plus its entry hash."""
-    mid = str(analysis.model_id).rstrip("/").split("/")[-1]
-    return f"{mid} [{analysis.path.name[:6]}]"
+    """Short label for one model: the last part of its id (comparisons use ``compare_labels``)."""
+    return str(analysis.model_id).rstrip("/").split("/")[-1]
 
 
 def compare_family_gains(analyses: list["Analysis"], bits: int) -> pd.DataFrame:
     frames = []
-    for a in analyses:
+    for a, label in zip(analyses, _labels(analyses)):
         if bits not in bits_available(a):
             continue
         ft = family_table(a.layers, bits)
-        ft.insert(0, "model", model_label(a))
+        ft.insert(0, "analysis", label)
         frames.append(ft)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def compare_hockey(analyses: list["Analysis"]) -> pd.DataFrame:
     frames = []
-    for a in analyses:
+    for a, label in zip(analyses, _labels(analyses)):
         hs = hockey_stick(a, by="all")
-        hs["group"] = model_label(a)
+        hs["group"] = label
         frames.append(hs)
-    return pd.concat(frames, ignore_index=True).rename(columns={"group": "model"}) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True).rename(columns={"group": "analysis"}) if frames else pd.DataFrame()
 
 
 def compare_error_by_bits(analyses: list["Analysis"]) -> pd.DataFrame:
     frames = []
-    for a in analyses:
+    for a, label in zip(analyses, _labels(analyses)):
         eb = error_by_bits(a.layers)
-        eb.insert(0, "model", model_label(a))
+        eb.insert(0, "analysis", label)
         frames.append(eb)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def compare_headlines(analyses: list["Analysis"], bits: int) -> pd.DataFrame:
     rows = []
-    for a in analyses:
+    for a, label in zip(analyses, _labels(analyses)):
         if bits not in bits_available(a):
             continue
         h = headline(a, bits)
-        rows.append({"model": model_label(a), "model_id": a.model_id, "linears": h["n_linears"],
+        rows.append({"analysis": label, "model_id": a.model_id, "linears": h["n_linears"],
                      "tokens": h["n_tokens"], "median_gain": h["median_gain"],
                      "median_gain_heldout": h["median_gain_heldout"], "median_awq_rel": h["median_awq_rel"],
                      "max_mean_abs_over_median": h["max_outlier_ratio"]})
@@ -425,18 +535,23 @@ def compare_headlines(analyses: list["Analysis"], bits: int) -> pd.DataFrame:
 ERROR_METRICS = ("kl", "hidden_rel_error")  # model-level metrics that are errors (0 = identical to fp)
 
 
-def gain_levels(layers: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
-    """Layer-level and model-level gain side by side, per bit-width.
+def gain_levels(layers: pd.DataFrame, quality: pd.DataFrame, sweep_group_size: int | None = None) -> pd.DataFrame:
+    """Layer-level and model-level gain side by side, per bit-width, at one group size.
 
     Layer level: the sweep's median gain (in-sample and held-out). Model level: for an error metric
     (KL for causal LMs, hidden-state error for encoders) ``error(rtn) / error(mode)`` for each quantized
-    mode, the same ratio the layer gain is. Needs ``rtn`` rows in ``quality``.
+    mode, the same ratio the layer gain is. Needs ``rtn`` rows in ``quality``. ``group_size`` says the group
+    size of both; when the model-level rows are at another group size than the sweep
+    (``sweep_group_size``), the layer gains are NaN rather than numbers from another setting.
     """
     q = quality[quality["metric"].isin(ERROR_METRICS) & (quality["mode"] != "fp")]
+    groups = sorted({int(g) for g in q["group_size"].unique()}) if "group_size" in q else []
+    same = sweep_group_size is None or groups == [int(sweep_group_size)]
     rows = []
     for b in sorted(int(x) for x in q["bits"].unique()):
-        lay = layers[layers["bits"] == b]
-        row: dict[str, Any] = {"bits": b, "layer_gain": float(lay["gain"].median()) if len(lay) else float("nan"),
+        lay = layers[layers["bits"] == b] if same else layers.iloc[0:0]
+        row: dict[str, Any] = {"bits": b, "group_size": groups[0] if len(groups) == 1 else -1,
+                               "layer_gain": float(lay["gain"].median()) if len(lay) else float("nan"),
                                "layer_gain_heldout": float(lay["gain_heldout"].median()) if len(lay) else float("nan")}
         qb = q[q["bits"] == b]
         for metric, qm in qb.groupby("metric"):
@@ -461,3 +576,116 @@ def fmt_db(x: float) -> str:
 
 def fmt_gain(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}x"
+
+
+# --- How AWQ works (a first-visit walk through one layer of the current model) ----------------------
+
+def weight_group(ev: "LayerEval") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """One quantization group of ``ev``'s weight, before and after round-to-nearest, and its levels.
+
+    The group is the one holding the most important input channel, in the output row where that channel's
+    weight is largest. Returns ``(points, levels, info)``: points per input channel of the group (channel,
+    weight, rtn, salient), the ``2^bits`` dequantized levels the group can take, and {row, group, bits}.
+    """
+    from .quant import choose_qparams, dequantize
+
+    w = ev.weight
+    g = int(ev.group_size)
+    top = int(torch.argmax(ev.importance))
+    row = int(torch.argmax(w[:, top].abs()))
+    start = (top // g) * g
+    wg = w[row, start:start + g].reshape(1, -1)
+    qp = choose_qparams(wg, ev.bits, ev.zero_point)
+    levels = dequantize(torch.arange(qp.min_int, qp.max_int + 1, dtype=torch.float32).view(1, -1), qp).view(-1)
+    imp = ev.importance.double().numpy()
+    k = salient_count(imp.size)
+    salient = np.zeros(imp.size, dtype=bool)
+    salient[np.argsort(imp)[::-1][:k]] = True
+    chans = np.arange(start, start + g)
+    points = pd.DataFrame({"channel": chans, "weight": wg.view(-1).double().numpy(),
+                           "rtn": ev.w_rtn[row, start:start + g].double().numpy(), "salient": salient[chans]})
+    return points, pd.DataFrame({"level": levels.double().numpy()}), {"row": row, "group": start // g,
+                                                                       "bits": ev.bits, "top_channel": top}
+
+
+def activation_outliers(analysis: "Analysis", name: str) -> pd.DataFrame:
+    """mean|x_j| of every input channel of ``name`` with the salient (top-1% importance) channels flagged."""
+    xm = analysis.x_mean(name).double().numpy()
+    imp = analysis.importance[analysis.importance["name"] == name].sort_values("channel")["importance"].to_numpy()
+    k = salient_count(xm.size)
+    salient = np.zeros(xm.size, dtype=bool)
+    salient[np.argsort(imp)[::-1][:k]] = True
+    return pd.DataFrame({"channel": np.arange(xm.size), "mean_abs": xm, "salient": salient})
+
+
+def scales_by_alpha(analysis: "Analysis", name: str, alphas: list[float], group_size: int) -> pd.DataFrame:
+    """AWQ's scale ``s_j`` for a few alphas, channels ordered by mean|x_j| (largest first): alpha, rank, channel, scale."""
+    xm = analysis.x_mean(name).double().numpy()
+    order = np.argsort(xm)[::-1]
+    ranks = _rank_points(xm.size, 200)
+    frames = []
+    for alpha in alphas:
+        s = analysis.scales_at(name, float(alpha), group_size=group_size).double().numpy()[order]
+        frames.append(pd.DataFrame({"alpha": float(alpha), "rank": ranks, "channel": order[ranks - 1],
+                                    "scale": s[ranks - 1]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def channel_errors(ev: "LayerEval", n_bins: int = 24) -> pd.DataFrame:
+    """Per input channel, the weight error times the channel's activation scale, for RTN and for AWQ.
+
+    ``e_j = mean_i |W_ij - Ŵ_ij| * mean|x_j|`` (how much the error of column j can move the output), with
+    channels ranked by importance and averaged in log-spaced rank bins: rank_start, rank_end, method, error.
+    """
+    x_mean = (ev.importance / ev.weight.abs().mean(0).clamp(min=1e-30)).double()  # I_j / mean|W_j| = mean|x_j|
+    order = torch.argsort(ev.importance, descending=True)
+    n = order.numel()
+    edges = np.unique(np.round(np.geomspace(1, n + 1, n_bins + 1)).astype(int))
+    frames = []
+    for method, w_hat in (("RTN: Q(W)", ev.w_rtn), ("AWQ: Q(W·s)/s", ev.w_awq)):
+        e = ((ev.weight - w_hat).abs().mean(0).double() * x_mean)[order].numpy()
+        rows = [{"rank_start": int(a), "rank_end": int(b) - 1, "method": method, "error": float(e[a - 1:b - 1].mean())}
+                for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        frames.append(pd.DataFrame(rows))
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class IntroWalk:
+    """What the "How AWQ works" page shows for one model: its layer, that layer's evaluation, the numbers."""
+
+    name: str
+    bits: int
+    group_size: int
+    alpha: float
+    ev: "LayerEval"
+    numbers: dict[str, Any]
+
+
+def intro_walk(analysis: "Analysis", bits: int | None = None) -> IntroWalk:
+    """The walk's layer (where AWQ helps most at ``bits``), evaluated at its best alpha, and the numbers quoted.
+
+    Numbers: the layer's activation outlier ratio (max / median mean|x|), its top-1% importance share, RTN
+    and AWQ errors and gains, and the network-wide median gain and share of layers helped (held-out).
+    """
+    bits = int(bits) if bits in bits_available(analysis) else default_bits(analysis)
+    name = best_layer(analysis, bits)
+    info = analysis.info(name)
+    g = layer_group_size(int(info["in_features"]), analysis.settings.sweep.group_size) \
+        if analysis.settings.sweep.group_size > 0 else 0
+    lay = analysis.layers[(analysis.layers["name"] == name) & (analysis.layers["bits"] == bits)]
+    alpha = float(lay["best_alpha"].iloc[0]) if len(lay) else 0.5
+    ev = analysis.evaluate_layer(name, alpha=alpha, bits=bits, group_size=g,
+                                 zero_point=bool(analysis.settings.sweep.zero_point), n_grid=analysis.settings.sweep.n_grid)
+    xm = analysis.x_mean(name).double()
+    h = headline(analysis, bits)
+    numbers = {
+        "outlier_ratio": float(xm.max() / xm.median().clamp(min=1e-12)),
+        "top1_share": metrics.top1_share(ev.importance),
+        "n_salient": salient_count(int(info["in_features"])),
+        "in_features": int(info["in_features"]), "out_features": int(info["out_features"]),
+        "rtn_rel": ev.rtn_rel, "awq_rel": ev.awq_rel, "gain": ev.gain, "gain_heldout": ev.gain_heldout,
+        "median_gain": h["median_gain"], "median_gain_heldout": h["median_gain_heldout"],
+        "share_helped_heldout": h["share_helped_heldout"], "n_linears": h["n_linears"],
+    }
+    return IntroWalk(name=name, bits=bits, group_size=int(ev.group_size), alpha=alpha, ev=ev, numbers=numbers)

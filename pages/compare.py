@@ -7,25 +7,18 @@ from core.analysis import list_cached
 
 ui.page_guard()
 st.title("Compare")
-st.caption("Cached analyses side by side. Each is read from the cache: no model is loaded here.")
+st.caption("Cached analyses side by side, each named by its model and the settings that differ between them "
+           "(zero point, group size, tokens, ...). Each is read from the cache: no model is loaded here.")
 
 entries = list_cached(ui.cache_dir())
 if not entries:
     st.info("Nothing cached yet: analyze a model from the sidebar first.")
     st.stop()
-labels = {m["path"]: ui.entry_label(m) for m in entries}
+# Each analysis is named by the model and the settings that tell the cached analyses apart (not a hash).
+labels = dict(zip((m["path"] for m in entries), views.compare_labels(entries)))
 paths = list(labels)
 if "cmp_paths" not in st.session_state:
-    cur = st.session_state.get(ui.ENTRY_KEY)
-    first = [cur] if cur in paths else []
-    seen = {labels[p].split(" · ")[0] for p in first}
-    for p in paths:  # prefer distinct models for the default selection
-        if len(first) >= 3:
-            break
-        if p not in first and labels[p].split(" · ")[0] not in seen:
-            first.append(p)
-            seen.add(labels[p].split(" · ")[0])
-    st.session_state["cmp_paths"] = first or paths[:2]
+    st.session_state["cmp_paths"] = paths[:2]  # the two most recent analyses (list_cached: newest first)
 st.session_state["cmp_paths"] = [p for p in st.session_state["cmp_paths"] if p in paths]
 picked = st.multiselect("Analyses", paths, key="cmp_paths", format_func=labels.get)
 if not picked:
@@ -47,9 +40,7 @@ if not common:
     st.warning("These analyses share no bit-width; family gains need one in common.")
     bits = None
 else:
-    if st.session_state.get("cmp_bits") not in common:
-        st.session_state["cmp_bits"] = 3 if 3 in common else common[0]
-    bits = st.segmented_control("Bits", common, key="cmp_bits", format_func=lambda b: f"w{b}", required=True)
+    bits = ui.bits_picker(None, "cmp_bits", options=common)
 
 if bits is not None:
     ui.show_table(views.compare_headlines(analyses, bits))

@@ -22,16 +22,21 @@ with c3:
 
 heat = figures.importance_heatmap(a, family, value, log)
 mat = heat.meta["matrix"]
+use_log = bool(heat.meta["log"])  # the 3D view and the heatmap use the same scale
 label = views.CHANNEL_VALUES[value].split(" (")[0]
-title = f"{a.model_id.split('/')[-1]} — {label}, family {family}"
+if log and not use_log:
+    st.info(f"Log scale is off for {label}: it needs values above zero, and these include zero or negative "
+            "values (excess kurtosis is negative for light-tailed channels). Both views show a linear scale.")
+title = f"{a.model_id.split('/')[-1]}: {label}, family {family}"
 
 if mat.shape[0] > 1:
-    ui.show_surface(mat, title=title, value_name=label, log=log, key="map_3d",
-                    cache_key=f"{a.path}|{family}|{value}|{log}")
-    st.download_button("3D view as PNG", data=lambda: figures.surface_png(mat, title=title, value_name=label, log=log),
+    st.markdown(f"**{title}** — 3D: x input channel, y block, height and colour {figures.value_axis_title(label, use_log)}")
+    ui.show_surface(mat, title=title, value_name=label, log=use_log, key="map_3d",
+                    cache_key=f"{a.path}|{family}|{value}|{use_log}")
+    st.download_button("3D view as PNG", data=lambda: figures.surface_png(mat, title=title, value_name=label, log=use_log),
                        file_name=f"{figures.slugify_model(a.model_id)}_surface_{family}_{value}.png", mime="image/png",
                        on_click="ignore", key="map_3d_png", icon=":material/download:",
-                       help="Rendered off-screen at 1920 x 1080.")
+                       help="Rendered off-screen at 1920 x 1080, with axis titles and a colour bar.")
 else:
     st.info("This model has a single block: the surface would be one line, so only the heatmap is shown.")
 

@@ -9,9 +9,10 @@ from core.analysis import Analysis
 
 a = ui.require_analysis()
 st.title("Layer Lab")
-st.caption("Pick a layer and drag alpha: AWQ quantizes Q(W·s)/s with s = mean|x|^alpha. Alpha 0 is plain "
-           "round-to-nearest (RTN). Everything below is recomputed from the cached statistics and input "
-           "sample of this one layer — the model never runs.")
+st.caption("Pick a layer and drag alpha: AWQ quantizes Q(W·s)/s with s = mean|x|^alpha, so alpha 0 is plain "
+           "round-to-nearest (RTN) — except with duo scaling, where s = mean|x|^alpha / w_mean^(1−alpha). "
+           "Everything below is recomputed from the cached statistics and input sample of this one layer — "
+           "the model never runs.")
 
 
 def _snap_alpha(value: float) -> None:
@@ -20,15 +21,11 @@ def _snap_alpha(value: float) -> None:
 
 @st.fragment
 def layer_lab(a: Analysis) -> None:
-    bits_opts = list(range(2, 9))
-    default_bits = views.default_bits(a)
     c1, c2 = st.columns([3, 2])
     with c1:
-        name = ui.layer_picker(a, "lab_layer", views.best_layer(a, default_bits))
+        name = ui.layer_picker(a, "lab_layer")
     with c2:
-        if st.session_state.get("lab_bits") not in bits_opts:
-            st.session_state["lab_bits"] = default_bits
-        bits = int(st.select_slider("Bits", bits_opts, key="lab_bits"))
+        bits = ui.bits_picker(a, "lab_bits", options=list(range(2, 9)))
     c1, c2, c3 = st.columns([3, 2, 2])
     with c1:
         if "lab_alpha" not in st.session_state:
@@ -82,15 +79,35 @@ def layer_lab(a: Analysis) -> None:
     h = st.columns(6)
     h[0].metric("RTN rel. error, held-out", views.fmt_rel(ev.rtn_rel_heldout))
     h[1].metric("AWQ rel. error, held-out", views.fmt_rel(ev.awq_rel_heldout))
-    h[2].metric("Best alpha on the grid", f"{ev.best_alpha:.2f}")
+    h[2].metric("Best alpha on the grid", f"{ev.best_alpha:.2f}",
+                help="Lowest error of the scale search" + (" without clipping (official AWQ chooses alpha "
+                                                           "first, then clips)" if ev.clipped else "") + ".")
     with h[3]:
         st.button(f"Set alpha to {ev.best_alpha:.2f}", on_click=_snap_alpha, args=(ev.best_alpha,), key="lab_snap",
-                  disabled=abs(ev.best_alpha - alpha) < 1e-9, icon=":material/my_location:")
-    clip_note = ("applied" if ev.clipped else "skipped (Q/K)") if clip else "off"
-    h[4].metric("Clipping", clip_note)
+                  disabled=abs(ev.best_alpha - alpha) < 1e-9, icon=":material/my_location:",
+                  help="The best alpha of the scale search" + (" (without clipping, as official AWQ chooses it)"
+                                                               if ev.clipped else "") + ".")
+    clip_note = ("applied" if ev.clipped else "Q/K: skipped") if clip else "off"
+    h[4].metric("Clipping", clip_note, help="Q/K projections are skipped by official AWQ unless 'Clip Q/K too' is on.")
     h[5].metric("Recomputed in", f"{dt * 1000:.0f} ms", help="Time of this layer's evaluate_layer call.")
 
-    figs = figures.layer_figures(ev)
+    clipped = None
+    if ev.clipped:
+        args = (str(a.path), name, bits, group, zero_point, duo, n_grid)
+        if st.session_state.get("lab_clip_curve") == args:
+            with st.spinner("Clip search at every alpha of the grid…"):
+                clipped = ui.clipped_curve(*args)
+        else:
+            st.button("Curve with clipping at every alpha", key="lab_clip_curve_btn", icon=":material/show_chart:",
+                      on_click=lambda: st.session_state.__setitem__("lab_clip_curve", args),
+                      help="The curve below is the scale search without clipping (official AWQ chooses alpha "
+                           "that way, then clips). This runs the clip search at each of the grid's alphas "
+                           "(seconds) and draws that curve and its best alpha too.")
+    figs = figures.layer_figures(ev, clipped)
+    if clipped is not None:
+        best_clip = float(figs[0].meta["best_alpha"])
+        st.button(f"Set alpha to {best_clip:.2f} (best with clipping)", on_click=_snap_alpha, args=(best_clip,),
+                  key="lab_snap_clip", disabled=abs(best_clip - alpha) < 1e-9, icon=":material/my_location:")
     salient_only = st.session_state.get("lab_hist_salient", False)
     if salient_only:
         figs[3] = figures.weight_histogram(ev, salient_only=True)
@@ -109,4 +126,4 @@ def layer_lab(a: Analysis) -> None:
 
 
 layer_lab(a)
-ui.definitions(["rel_error", "sqnr_db", "loss", "gain", "gain_heldout", "importance"])
+ui.definitions(["rel_error", "sqnr_db", "gain", "gain_heldout", "importance"])

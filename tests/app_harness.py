@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PAGES = ["pages/overview.py", "pages/layer_lab.py", "pages/importance_map.py", "pages/clipping.py",
-         "pages/compare.py", "pages/model_quality.py"]
+# Every page of the navigation that exists in this checkout (Methods and Plan arrive from other branches).
+PAGES = [p for p in ("pages/how_awq_works.py", "pages/overview.py", "pages/layer_lab.py", "pages/importance_map.py",
+                     "pages/clipping.py", "pages/methods.py", "pages/model_quality.py", "pages/plan.py",
+                     "pages/compare.py") if (ROOT / p).exists()]
 
 
 def shared_cache(tmp_path_factory) -> Path:

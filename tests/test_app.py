@@ -99,12 +99,14 @@ def assert_themed(at: AppTest, n_min: int = 1) -> None:
 
 
 def snapshot(cache: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    """Every file of the cache (the first-visit marker aside: a page view writes it, no analysis does)."""
+    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*")
+                  if p.name != ".intro_seen")
 
 
 def lab_state(at: AppTest) -> dict:
     return {
-        "name": at.selectbox(key="lab_layer").value, "bits": int(at.select_slider(key="lab_bits").value),
+        "name": at.selectbox(key="lab_layer").value, "bits": int(at.segmented_control(key="lab_bits").value),
         "alpha": float(at.slider(key="lab_alpha").value), "group_size": int(at.select_slider(key="lab_group").value),
         "n_grid": int(at.select_slider(key="lab_grid").value), "zero_point": at.toggle(key="lab_zp").value,
         "duo_scaling": at.toggle(key="lab_duo").value, "clip": at.toggle(key="lab_clip").value,
@@ -130,29 +132,87 @@ def check_lab_against_engine(at: AppTest, engine) -> object:
     ev = engine.evaluate_layer(st_.pop("name"), **st_)
     shown = metrics_shown(at)
     assert {k: shown[k] for k in LAB_METRICS} == expected_lab_metrics(ev)
-    curve = next(df for data in chart_data(at) for df in data.values() if list(df.columns) == ["alpha", "loss", "rel_error"])
+    curve = lab_curve(at)
     assert np.allclose(curve["alpha"], ev.search.alphas.numpy()) and np.allclose(curve["rel_error"], ev.rel_curve.numpy())
     return ev
 
 
+def lab_curve(at: AppTest, which: str = figures.CURVE_PLAIN) -> pd.DataFrame:
+    """The points of one curve of the Layer Lab's error-vs-alpha chart, as the browser receives them."""
+    for data in chart_data(at):
+        for df in data.values():
+            if list(df.columns) == ["alpha", "curve", "rel_error"]:
+                return df[df["curve"] == which].reset_index(drop=True)
+    raise AssertionError("no error-vs-alpha chart")
+
+
+def lab_spec(at: AppTest) -> dict:
+    return next(sp for sp in chart_specs(at) if figures.figure_title(sp).startswith("Output error vs alpha"))
+
+
+def title_words(spec: dict) -> str:
+    """Title and subtitle of a spec as one line (they are wrapped into several lines to fit the chart)."""
+    t = spec.get("title", {})
+    parts = []
+    for k in ("text", "subtitle"):
+        v = t.get(k, "") if isinstance(t, dict) else (t if k == "text" else "")
+        parts += v if isinstance(v, list) else [v]
+    return " ".join(str(p) for p in parts)
+
+
 # --- opening the app ---------------------------------------------------------------------------------
 
-def test_first_open_analyzes_the_bundled_model_and_lands_on_the_layer_lab(cache):
-    """No typing: a fresh session analyzes the bundled model (or reads it from the cache) and shows the Lab."""
+INTRO_TITLES = ("Round to nearest", "Input activations of", "s = mean|x|^α", "Q(W·s)/s vs Q(W)", "AWQ gain per layer")
+
+
+def test_first_open_walks_how_awq_works_then_the_layer_lab(cache):
+    """No typing: a fresh session analyzes the bundled model (or reads it from the cache) and starts the walk.
+
+    The walk's five figures are live numbers of this model; its button opens the Layer Lab at the walk's
+    layer; a later session (the walk has been shown once) opens on the Layer Lab.
+    """
+    import ui
+
+    (cache / ui.INTRO_MARK).unlink(missing_ok=True)
     at = open_app()
     at.run()
     assert_clean(at)
-    assert at.title[0].value == "Layer Lab"
+    assert at.title[0].value == "How AWQ works"
     entries = [m for m in list_cached(cache) if m["model_id"] == BUNDLED_ID]
     assert entries, "the bundled model's analysis was not cached"
     assert at.session_state[ENTRY] == entries[0]["path"]
     engine = open_entry(entries[0]["path"])
+    walk = views.intro_walk(engine)
+    steps = [h.value for h in at.subheader]
+    assert [h.split(" · ")[0] for h in steps[:5]] == ["1", "2", "3", "4", "5"], steps
+    assert "https://arxiv.org/abs/2306.00978" in at.caption[0].value and "MLSys 2024" in at.caption[0].value
+    titles = [figures.figure_title(sp) for sp in chart_specs(at)]
+    for start in INTRO_TITLES:
+        assert any(t.startswith(start) for t in titles), (start, titles)
+    # live: the weight group drawn is this model's weight row, and its RTN values are what pseudo_quantize gives
+    pts, levels, info = views.weight_group(walk.ev)
+    group = next(df for data in chart_data(at) for df in data.values() if {"channel", "weight", "rtn"} <= set(df.columns))
+    w = engine.weight(walk.name)[info["row"]].double().numpy()
+    assert np.allclose(group["weight"], w[group["channel"].to_numpy()])
+    assert set(np.round(group["rtn"], 6)) <= set(np.round(levels["level"], 6))
+    assert len(levels) == 2 ** walk.bits
+    assert_themed(at, 5)
+
+    at.button(key="intro_to_lab").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Layer Lab"
+    assert at.selectbox(key="lab_layer").value == walk.name
     before = check_lab_against_engine(at, engine)
     at.slider(key="lab_alpha").set_value(0.2).run()
     after = check_lab_against_engine(at, engine)
     assert after.alpha == pytest.approx(0.2)
     assert metrics_shown(at)["AWQ rel. error"] != views.fmt_rel(before.awq_rel)
     assert_themed(at, 4)
+
+    later = open_app()  # the walk has been shown once: later visits open on the Layer Lab
+    later.run()
+    assert_clean(later)
+    assert later.title[0].value == "Layer Lab"
 
 
 def test_every_page_on_the_bundled_model(cache):
@@ -207,22 +267,57 @@ def test_layer_lab_controls_recompute_exactly_what_the_engine_computes(tiny):
     shown = metrics_shown(at)
     assert shown["AWQ rel. error"] == shown["RTN rel. error"]  # alpha 0 is RTN
 
+    assert "RTN (= alpha 0)" in title_words(lab_spec(at))  # true here: no duo scaling
+
     at.slider(key="lab_alpha").set_value(0.5).run()
-    for key, value in (("lab_bits", 2), ("lab_group", 16), ("lab_grid", 10)):
+    at.segmented_control(key="lab_bits").set_value(2).run()
+    check_lab_against_engine(at, engine)
+    for key, value in (("lab_group", 16), ("lab_grid", 10)):
         at.select_slider(key=key).set_value(value).run()
         check_lab_against_engine(at, engine)
     at.toggle(key="lab_zp").set_value(False).run()
     check_lab_against_engine(at, engine)
+
+    # Duo scaling: the curve is the duo-scaled search, whose alpha-0 point is not RTN, and the chart says so.
     at.toggle(key="lab_duo").set_value(True).run()
-    check_lab_against_engine(at, engine)
+    ev = check_lab_against_engine(at, engine)
+    st_ = lab_state(at)
+    at0 = engine.evaluate_layer(st_["name"], **{**{k: v for k, v in st_.items() if k != "name"}, "alpha": 0.0})
+    curve = lab_curve(at)
+    assert curve["alpha"].iloc[0] == 0.0
+    assert curve["rel_error"].iloc[0] == pytest.approx(at0.awq_rel, rel=1e-9)
+    assert abs(curve["rel_error"].iloc[0] - ev.rtn_rel) > 1e-6 * ev.rtn_rel  # alpha 0 with duo scaling is not RTN
+    title = title_words(lab_spec(at))
+    assert "alpha 0 is not RTN" in title and "= alpha 0" not in title
+
+    # Clipping: the chart says its curve is the unclipped search; on request it draws the clipped curve,
+    # whose point at the current alpha is the shown AWQ + clip error, and "Set alpha" follows that curve.
+    down = next(n for n in a.names if n.endswith("down_proj"))
+    at.selectbox(key="lab_layer").set_value(down).run()
     at.toggle(key="lab_clip").set_value(True).run()
     ev = check_lab_against_engine(at, engine)
-    assert metrics_shown(at)["Clipping"] == ("applied" if ev.clipped else "skipped (Q/K)")
+    assert ev.clipped and metrics_shown(at)["Clipping"] == "applied"
+    title = title_words(lab_spec(at))
+    assert "+ clip" in title and "curve without clipping" in title
+    at.button(key="lab_clip_curve_btn").click().run()
+    ev = check_lab_against_engine(at, engine)
+    clipped = lab_curve(at, figures.CURVE_CLIP)
+    assert len(clipped) == 10 and "curve without clipping" not in title_words(lab_spec(at))
+    here = clipped.loc[np.isclose(clipped["alpha"], ev.alpha), "rel_error"]
+    assert len(here) == 1 and here.iloc[0] == pytest.approx(ev.awq_rel, rel=1e-9)
+    for alpha in (0.0, 0.3):  # every point is evaluate_layer(clip=True) at that alpha
+        ref = engine.evaluate_layer(ev.name, alpha=alpha, bits=ev.bits, group_size=16, zero_point=False,
+                                    duo_scaling=True, clip=True, n_grid=10)
+        assert clipped.loc[np.isclose(clipped["alpha"], alpha), "rel_error"].iloc[0] == pytest.approx(ref.awq_rel, rel=1e-9)
+    best_clip = float(clipped["alpha"].iloc[int(np.argmin(clipped["rel_error"].to_numpy()))])
+    at.button(key="lab_snap_clip").click().run()
+    assert at.slider(key="lab_alpha").value == pytest.approx(best_clip)
+    check_lab_against_engine(at, engine)
 
     q_proj = next(n for n in a.names if n.endswith("q_proj"))
     at.selectbox(key="lab_layer").set_value(q_proj).run()
     ev = check_lab_against_engine(at, engine)
-    assert not ev.clipped and metrics_shown(at)["Clipping"] == "skipped (Q/K)"
+    assert not ev.clipped and metrics_shown(at)["Clipping"] == "Q/K: skipped"
     at.toggle(key="lab_clip_qk").set_value(True).run()
     ev = check_lab_against_engine(at, engine)
     assert ev.clipped and metrics_shown(at)["Clipping"] == "applied"
@@ -432,3 +527,312 @@ def test_empty_upload_is_refused_before_anything_is_written(cache):
     with pytest.raises(CalibrationError, match="empty"):
         ui._settings_from_sidebar(values)
     assert snapshot(cache) == before
+
+
+# --- slide-ready, truthful figures (issue 12) ----------------------------------------------------------
+
+INDEX_FIELDS = {"channel", "channel_start", "rank", "rank_mid"}  # axes whose values are indices
+
+
+def _views_of(spec: dict):
+    """Every unit/layered view of a spec (through layer, vconcat, hconcat, facet)."""
+    stack = [spec]
+    while stack:
+        node = stack.pop()
+        if "encoding" in node:
+            yield node
+        for key in ("layer", "vconcat", "hconcat"):
+            stack += node.get(key, [])
+        if isinstance(node.get("spec"), dict):
+            stack.append(node["spec"])
+
+
+def _title_lines(spec: dict) -> list[tuple[str, int]]:
+    t = spec.get("title") or {}
+    out = []
+    for key, size in (("text", figures.TITLE_SIZE), ("subtitle", figures.SUBTITLE_SIZE)):
+        v = t.get(key, "") if isinstance(t, dict) else (t if key == "text" else "")
+        out += [(line, size) for line in (v if isinstance(v, list) else [v]) if line]
+    return out
+
+
+def assert_slide_ready(fig: figures.Figure) -> None:
+    """Every x / y axis has a title; index axes have integer ticks; every title line fits the chart's width."""
+    spec = fig.spec()
+    widths = []
+    for view in _views_of(spec):
+        for ch in ("x", "y"):
+            enc = view["encoding"].get(ch)
+            if not enc or "field" not in enc or enc.get("axis") is None and "axis" in enc:
+                continue
+            widths.append(view.get("width") or spec.get("width"))
+            title = enc.get("title")
+            if title is None and any(v is not view and "encoding" in v and v["encoding"].get(ch, {}).get("title")
+                                     for v in _views_of(spec)):
+                continue  # a layer that shares the axis titled by another layer
+            assert title, (fig.slug, ch, enc.get("field"))
+            extent = (view.get("width") if ch == "x" else view.get("height")) or spec.get("width" if ch == "x" else "height")
+            if isinstance(extent, (int, float)):  # an axis title is not longer than its axis
+                for line in title if isinstance(title, list) else [title]:
+                    assert figures.text_width(line, 14) * 0.85 <= extent + 30, (fig.slug, ch, line)
+            if enc["field"] in INDEX_FIELDS and enc.get("type") == "quantitative":
+                assert enc.get("axis", {}).get("format") == "d", (fig.slug, enc["field"])
+    width = max([w for w in widths if isinstance(w, (int, float))] + [figures.WIDTH]) if widths else figures.WIDTH
+    for view in [spec] + list(_views_of(spec)):
+        for line, size in _title_lines(view):
+            assert figures.text_width(line, size) <= width + 60 + 1, (fig.slug, line)
+
+
+def _every_figure(a, extra_analyses=()):
+    bits = views.default_bits(a)
+    figs = figures.standard_figures(a, bits)
+    walk = views.intro_walk(a)
+    ev_clip = a.evaluate_layer(walk.name, alpha=0.4, bits=bits, group_size=walk.group_size, clip=True, n_grid=10)
+    figs += [figures.loss_curve(ev_clip), figures.intro_weight_group(walk.ev), figures.intro_outliers(a, walk.name),
+             figures.intro_scales(a, walk.name, [0.0, 0.5], walk.group_size), figures.intro_channel_errors(walk.ev),
+             figures.compare_family_gains([a, *extra_analyses], bits), figures.compare_hockey([a, *extra_analyses]),
+             figures.compare_error_vs_bits([a, *extra_analyses])]
+    return figs
+
+
+def test_every_figure_has_axis_titles_integer_index_ticks_and_titles_that_fit(tiny):
+    for fig in _every_figure(tiny["qwen2"], [tiny["gpt2"]]):
+        assert_slide_ready(fig)
+    # the helper itself catches what it should: an untitled axis and an over-long title
+    bad = figures.Figure("bad", alt_chart_without_titles(), pd.DataFrame())
+    with pytest.raises(AssertionError):
+        assert_slide_ready(bad)
+
+
+def alt_chart_without_titles():
+    import altair as alt
+
+    return alt.Chart(pd.DataFrame({"channel": [1, 2], "v": [1.0, 2.0]})).mark_line().encode(
+        x="channel:Q", y="v:Q").properties(title="x" * 200)
+
+
+def test_talk_preset_is_a_16_9_slide_with_large_fonts(tiny):
+    from PIL import Image
+
+    a = tiny["qwen2"]
+    for fig in (figures.error_vs_bits(a), figures.hockey_stick(a), figures.gain_heatmap(a, 3)):
+        png = fig.png(preset="talk")
+        assert Image.open(io.BytesIO(png)).size == figures.TALK_SIZE
+        talk, std = fig.spec("talk"), fig.spec()
+        assert talk["config"]["axis"]["labelFontSize"] >= 2 * std["config"]["axis"]["labelFontSize"] - 4
+        assert talk["config"]["title"]["fontSize"] >= 2 * std["config"]["title"]["fontSize"]
+        assert talk["datasets"] == std["datasets"]  # the same data, only sizes and fonts change
+        assert fig.svg("talk").lstrip().startswith("<svg") and fig.pdf("talk")[:5] == b"%PDF-"
+
+
+def test_error_vs_bits_shows_the_awq_over_rtn_ratio_on_a_linear_axis(tiny):
+    a = tiny["qwen2"]
+    fig = figures.error_vs_bits(a)
+    spec = fig.spec()
+    assert "vconcat" in spec and len(spec["vconcat"]) == 2
+    ratio_view = next(v for v in _views_of(spec) if v["encoding"].get("y", {}).get("field") == "median_awq_over_rtn")
+    assert ratio_view["encoding"]["y"]["scale"]["type"] == "linear"
+    dash = ratio_view["encoding"]["strokeDash"]["scale"]
+    assert dash["domain"] == ["calibration", "held-out"] and dash["range"][1][0] >= 5  # visible dashes
+    lay = a.layers[a.layers["bits"] == 3]
+    want = float((lay["awq_rel_heldout"] / lay["rtn_rel_heldout"]).median())
+    got = fig.data[(fig.data["bits"] == 3) & (fig.data["split"] == "held-out")]["median_awq_over_rtn"].iloc[0]
+    assert got == pytest.approx(want)
+
+
+def test_hockey_stick_has_no_invented_points(tiny):
+    """Each curve starts at the top channel of its layers; no flat plateau copied left of a narrow layer's data."""
+    a = tiny["qwen2"]
+    widths = a.linears.set_index("name")["in_features"]
+    fam_width = a.linears.groupby("family")["in_features"].min()
+    df = views.hockey_stick(a, by="family")
+    for fam, g in df.groupby("group"):
+        assert g["rank_pct"].min() >= 100.0 / fam_width[fam] - 1e-9, fam
+    both = views.hockey_stick(a, by="all")  # 64- and 128-wide linears: starts where the narrow ones have data
+    assert both["rank_pct"].min() >= 100.0 / widths.min() - 1e-9
+    assert widths.max() > widths.min()  # the case that used to be extrapolated
+    # the first point of a family is the mean of its layers' top channel (importance / layer mean): real data
+    fam = "down"
+    names = a.linears.loc[a.linears["family"] == fam, "name"]
+    tops = []
+    for n in names:
+        v = np.sort(a.importance.loc[a.importance["name"] == n, "importance"].to_numpy())[::-1]
+        tops.append(v[0] / v.mean())
+    first = df[df["group"] == fam].sort_values("rank_pct").iloc[0]
+    if first["rank_pct"] == pytest.approx(100.0 / fam_width[fam]):
+        assert first["importance_norm"] == pytest.approx(np.mean(tops))
+
+
+def test_compare_labels_name_the_settings_that_differ_and_preselect_the_last_two(cache, tiny_dir, tokenizer_dir, tiny,
+                                                                                 monkeypatch):
+    from core.calibration import CalibrationSpec
+    from core.sweep import SweepSettings
+
+    cmp_cache = cache / "compare"
+    cmp_cache.mkdir(exist_ok=True)
+    d = tiny_dir("qwen2")
+    x = analyze(tiny_settings(d, tokenizer_dir), cmp_cache)
+    y = analyze(tiny_settings(d, tokenizer_dir, sweep=SweepSettings(bits=(3, 4), group_size=64, zero_point=False,
+                                                                     n_grid=10),
+                              calibration=CalibrationSpec(n_samples=3, seqlen=64, heldout_samples=2)), cmp_cache)
+    lx, ly = views.compare_labels([x.manifest, y.manifest])
+    assert lx != ly
+    assert "zero point" in lx and "symmetric" in ly and "group 32" in lx and "group 64" in ly
+    assert "4x64 tokens" in lx and "3x64 tokens" in ly
+    assert x.path.name[:6] not in lx + ly  # no hash
+    assert "bits" not in lx  # equal settings are not repeated
+    df = views.compare_family_gains([x, y], 3)
+    assert set(df["analysis"]) == {lx, ly}
+
+    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cmp_cache))  # the page lists this folder's analyses
+    z = analyze(tiny_settings(d, tokenizer_dir, sweep=SweepSettings(bits=(3,), group_size=32, n_grid=10)), cmp_cache)
+    at = open_app(x)
+    at.switch_page("pages/compare.py").run()
+    assert_clean(at)
+    newest = [m["path"] for m in list_cached(cmp_cache)][:2]
+    assert at.multiselect(key="cmp_paths").value == newest and str(z.path) in newest
+    shown = {lab for data in chart_data(at) for df in data.values() if "analysis" in df.columns for lab in df["analysis"]}
+    assert shown == set(views.compare_labels([open_entry(p).manifest for p in newest]))
+
+
+def test_model_quality_chart_starts_at_the_data_with_readable_names_and_fp_as_a_line():
+    rows = []
+    for mode, bits, cos, err in (("fp", 16, 1.0, 0.0), ("rtn", 3, 0.91, 0.2), ("awq", 3, 0.95, 0.1),
+                                 ("rtn", 4, 0.98, 0.05), ("awq", 4, 0.99, 0.03)):
+        rows += [{"mode": mode, "bits": bits, "group_size": 128, "metric": "cosine", "value": cos},
+                 {"mode": mode, "bits": bits, "group_size": 128, "metric": "hidden_rel_error", "value": err}]
+    fig = figures.quality_bars(pd.DataFrame(rows))
+    spec = fig.spec()
+    layers = spec["spec"]["layer"]
+    pts = next(v for v in layers if v["mark"]["type"] == "point")
+    assert pts["encoding"]["y"]["scale"]["zero"] is False  # cosine 0.91..0.99 is not drawn from 0
+    assert {"filter": "datum.mode != 'fp'"} in pts["transform"]  # fp is no bit-width ...
+    rule = next(v for v in layers if v["mark"]["type"] == "rule")
+    assert {"filter": "datum.mode == 'fp'"} in rule["transform"]  # ... but a reference line
+    data = next(iter(spec["datasets"].values()))
+    assert {r["metric_label"] for r in data} == {figures.metric_label("cosine"), figures.metric_label("hidden_rel_error")}
+    assert all("_" not in r["metric_label"] for r in data)
+    assert {r["bits_label"] for r in data if r["mode"] != "fp"} == {"w3", "w4"}
+    assert fig.png(preset="talk")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gain_table_puts_layer_and_model_gain_at_one_group_size(tiny):
+    a = tiny["qwen2"]
+    q = pd.DataFrame([{"mode": m, "bits": 3, "group_size": g, "metric": "kl", "value": v}
+                      for g in (32,) for m, v in (("rtn", 0.2), ("awq", 0.1))])
+    same = views.gain_levels(a.layers, q, a.settings.sweep.group_size)
+    assert same["group_size"].iloc[0] == 32 and np.isfinite(same["layer_gain"].iloc[0])
+    other = views.gain_levels(a.layers, q.assign(group_size=64), a.settings.sweep.group_size)
+    assert other["group_size"].iloc[0] == 64 and np.isnan(other["layer_gain"].iloc[0])  # not from another setting
+    assert other["awq (kl)"].iloc[0] == pytest.approx(2.0)
+
+
+def test_3d_axes_have_integer_ticks_distinct_labels_and_refuse_log_of_signed_values():
+    rng = np.random.default_rng(3)
+    mat = rng.random((6, 384)) * 0.15  # the shape that gave 95.8-channel ticks and 0.1, 0.1, 0.1 heights
+    ax = figures.surface_ticks(mat)
+    assert all(isinstance(t, int) for t in ax.x_ticks + ax.y_ticks)
+    assert ax.x_ticks[0] == 0 and ax.x_ticks[-1] >= 383 and ax.y_ticks == [0, 1, 2, 3, 4, 5]
+    zl = [ax.z_format % t for t in ax.z_ticks]
+    assert len(set(zl)) == len(zl) and float(zl[0]) <= mat.min() and float(zl[-1]) >= mat.max()
+    axes = figures.surface_axes(mat)
+    assert axes["xticker"]["labels"][-1].endswith("channel") and axes["yticker"]["labels"][-1] == "block 5"
+    assert axes["xticker"]["labels"][0] == "0" and axes["yticker"]["labels"][0] == axes["zticker"]["labels"][0] == ""
+    assert len(set(axes["zticker"]["labels"][1:])) == len(axes["zticker"]["labels"]) - 1
+    pl = figures.surface_plotter(mat, title="t", window_size=(640, 360))
+    try:
+        labels = pl.renderer.cube_axes_actor.x_labels
+        assert labels[:-1] == [str(t) for t in ax.x_ticks[:-1]]  # integers; the corner one left blank
+        assert pl.renderer.cube_axes_actor.x_title == "input channel (index)" and pl.scalar_bars  # titles, colour bar
+    finally:
+        pl.close()
+    signed = mat - 0.05  # like excess kurtosis: some values below zero
+    with pytest.raises(ValueError, match="log scale"):
+        figures.surface_geometry(signed, log=True)
+    assert not views.log_applicable(signed) and views.log_applicable(mat + 1e-3)
+
+
+def test_importance_map_applies_log_to_both_views_or_to_neither(tiny):
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/importance_map.py").run()
+    at.selectbox(key="map_value").set_value("kurtosis").run()
+    at.toggle(key="map_log").set_value(True).run()
+    assert_clean(at)
+    mat, _ = views.channel_matrix(a, at.segmented_control(key="map_family").value, "kurtosis")
+    heat = next(sp for sp in chart_specs(at) if "channel x block" in figures.figure_title(sp))
+    scale_type = heat["encoding"]["color"]["scale"]["type"]
+    if views.log_applicable(mat):
+        assert scale_type == "log"
+    else:
+        assert scale_type == "linear" and any("Log scale is off" in i.value for i in at.info)
+    at.selectbox(key="map_value").set_value("mean_abs").run()  # positive: log applies to the heatmap
+    heat = next(sp for sp in chart_specs(at) if "channel x block" in figures.figure_title(sp))
+    assert heat["encoding"]["color"]["scale"]["type"] == "log" and "(log scale)" in heat["encoding"]["color"]["title"]
+
+
+def test_one_layer_and_bits_selection_shared_by_the_pages(tiny):
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/layer_lab.py").run()
+    target = a.names[3]
+    at.selectbox(key="lab_layer").set_value(target).run()
+    at.segmented_control(key="lab_bits").set_value(4).run()
+    at.switch_page("pages/clipping.py").run()
+    assert_clean(at)
+    assert at.selectbox(key="clip_layer").value == target and at.segmented_control(key="clip_bits").value == 4
+    other = a.names[5]
+    at.selectbox(key="clip_layer").set_value(other).run()
+    at.switch_page("pages/overview.py").run()
+    assert at.segmented_control(key="ov_bits").value == 4
+    at.switch_page("pages/layer_lab.py").run()
+    assert at.selectbox(key="lab_layer").value == other
+    import ui
+
+    assert at.session_state[ui.SHARED_LAYER] == other
+
+
+def test_analysis_progress_shows_the_stage_and_time_before_the_engine_reports(tiny, monkeypatch):
+    """The bar shows a stage and elapsed seconds from the start, while the engine is silent (model loading)."""
+    import contextlib
+    import time as _time
+
+    import streamlit as st_mod
+
+    import ui
+
+    texts: list[tuple[float, str]] = []
+    t0 = _time.time()
+
+    class Bar:
+        def progress(self, value, text=""):
+            texts.append((_time.time() - t0, text))
+
+    class Status:
+        def update(self, **kw):
+            pass
+
+    class Where:
+        def status(self, *a, **k):
+            return contextlib.nullcontext(Status())
+
+        def error(self, msg):
+            raise AssertionError(msg)
+
+    def slow_analyze(settings, cache_dir, progress=None):
+        _time.sleep(1.6)  # like loading a model: no progress callback for a while
+        progress(0.5, "collecting statistics")
+        _time.sleep(0.6)
+        return tiny["qwen2"]
+
+    monkeypatch.setattr(ui, "analyze", slow_analyze)
+    monkeypatch.setattr(st_mod, "progress", lambda *a, **k: Bar())
+    monkeypatch.setattr(ui, "registry", lambda: type("R", (), {"run_lock": __import__("threading").Lock(),
+                                                              "put": lambda self, a: None})())
+    monkeypatch.setattr(st_mod, "session_state", {})
+    a = ui.run_analysis(tiny_settings("x", "y"), where=Where())
+    assert a is tiny["qwen2"]
+    silent = [(t, s) for t, s in texts if t < 1.5]
+    assert any("loading" in s for _, s in silent), texts  # the stage is named at once
+    assert any(s.endswith("· 1 s") for t, s in silent), texts  # and the time moves while the engine is silent
+    assert any("collecting statistics" in s for _, s in texts)

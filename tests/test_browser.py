@@ -2,7 +2,9 @@
 
 Visits every page (the first one by deep link, as a bookmark would), drags the Layer Lab's alpha slider
 and checks the shown error against ``Analysis.evaluate_layer``, downloads a PNG, and checks that the 3D
-view (vtk.js in an iframe, scripts inlined: no network) draws something. Skipped only without chromium.
+view (vtk.js in an iframe, scripts inlined: no network) draws something. A first visit walks "How AWQ
+works" into the Layer Lab, and the charts drawn in the page (SVG) carry the titles and axis titles the
+specs promise, following the duo-scaling and clipping toggles. Skipped only without chromium.
 """
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_harness import CHROMIUM, CHROMIUM_ARGS, ensure_bundled, metric_value, settle, shared_cache, streamlit_server
+from app_harness import (CHROMIUM, CHROMIUM_ARGS, PAGES, ensure_bundled, metric_value, settle, shared_cache,
+                         streamlit_server)
 from core import views
 from core.analysis import open_entry
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 
-PAGE_TITLES = ["Overview", "Layer Lab", "Importance map", "Clipping", "Compare", "Model quality"]
+PAGE_TITLES = ["How AWQ works", "Overview", "Layer Lab", "Importance map", "Clipping", "Compare", "Model quality"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def server(tmp_path_factory):
     analysis = ensure_bundled(cache)  # what a first open computes; the app then opens it from the cache
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     with streamlit_server(cache, log) as url:
-        yield url, analysis, log
+        yield url, analysis, log, cache
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def drag_slider(page, label: str, fraction: float) -> None:
 
 
 def test_every_page_in_a_real_browser(server, browser, tmp_path):
-    url, analysis, log = server
+    url, analysis, log, _ = server
     ctx = browser.new_context(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
     page = ctx.new_page()
     try:
@@ -91,7 +94,7 @@ def test_every_page_in_a_real_browser(server, browser, tmp_path):
         settle(page)
         assert_page_ok(page, "Overview")
         assert metric_value(page, "Linears") == str(len(analysis.names))
-        assert page.locator('[data-testid="stSidebarNav"] a').count() == len(PAGE_TITLES)
+        assert page.locator('[data-testid="stSidebarNav"] a').count() == len(PAGES)
 
         # Layer Lab: drag alpha, the shown error follows the engine.
         go(page, "Layer Lab")
@@ -125,7 +128,7 @@ def test_every_page_in_a_real_browser(server, browser, tmp_path):
             page.locator('[data-testid="stDownloadButton"]', has_text="PNG").first.click()
         png = Path(dl.value.path()).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-        assert dl.value.suggested_filename.endswith("loss_vs_alpha.png")
+        assert dl.value.suggested_filename.endswith("rel_error_vs_alpha.png")
 
         # Importance map: the 3D view is drawn (not a blank canvas) without any network.
         go(page, "Importance map")
@@ -158,3 +161,69 @@ def assert_canvas_drawn(frame, tmp_path: Path, timeout: float = 60.0) -> None:
             raise AssertionError(f"3D view looks blank: std {core.std():.1f}, {n_colors} colours "
                                  f"(screenshot: {tmp_path / 'blank_3d.png'})")
         time.sleep(1.0)
+
+
+def chart_texts(page) -> list[str]:
+    """The text drawn in each chart of the page (Vega renders SVG: titles, axis titles, legends, labels)."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stMain"] [data-testid="stVegaLiteChart"]'))
+        .map(c => Array.from(c.querySelectorAll('text')).map(t => t.textContent).join(' | '))""")
+
+
+def chart_with(page, start: str) -> str:
+    for text in chart_texts(page):
+        if text.startswith(start) or f"| {start}" in text:
+            return text
+    raise AssertionError(f"no chart titled {start!r}: {[t[:60] for t in chart_texts(page)]}")
+
+
+def toggle(page, label: str) -> None:
+    page.locator('[data-testid="stMain"] [data-testid="stCheckbox"]', has_text=label).first.click()
+    settle(page)
+
+
+def test_first_visit_walks_how_awq_works_and_the_charts_follow_the_toggles(server, browser):
+    import ui
+
+    url, analysis, log, cache = server
+    (cache / ui.INTRO_MARK).unlink(missing_ok=True)  # a first visit
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+    page = ctx.new_page()
+    try:
+        page.goto(url, timeout=120_000)
+        settle(page)
+        assert_page_ok(page, "How AWQ works")
+        nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert nav.index("Learn") < nav.index("How AWQ works") < nav.index("Explore") < nav.index("Decide")
+        steps = page.locator('[data-testid="stMain"] h3').all_inner_texts()
+        assert [s.split(" · ")[0].strip() for s in steps[:5]] == ["1", "2", "3", "4", "5"], steps
+        assert page.locator('a[href="https://arxiv.org/abs/2306.00978"]').count() >= 1
+        walk = views.intro_walk(open_entry(analysis.path))
+        for start, axis in (("Round to nearest", "input channel (index)"), ("Input activations of", "mean |x_j|"),
+                            ("s = mean|x|^α", "scale s_j"), ("Q(W·s)/s vs Q(W)", "channel rank by importance"),
+                            ("AWQ gain per layer", "block (index)")):
+            assert axis in chart_with(page, start), start
+        page.get_by_role("button", name=f"Open the Layer Lab at {walk.name}").click()
+        settle(page)
+        assert_page_ok(page, "Layer Lab")
+        assert lab_summary(page)[0] == walk.name
+
+        text = chart_with(page, "Output error vs alpha")
+        assert "RTN (= alpha 0)" in text and "alpha (exponent in s = mean|x|^α)" in text
+        toggle(page, "Duo scaling")
+        text = chart_with(page, "Output error vs alpha")
+        assert "alpha 0 is not RTN" in text and "= alpha 0)" not in text
+        toggle(page, "Duo scaling")
+        toggle(page, "Clipping")
+        text = chart_with(page, "Output error vs alpha")
+        assert "+ clip" in text and "without clipping" in text
+        page.get_by_role("button", name="Curve with clipping at every alpha").click()
+        settle(page)
+        text = chart_with(page, "Output error vs alpha")
+        assert "with clipping at each alpha" in text and "best α with clipping" in text
+
+        go(page, "Overview")
+        text = chart_with(page, "Output error vs bit-width")
+        assert "AWQ / RTN error" in text and "bits per weight" in text
+    finally:
+        ctx.close()
+    assert "Traceback" not in log.read_text()
