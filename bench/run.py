@@ -873,7 +873,7 @@ def _modes(b: "Bench") -> None:
 @figure("methods", "GPTQ on the 4864-input down_proj vs one bare matmul of that layer; whole-model GPTQ vs one forward")
 def _methods(b: "Bench") -> None:
     import methods_bench  # bench/ is on sys.path when this file runs
-    b.res.update(methods_bench.run(b.quick))
+    b.res.update(methods_bench.run(b.quick, workdir=b.workdir))
 
 
 # --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
