@@ -45,13 +45,16 @@ import sys
 # --- instruction set (before torch is imported: ATen, MKL, oneDNN and glibc read these at load time) -----------
 # What each --isa sets. ATEN_CPU_CAPABILITY: torch's own vectorised kernels; MKL_ENABLE_INSTRUCTIONS: MKL's
 # GEMM; DNNL_MAX_CPU_ISA: oneDNN; GLIBC_TUNABLES: glibc's string/memory functions (memcpy uses AVX-512
-# registers on AVX-512 machines). Together with AWQ_EXPLORER_ISA this runs as an AVX2-only process would.
+# registers on AVX-512 machines); NPY_DISABLE_CPU_FEATURES: numpy's own dispatch. Together with AWQ_EXPLORER_ISA
+# this runs as an AVX2-only process would. (Checked on an AMD EPYC with AVX-512 through
+# /proc/<pid>/task/<tid>/arch_status: no AVX-512 use during matmuls. MKL's SGEMM does not use AVX-512 on AMD
+# CPUs even natively; torch's fp32 matmul/linear/SDPA do not go through oneDNN, so DNNL_MAX_CPU_ISA is moot.)
 _NO_AVX512 = ("glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,"
               "-AVX512_BITALG,-AVX512_VPOPCNTDQ,-AVX512_VNNI,-AVX512_BF16,-AVX512_IFMA")
 ISA_ENV = {
     "avx512": {"AWQ_EXPLORER_ISA": "avx512"},
     "avx2": {"AWQ_EXPLORER_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "DNNL_MAX_CPU_ISA": "AVX2", "GLIBC_TUNABLES": _NO_AVX512},
+             "DNNL_MAX_CPU_ISA": "AVX2", "GLIBC_TUNABLES": _NO_AVX512, "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
     "neon": {"AWQ_EXPLORER_ISA": "neon"},
     "portable": {"AWQ_EXPLORER_ISA": "portable"},
 }
@@ -748,7 +751,12 @@ def fig_seed(b: Bench) -> None:
         "calibration": 2.0 * n_c * P * n_grid * n_bits,  # every alpha x bit-width on the calibration rows
         # held-out: RTN per bit-width, plus AWQ where the search chose alpha > 0 (per-layer averaged shape)
         "heldout": 2.0 * n_h * P * (n_bits + n_awq_h / (168 * n_bits) * n_bits),
+        # the reference norms ||X W^T||^2 on both splits (one product per linear and split)
+        "reference": 2.0 * (n_c + n_h) * P,
     }
+    if entry.get("settings", {}).get("hessians"):  # X^T X of each distinct input over the calibration tokens
+        h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
+        flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * (3 * h * h + i * i)
     res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(SEED_ARGS)
     res["seed_s"] = min(runs)
     res["seed_runs_s"] = runs
@@ -766,8 +774,8 @@ def rep_seed(res: dict, row: Row) -> None:
     tf = res["seed_tflop"]
     row("seed workload (analyze, 224 tok)", f"{res['seed_s']:.1f} s",
         f"{res['seed_inside_analyze_s'] or float('nan'):.1f} s inside analyze; products "
-        f"{sum(tf.values()):.2f} TFLOP (forward {tf['forward']:.2f}, calib {tf['calibration']:.2f}, held-out "
-        f"{tf['heldout']:.2f}) = {res['seed_product_s']:.1f} s at the matmul rate")
+        f"{sum(tf.values()):.2f} TFLOP (" + ", ".join(f"{k} {v:.2f}" for k, v in tf.items())
+        + f") = {res['seed_product_s']:.1f} s at the matmul rate")
     row("  seed_s / seed_product_s", f"{res['seed_ratio']:.2f}", "target <= 1.56 (AWQ-Diag: 311.5 s on the AVX2 "
         "machine of issue 13, products ~50 s there)")
 
@@ -983,8 +991,8 @@ def main() -> int:
     print(f"AWQ Explorer benchmark ({'quick' if args.quick else 'full'}; torch {res['torch']}, {res['threads']} "
           f"threads, {res['machine']}, {res['cpu_model']})")
     print(f"kernels built for {res['isa']}" + (" (emulated on this CPU: " + ", ".join(
-        f"{k}={v}" for k, v in (res["isa_environment"] or {}).items() if k != "GLIBC_TUNABLES")
-        + ", glibc AVX-512 off)" if res["emulated"] else "") + f"; ATen CPU capability {res['aten_cpu_capability']}; "
+        f"{k}={v}" for k, v in (res["isa_environment"] or {}).items() if k not in ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES"))
+        + ", glibc/numpy AVX-512 off)" if res["emulated"] else "") + f"; ATen CPU capability {res['aten_cpu_capability']}; "
         f"load average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end")
     mmst = res["matmul_stats_ms"]
     row("matmul_ms (512x4864 @ 4864x896)", f"{res['matmul_ms']:.2f}",
