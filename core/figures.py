@@ -684,7 +684,7 @@ def quality_bars(df: pd.DataFrame) -> Figure:
     pts = alt.Chart().mark_point(size=110, filled=True).encode(
         x=alt.X("mode:N", sort=modes, title="quantization mode", axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("bits_label:N", sort=quant_bits),
-        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True, padding=8)),
+        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True)),
         color=alt.Color("bits_label:N", title="bits per weight", sort=quant_bits),
         tooltip=["mode:N", "bits:Q", "group_size:Q", "metric:N", alt.Tooltip("value:Q", format=".5g")],
     ).transform_filter("datum.mode != 'fp'")
