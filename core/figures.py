@@ -967,7 +967,7 @@ def surface_axes(mat: np.ndarray, log: bool = False) -> dict[str, Any]:
         "zticker": {"ticks": [(t - z0) / (z1 - z0) for t in ax.z_ticks],
                     "labels": ["" if i == 0 else ax.z_format % t for i, t in enumerate(ax.z_ticks)]},
         "fontsize": 13, "digits": 3, "show_grid": True, "grid_opacity": 0.15, "axes_opacity": 0.6,
-        "origin": (0.0, 0.0, 0.0),
+        "origin": (3.0, 0.0, 0.0),  # the block and height axes on the right-hand edge, in front of the surface
     }
 
 
