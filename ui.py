@@ -601,3 +601,42 @@ def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key:
         finally:
             plotter.close()
     st.altair_chart(figures.colour_bar(mat, value_name, log).chart, theme=None, width="content", key=f"{key}_bar")
+
+
+# --- Methods side by side (Layer Lab section; core.methods) ------------------------------------------------------
+
+def methods_section(a: Analysis, name: str, *, bits: int, group_size: int, zero_point: bool, alpha: float) -> None:
+    """Every method on this layer at the Layer Lab's bits / group size: one bar chart, one table, exportable."""
+    from core import methods as core_methods
+
+    labels = {k: v.label for k, v in core_methods.METHODS.items()}
+    picked = st.multiselect("Methods", list(labels), default=list(labels), format_func=labels.get, key="lab_methods",
+                            help="AWQ appears at the best alpha of its grid search and at the slider's alpha.")
+    if not picked:
+        st.info("Pick at least one method.")
+        return
+    t0 = time.perf_counter()
+    try:
+        df = a.compare_methods(name, bits=bits, group_size=group_size, zero_point=zero_point, alpha=alpha,
+                               methods=picked)
+    except USER_ERRORS as e:
+        st.error(readable(e))
+        return
+    dt = time.perf_counter() - t0
+    best = df.sort_values("rel_error_heldout").iloc[0]
+    m = st.columns(3)
+    m[0].metric("Best on held-out rows", str(best["label"]), help=metrics.DEFINITIONS["rel_error"])
+    m[1].metric("Its held-out SQNR", views.fmt_db(float(best["sqnr_db_heldout"])))
+    m[2].metric("Recomputed in", f"{dt * 1000:.0f} ms", help="All picked methods on this layer, quantization + errors.")
+    g = group_size if group_size > 0 else int(a.info(name)["in_features"])
+    show_figure(figures.methods_bars(df, name=name, bits=bits, group_size=g), "lab_methods", model_id=a.model_id)
+    show_table(df.drop(columns=["method"]), rel_error=("rel. error, calib", "%.4g"),
+               sqnr_db=("SQNR calib (dB)", "%.2f"), rel_error_heldout=("rel. error, held-out", "%.4g"),
+               sqnr_db_heldout=("SQNR held-out (dB)", "%.2f"), weight_rel_error=("weight rel. error", "%.4g"),
+               seconds=("seconds", "%.3f"))
+    st.caption("GPTQ uses X^T X over all calibration tokens (kept in the cache), or the kept sample's when the "
+               "entry has none; HQQ is always asymmetric. **Rotated RTN** quantizes W·R with a random orthogonal R: "
+               "deploying it needs the activations rotated at run time (X·R, or R folded into the previous layer).")
+    with st.expander("What each method does"):
+        for k in picked:
+            st.markdown(f"- **{labels[k]}** (`{k}`): {core_methods.METHODS[k].description}")

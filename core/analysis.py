@@ -397,11 +397,14 @@ class Analysis:
             n_bit=bits, group_size=group_size, zero_point=zero_point, **options))
 
     def compare_methods(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,
-                        alpha: float | None = None, methods: list[str] | None = None) -> pd.DataFrame:
-        """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds."""
+                        alpha: float | None = None, methods: list[str] | None = None,
+                        best_alpha: float | None = None) -> pd.DataFrame:
+        """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds
+        (``best_alpha``: AWQ's grid-search result when known, e.g. the sweep's)."""
         from . import methods as _m
         return _m.compare(self.weight(name), self.layer_inputs(name), self.inputs(name, "heldout"), n_bit=bits,
-                          group_size=group_size, zero_point=zero_point, alpha=alpha, methods=methods)
+                          group_size=group_size, zero_point=zero_point, alpha=alpha, methods=methods,
+                          best_alpha=best_alpha)
 
     # --- extra tables (evaluations etc.) ---------------------------------------------------------
     def read_extra(self, name: str) -> pd.DataFrame | None:

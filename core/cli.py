@@ -32,7 +32,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for b, grp in layers.groupby("bits"):
         print(f"w{b}: median RTN rel.err {grp['rtn_rel'].median():.4g}  AWQ {grp['awq_rel'].median():.4g}  "
               f"gain in-sample {grp['gain'].median():.3f}x  held-out {grp['gain_heldout'].median():.3f}x")
+    if getattr(args, "methods", False):
+        _print_methods(a, settings, quiet=args.quiet)
     return 0
+
+
+def _print_methods(a, settings, quiet: bool) -> None:
+    """Every method on every linear at the analysis' bits (cached extra table), and who wins per family."""
+    from . import methods
+
+    sw = settings.sweep
+    t = methods.cached_methods_table(a, bits=sw.bits, group_size=sw.group_size, zero_point=sw.zero_point,
+                                     progress=None if quiet else stderr_progress("methods "))
+    win = methods.winners(t)
+    print("methods (median held-out rel. error per family; margin = runner-up / winner):")
+    for r in win.to_dict("records"):
+        print(f"  w{r['bits']} {r['family']:<5} winner {r['winner']:<11} {r['winner_error']:.4g}  "
+              f"runner-up {r['runner_up']:<11} {r['runner_up_error']:.4g}  margin {r['margin']:.2f}x")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -56,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pa = sub.add_parser("analyze", help="collect statistics and run the layer-level sweep (cached)")
     add_common(pa)
     pa.add_argument("--force", action="store_true", help="recompute even if a cached entry matches")
+    pa.add_argument("--methods", action="store_true",
+                    help="also run every method (RTN, MSE clip, AWQ, GPTQ, HQQ, rotation) on every linear (cached)")
+    pa.add_argument("--no-hessians", action="store_true",
+                    help="do not keep X^T X per input in the cache (GPTQ then uses the kept sample's)")
     pa.set_defaults(func=cmd_analyze)
     pl = sub.add_parser("list", help="list cached analyses")
     pl.add_argument("--cache-dir", default=DEFAULT_CACHE)

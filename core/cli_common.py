@@ -29,11 +29,12 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def stderr_progress(prefix: str = "") -> Callable[[float, str], None]:
-    state = {"last": -1.0, "t0": time.time()}
+    state = {"last": -1.0, "t0": time.time(), "shown": 0.0}
 
     def report(frac: float, msg: str) -> None:
-        if frac - state["last"] >= 0.01 or frac >= 1.0:
-            state["last"] = frac
+        # every 1% of the work, and at least once a second while a long first step runs
+        if frac - state["last"] >= 0.01 or frac >= 1.0 or time.time() - state["shown"] >= 1.0:
+            state["last"], state["shown"] = frac, time.time()
             bar = "#" * int(frac * 30)
             sys.stderr.write(f"\r{prefix}[{bar:<30}] {frac * 100:5.1f}% {time.time() - state['t0']:6.1f}s {msg[:60]:<60}")
             if frac >= 1.0:
@@ -66,6 +67,7 @@ def settings_from_args(args: argparse.Namespace):
         revision=args.revision, tokenizer=args.tokenizer, calibration=cal,
         sweep=SweepSettings(bits=bits, group_size=args.group_size, zero_point=not args.symmetric, n_grid=args.n_grid),
         sample_rows=args.sample_rows, heldout_rows=args.sample_rows,
+        hessians=not getattr(args, "no_hessians", False),
     )
 
 

@@ -775,6 +775,29 @@ def intro_channel_errors(ev: "LayerEval") -> Figure:
                   "e_j = mean_i |W_ij - W_hat_ij| * mean|x_j|, averaged in log-spaced rank bins")
 
 
+def kl_distribution(kl: pd.DataFrame) -> Figure:
+    """Per-token KL(p_fp || q) as a cumulative distribution per mode, one panel per bit-width, from the
+    quantiles of ``core.evaluate.cached_kl`` (columns mode, bits, fraction, kl). Log x axis: KL values
+    below 1e-6 nats (and the exact zeros) are drawn at 1e-6."""
+    data = kl[["mode", "bits", "fraction", "kl"]].copy()
+    data["kl"] = data["kl"].clip(lower=1e-6)
+    data["bits"] = "w" + data["bits"].astype(str)
+    data = data.sort_values(["mode", "bits", "fraction"])
+    modes = [m for m in ("rtn", "awq", "awq-grouped", "awq-clip", "const-alpha") if m in set(data["mode"])]
+    modes += sorted(set(data["mode"]) - set(modes))
+    chart = alt.Chart(data).mark_line(interpolate="step-after").encode(
+        x=alt.X("kl:Q", title="per-token KL(p_fp || q) (nats)", scale=alt.Scale(type="log")),
+        y=alt.Y("fraction:Q", title="share of scored tokens with KL ≤ x", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("mode:N", sort=modes, title="mode", scale=alt.Scale(range=PALETTE)),
+        order="fraction:Q",
+        tooltip=["mode:N", "bits:N", alt.Tooltip("fraction:Q", format=".3f"), alt.Tooltip("kl:Q", format=".4g")],
+    ).properties(width=WIDTH, height=HEIGHT).facet(
+        column=alt.Column("bits:N", title=None, sort=sorted(set(data["bits"]), key=lambda b: int(b[1:]))),
+    ).properties(title=_title("Per-token KL divergence to full precision",
+                              "cumulative share of held-out tokens; further left is better"))
+    return Figure("kl_distribution", chart, kl)
+
+
 # --- 3D surface (pyvista) -------------------------------------------------------------------------------
 
 VTK_LOCK = threading.Lock()
@@ -1139,3 +1162,44 @@ def plan_frontier(df: pd.DataFrame, metric: str = "kl") -> Figure:
         width=WIDTH, height=HEIGHT, title=_title("Frontier: uniform bits vs mixed-precision plans",
                                                  "every point measured on held-out text"))
     return Figure(f"plan_frontier_{metric}", chart, d)
+
+# --- Methods (RTN, MSE clip, AWQ, GPTQ, HQQ, rotation) ------------------------------------------------------
+
+def methods_bars(df: pd.DataFrame, *, name: str, bits: int, group_size: int) -> Figure:
+    """One layer, every method: relative output error on calibration and held-out rows (log x, lower is better).
+
+    ``df``: ``core.methods.compare``'s table (method, label, rel_error, rel_error_heldout, ...)."""
+    long = df.melt(id_vars=["method", "label"], value_vars=["rel_error", "rel_error_heldout"], var_name="split",
+                   value_name="error").replace({"split": {"rel_error": "calibration", "rel_error_heldout": "held-out"}})
+    long = long[long["error"] > 0]
+    order = df.sort_values("rel_error_heldout")["label"].tolist()
+    chart = alt.Chart(long).mark_bar().encode(
+        y=alt.Y("label:N", sort=order, title=None),
+        yOffset=alt.YOffset("split:N", sort=["calibration", "held-out"]),
+        x=alt.X("error:Q", title="relative output error (log)", scale=alt.Scale(type="log")),
+        color=alt.Color("split:N", title=None, sort=["calibration", "held-out"]),
+        tooltip=["label:N", "split:N", alt.Tooltip("error:Q", format=".4g")],
+    ).properties(width=WIDTH, height=max(200, 34 * len(order)),
+                 title=_title(f"Methods on {name}, w{bits} g{group_size}",
+                              "||X (W - W_hat)^T||^2 / ||X W^T||^2; sorted by held-out error"))
+    return Figure(f"methods_w{bits}", chart, df, metrics.DEFINITIONS["rel_error"])
+
+
+def methods_heatmap(h2h: pd.DataFrame, *, bits: int, a: str = "awq", b: str = "gptq") -> Figure:
+    """Block x family heatmap of ``error(b) / error(a)`` on held-out rows (log colour scale centred on 1;
+    > 1, blue: ``a`` wins). ``h2h``: ``core.methods.head_to_head``'s table at one bit-width."""
+    df = h2h[h2h["bits"] == bits].groupby(["block", "family"], as_index=False)["ratio"].median()
+    fams = _family_sort(df["family"].unique().tolist())
+    lo, hi = float(df["ratio"].min()), float(df["ratio"].max())
+    span = max(abs(np.log(max(lo, 1e-6))), abs(np.log(max(hi, 1e-6))), np.log(1.05))
+    dom = [float(np.exp(-span)), 1.0, float(np.exp(span))]
+    base = alt.Chart(df).encode(x=alt.X("family:N", sort=fams, title="module family", axis=alt.Axis(labelAngle=0)),
+                                y=alt.Y("block:O", title="block"))
+    chart = base.mark_rect(stroke="white", strokeWidth=1).encode(
+        color=alt.Color("ratio:Q", title=f"{b} / {a}", scale=alt.Scale(type="log", scheme="redblue", domain=dom),
+                        legend=alt.Legend(format=".2f")),
+        tooltip=["block:O", "family:N", alt.Tooltip("ratio:Q", format=".3f")],
+    ).properties(width=min(WIDTH, 72 * len(fams)), height=max(120, min(520, 24 * int(df["block"].nunique()))),
+                 title=_title(f"Where does {a.upper()} beat {b.upper()}? w{bits}",
+                              f"held-out error of {b} / error of {a}; > 1 (blue): {a} wins"))
+    return Figure(f"{a}_vs_{b}_w{bits}", chart, df, metrics.DEFINITIONS["rel_error"])

@@ -174,11 +174,12 @@ def quantize_layer(method: str, w: torch.Tensor, inputs: LayerInputs | None = No
 
 def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, *, n_bit: int, group_size: int,
             zero_point: bool = True, alpha: float | None = None, methods: Iterable[str] | None = None,
-            ) -> pd.DataFrame:
+            best_alpha: float | None = None) -> pd.DataFrame:
     """Every method on one layer: relative output error and SQNR on the calibration sample ``inputs.x`` and on
     ``heldout [rows, in]``, and the seconds each quantization took.
 
     With ``alpha`` given, AWQ appears twice: at the best alpha (``awq``) and at ``alpha`` (``awq@alpha``).
+    ``best_alpha``: the grid search's result when already known (the sweep's), so AWQ and AWQ + clip skip it.
     Columns: method, label, rel_error, sqnr_db, rel_error_heldout, sqnr_db_heldout, weight_rel_error, seconds.
     """
     names = list(methods) if methods is not None else list(METHODS)
@@ -190,7 +191,8 @@ def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, 
     for m in names:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
-        variants.append((m, METHODS[m].label, m, {}))
+        known = {"alpha": float(best_alpha)} if best_alpha is not None and m in ("awq", "awq-clip") else {}
+        variants.append((m, METHODS[m].label, m, known))
         if m == "awq" and alpha is not None:
             variants.append((f"awq@{float(alpha):g}", f"AWQ (alpha {float(alpha):g})", "awq", {"alpha": float(alpha)}))
     rows = []
@@ -208,4 +210,109 @@ def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, 
     return pd.DataFrame(rows)
 
 
-__all__ = ["LayerInputs", "MethodSpec", "METHODS", "quantize_layer", "compare"]
+# ------------------------------------------------------------------------------------------------
+# the per-linear methods table of an analysis (an extra cached table), and who wins where
+# ------------------------------------------------------------------------------------------------
+TABLE = "methods"
+TABLE_COLUMNS = ["name", "block", "family", "bits", "group_size", "zero_point", "method", "rel_error", "sqnr_db",
+                 "rel_error_heldout", "sqnr_db_heldout", "weight_rel_error", "seconds"]
+
+
+def methods_table(analysis, *, bits: Iterable[int], group_size: int, zero_point: bool = True,
+                  methods: Iterable[str] | None = None, names: Iterable[str] | None = None,
+                  progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
+    """Every method on every linear of ``analysis`` (an ``Analysis``) at each of ``bits`` (AWQ at its best alpha).
+
+    ``group_size`` is clamped per linear as the sweep does (a width it does not divide uses one group per row).
+    Rows: ``TABLE_COLUMNS``. Needs the kept samples (and the Hessians, if the entry has them), not the model's
+    forward pass; the weights are read from the model.
+    """
+    from .sweep import layer_group_size
+
+    progress = progress or (lambda f, m: None)
+    bits = [quant.check_bits(b) for b in bits]
+    methods = list(methods) if methods is not None else list(METHODS)
+    names = list(names) if names is not None else list(analysis.names)
+    rows = []
+    total = max(1, len(names) * len(bits))
+    for i, n in enumerate(names):
+        info = analysis.info(n)
+        in_f = int(info["in_features"])
+        g = layer_group_size(in_f, group_size) if group_size > 0 else 0
+        for j, b in enumerate(bits):
+            df = analysis.compare_methods(n, bits=b, group_size=g, zero_point=zero_point, methods=methods,
+                                          best_alpha=_sweep_alpha(analysis, n, b, g if g > 0 else in_f, zero_point))
+            for r in df.to_dict("records"):
+                rows.append({"name": n, "block": int(info["block"]), "family": str(info["family"]), "bits": b,
+                             "group_size": g if g > 0 else in_f, "zero_point": bool(zero_point),
+                             **{k: r[k] for k in TABLE_COLUMNS[6:]}})
+            progress((i * len(bits) + j + 1) / total, f"methods: {n} w{b}")
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _sweep_alpha(analysis, name: str, bits: int, g: int, zero_point: bool) -> float | None:
+    """The sweep's best alpha of ``name`` at these settings (the same grid search), or None if it did not run them."""
+    sw = analysis.settings.sweep
+    if bool(sw.zero_point) != bool(zero_point) or int(sw.n_grid) != 20:
+        return None
+    lay = analysis.layers
+    sel = lay[(lay["name"] == name) & (lay["bits"] == bits) & (lay["group_size"] == g)]
+    return float(sel["best_alpha"].iloc[0]) if len(sel) else None
+
+
+def cached_methods_table(analysis, *, bits: Iterable[int], group_size: int, zero_point: bool = True,
+                         compute: bool = True, progress: Callable[[float, str], None] | None = None
+                         ) -> pd.DataFrame | None:
+    """The analysis' cached methods table at these settings, computing (and caching) the missing bit-widths when
+    ``compute``; None when nothing is cached and ``compute`` is False."""
+    bits = sorted({quant.check_bits(b) for b in bits})
+    old = analysis.read_extra(TABLE)
+    have = set()
+    if old is not None and len(old):
+        mask = (old["zero_point"] == bool(zero_point)) & (old["req_group_size"] == int(group_size)) \
+            if "req_group_size" in old else None
+        if mask is not None:
+            have = set(old.loc[mask, "bits"].astype(int))
+    missing = [b for b in bits if b not in have]
+    if missing and compute:
+        new = methods_table(analysis, bits=missing, group_size=group_size, zero_point=zero_point, progress=progress)
+        new["req_group_size"] = int(group_size)
+        merged = new if old is None or "req_group_size" not in old else pd.concat([old, new], ignore_index=True)
+        analysis.write_extra(TABLE, merged)
+        old = merged
+    if old is None or "req_group_size" not in old:
+        return None
+    sel = old[(old["zero_point"] == bool(zero_point)) & (old["req_group_size"] == int(group_size))
+              & old["bits"].isin(bits)]
+    return sel.reset_index(drop=True) if len(sel) else None
+
+
+def winners(table: pd.DataFrame, *, by: str = "family", metric: str = "rel_error_heldout") -> pd.DataFrame:
+    """Per ``by`` (family or block) and bit-width: the method with the lowest median ``metric``, the runner-up,
+    and the margin (runner-up / winner, >= 1)."""
+    rows = []
+    for (key, b), grp in table.groupby([by, "bits"], sort=True):
+        med = grp.groupby("method")[metric].median().sort_values()
+        if med.empty:
+            continue
+        best, second = med.index[0], (med.index[1] if len(med) > 1 else None)
+        rows.append({by: key, "bits": int(b), "winner": best, "winner_error": float(med.iloc[0]),
+                     "runner_up": second, "runner_up_error": float(med.iloc[1]) if second else float("nan"),
+                     "margin": float(med.iloc[1] / med.iloc[0]) if second and med.iloc[0] > 0 else float("nan"),
+                     "n_linears": int(grp["name"].nunique())})
+    return pd.DataFrame(rows)
+
+
+def head_to_head(table: pd.DataFrame, a: str = "awq", b: str = "gptq", metric: str = "rel_error_heldout"
+                 ) -> pd.DataFrame:
+    """Per linear and bit-width: ``error(b) / error(a)`` (> 1: ``a`` wins), with block and family, for a heatmap."""
+    p = table[table["method"].isin([a, b])].pivot_table(index=["name", "block", "family", "bits"], columns="method",
+                                                        values=metric).reset_index()
+    if a not in p or b not in p:
+        return pd.DataFrame(columns=["name", "block", "family", "bits", "ratio"])
+    p["ratio"] = p[b] / p[a]
+    return p[["name", "block", "family", "bits", "ratio"]]
+
+
+__all__ = ["LayerInputs", "MethodSpec", "METHODS", "quantize_layer", "compare", "methods_table",
+           "cached_methods_table", "winners", "head_to_head"]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .gptq import gptq_quantize
-from .grouped import capture_block, gram, original_weight, restore
+from .grouped import capture_block, original_weight, restore
 from .hqq import hqq_quantize
 from .models import LoadedModel, find_blocks, set_linear_weight
 
@@ -45,34 +45,72 @@ def gptq_with_scales(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor | None, *
     return q / s.view(1, -1)
 
 
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block was called with (first positional argument, else ``hidden_states=``)."""
+    if args:
+        return args[0]
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h,) + tuple(args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: h}
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], *, bits: int,
                     group_size: int, zero_point: bool = True, batch_tokens: int = 4096,
                     scales: dict[str, torch.Tensor] | None = None, input_of: dict[str, str] | None = None,
                     progress: Progress | None = None, **gptq_options) -> Weights:
     """GPTQ of every block linear, block by block on ``calib [n, seqlen]`` token blocks (see the module doc).
 
+    As the reference's ``*_sequential``: the inputs of block 0 are captured once (one forward pass up to it);
+    then each block runs twice on its cached inputs, once with hooks accumulating ``X^T X`` per distinct
+    input (float32 GEMMs into float64) and, after its linears are quantized, once more to produce the next
+    block's inputs. The other arguments of the block call (attention mask, position embeddings) are block 0's.
     ``scales``: per-linear AWQ input scales (``awq_gptq``); ``input_of``: linear -> input key, so linears that
     share an input share one Hessian; ``gptq_options``: ``block_size``, ``percdamp``, ``act_order``,
     ``static_groups``. The model must hold ``snap``'s weights on entry; it does again on return.
     """
+    from .grouped import block_name
+
     progress = progress or (lambda f, m: None)
-    _, blocks = find_blocks(lm.model)
+    prefix, blocks = find_blocks(lm.model)
     n_blocks = len(blocks)
     input_of = dict(input_of or {})
     out: Weights = {}
     try:
         with torch.no_grad():
+            first = block_name(prefix, 0)
+            calls = capture_block(lm, 0, calib, batch_tokens=batch_tokens, linears=set(), modules={first}).calls[first]
             for i in range(n_blocks):
                 names = [li.name for li in lm.linears if li.block == i]
                 key_of = {n: input_of.get(n, n) for n in names}
                 first_of: dict[str, str] = {}
                 for n in names:
                     first_of.setdefault(key_of[n], n)
-                # the inputs of this block with the blocks before it already quantized (their weights are in the model)
-                cap = capture_block(lm, i, calib, batch_tokens=batch_tokens, linears=set(first_of.values()),
-                                    modules=set())
-                hess = {k: gram(cap.x[n].float()) for k, n in first_of.items()}
-                del cap
+                hess: dict[str, torch.Tensor] = {}
+
+                def hook(key: str):
+                    def fn(mod, args) -> None:
+                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                        h = hess.get(key)
+                        if h is None:
+                            h = hess[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                        h += x.T @ x
+                    return fn
+                handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first_of.items()]
+                try:
+                    for a, k in calls:
+                        blocks[i](*a, **k)
+                finally:
+                    for h in handles:
+                        h.remove()
                 for n in names:
                     w = original_weight(lm, snap, n)
                     s = scales.get(n) if scales else None
@@ -81,6 +119,8 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                     out[n] = q.cpu()
                     set_linear_weight(lm.model.get_submodule(n), q)
                 del hess
+                if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
+                    calls = [_with_hidden(a, k, _first(blocks[i](*a, **k))) for a, k in calls]
                 progress((i + 1) / n_blocks, f"sequential GPTQ w{bits}: block {i + 1}/{n_blocks}")
     finally:
         restore(lm, snap)

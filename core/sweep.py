@@ -83,19 +83,17 @@ def run_sweep(
         ref = awq.output_sq_norm(x, w)
         ref_h = awq.output_sq_norm(xh, w) if xh is not None else float("nan")
         norm = x.shape[0] * w.shape[0]
-        # search_scale for every bit-width at once: the same scales, one fused pass per alpha for all bits
+        # search_scale for every bit-width at once (the same scales, one fused pass per alpha for all bits); the
+        # held-out columns from the same pass: RTN and each bit-width's best alpha, no second quantization
         scales = awq.awq_scales(st.mean_abs.float(), alphas)
-        sq_bits = awq.scale_sq_errors_bits(w, x, scales, settings.bits, g, settings.zero_point)
+        sw = awq.sweep_sq_errors(w, x, xh, scales, settings.bits, g, settings.zero_point, norm=norm)
+        sq_bits = sw.calib
         searches = []
-        for sq in sq_bits:
+        for sq, best in zip(sq_bits, sw.best):
             losses = sq / norm
-            best = awq.first_min_index(losses)
+            assert best == awq.first_min_index(losses)
             searches.append(awq.ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best))
-        if xh is not None:  # held-out: RTN for all bits in one pass, AWQ at each bit's chosen alpha
-            is_rtn = [r.best_index == 0 and bool((r.scales == 1).all()) for r in searches]
-            sq_h_rtn, sq_h_awq = awq.rtn_and_scaled_sq_errors(
-                w, xh, [None if rt else r.scales for r, rt in zip(searches, is_rtn)], settings.bits, g,
-                settings.zero_point)
+        sq_h_rtn, sq_h_awq = sw.heldout_rtn, sw.heldout_awq
         for bi, (b, sq, res) in enumerate(zip(settings.bits, sq_bits, searches)):
             rtn_rel, awq_rel = metrics.rel_error(sq[0], ref), metrics.rel_error(sq[res.best_index], ref)
             if xh is not None:

@@ -118,6 +118,12 @@ def layer_lab(a: Analysis) -> None:
                 ui.show_figure(fig, f"lab_{fig.slug.split('_')[0]}", model_id=a.model_id)
     st.toggle("Histograms: salient input channels only", key="lab_hist_salient")
 
+    # --- methods side by side (core.methods; ui.methods_section) -------------------------------------------
+    st.subheader("Methods side by side")
+    if st.toggle("Compare RTN, MSE-clipped RTN, AWQ, GPTQ, HQQ and rotated RTN on this layer", key="lab_methods_on",
+                 help="Every method at these bits and group size; errors on calibration and held-out rows."):
+        ui.methods_section(a, name, bits=bits, group_size=group, zero_point=zero_point, alpha=alpha)
+
 
 layer_lab(a)
 ui.definitions(["rel_error", "sqnr_db", "gain", "gain_heldout", "importance"])

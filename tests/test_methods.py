@@ -239,8 +239,9 @@ def _same_state(lm, before):
     return all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_sequential_gptq_is_block_by_block_on_quantized_inputs():
-    lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
+    lm = models.wrap_model(build_tiny(kind), tokenizer=None)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
     before = _state(lm)
     snap = grouped.snapshot(lm)
@@ -296,3 +297,116 @@ def test_sequential_restores_the_model_on_error_and_hqq():
     assert _same_state(lm, before)
     n = lm.linears[0].name
     assert torch.equal(hq[n], hqq_quantize(lm.weight(n), n_bit=3, group_size=32))
+
+
+def test_methods_table_winners_and_cache(tiny_analysis):
+    a = tiny_analysis
+    names = [n for n in a.names if n.startswith("model.layers.1.")][:3]
+    t = M.methods_table(a, bits=[3], group_size=32, names=names, methods=["rtn", "gptq", "awq"])
+    assert len(t) == 3 * 3 and set(t["method"]) == {"rtn", "gptq", "awq"}
+    assert (t["group_size"] == 32).all() and t["rel_error_heldout"].notna().all()
+    w = M.winners(t)
+    assert set(w["family"]) == set(t["family"])
+    assert (w["margin"] >= 1).all()
+    for r in w.to_dict("records"):  # the winner has the lowest median error of its family
+        fam = t[(t["family"] == r["family"]) & (t["bits"] == r["bits"])]
+        assert r["winner_error"] == fam.groupby("method")["rel_error_heldout"].median().min()
+    h = M.head_to_head(t)
+    assert len(h) == 3 and (h["ratio"] > 0).all()
+    assert M.cached_methods_table(a, bits=[3], group_size=32, compute=False) is None
+
+
+def test_cli_analyze_methods(tiny_dir, tokenizer_dir, tmp_path, capsys):
+    from core.cli import main
+    rc = main(["analyze", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir, "--cache-dir", str(tmp_path),
+               "--bits", "3", "--group-size", "32", "--n-samples", "4", "--seqlen", "64", "--heldout-samples", "2",
+               "--sample-rows", "64", "--n-grid", "5", "--quiet", "--methods"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "methods (median held-out" in out
+    assert sum(line.strip().startswith("w3 ") for line in out.splitlines()) == 7  # one line per family
+
+
+# --- the app: Layer Lab's methods section and the Methods page (AppTest) -------------------------------------
+def _app(cache, entry, monkeypatch):
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cache))
+    original_init = PagesManager.__init__
+
+    def init(self, *args, **kwargs):  # navigation mode in every AppTest run (see tests/test_app.py)
+        original_init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+    monkeypatch.setattr(PagesManager, "__init__", init)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.session_state["entry_path"] = str(entry.path)
+    return at
+
+
+def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeypatch):
+    import json
+
+    from core.analysis import analyze, open_entry
+    a = analyze(tiny_settings(tiny_dir("qwen2"), tokenizer_dir, sweep=__import__("core.sweep").sweep.SweepSettings(
+        bits=(3,), group_size=32, n_grid=10)), tmp_path)
+    at = _app(tmp_path, a, monkeypatch)
+    at.switch_page("pages/layer_lab.py").run()
+    assert not at.exception and not at.error
+    at.toggle(key="lab_methods_on").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    name, bits = at.selectbox(key="lab_layer").value, int(at.select_slider(key="lab_bits").value)
+    group, alpha = int(at.select_slider(key="lab_group").value), float(at.slider(key="lab_alpha").value)
+    shown = at.dataframe[-1].value
+    ref = open_entry(a.path).compare_methods(name, bits=bits, group_size=group, alpha=alpha)
+    assert len(shown) == len(ref) == len(M.METHODS) + 1
+    assert sorted(shown["rel_error_heldout"].round(10)) == sorted(ref["rel_error_heldout"].round(10))
+    assert any("Methods on" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
+    assert "Recomputed in" in {m.label for m in at.metric}
+
+    at.switch_page("pages/methods.py").run()
+    assert not at.exception and not at.error
+    at.multiselect(key="methods_bits").set_value([3]).run()
+    at.button(key="methods_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    t = M.cached_methods_table(open_entry(a.path), bits=[3], group_size=32, compute=False)
+    assert t is not None and len(t) == len(a.names) * len(M.METHODS)
+    fam = at.dataframe[0].value
+    assert set(fam["family"]) == set(a.linears["family"]) and set(fam["winner"]) <= set(M.METHODS)
+    assert any("beat GPTQ" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
+
+
+@pytest.mark.parametrize("mode", ["gptq", "awq-gptq", "hqq"])
+def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monkeypatch):
+    from core import evaluate
+    a = tiny_analysis
+    before = _state(a.lm)
+    df = evaluate.run_quality(a, modes=["fp", mode], bits=[4], group_size=32)
+    assert _same_state(a.lm, before)
+    ppl = df[(df["mode"] == mode) & (df["metric"] == "perplexity")]["value"].iloc[0]
+    fp = df[(df["mode"] == "fp") & (df["metric"] == "perplexity")]["value"].iloc[0]
+    assert 0 < ppl and abs(ppl / fp - 1) < 0.5
+    # a failure in the middle of the build (after some blocks were written into the model)
+    target = "core.sequential.gptq_quantize" if mode != "hqq" else "core.sequential.hqq_quantize"
+    calls = []
+
+    def boom(*args, **kw):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("boom")
+        return (gptq_quantize if mode != "hqq" else hqq_quantize)(*args, **kw)
+    monkeypatch.setattr(target, boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate.run_quality(a, modes=[mode], bits=[3], group_size=32)
+    assert _same_state(a.lm, before)
+
+
+@pytest.mark.parametrize("n,block", [(600, 256), (64, 16), (100, 256), (257, 128)])
+def test_blocked_lower_gram_equals_xtx(n, block):
+    g = torch.Generator().manual_seed(n)
+    h = torch.zeros(n, n, dtype=torch.float64)
+    xs = [torch.randn(37, n, generator=g) for _ in range(3)]
+    for x in xs:
+        collect.add_gram_lower(h, x, block)
+    full = torch.cat(xs).double()
+    assert torch.allclose(collect.symmetrize_lower(h, block), full.T @ full, rtol=1e-5, atol=1e-4)

@@ -285,14 +285,17 @@ def test_combine_sensitivity_by_hand():
 
     from core.plan import combine_sensitivity
 
-    layer = pd.DataFrame({"name": ["a", "b", "c"], "block": [0, 0, 1], "family": ["q", "down", "q"],
-                          "bits": [3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5]})
-    model = pd.DataFrame({"unit": ["0", "1"], "bits": [3, 3], "metric": "kl", "value": [0.2, -0.001]})
+    layer = pd.DataFrame({"name": ["a", "b", "c", "d"], "block": [0, 0, 1, 1], "family": ["q", "down", "q", "down"],
+                          "bits": [3, 3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5, 0.2]})
+    model = pd.DataFrame({"unit": ["0", "1", "family:q", "family:down"], "bits": [3, 3, 3, 3], "metric": "kl",
+                          "value": [0.2, -0.001, 0.1, 0.3]})
     s = combine_sensitivity(layer, model, "block")
-    assert s["a"][3] == pytest.approx(0.05) and s["b"][3] == pytest.approx(0.15)  # 0.2 split 1:3
-    assert s["c"][3] == 0.0  # a negative (noise) measurement counts 0
-    model_l = pd.DataFrame({"unit": ["a", "b", "c"], "bits": [3, 3, 3], "metric": "kl", "value": [0.1, 0.2, 0.3]})
-    assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}}
+    assert s["a"][3] == pytest.approx(0.2 * 0.25) and s["b"][3] == pytest.approx(0.2 * 0.75)  # q : down = 1 : 3
+    assert s["c"][3] == 0.0 and s["d"][3] == 0.0  # a negative (noise) block measurement counts 0
+    s = combine_sensitivity(layer, model[~model["unit"].str.startswith("family")], "block")
+    assert s["a"][3] == s["b"][3] == pytest.approx(0.1)  # no family rows: an even split
+    model_l = pd.DataFrame({"unit": ["a", "b", "c", "d"], "bits": 3, "metric": "kl", "value": [0.1, 0.2, 0.3, 0.4]})
+    assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}, "d": {3: 0.4}}
 
 
 def test_alpha_predictor_fits_a_planted_line():
@@ -363,7 +366,8 @@ def test_plan_end_to_end(tiny_llama, scored, tmp_path):
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)
     n_blocks = int(tiny_llama.linears["block"].nunique())
-    assert len([c for c in scored if "@" in c]) == n_blocks * 4  # one variant per block and bit-width
+    n_fam = int(tiny_llama.linears["family"].nunique())
+    assert len([c for c in scored if "@" in c]) == (n_blocks + n_fam) * 4  # one per block / family and width
     assert rep.plan.avg_bits <= 3.75 + 1e-12 and rep.plan.exact
     assert set(rep.quality["variant"]) == {"plan", "uniform w2", "uniform w3", "uniform w4", "uniform w8"}
     assert rep.plan.measured["kl"] == float(rep.quality.query("variant == 'plan' and metric == 'kl'")["value"].iloc[0])
