@@ -684,7 +684,7 @@ def quality_bars(df: pd.DataFrame) -> Figure:
     pts = alt.Chart().mark_point(size=110, filled=True).encode(
         x=alt.X("mode:N", sort=modes, title="quantization mode", axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("bits_label:N", sort=quant_bits),
-        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True, padding=8)),
+        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True)),
         color=alt.Color("bits_label:N", title="bits per weight", sort=quant_bits),
         tooltip=["mode:N", "bits:Q", "group_size:Q", "metric:N", alt.Tooltip("value:Q", format=".5g")],
     ).transform_filter("datum.mode != 'fp'")
@@ -990,7 +990,7 @@ def surface_axes(mat: np.ndarray, log: bool = False) -> dict[str, Any]:
         "zticker": {"ticks": [(t - z0) / (z1 - z0) for t in ax.z_ticks],
                     "labels": ["" if i == 0 else ax.z_format % t for i, t in enumerate(ax.z_ticks)]},
         "fontsize": 13, "digits": 3, "show_grid": True, "grid_opacity": 0.15, "axes_opacity": 0.6,
-        "origin": (0.0, 0.0, 0.0),
+        "origin": (3.0, 0.0, 0.0),  # the block and height axes on the right-hand edge, in front of the surface
     }
 
 
