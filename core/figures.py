@@ -1072,6 +1072,7 @@ def plan_sensitivity(layer_df: pd.DataFrame, model_df: pd.DataFrame, bits: int, 
     lay["standout"] = standouts(lay["rel_heldout"].to_numpy(), lay["family"].to_numpy())
     mod = model_df[model_df["bits"] == int(bits)].copy()
     if granularity == "block":
+        mod = mod[~mod["unit"].astype(str).str.startswith("family:")].copy()  # the family rows are not per block
         mod["block"] = mod["unit"].astype(int)
         mod["family"] = "block"
     else:
