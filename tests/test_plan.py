@@ -485,3 +485,32 @@ def test_plan_page(tiny_llama, scored, monkeypatch):
     assert any("bits per weight for a budget of 3.75" in m.value for m in at.markdown)
     at.button(key="plan_alpha_run").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
+
+
+def test_cli_plan_end_to_end(tiny_dir, tokenizer_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "core", "plan", "--model", tiny_dir("qwen2"), "--tokenizer", tokenizer_dir,
+           "--cache-dir", str(tmp_path / "cache"), "--budget", "3.5", "--method", "rtn", "--bits", "2,4,16",
+           "--group-size", "32", "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2", "--sweep-bits", "2,4",
+           "--sens-tokens", "64", "--eval-tokens", "128", "--frontier", "3", "--export", "json,llmcompressor",
+           "--out", str(out), "--figure", str(tmp_path / "frontier.png"), "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("budget     3.5 bits/weight -> plan") for line in lines)
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith(("uniform", "plan 3")) else ""): line
+            for line in lines if line.startswith(("plan", "uniform"))}
+    assert {"plan", "plan 3", "uniform w2", "uniform w4"} <= set(rows)
+    assert any(line.startswith("note       plan (") for line in lines)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["budget_bits"] == 3.5 and "kl" in plan["measured"] and len(plan["layers"]) == 14
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
