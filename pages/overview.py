@@ -8,6 +8,8 @@ a = ui.require_analysis()
 st.title("Overview")
 st.caption(f"{a.model_id} — every quantizable linear, RTN vs AWQ at the best alpha of the sweep "
            f"(group {ui.group_label(a.settings.sweep.group_size)}).")
+if a.source_note:  # a GGUF source: say what its stored format means for every number below
+    st.caption(f"Source: {', '.join(f'{k} ({n} linears)' for k, n in a.source_formats.items())}. {a.source_note}")
 
 bits = ui.bits_picker(a, "ov_bits")
 h = views.headline(a, bits)

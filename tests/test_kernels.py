@@ -147,3 +147,32 @@ def test_channel_statistics_kernel_matches_torch(kind, sizes, isa):
         assert torch.equal(getattr(rf, f), getattr(rs, f)), f
     for f in ("mean", "std", "kurtosis"):
         assert torch.allclose(getattr(rf, f), getattr(rs, f), rtol=1e-4, atol=1e-5), f
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sweep_errors_reuse_the_calibration_pass(monkeypatch, fused):
+    """Held-out RTN / best-alpha errors from the calibration pass's dW equal a separate quantization's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 128, generator=g) * (torch.rand(128, generator=g) * 3 + 0.1)
+    xh = torch.randn(70, 128, generator=g) * (torch.rand(128, generator=g) * 3 + 0.1)
+    w = torch.randn(40, 128, generator=g) / 12
+    scales = awq.awq_scales(x.abs().mean(0), awq.alpha_grid(9))
+    if not fused:
+        monkeypatch.setattr(kernels, "_load", lambda: None)
+    awq._CHUNK_ELEMENTS, old = 3 * 2 * w.numel(), awq._CHUNK_ELEMENTS  # several chunks of alphas
+    try:
+        for bits, zp in (([2, 3, 4, 8], True), ([3, 6], False)):
+            gs = 32 if zp else 0
+            norm = float(x.shape[0] * w.shape[0])
+            sw = awq.sweep_sq_errors(w, x, xh, scales, bits, gs, zp, norm=norm)
+            ref = awq.scale_sq_errors_bits(w, x, scales, bits, gs, zp)
+            assert torch.allclose(sw.calib, ref, rtol=1e-6)
+            assert sw.best == [awq.first_min_index(c / norm) for c in sw.calib]
+            rtn, aw = awq.rtn_and_scaled_sq_errors(w, xh, [None if b == 0 else scales[b] for b in sw.best], bits,
+                                                   gs, zp)
+            assert torch.allclose(sw.heldout_rtn, rtn, rtol=1e-6) and torch.allclose(sw.heldout_awq, aw, rtol=1e-6)
+            assert any(b > 0 for b in sw.best)  # the kept-dW path is exercised
+            none = awq.sweep_sq_errors(w, x, None, scales, bits, gs, zp)
+            assert torch.allclose(none.calib, ref, rtol=1e-6) and none.heldout_rtn.isnan().all()
+    finally:
+        awq._CHUNK_ELEMENTS = old
