@@ -140,16 +140,17 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @functools.lru_cache(maxsize=1)
 def smollm2_modules():
-    """SmolLM2-135M's real module tree (its config; meta tensors, no weights) and its linears."""
+    """The bundled LLM's real module tree (its config read from the bundled GGUF; meta tensors, no weights)."""
     import torch
     import transformers as tf
 
+    from core.gguf_file import bundled_gguf
     from core.models import enumerate_linears
 
-    cfg = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    path = bundled_gguf()
+    cfg = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(cfg)
+        model = tf.AutoModelForCausalLM.from_config(cfg)
     return tuple(n for n, _ in model.named_modules()), tuple(enumerate_linears(model))
 
 
@@ -186,6 +187,10 @@ def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
 
     modules, linears = smollm2_modules()
     assert len(linears) == 210 and len({li.block for li in linears}) == 30
+    # our GGUF names agree with the gguf package's own name tables (core.gguf_file.module_to_tensor)
+    from core.gguf_file import module_to_tensor
+    table = module_to_tensor([li.name for li in linears], "llama", 30)
+    assert all(table[li.name] == pe.gguf_tensor_name(li.block, li.family) + ".weight" for li in linears)
     plan, recs = random_plan(linears, method=method)
     assert len(plan.counts()) >= 3  # a real mix of widths, so the regexes have something to separate
     paths = pe.write_exports(plan, tmp_path, "json,llmcompressor,gptqmodel,llamacpp", linears=recs,
