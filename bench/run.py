@@ -749,8 +749,9 @@ def fig_seed(b: Bench) -> None:
     for r in range(1 if b.quick else 2):
         cache = b.workdir / "seed_cache"
         shutil.rmtree(cache, ignore_errors=True)
-        cmd = [sys.executable, "-m", "core", "analyze", "--model", str(folder), *SEED_ARGS, "--cache-dir", str(cache),
-               "--quiet"]
+        extra = ["--no-hessians"] if b.args.seed_no_hessians else []
+        cmd = [sys.executable, "-m", "core", "analyze", "--model", str(folder), *SEED_ARGS, *extra, "--cache-dir",
+               str(cache), "--quiet"]
         b.probe(3)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=str(CORE_ROOT), capture_output=True, text=True,
@@ -783,7 +784,8 @@ def fig_seed(b: Bench) -> None:
     if entry.get("settings", {}).get("hessians"):  # X^T X of each distinct input over the calibration tokens
         h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
         flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * (3 * h * h + i * i)
-    res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(SEED_ARGS)
+    res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(
+        SEED_ARGS + (["--no-hessians"] if b.args.seed_no_hessians else []))
     res["seed_s"] = min(runs)
     res["seed_runs_s"] = runs
     res["seed_inside_analyze_s"] = min(inside) if inside else None
@@ -871,6 +873,8 @@ def main() -> int:
     ap.add_argument("--blocks", default="", help="comma-separated blocks to sweep (default: quick 0,12,23; else all)")
     ap.add_argument("--workdir", default="", help="keep the models, samples and cache entries here")
     ap.add_argument("--skip-collect", action="store_true", help="reuse the worker output already in --workdir")
+    ap.add_argument("--seed-no-hessians", action="store_true",
+                    help="seed workload without the X^T X accumulation (analyze --no-hessians; ~5 GB less memory)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -908,7 +912,11 @@ def main() -> int:
         for n in names:
             log(f"== {n}")
             t0 = time.perf_counter()
-            FIGURES[n].run(b)
+            try:
+                FIGURES[n].run(b)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - one failed figure must not lose the others
+                res.setdefault("errors", {})[n] = f"{type(e).__name__}: {e}"[:500]
+                log(f"figure {n} failed: {res['errors'][n]}")
             res.setdefault("figure_s", {})[n] = time.perf_counter() - t0
         mm = stats(b.probe.samples)
         res["matmul_ms"] = mm["median"] * 1e3
@@ -916,12 +924,17 @@ def main() -> int:
         res["matmul_gflops"] = b.probe.flops / mm["median"] / 1e9
         res["matmul_cpu_ms"] = statistics.median(b.probe.cpu_samples) * 1e3
         for fn in b._at_end:
-            fn(res)
+            try:
+                fn(res)
+            except KeyError:  # a figure that failed half-way
+                pass
         res["gpu"] = "not measured: no GPU lent to this task"
         met, texts = {}, {}
         for n in names:
             for key, (op, lim, text) in FIGURES[n].targets.items():
-                if key in res:
+                if n in res.get("errors", {}):
+                    met[key], texts[key] = False, text + " (figure failed)"
+                elif key in res:
                     met[key] = bool(res[key] >= lim) if op == ">=" else bool(res[key] <= lim)
                     texts[key] = text
         res["targets_met"] = met
@@ -945,7 +958,9 @@ def main() -> int:
     row("matmul_ms (512x4864 @ 4864x896)", f"{res['matmul_ms']:.2f}",
         f"min {mmst['min']:.2f} max {mmst['max']:.2f} n={mmst['n']} ({res['matmul_gflops']:.0f} GFLOP/s)")
     for n in names:
-        if FIGURES[n].report:
+        if n in res.get("errors", {}):
+            row(n, "FAILED", res["errors"][n][:120])
+        elif FIGURES[n].report:
             FIGURES[n].report(res, row)
     row("GPU", "-", res["gpu"])
     print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in res["targets_met"].items()))
