@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 SHARED_LAYER = "shared_layer"  # session state: the linear Layer Lab, Clipping, How AWQ works and Methods show
 SHARED_BITS = "shared_bits"  # session state: the bit-width every page's bits control starts from
 PRESET_KEY = "export_preset"  # session state: "standard" or "talk" (figures.PRESETS)
-PACK_SECONDS = "about 25 s"  # figure pack of the bundled model, measured on 2 cores (README)
+PACK_SECONDS = "about 40 s"  # figure pack of the bundled model: 40.7 s measured on 2 shared cores (load 17)
 DEFAULTS = AnalysisSettings()  # the bundled model with the CPU-friendly defaults: what a first open analyzes
 ENTRY_KEY = "entry_path"  # session state: the cache entry the pages show
 MAX_OPEN_ANALYSES = 6  # analyses (and their loaded models) kept in memory for all sessions
@@ -133,7 +133,8 @@ def run_analysis(settings: AnalysisSettings, *, where: Any = None) -> Analysis |
     (a stage without progress callbacks). The fraction is the engine's own, never a guess.
     """
     where = where or st
-    label = BUNDLED_MODELS[m].split(" (")[0] if (m := canonical_model(settings.model)) in BUNDLED_MODELS else settings.model
+    m = canonical_model(settings.model)
+    label = BUNDLED_MODELS[m].split(" (")[0] if m in BUNDLED_MODELS else settings.model
     state: dict[str, Any] = {"frac": 0.0, "msg": "waiting for another analysis to finish", "result": None,
                              "error": None}
 

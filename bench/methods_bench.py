@@ -105,7 +105,11 @@ def hessian_overhead(model: str, tokens: int = 2048, seqlen: int = 256, pairs: i
             "hessian_overhead_pairs": [b / a for a, b in zip(off, on)]}
 
 
-def run(quick: bool = True, model: str | None = None) -> dict:
+def run(quick: bool = True, model: str | None = None, workdir: Path | None = None) -> dict:
+    """The figures; the whole-model ones on ``model``, or on the bundled LLM when ``workdir`` is given."""
+    if model is None and workdir is not None:
+        from quality_bench import _bundled_llm  # bench/ is on sys.path when bench/run.py runs
+        model = _bundled_llm(Path(workdir))
     res = gptq_down_proj(3 if quick else 7)
     if model:
         res.update(hessian_overhead(model))

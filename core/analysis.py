@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -455,7 +456,7 @@ class Analysis:
     def quantize_layer(self, name: str, method: str, *, bits: int, group_size: int, zero_point: bool = True,
                        **options: Any) -> torch.Tensor:
         """Linear ``name`` quantized with ``method`` (dequantized ``[out, in]``), memoized per setting."""
-        key = ("method", name, method, bits, group_size, zero_point, tuple(sorted(options.items())))
+        key = ("method-w", name, method, bits, group_size, zero_point, tuple(sorted(options.items())))
         return self._memoized(key, lambda: methods.quantize_layer(
             method, self.weight(name), self.layer_inputs(name, duo_scaling=bool(options.get("duo_scaling"))),
             n_bit=bits, group_size=group_size, zero_point=zero_point, **options))
@@ -466,9 +467,17 @@ class Analysis:
         """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds
         (``best_alpha``: AWQ's grid-search result when known, e.g. the sweep's)."""
         from . import methods as _m
-        return _m.compare(self.weight(name), self.layer_inputs(name), self.inputs(name, "heldout"), n_bit=bits,
-                          group_size=group_size, zero_point=zero_point, alpha=alpha, methods=methods,
-                          best_alpha=best_alpha)
+        w, inputs = self.weight(name), self.layer_inputs(name)
+
+        def quantize(m: str, opts: dict) -> tuple[torch.Tensor, float]:  # memoized per method and setting
+            def run() -> tuple[torch.Tensor, float]:
+                t0 = time.perf_counter()
+                q = _m.quantize_layer(m, w, inputs, n_bit=bits, group_size=group_size, zero_point=zero_point, **opts)
+                return q, time.perf_counter() - t0
+            return self._memoized(("method", name, m, bits, group_size, zero_point, tuple(sorted(opts.items()))), run)
+        return _m.compare(w, inputs, self.inputs(name, "heldout"), n_bit=bits, group_size=group_size,
+                          zero_point=zero_point, alpha=alpha, methods=methods, best_alpha=best_alpha,
+                          quantize=quantize)
 
     # --- extra tables (evaluations etc.) ---------------------------------------------------------
     def read_extra(self, name: str) -> pd.DataFrame | None:

@@ -174,12 +174,15 @@ def quantize_layer(method: str, w: torch.Tensor, inputs: LayerInputs | None = No
 
 def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, *, n_bit: int, group_size: int,
             zero_point: bool = True, alpha: float | None = None, methods: Iterable[str] | None = None,
-            best_alpha: float | None = None) -> pd.DataFrame:
+            best_alpha: float | None = None,
+            quantize: Callable[[str, dict], tuple[torch.Tensor, float]] | None = None) -> pd.DataFrame:
     """Every method on one layer: relative output error and SQNR on the calibration sample ``inputs.x`` and on
     ``heldout [rows, in]``, and the seconds each quantization took.
 
     With ``alpha`` given, AWQ appears twice: at the best alpha (``awq``) and at ``alpha`` (``awq@alpha``).
     ``best_alpha``: the grid search's result when already known (the sweep's), so AWQ and AWQ + clip skip it.
+    ``quantize(method, options) -> (w_hat, seconds)``: a memoizing stand-in for ``quantize_layer`` on this layer
+    (the Analysis passes one, so a slider release recomputes only what changed; seconds are the first run's).
     Columns: method, label, rel_error, sqnr_db, rel_error_heldout, sqnr_db_heldout, weight_rel_error, seconds.
     """
     names = list(methods) if methods is not None else list(METHODS)
@@ -196,11 +199,16 @@ def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, 
         if m == "awq" and alpha is not None:
             variants.append((f"awq@{float(alpha):g}", f"AWQ (alpha {float(alpha):g})", "awq", {"alpha": float(alpha)}))
     rows = []
-    for key, label, m, opts in variants:
+
+    def timed(m: str, opts: dict) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
         w_hat = quantize_layer(m, w, inputs, n_bit=n_bit, group_size=group_size, zero_point=zero_point, **opts)
-        sec = time.perf_counter() - t0
-        dw = (w.float() - w_hat)
+        return w_hat, time.perf_counter() - t0
+
+    for key, label, m, opts in variants:
+        w_hat, sec = (quantize or timed)(m, opts)
+        dw = w.float() - w_hat
+        # ||X dW^T||^2 with the same float64 helper as ||X W^T||^2
         rel = metrics.rel_error(metrics.output_ref_sq(x, dw), ref) if x is not None else float("nan")
         rel_h = metrics.rel_error(metrics.output_ref_sq(heldout, dw), ref_h) if heldout is not None else float("nan")
         rows.append({"method": key, "label": label, "rel_error": rel, "sqnr_db": metrics.sqnr_db(rel),
