@@ -34,7 +34,7 @@ GROUPS = {
                 page("pages/layer_lab.py", "Layer Lab", ":material/tune:"),
                 page("pages/importance_map.py", "Importance map", ":material/landscape:"),
                 page("pages/clipping.py", "Clipping", ":material/content_cut:"),
-                page("pages/methods.py", "Methods", ":material/science:")],
+                page("pages/methods.py", "Methods", ":material/leaderboard:")],
     "Decide": [page("pages/model_quality.py", "Model quality", ":material/fact_check:"),
                page("pages/plan.py", "Plan", ":material/stacked_bar_chart:"),
                page("pages/compare.py", "Compare", ":material/compare_arrows:")],

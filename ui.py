@@ -19,15 +19,17 @@ import streamlit as st
 from core import figures, metrics, views
 from core.analysis import Analysis, AnalysisSettings, analyze, list_cached, open_entry
 from core.calibration import BUNDLED_TEXT, HUB_TEXTS, CalibrationError, CalibrationSpec, decode_text
-from core.models import BUNDLED, ModelLoadError, looks_like_path
+from core.models import (BUNDLED_MODELS, MINILM, SMOLLM2, ModelLoadError, canonical_model, layer_widths,
+                         looks_like_path)
+from core.quant import default_group_size, model_group_sizes
 from core.store import CacheError
-from core.sweep import SweepSettings, layer_group_size
+from core.sweep import SweepSettings
 
 ROOT = Path(__file__).resolve().parent
 SHARED_LAYER = "shared_layer"  # session state: the linear Layer Lab, Clipping, How AWQ works and Methods show
 SHARED_BITS = "shared_bits"  # session state: the bit-width every page's bits control starts from
 PRESET_KEY = "export_preset"  # session state: "standard" or "talk" (figures.PRESETS)
-PACK_SECONDS = "about 25 s"  # figure pack of the bundled model, measured on 2 cores (README)
+PACK_SECONDS = "about 40 s"  # figure pack of the bundled model: 40.7 s measured on 2 shared cores (load 17)
 DEFAULTS = AnalysisSettings()  # the bundled model with the CPU-friendly defaults: what a first open analyzes
 ENTRY_KEY = "entry_path"  # session state: the cache entry the pages show
 MAX_OPEN_ANALYSES = 6  # analyses (and their loaded models) kept in memory for all sessions
@@ -131,7 +133,8 @@ def run_analysis(settings: AnalysisSettings, *, where: Any = None) -> Analysis |
     (a stage without progress callbacks). The fraction is the engine's own, never a guess.
     """
     where = where or st
-    label = "the bundled model" if settings.model == BUNDLED else settings.model
+    m = canonical_model(settings.model)
+    label = BUNDLED_MODELS[m].split(" (")[0] if m in BUNDLED_MODELS else settings.model
     state: dict[str, Any] = {"frac": 0.0, "msg": "waiting for another analysis to finish", "result": None,
                              "error": None}
 
@@ -248,13 +251,20 @@ def _save_upload(data: bytes, name: str) -> str:
     return str(path)
 
 
-MODEL_SOURCES = {"bundled": "Bundled MiniLM-L6 (offline)", "hub": "Hugging Face id", "folder": "Local folder"}
+MODEL_SOURCES = {"bundled": "SmolLM2-135M-Instruct (bundled LLM, offline)",
+                 MINILM: "MiniLM-L6 (bundled encoder, offline)", "gguf": "Local GGUF file",
+                 "hub": "Hugging Face id", "folder": "Local folder"}
 TEXT_SOURCES = {BUNDLED_TEXT: "Bundled: Python's documentation (offline)", "upload": "Upload a text file",
                 "wikitext-2": "wikitext-2 (needs the hub)", "pile-val": "pile-val (needs the hub)"}
-GROUP_CHOICES = [32, 64, 128, 256, 0]
+GROUP_CHOICES = ["auto", 32, 64, 128, 256, 0]
+GROUP_HELP = ("Weights per quantization group along the input. 'auto': the largest of 128, 64, 32 that divides "
+              "every layer's input width (SmolLM2: 64, MiniLM: 128). A size that does not divide every layer is "
+              "refused, here, in the Layer Lab and in Model quality alike.")
 
 
-def group_label(g: int) -> str:
+def group_label(g: int | str) -> str:
+    if g == "auto":
+        return "auto"
     return "per row" if int(g) <= 0 else str(g)
 
 
@@ -266,7 +276,18 @@ def _settings_from_sidebar(values: dict[str, Any]) -> AnalysisSettings:
     """
     kind = values["model_kind"]
     if kind == "bundled":
-        model = BUNDLED
+        model = SMOLLM2
+    elif kind == MINILM:
+        model = MINILM
+    elif kind == "gguf":
+        raw = (values.get("gguf") or "").strip()
+        if not raw:
+            raise ModelLoadError("type the path of a local .gguf file")
+        model = str(Path(raw).expanduser().resolve())
+        if not model.lower().endswith(".gguf"):
+            raise ModelLoadError(f"{raw!r} does not end in .gguf; pick 'Local folder' for a transformers folder")
+        if not Path(model).is_file():
+            raise ModelLoadError(f"GGUF file {raw!r} does not exist")
     elif kind == "hub":
         model = values["hub_id"].strip()
         if not model:
@@ -289,7 +310,12 @@ def _settings_from_sidebar(values: dict[str, Any]) -> AnalysisSettings:
         raise ValueError("pick at least one bit-width to sweep")
     cal = CalibrationSpec(source=source, n_samples=int(values["n_samples"]), seqlen=int(values["seqlen"]),
                           heldout_samples=int(values["heldout_samples"]))
-    sweep = SweepSettings(bits=tuple(sorted(int(b) for b in values["bits"])), group_size=int(values["group_size"]),
+    group = values["group_size"]
+    if group == "auto":  # from the layer widths (config or GGUF header; nothing is converted or loaded here)
+        group = default_group_size(layer_widths(model, cache_dir=cache_dir(),
+                                                trust_remote_code=bool(values["trust_remote_code"]),
+                                                revision=(values.get("revision") or "").strip() or None))
+    sweep = SweepSettings(bits=tuple(sorted(int(b) for b in values["bits"])), group_size=int(group),
                           zero_point=bool(values["zero_point"]), n_grid=DEFAULTS.sweep.n_grid)
     settings = AnalysisSettings(model=model, dtype=values["dtype"], device=values["device"],
                                 trust_remote_code=bool(values["trust_remote_code"]),
@@ -311,6 +337,9 @@ def render_sidebar() -> None:
         sb.caption(f"{a.manifest.get('n_tokens')} calibration tokens ({src}) · bits "
                    f"{', '.join(str(b) for b in sw.bits)} · group {group_label(sw.group_size)} · "
                    f"{'asymmetric' if sw.zero_point else 'symmetric'} · {a.settings.dtype}")
+        if a.source_formats:  # a GGUF source: its weights were already quantized by llama.cpp
+            sb.caption("Stored as " + ", ".join(f"{k} ({n} linears)" for k, n in a.source_formats.items()) + ".",
+                       help=a.source_note)
         swept = views.bits_available(a)
         pack_bits = st.session_state.get(SHARED_BITS)
         pack_bits = int(pack_bits) if pack_bits in swept else views.default_bits(a)
@@ -347,6 +376,10 @@ def render_sidebar() -> None:
         if v["model_kind"] == "hub":
             v["hub_id"] = st.text_input("Hugging Face id", placeholder="Qwen/Qwen2.5-0.5B", key="src_hub")
             v["revision"] = st.text_input("Revision (optional)", key="src_rev")
+        elif v["model_kind"] == "gguf":
+            v["gguf"] = st.text_input("GGUF file", placeholder="/path/to/model.Q4_K_M.gguf", key="src_gguf",
+                                      help="A llama.cpp GGUF of any architecture transformers can load; converted "
+                                           "once to float32 safetensors under the cache (tens of seconds).")
         elif v["model_kind"] == "folder":
             v["folder"] = st.text_input("Model folder", placeholder="/path/to/model", key="src_folder",
                                         help="A transformers folder with config.json and .safetensors weights.")
@@ -355,18 +388,19 @@ def render_sidebar() -> None:
                                         key="cal_source")
         if v["text_source"] == "upload":
             v["upload"] = st.file_uploader("UTF-8 text file", type=["txt", "md", "text"], key="cal_upload")
-        c1, c2, c3 = st.columns(3)
+        # two inputs per row at most: three squeezed labels ("Held-out", "Zero point") were cut in the sidebar
+        c1, c2 = st.columns(2)
         v["n_samples"] = c1.number_input("Blocks", 1, 1024, DEFAULTS.calibration.n_samples, key="cal_n",
                                          help="Calibration blocks (official AWQ: 128).")
         v["seqlen"] = c2.number_input("Tokens", 16, 4096, DEFAULTS.calibration.seqlen, step=16, key="cal_len",
                                       help="Tokens per block, capped at the model's positions (official AWQ: 512).")
-        v["heldout_samples"] = c3.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
-                                               help="Held-out blocks, scored but never used to choose alpha.")
-        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
         c1, c2 = st.columns(2)
-        v["group_size"] = c1.selectbox("Group size", GROUP_CHOICES, index=GROUP_CHOICES.index(DEFAULTS.sweep.group_size),
-                                       format_func=group_label, key="q_group")
-        v["zero_point"] = c2.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
+        v["heldout_samples"] = c1.number_input("Held-out", 1, 256, DEFAULTS.calibration.heldout_samples, key="cal_held",
+                                               help="Held-out blocks, scored but never used to choose alpha.")
+        v["group_size"] = c2.selectbox("Group size", GROUP_CHOICES, index=0, format_func=group_label, key="q_group",
+                                       help=GROUP_HELP)
+        v["bits"] = st.multiselect("Bits to sweep", list(range(2, 9)), default=list(DEFAULTS.sweep.bits), key="q_bits")
+        v["zero_point"] = st.toggle("Zero point", DEFAULTS.sweep.zero_point, key="q_zp",
                                     help="Asymmetric quantization with a zero point (official AWQ); off: symmetric.")
         c1, c2 = st.columns(2)
         v["dtype"] = c1.selectbox("dtype", ["float32", "bfloat16", "float16"], key="m_dtype")
@@ -509,13 +543,16 @@ def open_layer_lab(name: str) -> None:
 
 
 def group_picker(a: Analysis, name: str, key: str, label: str = "Group size") -> int:
-    """Group sizes valid for this layer (they must divide its input width); 0 = one group per row."""
-    in_f = int(a.info(name)["in_features"])
-    options = views.group_size_options(in_f)
+    """Group sizes valid for the whole model (they must divide every layer's input width, the rule analyze and
+    Model quality apply too); 0 = one group per row."""
+    options = model_group_sizes(int(w) for w in a.linears["in_features"])
     if st.session_state.get(key) not in options:
-        g = layer_group_size(in_f, a.settings.sweep.group_size) if a.settings.sweep.group_size > 0 else 0
-        st.session_state[key] = g if g in options and g != in_f else (128 if 128 in options else options[0])
-    return int(st.select_slider(label, options, key=key, format_func=group_label))
+        g = a.settings.sweep.group_size if a.settings.sweep.group_size > 0 else 0
+        st.session_state[key] = g if g in options else (a.default_group_size if a.default_group_size in options
+                                                        else options[0])
+    return int(st.select_slider(label, options, key=key, format_func=group_label,
+                                help="Only sizes that divide every layer of this model (as analyze and Model "
+                                     f"quality require); this model's default is {group_label(a.default_group_size)}."))
 
 
 def sweep_row(a: Analysis, name: str, bits: int) -> pd.Series | None:

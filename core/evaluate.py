@@ -49,7 +49,7 @@ from .collect import model_lock
 from .grouped import (Plan, apply_plan, build_grouping, forward, is_llama_like, restore, search_grouped,
                       snapshot, with_clip)
 from .models import LoadedModel, set_linear_weight
-from .quant import check_bits
+from .quant import check_bits, check_model_group_size
 
 Progress = Callable[[float, str], None]
 Weights = Mapping[str, torch.Tensor]
@@ -63,8 +63,14 @@ SCORE_COLUMNS = ["variant", "metric", "value", "n_tokens", "seconds"]
 CAUSAL_METRICS = ("perplexity", "perplexity_se", "kl", "kl_p99", "kl_p999", "same_top", "rms_dp")
 ENCODER_METRICS = ("cosine", "hidden_rel_error")
 EVAL_VERSION = 2  # 2: llama.cpp's KL report, token budgets for the searches (column search_tokens)
-SEARCH_TOKENS = 2048  # default calibration tokens of the grouped scale / clip search
-CONST_ALPHA_TOKENS = 512  # default calibration tokens the const-alpha search scores each alpha on
+# Default token budgets of the searches (whole calibration blocks; CLI --search-tokens / --const-alpha-tokens,
+# the page's inputs). Both searches cost a forward pass per alpha and bit-width: the grouped one about one
+# pass of the blocks over ``SEARCH_TOKENS`` tokens, const-alpha one pass of the model over
+# ``CONST_ALPHA_TOKENS``; these defaults keep all six modes at two bit-widths near 35 forward passes over
+# the 2,048 held-out tokens of the bundled LLM.
+SEARCH_TOKENS = 512  # calibration tokens of the grouped scale / clip search
+CONST_ALPHA_TOKENS = 256  # calibration tokens the const-alpha search scores each alpha on
+CLIP_TOKENS = 512  # official auto_clip_layer's n_sample_token (core.grouped.CLIP_SAMPLE_TOKENS)
 KL_FRACTIONS = tuple(i / 200 for i in range(201)) + (0.999,)  # per-token KL quantiles kept for the chart
 KL_BUDGET_BYTES = 512 * 2**20  # full-precision log-probs kept at once (the held-out set is chunked beyond)
 LOGIT_BATCH_ELEMENTS = 32 * 2**20  # logits per forward batch (bounds memory on large vocabularies)
@@ -113,17 +119,8 @@ def check_bits_list(bits: list[int] | tuple[int, ...], modes: list[str]) -> list
 
 
 def check_group_size(widths: list[int], group_size: int) -> int:
-    if isinstance(group_size, bool) or int(group_size) != group_size:
-        raise ValueError(f"group size must be an integer, got {group_size!r}")
-    g = int(group_size)
-    if g <= 0:
-        return 0
-    bad = sorted({w for w in widths if w % g})
-    if bad:
-        raise ValueError(f"group size {g} does not divide the input width of every linear "
-                         f"({', '.join(str(b) for b in bad)}); pick a common divisor of "
-                         f"{', '.join(str(w) for w in sorted(set(widths)))}, or 0 for one group per output row")
-    return g
+    """The model-wide group-size rule, shared with analyze and the Layer Lab (``core.quant``)."""
+    return check_model_group_size(widths, group_size)
 
 
 def check_tokens(n: int | None, label: str) -> int | None:
@@ -404,12 +401,15 @@ class ModeSpec:
     a ``Plan`` (scales, folds, clips; see ``core.grouped``) or ``{linear name: weight [out, in]}`` (linears not
     named stay fp). ``cost(ctx, bits)``: the build's work in forward passes over the held-out blocks (for
     progress and the time estimate). ``shared``: a search in ``SHARED_SEARCHES`` it needs, run once per run
-    for all bit-widths (its result in ``ctx.memo[shared]``)."""
+    for all bit-widths (its result in ``ctx.memo[shared]``). ``budget``: the calibration token budget its
+    searches use, ``"search"`` (``search_tokens``) or ``"const-alpha"`` (``const_alpha_tokens``), recorded
+    in its rows' ``search_tokens``; ``None`` when it uses neither."""
 
     definition: str
     build: Callable[[ModeContext, int, Progress], Variant]
     cost: Callable[[ModeContext, int], float] = lambda ctx, bits: 0.02
     shared: str | None = None
+    budget: str | None = None
 
 
 @dataclass(frozen=True)
@@ -443,11 +443,17 @@ def _grouped_search(ctx: ModeContext, progress: Progress):
     return res
 
 
+def _grouped_units(search_units: float, clip_units: float, n_bits: int, n_grid: int, clip: bool) -> float:
+    """Work of the grouped search: one pass of the blocks to capture their inputs, then per bit-width every
+    block's scoring modules once per alpha (about one pass of the blocks each); the clip search (official:
+    10 candidates on at most 512 sampled tokens) measured about 13 such passes over its tokens per bit-width."""
+    return search_units * (1 + n_bits * n_grid) + (13 * clip_units * n_bits if clip else 0.0)
+
+
 def _grouped_cost(ctx: ModeContext) -> float:
-    # per bit-width every block's modules run once per alpha (about one forward pass of the blocks),
-    # plus one pass of the blocks to capture their inputs and a little for the clip search
-    u = ctx.units(ctx.search_blocks())
-    return u * (1 + len(ctx.bits) * (ctx.n_grid + (2 if "awq-clip" in ctx.modes else 0)))
+    blocks = ctx.search_blocks()
+    return _grouped_units(ctx.units(blocks), ctx.units(first_blocks(blocks, CLIP_TOKENS)), len(ctx.bits),
+                          ctx.n_grid, "awq-clip" in ctx.modes)
 
 
 def _awq_grouped(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
@@ -470,6 +476,28 @@ def _const_alpha_mode(ctx: ModeContext, bits: int, progress: Progress) -> Varian
     return plan
 
 
+def _gptq_mode(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
+    """Sequential GPTQ (core.sequential) on the search token budget."""
+    from .sequential import sequential_gptq
+    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=bits, group_size=ctx.group_size,
+                           zero_point=ctx.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
+                           progress=progress)
+
+
+def _awq_gptq_mode(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
+    from .sequential import sequential_gptq
+    res = ctx.memo["grouped"]
+    ctx.seconds[("awq-gptq", bits)] = res.scale_seconds[bits]
+    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=bits, group_size=ctx.group_size,
+                           zero_point=ctx.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
+                           scales=dict(res.plans[bits].col), progress=progress)
+
+
+def _hqq_mode(ctx: ModeContext, bits: int, progress: Progress) -> Variant:
+    from .sequential import hqq_weights
+    return hqq_weights(ctx.lm, ctx.snap, bits=bits, group_size=ctx.group_size, progress=progress)
+
+
 SHARED_SEARCHES: dict[str, SharedSearch] = {
     "grouped": SharedSearch(_grouped_search, _grouped_cost),
 }
@@ -479,15 +507,25 @@ MODE_REGISTRY: dict[str, ModeSpec] = {
                     "calibration tokens); W -> Q(W*s)/s", _awq, lambda ctx, b: 0.2),
     "awq-grouped": ModeSpec("official AWQ: one scale per group of linears sharing an input, chosen by the loss of "
                             "the module that consumes them, block by block, on the search token budget",
-                            _awq_grouped, shared="grouped"),
+                            _awq_grouped, shared="grouped", budget="search"),
     "awq-clip": ModeSpec("awq-grouped plus official AWQ's per-group weight clipping search (q/k projections not "
-                         "clipped)", _awq_clip, shared="grouped"),
+                         "clipped)", _awq_clip, shared="grouped", budget="search"),
     "const-alpha": ModeSpec("one alpha for the whole model, chosen by the model's loss on the const-alpha token "
                             "budget of calibration text; W -> Q(W*s)/s", _const_alpha_mode,
                             lambda ctx, b: (ctx.n_grid + (0 if ctx.lm.is_causal else 1)) * ctx.units(
-                                ctx.const_alpha_blocks())),
+                                ctx.const_alpha_blocks()), budget="const-alpha"),
+    # issue 10 (core.sequential): block inputs captured once, each block run twice on them, GPTQ per linear
+    "gptq": ModeSpec("GPTQ, sequential: block by block, each block's Hessians X^T X from the search token budget "
+                     "run through the already-quantized blocks before it", _gptq_mode,
+                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5, budget="search"),
+    "hqq": ModeSpec("HQQ: data-free half-quadratic optimisation of each group's zero (asymmetric)", _hqq_mode,
+                    lambda ctx, b: 0.2),
+    "awq-gptq": ModeSpec("AWQ's grouped scales, then sequential GPTQ on the scaled weights W*s with the Hessian of "
+                         "X/s (GPTQ(W*s)/s: the function of folding 1/s into the previous op)", _awq_gptq_mode,
+                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5, shared="grouped", budget="search"),
 }
 MODES = ("fp", *MODE_REGISTRY)
+AWQ_MODES = ("fp", "rtn", "awq", "awq-grouped", "awq-clip", "const-alpha")  # AWQ and its baselines (issue 9)
 MODE_DEFINITIONS: dict[str, str] = {"fp": "the unquantized model (reference)",
                                     **{m: s.definition for m, s in MODE_REGISTRY.items()}}
 
@@ -554,17 +592,20 @@ def _const_alpha(analysis, lm: LoadedModel, snap, ids: torch.Tensor, bits: int, 
         ref = [_output(lm, b) for b in batches]
         progress(1 / steps, "const-alpha: reference")
     losses = torch.empty(len(alphas), dtype=torch.float64)
-    for i in range(len(alphas)):
-        plan = _per_linear_plan(lm, bits, g, zp, {li.name: by_key[key_of.get(li.name, li.name)][i] for li in lm.linears})
-        apply_plan(lm, plan, snap)
-        try:
+    try:
+        for i in range(len(alphas)):
+            # every linear is rewritten from the snapshot (apply_plan reads the fp weights from ``snap``), so
+            # consecutive alphas need no restore in between: one fake quantization per linear and alpha
+            plan = _per_linear_plan(lm, bits, g, zp,
+                                    {li.name: by_key[key_of.get(li.name, li.name)][i] for li in lm.linears})
+            apply_plan(lm, plan, snap)
             s = _Score(lm.is_causal)
             for j, b in enumerate(batches):
                 s.add(b, _output(lm, b), None if ref is None else ref[j])
-        finally:
-            restore(lm, snap)
-        losses[i] = s.ce / max(1, s.n_tok) if lm.is_causal else (s.err / s.ref if s.ref > 0 else float("nan"))
-        progress((i + 1 + steps - len(alphas)) / steps, f"const-alpha search w{bits}: alpha {float(alphas[i]):.2f}")
+            losses[i] = s.ce / max(1, s.n_tok) if lm.is_causal else (s.err / s.ref if s.ref > 0 else float("nan"))
+            progress((i + 1 + steps - len(alphas)) / steps, f"const-alpha search w{bits}: alpha {float(alphas[i]):.2f}")
+    finally:
+        restore(lm, snap)
     best = awq.first_min_index(losses)
     plan = _per_linear_plan(lm, bits, g, zp, {li.name: by_key[key_of.get(li.name, li.name)][best] for li in lm.linears})
     return plan, alphas, losses, best
@@ -609,6 +650,15 @@ class _Ticker:
         self._emit(self.done, msg)
 
 
+def budget_tokens(mode: str, calib: torch.Tensor, search_tokens: int | None, const_alpha_tokens: int | None) -> int:
+    """Calibration tokens ``mode``'s searches run on (its rows' ``search_tokens``; 0 when it has no budget):
+    the first whole blocks of ``calib [n, seqlen]`` within its budget."""
+    spec = MODE_REGISTRY.get(mode)
+    if spec is None or spec.budget is None:
+        return 0
+    return int(first_blocks(calib, search_tokens if spec.budget == "search" else const_alpha_tokens).numel())
+
+
 def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens: int = SEARCH_TOKENS,
                    const_alpha_tokens: int = CONST_ALPHA_TOKENS) -> float:
     """The work of a run, in forward passes over the held-out blocks (the UI multiplies it by a measured
@@ -622,8 +672,10 @@ def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens
         return max(spec.seqlen, min(spec.n_samples * spec.seqlen, n_tok) // spec.seqlen * spec.seqlen) / held
     q = [m for m in modes if m != "fp"]
     total = 1.0 + len(q) * len(bits)
-    if any(m in q for m in ("awq-grouped", "awq-clip")):
-        total += units(search_tokens) * (1 + len(bits) * (n_grid + (2 if "awq-clip" in q else 0)))
+    total += sum(2 * units(search_tokens) + 0.5 for m in q if m in ("gptq", "awq-gptq")) * len(bits)
+    if any(m in q for m in ("awq-grouped", "awq-clip", "awq-gptq")):
+        total += _grouped_units(units(search_tokens), units(min(search_tokens, CLIP_TOKENS)), len(bits), n_grid,
+                                "awq-clip" in q)
     if "const-alpha" in q:
         total += len(bits) * (n_grid + (0 if causal else 1)) * units(const_alpha_tokens)
     return total
@@ -706,9 +758,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
             restore(lm, snap)
 
     rows, kl_rows = [], []
-    st = {m: (search_tokens if m in ("awq-grouped", "awq-clip") else const_alpha_tokens if m == "const-alpha" else 0)
-          for m in modes}
-    n_st = {m: int(first_blocks(data.calib, v).numel()) if v else 0 for m, v in st.items()}
+    n_st = {m: budget_tokens(m, data.calib, search_tokens, const_alpha_tokens) for m in modes}
     n_tok = fp_score.n_tok
     for metric, v in fp_score.metrics(fp=True).items():
         rows.append({"mode": "fp", "bits": FP_BITS, "group_size": g, "metric": metric, "value": v,
@@ -807,13 +857,15 @@ def _split_name(name: str, block: int) -> tuple[str, str]:
 
 def _model_type(analysis) -> str:
     lm = getattr(analysis, "_lm", None)
+    if lm is None and analysis.manifest.get("model_type"):  # recorded by analyze (GGUF sources have no config.json)
+        return str(analysis.manifest["model_type"])
     if lm is None:
         try:
             from transformers import AutoConfig
 
-            from .models import BUNDLED, bundled_path
+            from .models import MINILM, canonical_model, minilm_path
             s = analysis.settings
-            src = str(bundled_path()) if s.model == BUNDLED else s.model
+            src = str(minilm_path()) if canonical_model(s.model) == MINILM else s.model
             cfg = AutoConfig.from_pretrained(src, trust_remote_code=s.trust_remote_code,
                                              **({"revision": s.revision} if s.revision else {}))
             return str(getattr(cfg, "model_type", "") or "")
@@ -849,7 +901,7 @@ def grouping_note(analysis) -> str:
             f"calibration tokens and applied as Q(W·s)/s.")
 
 
-__all__ = ["MODES", "MODE_REGISTRY", "ModeSpec", "ModeContext", "FP_BITS", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
+__all__ = ["MODES", "AWQ_MODES", "MODE_REGISTRY", "ModeSpec", "ModeContext", "FP_BITS", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
            "SCORE_COLUMNS", "DEFINITIONS", "MODE_DEFINITIONS", "run_quality", "score_variants", "estimate_units",
            "cached_quality", "cached_search", "cached_kl", "grouping_note", "eval_data", "check_modes"]
 

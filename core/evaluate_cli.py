@@ -2,8 +2,8 @@
 
 Runs (or reuses from the cache) the layer-level analysis, then the evaluation; prints a table on stdout
 (progress on stderr). With ``--json`` the last stdout line is a JSON array of objects with keys
-``mode, bits, group_size, metric, value``. Rows already cached for the same analysis, bits, group size and
-zero point are reused unless ``--force``.
+``mode, bits, group_size, metric, value``. Rows already cached for the same analysis, bits, group size,
+zero point and search token budgets are reused unless ``--force``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .cli_common import add_common
 
 
 def register(subparsers: Any) -> None:
-    from .evaluate import MODES
+    from .evaluate import CONST_ALPHA_TOKENS, MODES, SEARCH_TOKENS
 
     p = subparsers.add_parser("evaluate", help="whole-model fake quantization: perplexity / embedding fidelity "
                                                "per mode (cached)")
@@ -27,6 +27,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--sweep-bits", default="2,3,4,6,8",
                    help="bit-widths of the layer-level analysis this runs on (the default reuses 'analyze')")
+    p.add_argument("--search-tokens", type=int, default=SEARCH_TOKENS,
+                   help="calibration tokens (whole blocks) the awq-grouped / awq-clip searches run each scoring "
+                        f"module on, once per alpha (default {SEARCH_TOKENS})")
+    p.add_argument("--const-alpha-tokens", type=int, default=CONST_ALPHA_TOKENS,
+                   help="calibration tokens (whole blocks) the const-alpha search runs the whole model on, once "
+                        f"per alpha (default {CONST_ALPHA_TOKENS})")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array on the last line")
     p.add_argument("--force", action="store_true", help="re-run the evaluation even when its rows are cached")
     p.set_defaults(func=cmd_evaluate)
@@ -59,11 +65,16 @@ def table(df) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .analysis import analyze
-    from .cli_common import int_list, settings_from_args, stderr_progress
-    from .evaluate import FP_BITS, cached_quality, check_modes, grouping_note, run_quality
+    from .cli_common import UsageError, int_list, settings_from_args, stderr_progress
+    import torch
+
+    from .evaluate import FP_BITS, budget_tokens, cached_quality, check_modes, grouping_note, run_quality
     from .quant import check_bits
 
     modes = check_modes(args.modes)
+    for flag, v in (("--search-tokens", args.search_tokens), ("--const-alpha-tokens", args.const_alpha_tokens)):
+        if v < 1:
+            raise UsageError(f"{flag} must be a positive number of tokens, got {v}")
     bits = sorted({check_bits(b) for b in int_list(args.bits)})
     ns = argparse.Namespace(**vars(args))
     ns.bits = args.sweep_bits
@@ -72,13 +83,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     a = analyze(settings, args.cache_dir, progress=None if args.quiet else stderr_progress("analysis "))
     t_an = time.time() - t0
     zp = not args.symmetric
-    g = max(0, int(args.group_size))
+    g = max(0, int(settings.sweep.group_size))  # 'auto' resolved by settings_from_args
     df = None
     cached = cached_quality(a) if not args.force else None
     if cached is not None:
         sel = cached[(cached["group_size"] == g) & (cached["zero_point"] == zp)
                      & (cached["mode"].isin(modes) | (cached["mode"] == "fp"))
                      & (cached["bits"].isin(bits) | (cached["mode"] == "fp"))]
+        calib = torch.zeros(settings.calibration.n_samples, settings.calibration.seqlen)  # only its shape counts
+        budget = {m: budget_tokens(m, calib, args.search_tokens, args.const_alpha_tokens) for m in modes}
+        sel = sel[[int(t) == budget.get(m, int(t)) for m, t in zip(sel["mode"], sel["search_tokens"])]]
         have = set(zip(sel["mode"], sel["bits"]))
         if all((m, b) in have for m in modes if m != "fp" for b in bits) and ("fp", FP_BITS) in have:
             df = sel.reset_index(drop=True)
@@ -86,14 +100,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     source = "cache"
     if df is None:
         source = "computed"
-        df = run_quality(a, modes=modes, bits=bits, group_size=g, zero_point=zp,
+        df = run_quality(a, modes=modes, bits=bits, group_size=g, zero_point=zp, search_tokens=args.search_tokens,
+                         const_alpha_tokens=args.const_alpha_tokens,
                          progress=None if args.quiet else stderr_progress("evaluate "))
     t_ev = time.time() - t1
     print(f"model      {a.model_id}")
     print(f"cache      {a.path}")
     print(f"grouping   {grouping_note(a)}")
     print(f"setting    group size {g or 'per row'}, zero point {'yes' if zp else 'no (symmetric)'}, "
-          f"held-out tokens {int(df['n_tokens'].iloc[0])}")
+          f"held-out tokens {int(df['n_tokens'].iloc[0])}, search tokens "
+          + ", ".join(f"{m} {int(t)}" for m, t in dict(zip(df["mode"], df["search_tokens"])).items() if t))
     print(f"time       analysis {t_an:.1f}s, evaluation {t_ev:.1f}s ({source})")
     print(table(df))
     if args.json:

@@ -468,7 +468,8 @@ def loss_curve(ev: "LayerEval", clipped: pd.DataFrame | None = None) -> Figure:
         x=alt.X("alpha:Q", title=AX["alpha"], scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("rel_error:Q", title=AX["rel_error"], scale=alt.Scale(zero=False)),
         strokeDash=alt.StrokeDash("curve:N", title=None, scale=alt.Scale(domain=curves, range=[[1, 0], [6, 3]][:len(curves)]),
-                                  legend=alt.Legend(orient="bottom") if with_clip else None),
+                                  legend=alt.Legend(orient="bottom", symbolType="stroke", symbolStrokeWidth=2.5,
+                                                    symbolSize=500) if with_clip else None),
         detail="curve:N",
         tooltip=["curve:N", alt.Tooltip("alpha:Q", format=".3f"), alt.Tooltip("rel_error:Q", format=".4g")],
     )
@@ -683,7 +684,7 @@ def quality_bars(df: pd.DataFrame) -> Figure:
     pts = alt.Chart().mark_point(size=110, filled=True).encode(
         x=alt.X("mode:N", sort=modes, title="quantization mode", axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("bits_label:N", sort=quant_bits),
-        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True, padding=8)),
+        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True)),
         color=alt.Color("bits_label:N", title="bits per weight", sort=quant_bits),
         tooltip=["mode:N", "bits:Q", "group_size:Q", "metric:N", alt.Tooltip("value:Q", format=".5g")],
     ).transform_filter("datum.mode != 'fp'")
@@ -772,6 +773,29 @@ def intro_channel_errors(ev: "LayerEval") -> Figure:
         f"{ev.name}, w{ev.bits}; output error RTN {ev.rtn_rel:.3g} -> AWQ {ev.awq_rel:.3g}"))
     return Figure("how_4_channel_errors", chart, df.drop(columns="rank_mid"),
                   "e_j = mean_i |W_ij - W_hat_ij| * mean|x_j|, averaged in log-spaced rank bins")
+
+
+def kl_distribution(kl: pd.DataFrame) -> Figure:
+    """Per-token KL(p_fp || q) as a cumulative distribution per mode, one panel per bit-width, from the
+    quantiles of ``core.evaluate.cached_kl`` (columns mode, bits, fraction, kl). Log x axis: KL values
+    below 1e-6 nats (and the exact zeros) are drawn at 1e-6."""
+    data = kl[["mode", "bits", "fraction", "kl"]].copy()
+    data["kl"] = data["kl"].clip(lower=1e-6)
+    data["bits"] = "w" + data["bits"].astype(str)
+    data = data.sort_values(["mode", "bits", "fraction"])
+    modes = [m for m in ("rtn", "awq", "awq-grouped", "awq-clip", "const-alpha") if m in set(data["mode"])]
+    modes += sorted(set(data["mode"]) - set(modes))
+    chart = alt.Chart(data).mark_line(interpolate="step-after").encode(
+        x=alt.X("kl:Q", title="per-token KL(p_fp || q) (nats)", scale=alt.Scale(type="log")),
+        y=alt.Y("fraction:Q", title="share of scored tokens with KL ≤ x", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("mode:N", sort=modes, title="mode", scale=alt.Scale(range=PALETTE)),
+        order="fraction:Q",
+        tooltip=["mode:N", "bits:N", alt.Tooltip("fraction:Q", format=".3f"), alt.Tooltip("kl:Q", format=".4g")],
+    ).properties(width=WIDTH, height=HEIGHT).facet(
+        column=alt.Column("bits:N", title=None, sort=sorted(set(data["bits"]), key=lambda b: int(b[1:]))),
+    ).properties(title=_title("Per-token KL divergence to full precision",
+                              "cumulative share of held-out tokens; further left is better"))
+    return Figure("kl_distribution", chart, kl)
 
 
 # --- 3D surface (pyvista) -------------------------------------------------------------------------------
@@ -966,7 +990,7 @@ def surface_axes(mat: np.ndarray, log: bool = False) -> dict[str, Any]:
         "zticker": {"ticks": [(t - z0) / (z1 - z0) for t in ax.z_ticks],
                     "labels": ["" if i == 0 else ax.z_format % t for i, t in enumerate(ax.z_ticks)]},
         "fontsize": 13, "digits": 3, "show_grid": True, "grid_opacity": 0.15, "axes_opacity": 0.6,
-        "origin": (0.0, 0.0, 0.0),
+        "origin": (3.0, 0.0, 0.0),  # the block and height axes on the right-hand edge, in front of the surface
     }
 
 
@@ -1048,6 +1072,7 @@ def plan_sensitivity(layer_df: pd.DataFrame, model_df: pd.DataFrame, bits: int, 
     lay["standout"] = standouts(lay["rel_heldout"].to_numpy(), lay["family"].to_numpy())
     mod = model_df[model_df["bits"] == int(bits)].copy()
     if granularity == "block":
+        mod = mod[~mod["unit"].astype(str).str.startswith("family:")].copy()  # the family rows are not per block
         mod["block"] = mod["unit"].astype(int)
         mod["family"] = "block"
     else:
@@ -1150,9 +1175,9 @@ def methods_bars(df: pd.DataFrame, *, name: str, bits: int, group_size: int) -> 
     long = long[long["error"] > 0]
     order = df.sort_values("rel_error_heldout")["label"].tolist()
     chart = alt.Chart(long).mark_bar().encode(
-        y=alt.Y("label:N", sort=order, title=None),
+        y=alt.Y("label:N", sort=order, title="method"),
         yOffset=alt.YOffset("split:N", sort=["calibration", "held-out"]),
-        x=alt.X("error:Q", title="relative output error (log)", scale=alt.Scale(type="log")),
+        x=alt.X("error:Q", title=AX["rel_error"] + " (log scale)", scale=alt.Scale(type="log")),
         color=alt.Color("split:N", title=None, sort=["calibration", "held-out"]),
         tooltip=["label:N", "split:N", alt.Tooltip("error:Q", format=".4g")],
     ).properties(width=WIDTH, height=max(200, 34 * len(order)),
@@ -1170,7 +1195,7 @@ def methods_heatmap(h2h: pd.DataFrame, *, bits: int, a: str = "awq", b: str = "g
     span = max(abs(np.log(max(lo, 1e-6))), abs(np.log(max(hi, 1e-6))), np.log(1.05))
     dom = [float(np.exp(-span)), 1.0, float(np.exp(span))]
     base = alt.Chart(df).encode(x=alt.X("family:N", sort=fams, title="module family", axis=alt.Axis(labelAngle=0)),
-                                y=alt.Y("block:O", title="block"))
+                                y=alt.Y("block:O", title=AX["block"]))
     chart = base.mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("ratio:Q", title=f"{b} / {a}", scale=alt.Scale(type="log", scheme="redblue", domain=dom),
                         legend=alt.Legend(format=".2f")),

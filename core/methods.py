@@ -174,11 +174,15 @@ def quantize_layer(method: str, w: torch.Tensor, inputs: LayerInputs | None = No
 
 def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, *, n_bit: int, group_size: int,
             zero_point: bool = True, alpha: float | None = None, methods: Iterable[str] | None = None,
-            ) -> pd.DataFrame:
+            best_alpha: float | None = None,
+            quantize: Callable[[str, dict], tuple[torch.Tensor, float]] | None = None) -> pd.DataFrame:
     """Every method on one layer: relative output error and SQNR on the calibration sample ``inputs.x`` and on
     ``heldout [rows, in]``, and the seconds each quantization took.
 
     With ``alpha`` given, AWQ appears twice: at the best alpha (``awq``) and at ``alpha`` (``awq@alpha``).
+    ``best_alpha``: the grid search's result when already known (the sweep's), so AWQ and AWQ + clip skip it.
+    ``quantize(method, options) -> (w_hat, seconds)``: a memoizing stand-in for ``quantize_layer`` on this layer
+    (the Analysis passes one, so a slider release recomputes only what changed; seconds are the first run's).
     Columns: method, label, rel_error, sqnr_db, rel_error_heldout, sqnr_db_heldout, weight_rel_error, seconds.
     """
     names = list(methods) if methods is not None else list(METHODS)
@@ -190,15 +194,21 @@ def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, 
     for m in names:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
-        variants.append((m, METHODS[m].label, m, {}))
+        known = {"alpha": float(best_alpha)} if best_alpha is not None and m in ("awq", "awq-clip") else {}
+        variants.append((m, METHODS[m].label, m, known))
         if m == "awq" and alpha is not None:
             variants.append((f"awq@{float(alpha):g}", f"AWQ (alpha {float(alpha):g})", "awq", {"alpha": float(alpha)}))
     rows = []
-    for key, label, m, opts in variants:
+
+    def timed(m: str, opts: dict) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
         w_hat = quantize_layer(m, w, inputs, n_bit=n_bit, group_size=group_size, zero_point=zero_point, **opts)
-        sec = time.perf_counter() - t0
-        dw = (w.float() - w_hat)
+        return w_hat, time.perf_counter() - t0
+
+    for key, label, m, opts in variants:
+        w_hat, sec = (quantize or timed)(m, opts)
+        dw = w.float() - w_hat
+        # ||X dW^T||^2 with the same float64 helper as ||X W^T||^2
         rel = metrics.rel_error(metrics.output_ref_sq(x, dw), ref) if x is not None else float("nan")
         rel_h = metrics.rel_error(metrics.output_ref_sq(heldout, dw), ref_h) if heldout is not None else float("nan")
         rows.append({"method": key, "label": label, "rel_error": rel, "sqnr_db": metrics.sqnr_db(rel),
@@ -238,13 +248,24 @@ def methods_table(analysis, *, bits: Iterable[int], group_size: int, zero_point:
         in_f = int(info["in_features"])
         g = layer_group_size(in_f, group_size) if group_size > 0 else 0
         for j, b in enumerate(bits):
-            df = analysis.compare_methods(n, bits=b, group_size=g, zero_point=zero_point, methods=methods)
+            df = analysis.compare_methods(n, bits=b, group_size=g, zero_point=zero_point, methods=methods,
+                                          best_alpha=_sweep_alpha(analysis, n, b, g if g > 0 else in_f, zero_point))
             for r in df.to_dict("records"):
                 rows.append({"name": n, "block": int(info["block"]), "family": str(info["family"]), "bits": b,
                              "group_size": g if g > 0 else in_f, "zero_point": bool(zero_point),
                              **{k: r[k] for k in TABLE_COLUMNS[6:]}})
             progress((i * len(bits) + j + 1) / total, f"methods: {n} w{b}")
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _sweep_alpha(analysis, name: str, bits: int, g: int, zero_point: bool) -> float | None:
+    """The sweep's best alpha of ``name`` at these settings (the same grid search), or None if it did not run them."""
+    sw = analysis.settings.sweep
+    if bool(sw.zero_point) != bool(zero_point) or int(sw.n_grid) != 20:
+        return None
+    lay = analysis.layers
+    sel = lay[(lay["name"] == name) & (lay["bits"] == bits) & (lay["group_size"] == g)]
+    return float(sel["best_alpha"].iloc[0]) if len(sel) else None
 
 
 def cached_methods_table(analysis, *, bits: Iterable[int], group_size: int, zero_point: bool = True,

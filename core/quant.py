@@ -10,6 +10,7 @@ even, clamp floor 1e-5). Do not "simplify" ``w / scale`` into ``w * (1 / scale)`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -35,6 +36,57 @@ def effective_group_size(in_features: int, group_size: int) -> int:
             f"(use a divisor of {in_features}, or 0 / -1 for one group per output row)"
         )
     return g
+
+
+DEFAULT_GROUP_CANDIDATES = (128, 64, 32)  # the default group size is the largest of these that fits the model
+GROUP_CHOICES = (16, 32, 64, 128, 256, 512)  # what pickers offer, where it fits
+
+
+def default_group_size(widths: Iterable[int]) -> int:
+    """The largest of 128, 64, 32 that divides every width in ``widths``; 0 (one group per row) if none does.
+
+    ``widths``: the input widths of a model's quantizable linears (SmolLM2-135M: 576 and 1536 -> 64;
+    MiniLM-L6 and Qwen2.5: 128).
+    """
+    ws = {int(w) for w in widths}
+    for g in DEFAULT_GROUP_CANDIDATES:
+        if ws and all(w % g == 0 for w in ws):
+            return g
+    return 0
+
+
+def check_model_group_size(widths: Iterable[int], group_size: int) -> int:
+    """The one group-size rule for a whole model (analyze, Layer Lab and Model quality alike).
+
+    ``group_size <= 0`` is one group per output row (returns 0). A positive group size must divide the input
+    width of every quantizable linear; otherwise ValueError naming the widths it does not divide and the
+    model's default group size. (No silent per-row fallback for the layers it does not fit.)
+    """
+    if isinstance(group_size, bool) or int(group_size) != group_size:
+        raise ValueError(f"group size must be an integer, got {group_size!r}")
+    g = int(group_size)
+    if g <= 0:
+        return 0
+    ws = sorted({int(w) for w in widths})
+    bad = [w for w in ws if w % g]
+    if bad:
+        d = default_group_size(ws)
+        hint = (f"this model's default group size is {d}" if d else
+                "none of 128, 64, 32 divides all of them")
+        raise ValueError(
+            f"group size {g} does not divide the input width {', '.join(str(w) for w in bad)} of some of this "
+            f"model's linears (widths {', '.join(str(w) for w in ws)}); {hint}, or use 0 for one group per output row"
+        )
+    return g
+
+
+def model_group_sizes(widths: Iterable[int], candidates: Iterable[int] = GROUP_CHOICES) -> list[int]:
+    """The group sizes a picker offers for a model: candidates dividing every width (and smaller than the
+    narrowest), then 0 (one group per output row, always possible)."""
+    ws = {int(w) for w in widths}
+    if not ws:
+        return [0]
+    return [g for g in candidates if g < min(ws) and all(w % g == 0 for w in ws)] + [0]
 
 
 @dataclass(frozen=True)

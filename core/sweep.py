@@ -13,7 +13,7 @@ import pandas as pd
 from . import awq, metrics
 from .collect import Collected
 from .models import LoadedModel
-from .quant import check_bits
+from .quant import check_bits, check_model_group_size
 
 Progress = Callable[[float, str], None]
 
@@ -32,17 +32,16 @@ class SweepSettings:
             raise ValueError("give at least one bit-width")
         for b in self.bits:
             check_bits(b)
-        if self.group_size > 0 and not any(f % self.group_size == 0 for f in in_features):
-            raise ValueError(
-                f"group size {self.group_size} divides none of the model's layer widths "
-                f"({', '.join(str(f) for f in sorted(set(in_features)))})"
-            )
+        check_model_group_size(in_features, self.group_size)  # one rule everywhere: divide every layer
         if int(self.n_grid) < 1:
             raise ValueError("grid size must be at least 1")
 
 
 def layer_group_size(in_features: int, group_size: int) -> int:
-    """The group length a layer actually uses: ``group_size``, or the whole row where it does not divide."""
+    """The group length a layer uses: ``group_size``, or the whole row for ``group_size <= 0``.
+
+    ``SweepSettings.validate`` refuses a group size that does not divide every layer, so the whole-row case
+    only arises for per-row settings (and old cache entries)."""
     return group_size if group_size > 0 and in_features % group_size == 0 else in_features
 
 

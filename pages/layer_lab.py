@@ -66,6 +66,9 @@ def layer_lab(a: Analysis) -> None:
         f"{ui.group_label(ev.group_size if ev.group_size < int(info['in_features']) else 0)} · alpha {alpha:.2f} · "
         f"grid {n_grid} · {'zero point' if zero_point else 'symmetric'}"
         f"{' · duo scaling' if duo else ''}{' · clip' if clip else ''}{' (Q/K too)' if clip and clip_qk else ''}")
+    if a.source_format(name):  # GGUF source: these weights were already quantized by llama.cpp
+        st.caption(f"Stored in the GGUF as {a.source_format(name)}: the weights here are that grid, dequantized.",
+                   help=a.source_note)
     m = st.columns(6)
     m[0].metric("RTN rel. error", views.fmt_rel(ev.rtn_rel), help=metrics.DEFINITIONS["rel_error"])
     m[1].metric("AWQ rel. error", views.fmt_rel(ev.awq_rel),

@@ -8,8 +8,9 @@ from core import figures, views
 a = ui.require_analysis()
 st.title("Model quality")
 st.caption("Whole-model fake quantization (weights replaced by Q(W·s)/s, restored afterwards), scored on the "
-           "held-out text: perplexity and KL to full precision for causal LMs, cosine similarity of the "
-           "embeddings and hidden-state error for encoders. Beside it, the layer-level gain of the sweep.")
+           "held-out text: for causal LMs llama.cpp's KL report (perplexity ± its standard error, mean KL to "
+           "full precision and its 99th / 99.9th percentiles, same top token, RMS Δp); for encoders cosine "
+           "similarity of the embeddings and hidden-state error. Beside it, the layer-level gain of the sweep.")
 
 try:
     from core import evaluate
@@ -25,16 +26,37 @@ groups = [g for g in (32, 64, 128, 256) if any(int(f) % g == 0 for f in a.linear
 default_g = a.settings.sweep.group_size if a.settings.sweep.group_size in groups else groups[0]
 group = c3.selectbox("Group size", groups, index=groups.index(default_g), format_func=ui.group_label, key="mq_group")
 zero_point = c4.toggle("Zero point", value=True, key="mq_zp")
-st.caption(evaluate.grouping_note(a) + " Every mode runs the whole model over the held-out text (awq-grouped, "
-           "awq-clip and const-alpha also over calibration text): all six modes at two bit-widths take a few "
-           "minutes for the bundled model on a CPU.")
+cal = a.settings.calibration
+max_calib = cal.n_samples * cal.seqlen
+b1, b2 = st.columns(2)
+search_tokens = b1.number_input(
+    "Search tokens (awq-grouped, awq-clip)", min_value=cal.seqlen, max_value=max_calib, step=cal.seqlen,
+    value=min(max_calib, max(cal.seqlen, evaluate.SEARCH_TOKENS)), key="mq_search_tokens",
+    help="Calibration tokens (whole blocks of the analysis) the grouped scale and clip searches run each "
+         "scoring module on, once per alpha: the official search on these tokens.")
+ca_tokens = b2.number_input(
+    "Const-alpha tokens", min_value=cal.seqlen, max_value=max_calib, step=cal.seqlen,
+    value=min(max_calib, max(cal.seqlen, evaluate.CONST_ALPHA_TOKENS)), key="mq_ca_tokens",
+    help="Calibration tokens the const-alpha search runs the whole model on, once per alpha of the grid.")
+units = evaluate.estimate_units(a, list(modes), [int(b) for b in bits], search_tokens=int(search_tokens),
+                                const_alpha_tokens=int(ca_tokens)) if modes and bits else 0.0
+held = cal.heldout_samples * cal.seqlen
+prior = evaluate.cached_quality(a)
+fp_secs = prior[prior["mode"] == "fp"]["seconds"] if prior is not None else None
+eta = (f" — about {units * float(fp_secs.iloc[-1]) / 60:.1f} min at the last measured forward pass "
+       f"({float(fp_secs.iloc[-1]):.1f} s)" if fp_secs is not None and len(fp_secs) else "")
+st.caption(evaluate.grouping_note(a) + f" Held-out text: {held:,} tokens; the searches use the first "
+           f"{int(search_tokens):,} (grouped) and {int(ca_tokens):,} (const-alpha) calibration tokens. "
+           f"This run costs about {units:.0f} forward passes over the held-out tokens{eta}; the progress bar "
+           "shows the time left as it runs.")
 
 if st.button("Run", type="primary", key="mq_run", disabled=not modes or not bits, icon=":material/play_arrow:"):
     with st.status("Evaluating the whole model…", expanded=True) as status:
         bar = st.progress(0.0, text="starting")
         try:
             evaluate.run_quality(a, modes=list(modes), bits=sorted(int(b) for b in bits), group_size=int(group),
-                                 zero_point=bool(zero_point),
+                                 zero_point=bool(zero_point), search_tokens=int(search_tokens),
+                                 const_alpha_tokens=int(ca_tokens),
                                  progress=lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
         except Exception as e:  # noqa: BLE001 - shown as a sentence; the page stays usable
             status.update(label="Evaluation failed", state="error")
@@ -66,11 +88,15 @@ with c1:
                                                                 else int(table["bits"].iloc[i]),
                                                                 order.get(table["mode"].iloc[i], 99)))]
     table["bits"] = table["bits"].map(lambda b: "fp" if b == evaluate.FP_BITS else f"w{b}")
+    known = [m for m in evaluate.CAUSAL_METRICS + evaluate.ENCODER_METRICS if m in table.columns]
+    table = table[["mode", "bits", *known, *[c for c in table.columns if c not in known and c not in ("mode", "bits")]]]
     st.dataframe(table, hide_index=True, column_config={
         m: st.column_config.NumberColumn(m, format="%.5g", help=evaluate.DEFINITIONS.get(m)) for m in table.columns
         if m in evaluate.DEFINITIONS})
     n_tok = int(shown["n_tokens"].max()) if "n_tokens" in shown else 0
-    st.caption(f"Scored on {n_tok:,} held-out tokens. " + " ".join(
+    budgets = {m: int(t) for m, t in zip(shown["mode"], shown["search_tokens"]) if t}
+    st.caption(f"Scored on {n_tok:,} held-out tokens" + (" (searches on " + ", ".join(
+        f"{m} {t:,}" for m, t in budgets.items()) + " calibration tokens). " if budgets else ". ") + " ".join(
         f"**{m}**: {d}." for m, d in evaluate.DEFINITIONS.items() if m in set(shown["metric"])))
 with c2:
     st.subheader(f"Gain vs RTN at group {ui.group_label(group)}: layer and model")
@@ -88,6 +114,11 @@ with c2:
                 f"{ui.group_label(a.settings.sweep.group_size)} to compare the two at one group size. ")
                + "Model gain: error(rtn) / error(mode) for the model's output error metric — > 1 means the "
                "mode beats RTN on the whole model, as the layer gain says for single layers.")
+kl = evaluate.cached_kl(a)
+if kl is not None:
+    kl = kl[(kl["group_size"] == group) & (kl["zero_point"] == zero_point)]
+if kl is not None and not kl.empty:
+    ui.show_figure(figures.kl_distribution(kl), "mq_kl", model_id=a.model_id)
 ui.show_figure(figures.quality_bars(shown), "mq_bars", model_id=a.model_id)
 with st.expander("All cached results"):
     st.dataframe(results, hide_index=True)

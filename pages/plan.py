@@ -9,8 +9,9 @@ from core import plan_export as PE
 a = ui.require_analysis()
 st.title("Plan")
 st.caption("Pick an average bit budget (scales and zeros counted: " + metrics.DEFINITIONS["bit_cost"] + "), the "
-           "candidate bit-widths and a method. Each block's whole-model damage is measured with only that block "
-           "quantized; an exact knapsack solver then picks each linear's bits to minimise the summed damage under "
+           "candidate bit-widths and a method. The whole model's damage is measured with only one block quantized "
+           "and with only one family quantized in every block; a linear's value is its block's damage shared by "
+           "its family's. An exact knapsack solver picks each linear's bits to minimise the summed damage under "
            "the budget, and the plan is applied to the whole model and scored beside uniform quantization.")
 
 nw, gs = P.layer_geometry(a)

@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from core.models import bundled_path  # noqa: E402
+from core.models import minilm_path  # noqa: E402
 
-VOCAB = 30522  # the bundled BERT tokenizer's vocabulary, so tiny models can share it
+VOCAB = 30522  # the bundled BERT (MiniLM) tokenizer's vocabulary, so tiny models can share it
 
 
 def tiny_config(kind: str):
@@ -59,7 +59,24 @@ def build_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> str:
-    return str(bundled_path())
+    return str(minilm_path())
+
+
+@pytest.fixture(scope="session")
+def llm_cache(tmp_path_factory) -> Path:
+    """The session's one cache folder for the bundled SmolLM2: its GGUF is converted into it once per run
+    (~30-60 s on 2 cores). It is the app tests' shared cache too (``app_harness.shared_cache``)."""
+    path = tmp_path_factory.getbasetemp() / "app-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(llm_cache) -> Path:
+    """The converted (safetensors) folder of the bundled SmolLM2 GGUF inside ``llm_cache``."""
+    from core.models import resolve_source
+
+    return Path(resolve_source("smollm2", cache_dir=llm_cache).path)
 
 
 @pytest.fixture(scope="session")

@@ -99,7 +99,9 @@ def assert_themed(at: AppTest, n_min: int = 1) -> None:
 
 
 def snapshot(cache: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    """Every file of the cache (the first-visit marker aside: a page view writes it, no analysis does)."""
+    return sorted((str(p.relative_to(cache)), p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*")
+                  if p.name != ".intro_seen")
 
 
 def lab_state(at: AppTest) -> dict:
@@ -221,7 +223,8 @@ def test_every_page_on_the_bundled_model(cache):
         assert_clean(at)
         if page.endswith("overview.py"):
             h = views.headline(a, views.default_bits(a))
-            assert metrics_shown(at)["Linears"] == "36"
+            assert metrics_shown(at)["Linears"] == str(len(a.names)) == "210"  # SmolLM2: 30 blocks x 7
+            assert any("Q4_1, blocks of 32" in c.value for c in at.caption)  # what its GGUF source means
             assert metrics_shown(at)[f"Median gain w{views.default_bits(a)}"] == views.fmt_gain(h["median_gain"])
             assert_themed(at, 4)
         elif page.endswith("importance_map.py"):
@@ -469,6 +472,26 @@ def test_figure_pack_zip_holds_every_format_and_the_3d_surfaces(tiny):
         assert any(n.startswith("importance_surface_") and n.endswith(".png") for n in names)
 
 
+def test_figure_pack_names_each_quantity_once_and_shows_the_layer_on_screen(tiny):
+    """The error-vs-alpha figure is described as the relative output error (what it plots), in the README and
+    the CSV header alike, and the layer figures are of the layer picked on screen, not another one."""
+    from core import metrics
+
+    a = tiny["qwen2"]
+    layer = next(n for n in a.names if n != views.best_layer(a, 3))
+    with zipfile.ZipFile(io.BytesIO(figures.figure_pack(a, 3, layer=layer, include_3d=False, formats=("csv",)))) as z:
+        readme = z.read("README.txt").decode()
+        line = next(x for x in readme.splitlines() if x.strip().startswith("rel_error_vs_alpha"))
+        assert "Output error vs alpha" in line and metrics.DEFINITIONS["rel_error"] in line
+        assert metrics.DEFINITIONS["loss"] not in line
+        header = z.read("rel_error_vs_alpha.csv").decode().splitlines()[0].split(",")
+        assert header[:3] == ["alpha", "loss", "rel_error"]  # the DEFINITIONS keys, defined in the README
+        scales = pd.read_csv(io.BytesIO(z.read("scale_vector.csv")))
+        assert len(scales) == int(a.info(layer)["in_features"])
+        assert np.allclose(scales["scale"], a.scales_at(layer, float(a.layers[(a.layers["name"] == layer) & (
+            a.layers["bits"] == 3)]["best_alpha"].iloc[0]), group_size=32).numpy(), rtol=1e-6)
+
+
 def test_wide_layers_are_pre_aggregated_under_altairs_row_limit():
     rng = np.random.default_rng(0)
     mat = rng.random((24, 4864))  # Qwen2.5-0.5B's down_proj input width over its 24 blocks
@@ -712,6 +735,11 @@ def test_model_quality_chart_starts_at_the_data_with_readable_names_and_fp_as_a_
     assert all("_" not in r["metric_label"] for r in data)
     assert {r["bits_label"] for r in data if r["mode"] != "fp"} == {"w3", "w4"}
     assert fig.png(preset="talk")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shares_are_not_rounded_to_all_or_nothing():
+    assert views.fmt_count_of(209, 210) == "99.5%" and views.fmt_count_of(210, 210) == "100%"
+    assert views.fmt_count_of(1, 400) == "0.2%" and views.fmt_count_of(0, 5) == "0%" and views.fmt_count_of(3, 4) == "75%"
 
 
 def test_gain_table_puts_layer_and_model_gain_at_one_group_size(tiny):

@@ -209,8 +209,8 @@ def run_cli(*args, cwd=ROOT):
                           timeout=600)
 
 
-def test_cli_end_to_end_bundled(tmp_path):
-    args = ["analyze", "--model", "bundled", "--cache-dir", str(tmp_path), "--bits", "3,4", "--n-samples", "4",
+def test_cli_end_to_end_minilm(tmp_path):
+    args = ["analyze", "--model", "minilm", "--cache-dir", str(tmp_path), "--bits", "3,4", "--n-samples", "4",
             "--seqlen", "128", "--heldout-samples", "2", "--sample-rows", "128"]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
@@ -226,7 +226,7 @@ def test_cli_end_to_end_bundled(tmp_path):
     (["--model", "/no/such/folder"], "does not exist"),
     (["--bits", "1"], "between 2 and 8"),
     (["--bits", "3,9"], "between 2 and 8"),
-    (["--group-size", "100"], "divides none"),
+    (["--model", "minilm", "--group-size", "100"], "group size 100 does not divide the input width 384, 1536"),
     (["--calib-file", "/no/such.txt"], "does not exist"),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, needle):

@@ -355,7 +355,7 @@ def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeyp
     assert not at.exception and not at.error
     at.toggle(key="lab_methods_on").set_value(True).run()
     assert not at.exception and not at.error, [e.value for e in at.exception]
-    name, bits = at.selectbox(key="lab_layer").value, int(at.select_slider(key="lab_bits").value)
+    name, bits = at.selectbox(key="lab_layer").value, int(at.segmented_control(key="lab_bits").value)
     group, alpha = int(at.select_slider(key="lab_group").value), float(at.slider(key="lab_alpha").value)
     shown = at.dataframe[-1].value
     ref = open_entry(a.path).compare_methods(name, bits=bits, group_size=group, alpha=alpha)
@@ -374,3 +374,39 @@ def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeyp
     fam = at.dataframe[0].value
     assert set(fam["family"]) == set(a.linears["family"]) and set(fam["winner"]) <= set(M.METHODS)
     assert any("beat GPTQ" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
+
+
+@pytest.mark.parametrize("mode", ["gptq", "awq-gptq", "hqq"])
+def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monkeypatch):
+    from core import evaluate
+    a = tiny_analysis
+    before = _state(a.lm)
+    df = evaluate.run_quality(a, modes=["fp", mode], bits=[4], group_size=32)
+    assert _same_state(a.lm, before)
+    ppl = df[(df["mode"] == mode) & (df["metric"] == "perplexity")]["value"].iloc[0]
+    fp = df[(df["mode"] == "fp") & (df["metric"] == "perplexity")]["value"].iloc[0]
+    assert 0 < ppl and abs(ppl / fp - 1) < 0.5
+    # a failure in the middle of the build (after some blocks were written into the model)
+    target = "core.sequential.gptq_quantize" if mode != "hqq" else "core.sequential.hqq_quantize"
+    calls = []
+
+    def boom(*args, **kw):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("boom")
+        return (gptq_quantize if mode != "hqq" else hqq_quantize)(*args, **kw)
+    monkeypatch.setattr(target, boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate.run_quality(a, modes=[mode], bits=[3], group_size=32)
+    assert _same_state(a.lm, before)
+
+
+@pytest.mark.parametrize("n,block", [(600, 256), (64, 16), (100, 256), (257, 128)])
+def test_blocked_lower_gram_equals_xtx(n, block):
+    g = torch.Generator().manual_seed(n)
+    h = torch.zeros(n, n, dtype=torch.float64)
+    xs = [torch.randn(37, n, generator=g) for _ in range(3)]
+    for x in xs:
+        collect.add_gram_lower(h, x, block)
+    full = torch.cat(xs).double()
+    assert torch.allclose(collect.symmetrize_lower(h, block), full.T @ full, rtol=1e-5, atol=1e-4)

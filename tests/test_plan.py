@@ -140,16 +140,17 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @functools.lru_cache(maxsize=1)
 def smollm2_modules():
-    """SmolLM2-135M's real module tree (its config; meta tensors, no weights) and its linears."""
+    """The bundled LLM's real module tree (its config read from the bundled GGUF; meta tensors, no weights)."""
     import torch
     import transformers as tf
 
+    from core.gguf_file import bundled_gguf
     from core.models import enumerate_linears
 
-    cfg = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    path = bundled_gguf()
+    cfg = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(cfg)
+        model = tf.AutoModelForCausalLM.from_config(cfg)
     return tuple(n for n, _ in model.named_modules()), tuple(enumerate_linears(model))
 
 
@@ -186,6 +187,10 @@ def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
 
     modules, linears = smollm2_modules()
     assert len(linears) == 210 and len({li.block for li in linears}) == 30
+    # our GGUF names agree with the gguf package's own name tables (core.gguf_file.module_to_tensor)
+    from core.gguf_file import module_to_tensor
+    table = module_to_tensor([li.name for li in linears], "llama", 30)
+    assert all(table[li.name] == pe.gguf_tensor_name(li.block, li.family) + ".weight" for li in linears)
     plan, recs = random_plan(linears, method=method)
     assert len(plan.counts()) >= 3  # a real mix of widths, so the regexes have something to separate
     paths = pe.write_exports(plan, tmp_path, "json,llmcompressor,gptqmodel,llamacpp", linears=recs,
@@ -285,14 +290,17 @@ def test_combine_sensitivity_by_hand():
 
     from core.plan import combine_sensitivity
 
-    layer = pd.DataFrame({"name": ["a", "b", "c"], "block": [0, 0, 1], "family": ["q", "down", "q"],
-                          "bits": [3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5]})
-    model = pd.DataFrame({"unit": ["0", "1"], "bits": [3, 3], "metric": "kl", "value": [0.2, -0.001]})
+    layer = pd.DataFrame({"name": ["a", "b", "c", "d"], "block": [0, 0, 1, 1], "family": ["q", "down", "q", "down"],
+                          "bits": [3, 3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5, 0.2]})
+    model = pd.DataFrame({"unit": ["0", "1", "family:q", "family:down"], "bits": [3, 3, 3, 3], "metric": "kl",
+                          "value": [0.2, -0.001, 0.1, 0.3]})
     s = combine_sensitivity(layer, model, "block")
-    assert s["a"][3] == pytest.approx(0.05) and s["b"][3] == pytest.approx(0.15)  # 0.2 split 1:3
-    assert s["c"][3] == 0.0  # a negative (noise) measurement counts 0
-    model_l = pd.DataFrame({"unit": ["a", "b", "c"], "bits": [3, 3, 3], "metric": "kl", "value": [0.1, 0.2, 0.3]})
-    assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}}
+    assert s["a"][3] == pytest.approx(0.2 * 0.25) and s["b"][3] == pytest.approx(0.2 * 0.75)  # q : down = 1 : 3
+    assert s["c"][3] == 0.0 and s["d"][3] == 0.0  # a negative (noise) block measurement counts 0
+    s = combine_sensitivity(layer, model[~model["unit"].str.startswith("family")], "block")
+    assert s["a"][3] == s["b"][3] == pytest.approx(0.1)  # no family rows: an even split
+    model_l = pd.DataFrame({"unit": ["a", "b", "c", "d"], "bits": 3, "metric": "kl", "value": [0.1, 0.2, 0.3, 0.4]})
+    assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}, "d": {3: 0.4}}
 
 
 def test_alpha_predictor_fits_a_planted_line():
@@ -363,7 +371,8 @@ def test_plan_end_to_end(tiny_llama, scored, tmp_path):
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)
     n_blocks = int(tiny_llama.linears["block"].nunique())
-    assert len([c for c in scored if "@" in c]) == n_blocks * 4  # one variant per block and bit-width
+    n_fam = int(tiny_llama.linears["family"].nunique())
+    assert len([c for c in scored if "@" in c]) == (n_blocks + n_fam) * 4  # one per block / family and width
     assert rep.plan.avg_bits <= 3.75 + 1e-12 and rep.plan.exact
     assert set(rep.quality["variant"]) == {"plan", "uniform w2", "uniform w3", "uniform w4", "uniform w8"}
     assert rep.plan.measured["kl"] == float(rep.quality.query("variant == 'plan' and metric == 'kl'")["value"].iloc[0])
@@ -481,3 +490,32 @@ def test_plan_page(tiny_llama, scored, monkeypatch):
     assert any("bits per weight for a budget of 3.75" in m.value for m in at.markdown)
     at.button(key="plan_alpha_run").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
+
+
+def test_cli_plan_end_to_end(tiny_dir, tokenizer_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "core", "plan", "--model", tiny_dir("qwen2"), "--tokenizer", tokenizer_dir,
+           "--cache-dir", str(tmp_path / "cache"), "--budget", "3.5", "--method", "rtn", "--bits", "2,4,16",
+           "--group-size", "32", "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2", "--sweep-bits", "2,4",
+           "--sens-tokens", "64", "--eval-tokens", "128", "--frontier", "3", "--export", "json,llmcompressor",
+           "--out", str(out), "--figure", str(tmp_path / "frontier.png"), "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("budget     3.5 bits/weight -> plan") for line in lines)
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith(("uniform", "plan 3")) else ""): line
+            for line in lines if line.startswith(("plan", "uniform"))}
+    assert {"plan", "plan 3", "uniform w2", "uniform w4"} <= set(rows)
+    assert any(line.startswith("note       plan (") for line in lines)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["budget_bits"] == 3.5 and "kl" in plan["measured"] and len(plan["layers"]) == 14
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
