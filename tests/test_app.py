@@ -795,6 +795,9 @@ def test_importance_map_applies_log_to_both_views_or_to_neither(tiny):
     at.selectbox(key="map_value").set_value("mean_abs").run()  # positive: log applies to the heatmap
     heat = next(sp for sp in chart_specs(at) if "channel x block" in figures.figure_title(sp))
     assert heat["encoding"]["color"]["scale"]["type"] == "log" and "(log scale)" in heat["encoding"]["color"]["title"]
+    assert heat["encoding"]["color"]["legend"]["type"] == "gradient"  # a colour bar
+    gain = figures.gain_heatmap(a, 3).spec()
+    assert gain["layer"][0]["encoding"]["color"]["legend"]["type"] == "gradient"
 
 
 def test_one_layer_and_bits_selection_shared_by_the_pages(tiny):
