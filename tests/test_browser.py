@@ -17,7 +17,7 @@ import pytest
 
 from app_harness import (CHROMIUM, CHROMIUM_ARGS, PAGES, ensure_bundled, metric_value, settle, shared_cache,
                          streamlit_server)
-from core import views
+from core import awq, views
 from core.analysis import open_entry
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
@@ -214,6 +214,9 @@ def test_first_visit_walks_how_awq_works_and_the_charts_follow_the_toggles(serve
         assert "alpha 0 is not RTN" in text and "= alpha 0)" not in text
         toggle(page, "Duo scaling")
         toggle(page, "Clipping")
+        if awq.is_clip_skipped(walk.name):  # a Q/K projection (SmolLM2's walk is on a k_proj): official AWQ skips it
+            assert "clipping skipped for this Q/K layer" in chart_with(page, "Output error vs alpha")
+            toggle(page, "Clip Q/K too")
         text = chart_with(page, "Output error vs alpha")
         assert "+ clip" in text and "without clipping" in text
         page.get_by_role("button", name="Curve with clipping at every alpha").click()
