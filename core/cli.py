@@ -29,6 +29,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"model      {a.model_id}")
     print(f"cache      {a.path}")
     print(f"linears    {len(a.names)}  tokens {a.manifest.get('n_tokens')}  time {dt:.1f}s")
+    sw = a.settings.sweep
+    print(f"setting    group {sw.group_size if sw.group_size > 0 else 'per row'} (model default "
+          f"{a.default_group_size or 'per row'}), bits {','.join(map(str, sw.bits))}")
+    if a.source_formats:  # a GGUF source: how its linears were stored, and what that means
+        print(f"source     {'; '.join(f'{k}: {n} linears' for k, n in a.source_formats.items())}")
+        print(f"note       {a.source_note}")
     for b, grp in layers.groupby("bits"):
         print(f"w{b}: median RTN rel.err {grp['rtn_rel'].median():.4g}  AWQ {grp['awq_rel'].median():.4g}  "
               f"gain in-sample {grp['gain'].median():.3f}x  held-out {grp['gain_heldout'].median():.3f}x")

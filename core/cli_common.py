@@ -65,7 +65,7 @@ def settings_from_args(args: argparse.Namespace):
         model = str(Path(model).expanduser().resolve())
     group_size = args.group_size
     if group_size == "auto":
-        # the largest of 128, 64, 32 dividing every layer (a GGUF is converted here, once, with progress)
+        # the largest of 128, 64, 32 dividing every layer (widths from the config, or a GGUF's header)
         group_size = default_group_size(layer_widths(
             model, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, revision=args.revision,
             progress=None if getattr(args, "quiet", False) else stderr_progress("convert ")))

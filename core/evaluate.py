@@ -401,12 +401,15 @@ class ModeSpec:
     a ``Plan`` (scales, folds, clips; see ``core.grouped``) or ``{linear name: weight [out, in]}`` (linears not
     named stay fp). ``cost(ctx, bits)``: the build's work in forward passes over the held-out blocks (for
     progress and the time estimate). ``shared``: a search in ``SHARED_SEARCHES`` it needs, run once per run
-    for all bit-widths (its result in ``ctx.memo[shared]``)."""
+    for all bit-widths (its result in ``ctx.memo[shared]``). ``budget``: the calibration token budget its
+    searches use, ``"search"`` (``search_tokens``) or ``"const-alpha"`` (``const_alpha_tokens``), recorded
+    in its rows' ``search_tokens``; ``None`` when it uses neither."""
 
     definition: str
     build: Callable[[ModeContext, int, Progress], Variant]
     cost: Callable[[ModeContext, int], float] = lambda ctx, bits: 0.02
     shared: str | None = None
+    budget: str | None = None
 
 
 @dataclass(frozen=True)
@@ -504,24 +507,25 @@ MODE_REGISTRY: dict[str, ModeSpec] = {
                     "calibration tokens); W -> Q(W*s)/s", _awq, lambda ctx, b: 0.2),
     "awq-grouped": ModeSpec("official AWQ: one scale per group of linears sharing an input, chosen by the loss of "
                             "the module that consumes them, block by block, on the search token budget",
-                            _awq_grouped, shared="grouped"),
+                            _awq_grouped, shared="grouped", budget="search"),
     "awq-clip": ModeSpec("awq-grouped plus official AWQ's per-group weight clipping search (q/k projections not "
-                         "clipped)", _awq_clip, shared="grouped"),
+                         "clipped)", _awq_clip, shared="grouped", budget="search"),
     "const-alpha": ModeSpec("one alpha for the whole model, chosen by the model's loss on the const-alpha token "
                             "budget of calibration text; W -> Q(W*s)/s", _const_alpha_mode,
                             lambda ctx, b: (ctx.n_grid + (0 if ctx.lm.is_causal else 1)) * ctx.units(
-                                ctx.const_alpha_blocks())),
+                                ctx.const_alpha_blocks()), budget="const-alpha"),
     # issue 10 (core.sequential): block inputs captured once, each block run twice on them, GPTQ per linear
     "gptq": ModeSpec("GPTQ, sequential: block by block, each block's Hessians X^T X from the search token budget "
                      "run through the already-quantized blocks before it", _gptq_mode,
-                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5),
+                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5, budget="search"),
     "hqq": ModeSpec("HQQ: data-free half-quadratic optimisation of each group's zero (asymmetric)", _hqq_mode,
                     lambda ctx, b: 0.2),
     "awq-gptq": ModeSpec("AWQ's grouped scales, then sequential GPTQ on the scaled weights W*s with the Hessian of "
                          "X/s (GPTQ(W*s)/s: the function of folding 1/s into the previous op)", _awq_gptq_mode,
-                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5, shared="grouped"),
+                     lambda ctx, b: 2 * ctx.units(ctx.search_blocks()) + 0.5, shared="grouped", budget="search"),
 }
 MODES = ("fp", *MODE_REGISTRY)
+AWQ_MODES = ("fp", "rtn", "awq", "awq-grouped", "awq-clip", "const-alpha")  # AWQ and its baselines (issue 9)
 MODE_DEFINITIONS: dict[str, str] = {"fp": "the unquantized model (reference)",
                                     **{m: s.definition for m, s in MODE_REGISTRY.items()}}
 
@@ -646,6 +650,15 @@ class _Ticker:
         self._emit(self.done, msg)
 
 
+def budget_tokens(mode: str, calib: torch.Tensor, search_tokens: int | None, const_alpha_tokens: int | None) -> int:
+    """Calibration tokens ``mode``'s searches run on (its rows' ``search_tokens``; 0 when it has no budget):
+    the first whole blocks of ``calib [n, seqlen]`` within its budget."""
+    spec = MODE_REGISTRY.get(mode)
+    if spec is None or spec.budget is None:
+        return 0
+    return int(first_blocks(calib, search_tokens if spec.budget == "search" else const_alpha_tokens).numel())
+
+
 def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens: int = SEARCH_TOKENS,
                    const_alpha_tokens: int = CONST_ALPHA_TOKENS) -> float:
     """The work of a run, in forward passes over the held-out blocks (the UI multiplies it by a measured
@@ -745,9 +758,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
             restore(lm, snap)
 
     rows, kl_rows = [], []
-    st = {m: (search_tokens if m in ("awq-grouped", "awq-clip") else const_alpha_tokens if m == "const-alpha" else 0)
-          for m in modes}
-    n_st = {m: int(first_blocks(data.calib, v).numel()) if v else 0 for m, v in st.items()}
+    n_st = {m: budget_tokens(m, data.calib, search_tokens, const_alpha_tokens) for m in modes}
     n_tok = fp_score.n_tok
     for metric, v in fp_score.metrics(fp=True).items():
         rows.append({"mode": "fp", "bits": FP_BITS, "group_size": g, "metric": metric, "value": v,
@@ -890,7 +901,7 @@ def grouping_note(analysis) -> str:
             f"calibration tokens and applied as Q(W·s)/s.")
 
 
-__all__ = ["MODES", "MODE_REGISTRY", "ModeSpec", "ModeContext", "FP_BITS", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
+__all__ = ["MODES", "AWQ_MODES", "MODE_REGISTRY", "ModeSpec", "ModeContext", "FP_BITS", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
            "SCORE_COLUMNS", "DEFINITIONS", "MODE_DEFINITIONS", "run_quality", "score_variants", "estimate_units",
            "cached_quality", "cached_search", "cached_kl", "grouping_note", "eval_data", "check_modes"]
 

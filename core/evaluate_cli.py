@@ -66,13 +66,9 @@ def table(df) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .cli_common import UsageError, int_list, settings_from_args, stderr_progress
-    from .evaluate import (
-        FP_BITS,
-        cached_quality,
-        check_modes,
-        grouping_note,
-        run_quality,
-    )
+    import torch
+
+    from .evaluate import FP_BITS, budget_tokens, cached_quality, check_modes, grouping_note, run_quality
     from .quant import check_bits
 
     modes = check_modes(args.modes)
@@ -94,11 +90,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         sel = cached[(cached["group_size"] == g) & (cached["zero_point"] == zp)
                      & (cached["mode"].isin(modes) | (cached["mode"] == "fp"))
                      & (cached["bits"].isin(bits) | (cached["mode"] == "fp"))]
-        calib = (settings.calibration.n_samples, settings.calibration.seqlen)
-        budget = {m: min(calib[0], max(1, t // calib[1])) * calib[1] for m, t in
-                  (("awq-grouped", args.search_tokens), ("awq-clip", args.search_tokens),
-                   ("const-alpha", args.const_alpha_tokens))}
-        sel = sel[[m not in budget or int(t) == budget[m] for m, t in zip(sel["mode"], sel["search_tokens"])]]
+        calib = torch.zeros(settings.calibration.n_samples, settings.calibration.seqlen)  # only its shape counts
+        budget = {m: budget_tokens(m, calib, args.search_tokens, args.const_alpha_tokens) for m in modes}
+        sel = sel[[int(t) == budget.get(m, int(t)) for m, t in zip(sel["mode"], sel["search_tokens"])]]
         have = set(zip(sel["mode"], sel["bits"]))
         if all((m, b) in have for m in modes if m != "fp" for b in bits) and ("fp", FP_BITS) in have:
             df = sel.reset_index(drop=True)

@@ -1175,9 +1175,9 @@ def methods_bars(df: pd.DataFrame, *, name: str, bits: int, group_size: int) -> 
     long = long[long["error"] > 0]
     order = df.sort_values("rel_error_heldout")["label"].tolist()
     chart = alt.Chart(long).mark_bar().encode(
-        y=alt.Y("label:N", sort=order, title=None),
+        y=alt.Y("label:N", sort=order, title="method"),
         yOffset=alt.YOffset("split:N", sort=["calibration", "held-out"]),
-        x=alt.X("error:Q", title="relative output error (log)", scale=alt.Scale(type="log")),
+        x=alt.X("error:Q", title=AX["rel_error"] + " (log scale)", scale=alt.Scale(type="log")),
         color=alt.Color("split:N", title=None, sort=["calibration", "held-out"]),
         tooltip=["label:N", "split:N", alt.Tooltip("error:Q", format=".4g")],
     ).properties(width=WIDTH, height=max(200, 34 * len(order)),
@@ -1195,7 +1195,7 @@ def methods_heatmap(h2h: pd.DataFrame, *, bits: int, a: str = "awq", b: str = "g
     span = max(abs(np.log(max(lo, 1e-6))), abs(np.log(max(hi, 1e-6))), np.log(1.05))
     dom = [float(np.exp(-span)), 1.0, float(np.exp(span))]
     base = alt.Chart(df).encode(x=alt.X("family:N", sort=fams, title="module family", axis=alt.Axis(labelAngle=0)),
-                                y=alt.Y("block:O", title="block"))
+                                y=alt.Y("block:O", title=AX["block"]))
     chart = base.mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("ratio:Q", title=f"{b} / {a}", scale=alt.Scale(type="log", scheme="redblue", domain=dom),
                         legend=alt.Legend(format=".2f")),

@@ -199,6 +199,7 @@ def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, 
         if m == "awq" and alpha is not None:
             variants.append((f"awq@{float(alpha):g}", f"AWQ (alpha {float(alpha):g})", "awq", {"alpha": float(alpha)}))
     rows = []
+
     def timed(m: str, opts: dict) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
         w_hat = quantize_layer(m, w, inputs, n_bit=n_bit, group_size=group_size, zero_point=zero_point, **opts)
@@ -206,7 +207,8 @@ def compare(w: torch.Tensor, inputs: LayerInputs, heldout: torch.Tensor | None, 
 
     for key, label, m, opts in variants:
         w_hat, sec = (quantize or timed)(m, opts)
-        dw = (w.float() - w_hat)
+        dw = w.float() - w_hat
+        # ||X dW^T||^2 with the same float64 helper as ||X W^T||^2
         rel = metrics.rel_error(metrics.output_ref_sq(x, dw), ref) if x is not None else float("nan")
         rel_h = metrics.rel_error(metrics.output_ref_sq(heldout, dw), ref_h) if heldout is not None else float("nan")
         rows.append({"method": key, "label": label, "rel_error": rel, "sqnr_db": metrics.sqnr_db(rel),

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
-import torch
 
 from . import awq, metrics
 from .collect import Collected

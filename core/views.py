@@ -75,6 +75,7 @@ def headline(analysis: "Analysis", bits: int) -> dict[str, Any]:
         "median_gain": float(lay["gain"].median()),
         "median_gain_heldout": float(lay["gain_heldout"].median()),
         "share_helped_heldout": float((lay["gain_heldout"] > 1).mean()),
+        "n_helped_heldout": int((lay["gain_heldout"] > 1).sum()),
         "median_rtn_rel": float(lay["rtn_rel"].median()),
         "median_awq_rel": float(lay["awq_rel"].median()),
         "max_outlier_ratio": float(ratio.max()) if len(ratio) else float("nan"),
@@ -574,6 +575,17 @@ def fmt_db(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else ("inf dB" if math.isinf(x) else f"{x:.2f} dB")
 
 
+def fmt_count_of(k: int, n: int) -> str:
+    """``k of n`` as a share without rounding a miss away: 209 of 210 is "99.5%", never "100%"."""
+    if n <= 0:
+        return "n/a"
+    share = k / n
+    text = f"{share:.0%}"
+    if (text == "100%" and k < n) or (text == "0%" and k > 0):
+        text = f"{share:.1%}"
+    return text
+
+
 def fmt_gain(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}x"
 
@@ -686,6 +698,7 @@ def intro_walk(analysis: "Analysis", bits: int | None = None) -> IntroWalk:
         "in_features": int(info["in_features"]), "out_features": int(info["out_features"]),
         "rtn_rel": ev.rtn_rel, "awq_rel": ev.awq_rel, "gain": ev.gain, "gain_heldout": ev.gain_heldout,
         "median_gain": h["median_gain"], "median_gain_heldout": h["median_gain_heldout"],
-        "share_helped_heldout": h["share_helped_heldout"], "n_linears": h["n_linears"],
+        "share_helped_heldout": h["share_helped_heldout"], "n_helped_heldout": h["n_helped_heldout"],
+        "n_linears": h["n_linears"],
     }
     return IntroWalk(name=name, bits=bits, group_size=int(ev.group_size), alpha=alpha, ev=ev, numbers=numbers)

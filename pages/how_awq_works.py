@@ -62,7 +62,7 @@ ui.show_figure(figures.intro_channel_errors(ev), "intro_errors", model_id=a.mode
 st.subheader("5 · Over the whole network")
 st.markdown(f"Every one of the {n['n_linears']} linears gets its own α. The median gain is "
             f"**{views.fmt_gain(n['median_gain'])}** in-sample and **{views.fmt_gain(n['median_gain_heldout'])}** "
-            f"held-out; AWQ lowers the held-out error of **{n['share_helped_heldout']:.0%}** of the layers. The "
+            f"held-out; AWQ lowers the held-out error of **{n['n_helped_heldout']} of the {n['n_linears']}** layers. The "
             "Overview has the rest; the Layer Lab lets you move α, bits, group size, duo scaling and clipping yourself.")
 ui.show_figure(figures.gain_heatmap(a, walk.bits, held_out=True), "intro_network", model_id=a.model_id)
 

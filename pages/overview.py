@@ -19,7 +19,8 @@ m[1].metric("Calibration tokens", f"{h['n_tokens']:,}")
 m[2].metric(f"Median gain w{bits}", views.fmt_gain(h["median_gain"]), help=metrics.DEFINITIONS["gain"])
 m[3].metric("Median gain, held-out", views.fmt_gain(h["median_gain_heldout"]),
             help=metrics.DEFINITIONS["gain_heldout"])
-m[4].metric("Layers AWQ helps", f"{h['share_helped_heldout']:.0%}", help="share of linears with a held-out gain > 1")
+m[4].metric("Layers AWQ helps", views.fmt_count_of(h["n_helped_heldout"], h["n_linears"]),
+            help=f"{h['n_helped_heldout']} of {h['n_linears']} linears have a held-out gain > 1")
 m[5].metric("Top outlier channel", f"#{h['max_outlier_channel']}",
             help=f"mean|x| max/median = {h['max_outlier_ratio']:.1f}x at the input of {h['max_outlier_input']}")
 

@@ -737,6 +737,11 @@ def test_model_quality_chart_starts_at_the_data_with_readable_names_and_fp_as_a_
     assert fig.png(preset="talk")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_shares_are_not_rounded_to_all_or_nothing():
+    assert views.fmt_count_of(209, 210) == "99.5%" and views.fmt_count_of(210, 210) == "100%"
+    assert views.fmt_count_of(1, 400) == "0.2%" and views.fmt_count_of(0, 5) == "0%" and views.fmt_count_of(3, 4) == "75%"
+
+
 def test_gain_table_puts_layer_and_model_gain_at_one_group_size(tiny):
     a = tiny["qwen2"]
     q = pd.DataFrame([{"mode": m, "bits": 3, "group_size": g, "metric": "kl", "value": v}
@@ -790,6 +795,9 @@ def test_importance_map_applies_log_to_both_views_or_to_neither(tiny):
     at.selectbox(key="map_value").set_value("mean_abs").run()  # positive: log applies to the heatmap
     heat = next(sp for sp in chart_specs(at) if "channel x block" in figures.figure_title(sp))
     assert heat["encoding"]["color"]["scale"]["type"] == "log" and "(log scale)" in heat["encoding"]["color"]["title"]
+    assert heat["encoding"]["color"]["legend"]["type"] == "gradient"  # a colour bar
+    gain = figures.gain_heatmap(a, 3).spec()
+    assert gain["layer"][0]["encoding"]["color"]["legend"]["type"] == "gradient"
 
 
 def test_one_layer_and_bits_selection_shared_by_the_pages(tiny):

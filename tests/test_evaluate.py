@@ -17,6 +17,7 @@ from core.analysis import analyze, open_entry
 from core.quant import pseudo_quantize
 
 GS = 32  # divides the tiny models' widths (64, 128)
+AWQ_MODES = ("fp", "rtn", "awq", "awq-grouped", "awq-clip", "const-alpha")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,9 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
     assert (df["group_size"] == GS).all() and df["zero_point"].all()
     n_calib = data.calib.numel()  # the tiny analysis has fewer calibration tokens than either default budget
     budget = dict(zip(df["mode"], df["search_tokens"]))
-    assert budget == {"fp": 0, "rtn": 0, "awq": 0, "awq-grouped": n_calib, "awq-clip": n_calib, "const-alpha": n_calib}
+    assert {m: budget[m] for m in AWQ_MODES} == {"fp": 0, "rtn": 0, "awq": 0, "awq-grouped": n_calib,
+                                                 "awq-clip": n_calib, "const-alpha": n_calib}
+    assert all(budget[m] == (n_calib if evaluate.MODE_REGISTRY[m].budget else 0) for m in evaluate.MODE_REGISTRY)
     assert evaluate.estimate_units(a, list(evaluate.MODES), [8, 2]) > 1 + 10
 
     for mode in evaluate.MODES[1:]:

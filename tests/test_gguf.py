@@ -199,6 +199,18 @@ def test_tiny_gguf_analyses_with_its_formats(tiny_gguf, gguf_cache, tokenizer_di
     assert cache_key(settings, "t") == cache_key(settings, "t")
 
 
+def test_cli_on_a_gguf_file_reports_its_formats(tiny_gguf, gguf_cache):
+    path, _ = tiny_gguf
+    r = subprocess.run([sys.executable, "-m", "core", "analyze", "--model", str(path), "--cache-dir", str(gguf_cache),
+                        "--bits", "3", "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "1",
+                        "--sample-rows", "32", "--n-grid", "5", "--no-hessians"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "group 64 (model default 64)" in r.stdout  # --group-size auto, from the GGUF header's widths
+    assert "source     F32 (not quantized): 13 linears; Q4_1, blocks of 32: 1 linears" in r.stdout
+    assert "note       " in r.stdout and "Q4_1" in r.stdout
+
+
 @pytest.mark.parametrize("case", ["not gguf", "truncated", "corrupt header", "unsupported", "missing", "folder"])
 def test_bad_gguf_files_get_one_sentence(case, tiny_gguf, tmp_path):
     path, model = tiny_gguf

@@ -159,9 +159,11 @@ def test_sweep_errors_reuse_the_calibration_pass(monkeypatch, fused):
     scales = awq.awq_scales(x.abs().mean(0), awq.alpha_grid(9))
     if not fused:
         monkeypatch.setattr(kernels, "_load", lambda: None)
-    awq._CHUNK_ELEMENTS, old = 3 * 2 * w.numel(), awq._CHUNK_ELEMENTS  # several chunks of alphas
+    old = awq._CHUNK_ELEMENTS
     try:
-        for bits, zp in (([2, 3, 4, 8], True), ([3, 6], False)):
+        # several chunks of alphas; then a bound too small to keep every bit-width's dW (separate passes)
+        for chunk, bits, zp in ((6, [2, 3, 4, 8], True), (6, [3, 6], False), (1, [2, 3, 4, 8], True)):
+            awq._CHUNK_ELEMENTS = chunk * w.numel()
             gs = 32 if zp else 0
             norm = float(x.shape[0] * w.shape[0])
             sw = awq.sweep_sq_errors(w, x, xh, scales, bits, gs, zp, norm=norm)

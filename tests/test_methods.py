@@ -355,7 +355,7 @@ def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeyp
     assert not at.exception and not at.error
     at.toggle(key="lab_methods_on").set_value(True).run()
     assert not at.exception and not at.error, [e.value for e in at.exception]
-    name, bits = at.selectbox(key="lab_layer").value, int(at.select_slider(key="lab_bits").value)
+    name, bits = at.selectbox(key="lab_layer").value, int(at.segmented_control(key="lab_bits").value)
     group, alpha = int(at.select_slider(key="lab_group").value), float(at.slider(key="lab_alpha").value)
     shown = at.dataframe[-1].value
     ref = open_entry(a.path).compare_methods(name, bits=bits, group_size=group, alpha=alpha)
