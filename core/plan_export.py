@@ -142,7 +142,7 @@ def llmcompressor_recipe(plan: BitPlan) -> dict:
         mods = {"GPTQModifier": body}
     elif method.startswith("awq"):
         # AWQModifier searches the smoothing scales; the QuantizationModifier after it quantizes
-        mods = {"AWQModifier": {"ignore": ignore}, "QuantizationModifier": body}
+        mods = {"AWQModifier": {"ignore": list(ignore)}, "QuantizationModifier": body}  # a copy: no YAML anchors
     else:
         mods = {"QuantizationModifier": body}
     return {"quant_stage": {"quant_modifiers": mods}}
