@@ -201,6 +201,28 @@ class Collected:
 
 
 HESSIAN_BLOCK = 256
+# Float64 X^T X accumulators kept while collecting, at most (a bound on memory, not on the cache entry).
+# Whole width classes are kept, narrowest first, while their upper bound (every linear of that width counted as
+# its own input) fits: SmolLM2-135M keeps all of them (<= 1.04 GB), a Qwen2.5-0.5B-shaped model its 896-wide
+# inputs (0.46 GB) but not its 4864-wide down_proj inputs (4.5 GB, and +170% collection FLOPs); GPTQ then uses
+# the kept sample's X^T X for those layers (core.methods), and the UI says which Hessian it used.
+HESSIAN_BUDGET_BYTES = 2**30
+
+
+def hessian_widths(widths: list[int], budget_bytes: int = HESSIAN_BUDGET_BYTES) -> set[int]:
+    """The input widths whose X^T X accumulators are kept: whole classes, narrowest first, within the budget.
+
+    ``widths``: the input width of every quantizable linear (shared inputs counted once per linear, an upper
+    bound of the memory actually used)."""
+    keep: set[int] = set()
+    used = 0
+    for w in sorted(set(widths)):
+        need = 8 * w * w * sum(1 for x in widths if x == w)
+        if used + need > budget_bytes:
+            break
+        keep.add(w)
+        used += need
+    return keep
 
 
 def add_gram_lower(h: torch.Tensor, x: torch.Tensor, block: int = HESSIAN_BLOCK) -> None:
@@ -255,12 +277,14 @@ def collect(
     k_extremes: int | None = None,
     progress: Progress | None = None,
     hessians: bool = False,
+    hessian_budget_bytes: int = HESSIAN_BUDGET_BYTES,
 ) -> Collected:
     """Stream statistics over ``calib [n, seqlen]`` token blocks and keep sample rows of every distinct input.
 
     ``hessians``: also accumulate ``X^T X`` of every distinct input over all calibration tokens (GPTQ's Hessian,
     up to a factor): one float32 GEMM per batch and input, added into a float64 ``[in, in]`` accumulator, in the
-    same pass (memory: 8 bytes * in^2 per distinct input while collecting).
+    same pass (memory: 8 bytes * in^2 per distinct input while collecting), for the input widths that
+    :func:`hessian_widths` keeps within ``hessian_budget_bytes``.
 
     Hooks are always removed, also on error. Concurrent calls on the same model run one after another.
     """
@@ -279,6 +303,7 @@ def collect(
     # pieces and no final concatenation: that held two copies of ~0.4 GB at the end of a Qwen2.5-0.5B pass)
     samples: dict[str, torch.Tensor] = {}
     hess: dict[str, torch.Tensor] = {}
+    hess_widths = hessian_widths(list(feats.values()), hessian_budget_bytes) if hessians else set()
     state = {"offset": 0, "idx": calib_idx, "stats": True, "first": True}
     seen: dict[tuple, tuple[weakref.ref, int, str]] = {}
 
@@ -304,7 +329,7 @@ def collect(
                     raise CollectError(
                         f"NaN or inf in the activations entering {name} (overflow in {lm.dtype}? try float32)"
                     ) from None
-                if hessians:
+                if x2.shape[1] in hess_widths:
                     xf = x2.float()
                     h = hess.get(name)
                     if h is None:

@@ -184,6 +184,21 @@ def test_streamed_hessian_equals_xtx_of_all_inputs():
     assert not collect.collect(lm, ids, None, sample_rows=8).hessians  # off by default in collect()
 
 
+def test_hessian_budget_keeps_whole_width_classes_narrowest_first():
+    smol = ([576] * 6 + [1536]) * 30  # SmolLM2-135M: q, k, v, o, gate, up read 576 wide inputs, down 1536
+    assert collect.hessian_widths(smol) == {576, 1536}  # 1.04 GB upper bound <= 1 GiB
+    qwen = ([896] * 6 + [4864]) * 24  # Qwen2.5-0.5B: 4864-wide down_proj inputs would need 4.5 GB
+    assert collect.hessian_widths(qwen) == {896}
+    assert collect.hessian_widths(smol, budget_bytes=8 * 576 * 576 * 180) == {576}
+    assert collect.hessian_widths(smol, budget_bytes=0) == set()
+    # in the collection pass: a budget that leaves out the 128-wide down_proj input keeps the 64-wide ones only
+    lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    col = collect.collect(lm, ids, None, sample_rows=8, hessians=True, hessian_budget_bytes=8 * 64 * 64 * 12)
+    assert col.hessians and {h.shape[0] for h in col.hessians.values()} == {64}
+    assert len(col.hessians) == len([k for k in col.stats if col.hessians.get(k) is not None]) == 6
+
+
 def test_hessian_packing_round_trip():
     a = torch.randn(9, 9, dtype=torch.float64)
     h = a @ a.T
