@@ -231,14 +231,14 @@ def methods_table(analysis, *, bits: Iterable[int], group_size: int, zero_point:
                   progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
     """Every method on every linear of ``analysis`` (an ``Analysis``) at each of ``bits`` (AWQ at its best alpha).
 
-    ``group_size`` is clamped per linear as the sweep does (a width it does not divide uses one group per row).
+    ``group_size`` follows the model-wide rule (``core.quant.check_model_group_size``: it must divide every
+    linear's width, else ValueError; ``<= 0`` is one group per row).
     Rows: ``TABLE_COLUMNS``. Needs the kept samples (and the Hessians, if the entry has them), not the model's
     forward pass; the weights are read from the model.
     """
-    from .sweep import layer_group_size
-
     progress = progress or (lambda f, m: None)
     bits = [quant.check_bits(b) for b in bits]
+    g = quant.check_model_group_size([int(w) for w in analysis.linears["in_features"]], group_size)
     methods = list(methods) if methods is not None else list(METHODS)
     names = list(names) if names is not None else list(analysis.names)
     rows = []
@@ -246,7 +246,6 @@ def methods_table(analysis, *, bits: Iterable[int], group_size: int, zero_point:
     for i, n in enumerate(names):
         info = analysis.info(n)
         in_f = int(info["in_features"])
-        g = layer_group_size(in_f, group_size) if group_size > 0 else 0
         for j, b in enumerate(bits):
             df = analysis.compare_methods(n, bits=b, group_size=g, zero_point=zero_point, methods=methods,
                                           best_alpha=_sweep_alpha(analysis, n, b, g if g > 0 else in_f, zero_point))

@@ -329,6 +329,8 @@ def test_methods_table_winners_and_cache(tiny_analysis):
     h = M.head_to_head(t)
     assert len(h) == 3 and (h["ratio"] > 0).all()
     assert M.cached_methods_table(a, bits=[3], group_size=32, compute=False) is None
+    with pytest.raises(ValueError, match="does not divide"):  # the model-wide rule: 48 divides no width here
+        M.methods_table(a, bits=[3], group_size=48, names=names[:1], methods=["rtn"])
 
 
 def test_cli_analyze_methods(tiny_dir, tokenizer_dir, tmp_path, capsys):
