@@ -325,13 +325,8 @@ def load_model(
     kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if revision and not local:
         kw["revision"] = revision
-    if not local and not hub_reachable():
-        # Without this, huggingface_hub retries for ~25 s before failing; a cached copy still loads offline.
-        if not _in_hub_cache(source, revision):
-            raise ModelLoadError(
-                f"the Hugging Face hub is unreachable (offline?) and {source!r} is not in the local hub cache"
-            )
-        kw["local_files_only"] = True
+    if not local:
+        kw.update(_offline_kwargs(source, revision))
     try:
         config = AutoConfig.from_pretrained(str(path), **kw)
     except Exception as e:  # noqa: BLE001 - turned into one sentence for the user
@@ -386,8 +381,8 @@ def layer_widths(source: str, *, cache_dir: str | Path | None = None, trust_remo
     kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if revision and not src.local:
         kw["revision"] = revision
-    if not src.local and not hub_reachable():
-        kw["local_files_only"] = True
+    if not src.local:
+        kw.update(_offline_kwargs(canonical_model(source), revision))
     try:
         config = AutoConfig.from_pretrained(src.path, **kw)
         archs = list(getattr(config, "architectures", None) or [])
@@ -429,6 +424,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def _offline_kwargs(repo_id: str, revision: str | None) -> dict[str, Any]:
+    """``{}`` when the hub answers; ``local_files_only`` when it does not but ``repo_id`` is in the local hub
+    cache; else :class:`ModelLoadError` at once (huggingface_hub would retry for ~25 s before failing)."""
+    if hub_reachable():
+        return {}
+    if not _in_hub_cache(repo_id, revision):
+        raise ModelLoadError(f"the Hugging Face hub is unreachable (offline?) and {repo_id!r} is not in the local hub cache")
+    return {"local_files_only": True}
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:

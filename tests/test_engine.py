@@ -6,14 +6,13 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, build_tiny, tiny_settings
 from core import calibration, collect, models, store
-from core.analysis import analyze, list_cached, open_entry
+from core.analysis import analyze, list_cached
 
 FAMILIES = {
     "qwen2": Counter({"q": 2, "k": 2, "v": 2, "o": 2, "gate": 2, "up": 2, "down": 2}),

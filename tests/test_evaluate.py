@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, build_tiny, tiny_settings
+from conftest import ROOT, tiny_settings
 from core import awq, evaluate, grouped, models
 from core.analysis import analyze, open_entry
 from core.quant import pseudo_quantize
