@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import awq
-from .models import LoadedModel, find_blocks, linear_weight, set_linear_weight
+from .models import LoadedModel, find_blocks, set_linear_weight
 from .quant import pseudo_quantize
 
 Progress = Callable[[float, str], None]
@@ -292,6 +292,24 @@ def _capture_hooks(lm: LoadedModel, linears: set[str], modules: set[str]):
     return xs, calls, handles
 
 
+def _run_until_stop(lm: LoadedModel, ids: torch.Tensor, batch_tokens: int) -> None:
+    """Forward ``ids`` batch by batch until a hook raises ``_Stop`` (a truncated forward: nothing after it runs)."""
+    with torch.no_grad():
+        for b in token_batches(ids, batch_tokens):
+            try:
+                forward(lm, b)
+            except _Stop:
+                pass
+
+
+def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """A block call's ``(args, kwargs)`` with its hidden states replaced by ``h`` (the next block's call)."""
+    if args:
+        return (h,) + tuple(args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: h}
+
+
 def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_tokens: int,
                   linears: set[str], modules: set[str]) -> Captured:
     """Run the model on ``ids`` up to the end of block ``block`` and keep what these linears / modules got.
@@ -304,12 +322,7 @@ def capture_block(lm: LoadedModel, block: int, ids: torch.Tensor, *, batch_token
 
     handles.append(blocks[block].register_forward_hook(stop))
     try:
-        with torch.no_grad():
-            for b in token_batches(ids, batch_tokens):
-                try:
-                    forward(lm, b)
-                except _Stop:
-                    pass
+        _run_until_stop(lm, ids, batch_tokens)
     finally:
         for h in handles:
             h.remove()
@@ -335,12 +348,7 @@ class BlockInputs:
 
         h = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            with torch.no_grad():
-                for b in token_batches(ids, batch_tokens):
-                    try:
-                        forward(lm, b)
-                    except _Stop:
-                        pass
+            _run_until_stop(lm, ids, batch_tokens)
         finally:
             h.remove()
 
@@ -354,11 +362,7 @@ class BlockInputs:
         try:
             with torch.no_grad():
                 for args, kwargs in self.calls:
-                    h = _first(self.blocks[block](*args, **kwargs))
-                    if args:
-                        nxt.append(((h, *args[1:]), kwargs))
-                    else:
-                        nxt.append((args, {**kwargs, "hidden_states": h}))
+                    nxt.append(with_hidden(args, kwargs, first_output(self.blocks[block](*args, **kwargs))))
         finally:
             for hd in handles:
                 hd.remove()
@@ -406,7 +410,7 @@ def linear_losses(w: torch.Tensor, x: torch.Tensor | None, scales: torch.Tensor,
     return torch.cat(out) / (int(n_tokens) * w.shape[0])
 
 
-def _first(out: Any) -> torch.Tensor:
+def first_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -430,7 +434,7 @@ def module_losses(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple, d
                     set_linear_weight(m, awq.scaled_fake_quant(weights[n], scales[i], n_bit, group_size, zero_point))
                 se = torch.zeros((), dtype=torch.float64)
                 for (a, k), r in zip(calls, ref):
-                    se += (r - _first(module(*a, **k))).float().pow(2).sum(dtype=torch.float64).cpu()
+                    se += (r - first_output(module(*a, **k))).float().pow(2).sum(dtype=torch.float64).cpu()
                 losses[i] = se / n_el
         finally:
             for n, m in zip(group.linears, mods):
@@ -442,7 +446,7 @@ def module_reference(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple
     """The fp outputs of ``group.inspect`` on its captured ``calls`` (shared by every bit-width's search)."""
     module = lm.model.get_submodule(group.inspect)
     with torch.no_grad():
-        return [_first(module(*a, **k)) for a, k in calls]
+        return [first_output(module(*a, **k)) for a, k in calls]
 
 
 @dataclass

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from .gptq import gptq_quantize
-from .grouped import capture_block, original_weight, restore
+from .collect import add_gram_lower, symmetrize_lower
+from .grouped import BlockInputs, first_output, original_weight, restore, with_hidden
 from .hqq import hqq_quantize
 from .models import LoadedModel, find_blocks, set_linear_weight
 
@@ -52,17 +53,6 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
 
 
-def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (h,) + tuple(args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-    return args, {**kwargs, key: h}
-
-
-def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], *, bits: int,
                     group_size: int, zero_point: bool = True, batch_tokens: int = 4096,
                     scales: dict[str, torch.Tensor] | None = None, input_of: dict[str, str] | None = None,
@@ -77,17 +67,15 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
     share an input share one Hessian; ``gptq_options``: ``block_size``, ``percdamp``, ``act_order``,
     ``static_groups``. The model must hold ``snap``'s weights on entry; it does again on return.
     """
-    from .grouped import block_name
 
     progress = progress or (lambda f, m: None)
-    prefix, blocks = find_blocks(lm.model)
+    _, blocks = find_blocks(lm.model)
     n_blocks = len(blocks)
     input_of = dict(input_of or {})
     out: Weights = {}
     try:
         with torch.no_grad():
-            first = block_name(prefix, 0)
-            calls = capture_block(lm, 0, calib, batch_tokens=batch_tokens, linears=set(), modules={first}).calls[first]
+            calls = BlockInputs(lm, calib, batch_tokens=batch_tokens).calls  # block 0's calls, one truncated forward
             for i in range(n_blocks):
                 names = [li.name for li in lm.linears if li.block == i]
                 key_of = {n: input_of.get(n, n) for n in names}
@@ -102,7 +90,7 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                         h = hess.get(key)
                         if h is None:
                             h = hess[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                        h += x.T @ x
+                        add_gram_lower(h, x)  # the collection pass's X^T X (lower blocks; mirrored below)
                     return fn
                 handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first_of.items()]
                 try:
@@ -111,6 +99,8 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 finally:
                     for h in handles:
                         h.remove()
+                for h in hess.values():
+                    symmetrize_lower(h)
                 for n in names:
                     w = original_weight(lm, snap, n)
                     s = scales.get(n) if scales else None
@@ -120,7 +110,7 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                     set_linear_weight(lm.model.get_submodule(n), q)
                 del hess
                 if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
-                    calls = [_with_hidden(a, k, _first(blocks[i](*a, **k))) for a, k in calls]
+                    calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
                 progress((i + 1) / n_blocks, f"sequential GPTQ w{bits}: block {i + 1}/{n_blocks}")
     finally:
         restore(lm, snap)

@@ -203,11 +203,11 @@ def test_grouped_search_never_above_rtn(kind, tiny_analysis):
             continue
         mod = lm.model.get_submodule(g.inspect)
         with torch.no_grad():
-            ref = [grouped._first(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
+            ref = [grouped.first_output(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
             for n in g.linears:
                 models.set_linear_weight(lm.model.get_submodule(n), pseudo_quantize(lm.weight(n), 4, GS))
             try:
-                out = [grouped._first(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
+                out = [grouped.first_output(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
             finally:
                 grouped.restore(lm, snap)
         mse = sum(float((r - o).double().pow(2).sum()) for r, o in zip(ref, out)) / sum(r.numel() for r in ref)
