@@ -224,35 +224,43 @@ def collect_worker(workdir: Path, repeats: int) -> None:
         finally:
             h.remove()
 
-    # time spent inside the statistics update (the hooks' main work), to cross-check the wall-clock ratio,
-    # which the other processes on this shared machine make noisy
-    inside = {"s": 0.0}
-    orig_update = C.ChannelAccumulator.update
+    # time spent inside the hooks' two main pieces of work, the statistics update and the X^T X accumulation, to
+    # cross-check the wall-clock ratio, which the other processes on this shared machine make noisy
+    inside = {"update": 0.0, "hessian": 0.0}
+    patched = [(C.ChannelAccumulator, "update", "update")]
+    if hkw and hasattr(C, "GramLower"):
+        patched.append((C.GramLower, "add", "hessian"))
+    originals = [(cls, attr, getattr(cls, attr)) for cls, attr, _ in patched]
 
-    def timed_update(self, x):
-        t0 = time.perf_counter()
-        try:
-            return orig_update(self, x)
-        finally:
-            inside["s"] += time.perf_counter() - t0
+    def timing(orig, key):
+        def fn(self, x):
+            t0 = time.perf_counter()
+            try:
+                return orig(self, x)
+            finally:
+                inside[key] += time.perf_counter() - t0
+        return fn
 
     def hooked() -> None:
         C.collect(lm, calib, None, sample_rows=512, seed=0, batch_tokens=BATCH_TOKENS, **hkw)
 
-    plain_t, hooked_t, inside_t = [], [], []
-    C.ChannelAccumulator.update = timed_update
+    plain_t, hooked_t, inside_t, hess_t = [], [], [], []
+    for (cls, attr, orig), (_, _, key) in zip(originals, patched):
+        setattr(cls, attr, timing(orig, key))
     try:
         for r in range(repeats):
             order = (plain, hooked) if r % 2 == 0 else (hooked, plain)
             for fn in order:
-                inside["s"] = 0.0
+                inside.update(update=0.0, hessian=0.0)
                 (plain_t if fn is plain else hooked_t).append(timed(fn))
                 if fn is hooked:
-                    inside_t.append(inside["s"])
+                    inside_t.append(inside["update"])
+                    hess_t.append(inside["hessian"])
             log(f"[collect worker] repeat {r + 1}/{repeats}: plain {plain_t[-1]:.1f} s, hooked {hooked_t[-1]:.1f} s "
-                f"(statistics updates {inside_t[-1]:.1f} s)")
+                f"(statistics updates {inside_t[-1]:.1f} s, X^T X {hess_t[-1]:.1f} s)")
     finally:
-        C.ChannelAccumulator.update = orig_update
+        for cls, attr, orig in originals:
+            setattr(cls, attr, orig)
 
     tensors = {f"calib/{k}": v.contiguous() for k, v in col.calib_sample.items()}
     tensors.update({f"heldout/{k}": v.contiguous() for k, v in col.heldout_sample.items()})
@@ -264,7 +272,7 @@ def collect_worker(workdir: Path, repeats: int) -> None:
     out = {
         "build_s": build_s, "first_collect_s": first_s, "save_s": save_s, "rss_before_mb": rss_before,
         "peak_rss_mb": peak, "peak_reset": reset, "hessians": bool(hkw), "hessians_mb": n_hess_mb, "model_fp32_mb": model_bytes(model) / 2**20,
-        "plain_s": plain_t, "hooked_s": hooked_t, "update_s": inside_t, "input_of": col.input_of, "n_tokens": col.n_tokens,
+        "plain_s": plain_t, "hooked_s": hooked_t, "update_s": inside_t, "hessian_s": hess_t, "input_of": col.input_of, "n_tokens": col.n_tokens,
         "n_stats_tokens": {k: s.n for k, s in col.stats.items()}, "threads": torch.get_num_threads(),
     }
     (workdir / "worker.json").write_text(json.dumps(out))
@@ -517,10 +525,14 @@ def fig_collect(b: Bench) -> None:
     res["collect_overhead_pairs"] = [h / p for h, p in zip(info["hooked_s"], info["plain_s"])]
     res["collect_overhead_min"] = min(info["hooked_s"]) / min(info["plain_s"])
     if info.get("update_s"):
-        # hooked time minus the time inside the statistics updates: what the same pass costs without them
+        # hooked time minus the time inside the statistics updates and the X^T X accumulation: what the same pass
+        # costs without them
+        hess = info.get("hessian_s") or [0.0] * len(info["update_s"])
         share = [u / h for u, h in zip(info["update_s"], info["hooked_s"])]
+        hshare = [x / h for x, h in zip(hess, info["hooked_s"])]
         res["collect_update_share"] = statistics.median(share)
-        res["collect_overhead_from_share"] = 1 / (1 - statistics.median(share))
+        res["collect_hessian_share"] = statistics.median(hshare)
+        res["collect_overhead_from_share"] = 1 / (1 - statistics.median([a + b for a, b in zip(share, hshare)]))
     n_tok = CALIB_SHAPE[0] * CALIB_SHAPE[1]
     res["collect_tokens_per_s"] = n_tok / statistics.median(info["hooked_s"])
     res["forward_tokens_per_s"] = n_tok / statistics.median(info["plain_s"])
@@ -539,11 +551,12 @@ def rep_collect(res: dict, row: Row) -> None:
         f"hooked {res['collect_hooked_s']['median']:.1f} s / plain {res['collect_plain_s']['median']:.1f} s; "
         f"pairs {', '.join(f'{p:.3f}' for p in res['collect_overhead_pairs'])}; target <= 1.15")
     if "collect_update_share" in res:
-        row("  statistics updates' share", f"{res['collect_update_share'] * 100:.1f}%",
+        row("  statistics updates' share", f"{res['collect_update_share'] * 100:.1f}%", "of the hooked pass")
+        row("  X^T X accumulation's share", f"{res.get('collect_hessian_share', 0.0) * 100:.1f}%",
             f"of the hooked pass -> overhead {res['collect_overhead_from_share']:.3f} if the rest is the forward; "
             f"min/min ratio {res['collect_overhead_min']:.3f}")
         if abs(res["collect_overhead"] - res["collect_overhead_from_share"]) > 0.05:
-            row("  NOTE", "noisy", "wall-clock ratio and update share disagree by > 0.05: other processes "
+            row("  NOTE", "noisy", "wall-clock ratio and the hooks' share disagree by > 0.05: other processes "
                 "slowed some passes; trust the share-based figure more")
     row("collect tokens/s", f"{res['collect_tokens_per_s']:.0f}", f"(forward alone {res['forward_tokens_per_s']:.0f})")
     row("collect_peak_rss_mb / model_fp32_mb", f"{res['collect_peak_rss_mb']:.0f} / {res['model_fp32_mb']:.0f}",

@@ -566,7 +566,7 @@ def analyze(
         "source_note": lm.source_note,
     }
     progress(0.99, "writing cache")
-    hess = {k: store.pack_symmetric(h) for k, h in col.hessians.items()}
+    hess = dict(col.hessians)  # packed upper triangles already (the collection pass packs them)
     col.hessians.clear()
     path = store.write_entry(path, manifest, tables, tensors, tensor_files={store.HESSIANS: hess})
     progress(1.0, "done")

@@ -196,16 +196,18 @@ class Collected:
     heldout_sample: dict[str, torch.Tensor]
     n_tokens: int
     sample_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    # input key -> X^T X [in, in] float64 over all calibration tokens (empty unless collect(hessians=True))
+    # input key -> X^T X over all calibration tokens as its packed upper triangle, float32 [in(in+1)/2]
+    # (core.store.pack_symmetric's layout, the cache's; empty unless collect(hessians=True))
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-HESSIAN_BLOCK = 256
-# Float64 X^T X accumulators kept while collecting, at most (a bound on memory, not on the cache entry).
-# Whole width classes are kept, narrowest first, while their upper bound (every linear of that width counted as
-# its own input) fits: SmolLM2-135M keeps all of them (<= 1.04 GB), a Qwen2.5-0.5B-shaped model its 896-wide
-# inputs (0.46 GB) but not its 4864-wide down_proj inputs (4.5 GB, and +170% collection FLOPs); GPTQ then uses
-# the kept sample's X^T X for those layers (core.methods), and the UI says which Hessian it used.
+HESSIAN_BLOCK = 128
+# Float64 X^T X accumulators kept while collecting, at most (a bound on memory, not on the cache entry), counted
+# as whole squares (GramLower keeps ~(1 + 128/in)/2 of that, and packs them to float32 halves before the
+# held-out pass). Whole width classes are kept, narrowest first, while their upper bound (every linear of that
+# width counted as its own input) fits: SmolLM2-135M keeps all of them (<= 1.04 GB), a Qwen2.5-0.5B-shaped model
+# its 896-wide inputs (0.46 GB) but not its 4864-wide down_proj inputs (4.5 GB, and +170% collection FLOPs);
+# GPTQ then uses the kept sample's X^T X for those layers (core.methods), and the UI says which Hessian it used.
 HESSIAN_BUDGET_BYTES = 2**30
 
 
@@ -225,24 +227,38 @@ def hessian_widths(widths: list[int], budget_bytes: int = HESSIAN_BUDGET_BYTES) 
     return keep
 
 
-def add_gram_lower(h: torch.Tensor, x: torch.Tensor, block: int = HESSIAN_BLOCK) -> None:
-    """``h += X^T X`` on and below the diagonal blocks only (``h [in, in]`` float64, ``x [tokens, in]`` float32).
+class GramLower:
+    """A streamed ``X^T X`` of one input, kept as float64 column panels on and below the diagonal blocks.
 
-    One float32 GEMM per column block ``x[:, j:].T @ x[:, j:j+b]`` added into the float64 accumulator: about
-    ``(1 + b / in) / 2`` of a full ``X^T X`` GEMM (0.58 for in = 1536). ``symmetrize_lower`` completes it."""
-    n = x.shape[1]
-    for j in range(0, n, block):
-        e = min(n, j + block)
-        h[j:, j:e] += x[:, j:].T @ x[:, j:e]
+    Panel ``j`` holds ``H[j:, j:j+b]`` (``[in - j, b]``): ``(1 + b / in) / 2`` of the square (0.57 for in = 896,
+    b = 128) in memory, and each ``add`` is one float32 GEMM per panel, ``x[:, j:].T @ x[:, j:j+b]``, about that
+    share of a full ``X^T X`` GEMM, added into the float64 panel (the sum over batches is what needs float64)."""
 
+    def __init__(self, n: int, block: int = HESSIAN_BLOCK, device: torch.device | str = "cpu"):
+        self.n, self.block = int(n), int(block)
+        self.panels = [torch.zeros(self.n - j, min(self.n, j + self.block) - j, dtype=torch.float64, device=device)
+                       for j in range(0, self.n, self.block)]
 
-def symmetrize_lower(h: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
-    """The full symmetric matrix from ``add_gram_lower``'s block-lower accumulator (in place)."""
-    n = h.shape[0]
-    for j in range(0, n, block):
-        e = min(n, j + block)
-        h[j:e, e:] = h[e:, j:e].T  # the blocks strictly above the diagonal blocks, mirrored
-    return h
+    def add(self, x: torch.Tensor) -> None:
+        """``H += x^T x`` for ``x [tokens, in]`` float32."""
+        for p, j in zip(self.panels, range(0, self.n, self.block)):
+            p += x[:, j:].T @ x[:, j : j + p.shape[1]]
+
+    def full(self) -> torch.Tensor:
+        """The symmetric float64 ``[in, in]`` matrix (its lower triangle mirrored, as ``packed`` reads it)."""
+        h = torch.empty(self.n, self.n, dtype=torch.float64, device=self.panels[0].device if self.panels else "cpu")
+        for p, j in zip(self.panels, range(0, self.n, self.block)):
+            h[j:, j : j + p.shape[1]] = p
+        return h.tril() + h.tril(-1).T
+
+    def packed(self) -> torch.Tensor:
+        """The upper triangle of ``H`` row by row as float32 ``[in(in+1)/2]`` (``core.store.pack_symmetric``'s
+        layout): row ``i`` of the upper triangle is column ``i`` of the lower one, read down from the diagonal."""
+        parts = []
+        for p in self.panels:
+            pt = p.T.cpu()  # [b, in - j]: row r = H[j + r, j:] by symmetry
+            parts.append(pt[torch.ones(pt.shape, dtype=torch.bool).triu_()].float())
+        return torch.cat(parts)
 
 
 def sample_indices(n_total: int, k: int, seed: int) -> torch.Tensor:
@@ -282,9 +298,9 @@ def collect(
     """Stream statistics over ``calib [n, seqlen]`` token blocks and keep sample rows of every distinct input.
 
     ``hessians``: also accumulate ``X^T X`` of every distinct input over all calibration tokens (GPTQ's Hessian,
-    up to a factor): one float32 GEMM per batch and input, added into a float64 ``[in, in]`` accumulator, in the
-    same pass (memory: 8 bytes * in^2 per distinct input while collecting), for the input widths that
-    :func:`hessian_widths` keeps within ``hessian_budget_bytes``.
+    up to a factor) in the same pass (:class:`GramLower`: float32 GEMMs added into float64 panels, at most
+    8 bytes * in^2 per distinct input while collecting), for the input widths that :func:`hessian_widths` keeps
+    within ``hessian_budget_bytes``; returned packed as float32 (the cache's layout, 2 bytes * in^2).
 
     Hooks are always removed, also on error. Concurrent calls on the same model run one after another.
     """
@@ -302,7 +318,7 @@ def collect(
     # the kept rows, written in place into one preallocated [rows, in] float32 tensor per input (no per-batch
     # pieces and no final concatenation: that held two copies of ~0.4 GB at the end of a Qwen2.5-0.5B pass)
     samples: dict[str, torch.Tensor] = {}
-    hess: dict[str, torch.Tensor] = {}
+    hess: dict[str, GramLower] = {}
     hess_widths = hessian_widths(list(feats.values()), hessian_budget_bytes) if hessians else set()
     state = {"offset": 0, "idx": calib_idx, "stats": True, "first": True}
     seen: dict[tuple, tuple[weakref.ref, int, str]] = {}
@@ -330,11 +346,9 @@ def collect(
                         f"NaN or inf in the activations entering {name} (overflow in {lm.dtype}? try float32)"
                     ) from None
                 if x2.shape[1] in hess_widths:
-                    xf = x2.float()
-                    h = hess.get(name)
-                    if h is None:
-                        h = hess[name] = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float64, device=xf.device)
-                    add_gram_lower(h, xf)
+                    if name not in hess:
+                        hess[name] = GramLower(x2.shape[1], device=x2.device)
+                    hess[name].add(x2.float())
             off, idx = state["offset"], state["idx"]
             lo = int(torch.searchsorted(idx, off))
             hi = int(torch.searchsorted(idx, off + x2.shape[0]))
@@ -370,6 +384,9 @@ def collect(
                 progress(step / n_steps, f"calibration batch {step}/{len(batches)} ({state['offset']} tokens)")
             calib_samples = dict(samples)
             samples.clear()
+            # packed float32 before the held-out pass: its samples then take the room of the float64 panels
+            hessians_packed = {k: g.packed() for k, g in hess.items()}
+            hess.clear()
             heldout_samples: dict[str, torch.Tensor] = {}
             if held_total:
                 state.update(offset=0, idx=held_idx, stats=False)
@@ -392,5 +409,5 @@ def collect(
         heldout_sample=heldout_samples,
         n_tokens=n_total,
         sample_index=calib_idx,
-        hessians={k: symmetrize_lower(v).cpu() for k, v in hess.items()},
+        hessians=hessians_packed,
     )

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .gptq import gptq_quantize
-from .collect import add_gram_lower, symmetrize_lower
+from .collect import GramLower
 from .grouped import BlockInputs, first_output, original_weight, restore, with_hidden
 from .hqq import hqq_quantize
 from .models import LoadedModel, find_blocks, set_linear_weight
@@ -82,15 +82,14 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 first_of: dict[str, str] = {}
                 for n in names:
                     first_of.setdefault(key_of[n], n)
-                hess: dict[str, torch.Tensor] = {}
+                hess: dict[str, GramLower] = {}
 
                 def hook(key: str):
                     def fn(mod, args) -> None:
                         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                        h = hess.get(key)
-                        if h is None:
-                            h = hess[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                        add_gram_lower(h, x)  # the collection pass's X^T X (lower blocks; mirrored below)
+                        if key not in hess:
+                            hess[key] = GramLower(x.shape[1], device=x.device)
+                        hess[key].add(x)  # the collection pass's X^T X
                     return fn
                 handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first_of.items()]
                 try:
@@ -99,16 +98,15 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 finally:
                     for h in handles:
                         h.remove()
-                for h in hess.values():
-                    symmetrize_lower(h)
+                full = {k: g.full() for k, g in hess.items()}
                 for n in names:
                     w = original_weight(lm, snap, n)
                     s = scales.get(n) if scales else None
-                    q = gptq_with_scales(w, hess[key_of[n]].to(w.device), s, n_bit=bits, group_size=group_size,
+                    q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, n_bit=bits, group_size=group_size,
                                          zero_point=zero_point, **gptq_options)
                     out[n] = q.cpu()
                     set_linear_weight(lm.model.get_submodule(n), q)
-                del hess
+                del hess, full
                 if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
                     calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
                 progress((i + 1) / n_blocks, f"sequential GPTQ w{bits}: block {i + 1}/{n_blocks}")

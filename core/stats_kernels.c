@@ -6,48 +6,89 @@
 /* ------------------------------------------------------------------------------------------------ */
 /* streaming per-channel statistics of x [T, C] (row-major): one pass per batch                       */
 /* ------------------------------------------------------------------------------------------------ */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define SEL_VEC 1
+/* Append the values of a[lo..hi) that pass the test (v > pivot, or v == pivot when eq) to tg, the others to
+   tl, both in their order: one vector of values per step, the two sides written with compress stores
+   (AVX-512) or a permutation from a table (AVX2, which stores a whole register: tg and tl need 8 spare
+   floats after their ends). NaN fails both tests, so it goes to tl. */
+#if defined(__AVX512F__)
+static inline void split_by(const float *a, int64_t lo, int64_t hi, float pivot, int eq, float *tg, int64_t *ng,
+                            float *tl, int64_t *nl) {
+    const __m512 pv = _mm512_set1_ps(pivot);
+    int64_t g0 = 0, l0 = 0;
+    for (int64_t i = lo; i < hi; i += 16) {
+        const int64_t left = hi - i;
+        const __mmask16 tail = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(tail, a + i);
+        __mmask16 g = eq ? _mm512_mask_cmp_ps_mask(tail, v, pv, _CMP_EQ_OQ) : _mm512_mask_cmp_ps_mask(tail, v, pv, _CMP_GT_OQ);
+        __mmask16 l = tail & (__mmask16)~g;
+        _mm512_mask_compressstoreu_ps(tg + g0, g, v); g0 += __builtin_popcount(g);
+        _mm512_mask_compressstoreu_ps(tl + l0, l, v); l0 += __builtin_popcount(l);
+    }
+    *ng = g0; *nl = l0;
+}
+#else
+/* lut8[m]: the lanes set in mask m first, in order (a left-pack permutation for _mm256_permutevar8x32_ps) */
+static int32_t lut8[256][8];
+static pthread_once_t lut8_once = PTHREAD_ONCE_INIT;
+static void lut8_build(void) {
+    for (int m = 0; m < 256; m++) {
+        int j = 0;
+        for (int b = 0; b < 8; b++) if (m >> b & 1) lut8[m][j++] = b;
+        for (; j < 8; j++) lut8[m][j] = 0;
+    }
+}
+static inline void split_by(const float *a, int64_t lo, int64_t hi, float pivot, int eq, float *tg, int64_t *ng,
+                            float *tl, int64_t *nl) {
+    const __m256 pv = _mm256_set1_ps(pivot);
+    int64_t g0 = 0, l0 = 0;
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        __m256 v = _mm256_loadu_ps(a + i);
+        int g = _mm256_movemask_ps(eq ? _mm256_cmp_ps(v, pv, _CMP_EQ_OQ) : _mm256_cmp_ps(v, pv, _CMP_GT_OQ));
+        int l = ~g & 0xFF;
+        _mm256_storeu_ps(tg + g0, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i *)lut8[g])));
+        g0 += __builtin_popcount(g);
+        _mm256_storeu_ps(tl + l0, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i *)lut8[l])));
+        l0 += __builtin_popcount(l);
+    }
+    for (; i < hi; i++) {
+        const float v = a[i];
+        if (eq ? v == pivot : v > pivot) tg[g0++] = v; else tl[l0++] = v;
+    }
+    *ng = g0; *nl = l0;
+}
+#endif
+#else
+#define SEL_VEC 0
+#endif
+
 /* Reorder a[0..n) so that a[0..k) holds the k largest values (1 <= k <= n); returns the k-th largest.
-   tmp: room for 2n floats. Quickselect; with AVX-512 each partition step moves 16 values with compress
-   stores (no data-dependent branches), else Hoare partitioning. Terminates for any input (NaN included:
-   it then only has to return something, the caller raises on non-finite statistics). */
+   tmp: room for 2n + 32 floats. Quickselect; with AVX-512 or AVX2 each partition step moves a vector of values
+   with compress stores or a permutation (no data-dependent branches), else Hoare partitioning. Terminates
+   for any input (NaN included: it then only has to return something, the caller raises on non-finite
+   statistics). */
 static float select_top(float *a, int64_t n, int64_t k, float *tmp) {
     int64_t lo = 0, hi = n;
     const int64_t want = k - 1;
-#if defined(__AVX512F__)
-    float *tg = tmp, *tl = tmp + n;
+#if SEL_VEC
+    float *tg = tmp, *tl = tmp + n + 16;
     while (hi - lo > 16) {
         float x = a[lo], y = a[(lo + hi) / 2], z = a[hi - 1], pivot;  /* median of three */
         if (x < y) { float t = x; x = y; y = t; }
         if (y < z) { y = z; if (x < y) y = x; }
         pivot = y;
-        const __m512 pv = _mm512_set1_ps(pivot);
-        int64_t ng = 0, nl = 0;
-        for (int64_t i = lo; i < hi; i += 16) {
-            const int64_t left = hi - i;
-            const __mmask16 tail = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(tail, a + i);
-            __mmask16 g = _mm512_mask_cmp_ps_mask(tail, v, pv, _CMP_GT_OQ);
-            __mmask16 l = tail & (__mmask16)~g;
-            _mm512_mask_compressstoreu_ps(tg + ng, g, v); ng += __builtin_popcount(g);
-            _mm512_mask_compressstoreu_ps(tl + nl, l, v); nl += __builtin_popcount(l);
-        }
+        int64_t ng, nl;
+        split_by(a, lo, hi, pivot, 0, tg, &ng, tl, &nl);
         memcpy(a + lo, tg, sizeof(float) * (size_t)ng);
         memcpy(a + lo + ng, tl, sizeof(float) * (size_t)nl);
         const int64_t m = lo + ng;  /* a[lo..m) > pivot >= a[m..hi) (NaN goes right) */
         if (want < m) { hi = m; continue; }
         if (ng > 0) { lo = m; continue; }
         /* the pivot is the range's maximum: split off the values equal to it */
-        int64_t ne = 0;
-        nl = 0;
-        for (int64_t i = m; i < hi; i += 16) {
-            const int64_t left = hi - i;
-            const __mmask16 tail = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(tail, a + i);
-            __mmask16 e = _mm512_mask_cmp_ps_mask(tail, v, pv, _CMP_EQ_OQ);
-            __mmask16 l = tail & (__mmask16)~e;
-            _mm512_mask_compressstoreu_ps(tg + ne, e, v); ne += __builtin_popcount(e);
-            _mm512_mask_compressstoreu_ps(tl + nl, l, v); nl += __builtin_popcount(l);
-        }
+        int64_t ne;
+        split_by(a, m, hi, pivot, 1, tg, &ne, tl, &nl);
         memcpy(a + m, tg, sizeof(float) * (size_t)ne);
         memcpy(a + m + ne, tl, sizeof(float) * (size_t)nl);
         if (want < m + ne || ne == 0) return a[want];  /* (ne == 0: a NaN pivot; the caller raises) */
@@ -161,6 +202,17 @@ static inline void cs_scan_row(const float *restrict xq, int64_t nc, side_t *hs,
         _mm512_mask_compressstoreu_epi32(lcl + nl, ml, ci);
         nl += __builtin_popcount(ml);
     }
+#elif defined(__AVX2__)
+    /* eight channels per step; a step with no candidate (nearly all of them once thresholds are set) costs two
+       compares, and one with candidates appends them in channel order, as the scalar loop does */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (; c + 8 <= nc; c += 8) {
+        __m256 v = _mm256_loadu_ps(xq + c), nv = _mm256_xor_ps(v, sign);
+        int mh = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_loadu_ps(thi + c), _CMP_GE_OQ));
+        int ml = _mm256_movemask_ps(_mm256_cmp_ps(nv, _mm256_loadu_ps(tlo + c), _CMP_GE_OQ));
+        while (mh) { const int b = __builtin_ctz(mh); lv[nh] = xq[c + b]; lc[nh++] = (int32_t)(c + b); mh &= mh - 1; }
+        while (ml) { const int b = __builtin_ctz(ml); lvl[nl] = -xq[c + b]; lcl[nl++] = (int32_t)(c + b); ml &= ml - 1; }
+    }
 #endif
     for (; c < nc; c++) {
         float v = xq[c];
@@ -173,7 +225,7 @@ static inline void cs_scan_row(const float *restrict xq, int64_t nc, side_t *hs,
 
 typedef struct {
     const float *x; float *shift; double *s1, *s2, *s3, *s4, *sabs; float *maxabs;
-    float *hi, *lo; int64_t T, C, k, filled; int first;
+    float *hi, *lo; int64_t T, C, k, filled; int first; int64_t tw;
 } cs_args;
 
 #define TILE 512   /* channels per tile: accumulators in L1, extreme buffers (2 x 2k per channel) in L2 */
@@ -305,7 +357,7 @@ static int cs_alloc(cs_bufs *B, int64_t k) {
     B->cuts = (uint8_t *)malloc(2 * TILE);
     B->wb = (float *)malloc(sizeof(float) * 2 * TILE * (size_t)k2);
     B->smp = (float *)malloc(sizeof(float) * TILE * SAMPLE);
-    B->tmp = (float *)malloc(sizeof(float) * (size_t)(2 * (k2 > SAMPLE ? k2 : SAMPLE) + 16));
+    B->tmp = (float *)malloc(sizeof(float) * (size_t)(2 * (k2 > SAMPLE ? k2 : SAMPLE) + 48));
     B->lv = (float *)malloc(sizeof(float) * (2 * TILE + 64));
     B->lc = (int32_t *)malloc(sizeof(int32_t) * (2 * TILE + 64));
     B->bad = !B->acc || !B->fl || !B->cnts || !B->cuts || !B->wb || !B->smp || !B->tmp || !B->lv || !B->lc;
@@ -316,7 +368,7 @@ static int cs_tiles(const cs_args *A, int64_t t0, int64_t t1, int64_t stride) {
     cs_bufs B;
     int bad = cs_alloc(&B, A->k);
     for (int64_t t = t0; !bad && t < t1; t += stride) {
-        const int64_t c0 = t * TILE, nc = A->C - c0 < TILE ? A->C - c0 : TILE;
+        const int64_t c0 = t * A->tw, nc = A->C - c0 < A->tw ? A->C - c0 : A->tw;
         bad = cs_tile(A, c0, nc, B.acc, B.fl, B.cnts, B.cuts, B.wb, B.smp, B.tmp, B.lv, B.lc);
     }
     cs_free(&B);
@@ -334,12 +386,21 @@ static void *cs_thread(void *p) { cs_job *j = (cs_job *)p; j->bad = cs_tiles(j->
 int64_t awq_channel_stats(const float *x, float *shift, double *s1, double *s2, double *s3, double *s4,
                           double *sabs, float *maxabs, float *hi, float *lo, int64_t T, int64_t C, int64_t k,
                           int64_t filled, int first, int nthreads) {
-    cs_args A = {x, shift, s1, s2, s3, s4, sabs, maxabs, hi, lo, T, C, k, filled, first};
+    cs_args A = {x, shift, s1, s2, s3, s4, sabs, maxabs, hi, lo, T, C, k, filled, first, TILE};
+#if SEL_VEC && !defined(__AVX512F__)
+    pthread_once(&lut8_once, lut8_build);
+#endif
     (void)cs_tiles;
-    const int64_t ntiles = (C + TILE - 1) / TILE;
     int bad = 0;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
+    /* tiles of equal width (a multiple of 16, at most TILE), as many as a whole number of rounds of the threads
+       needs: 576 channels on 2 threads are 2 x 288, not 512 + 64 (each channel's sums do not depend on its tile) */
+    int64_t ntiles = (C + TILE - 1) / TILE;
+    ntiles = (ntiles + nthreads - 1) / nthreads * nthreads;
+    A.tw = ((C + ntiles - 1) / ntiles + 15) / 16 * 16;
+    if (A.tw > TILE) A.tw = TILE;
+    ntiles = (C + A.tw - 1) / A.tw;
     if ((int64_t)nthreads > ntiles) nthreads = (int)ntiles;
 #ifdef _OPENMP
     /* tiles handed out one by one: a thread the OS descheduled (shared machine) does not hold up the rest;
@@ -350,7 +411,7 @@ int64_t awq_channel_stats(const float *x, float *shift, double *s1, double *s2, 
         if (cs_alloc(&B, k)) bad = 1;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < ntiles; t++)
-            if (!B.bad) cs_tile(&A, t * TILE, (C - t * TILE) < TILE ? (C - t * TILE) : TILE, B.acc, B.fl, B.cnts,
+            if (!B.bad) cs_tile(&A, t * A.tw, (C - t * A.tw) < A.tw ? (C - t * A.tw) : A.tw, B.acc, B.fl, B.cnts,
                                 B.cuts, B.wb, B.smp, B.tmp, B.lv, B.lc);
         cs_free(&B);
     }

@@ -149,6 +149,36 @@ def test_channel_statistics_kernel_matches_torch(kind, sizes, isa):
         assert torch.allclose(getattr(rf, f), getattr(rs, f), rtol=1e-4, atol=1e-5), f
 
 
+@needs_kernels
+@pytest.mark.parametrize("width", [576, 600, 1100])
+def test_channel_statistics_are_the_same_bits_on_every_isa_and_thread_count(width):
+    """Sums, max |x| and extremes do not depend on the ISA (vector quickselect and scan on AVX-512 / AVX2,
+    Hoare partitioning on the portable build) nor on how the channels are tiled over the threads."""
+    g = torch.Generator().manual_seed(width)
+    batches = [_acts("gauss", t, width, g) for t in (600, 300)]
+    batches[0][5::97, 3] = 40.0  # a massive-activation channel: many candidates, several cuts per batch
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for isa in kernels.supported_isas():
+            kernels.set_isa(isa)
+            for nt in (1, 2, 3):
+                torch.set_num_threads(nt)
+                acc = collect.ChannelAccumulator(width, k_extremes=20)
+                assert acc._fused
+                for b in batches:
+                    acc.update(b)
+                results[isa, nt] = (acc.mean, acc.m2, acc.m3, acc.m4, acc.sum_abs, acc.max_abs,
+                                    acc.hi.sort(0).values, acc.lo.sort(0).values)
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_isa(None)
+    ref = results[kernels.supported_isas()[-1], 1]  # portable, one thread
+    for key, got in results.items():
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b), key
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_sweep_errors_reuse_the_calibration_pass(monkeypatch, fused):
     """Held-out RTN / best-alpha errors from the calibration pass's dW equal a separate quantization's."""

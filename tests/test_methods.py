@@ -177,10 +177,11 @@ def test_streamed_hessian_equals_xtx_of_all_inputs():
     # sample every token: the kept sample is then the concatenation of all inputs, in order
     col = collect.collect(lm, ids, None, sample_rows=ids.numel(), batch_tokens=64, hessians=True)
     assert set(col.hessians) == set(col.stats) and len(col.hessians) == 8
-    for key, h in col.hessians.items():
+    for key, v in col.hessians.items():
         x = col.calib_sample[key].double()
-        assert h.dtype == torch.float64
-        assert torch.allclose(h, x.T @ x, rtol=1e-5, atol=1e-4)
+        n = x.shape[1]
+        assert v.dtype == torch.float32 and v.shape == (n * (n + 1) // 2,)  # packed upper triangle, the cache's layout
+        assert torch.allclose(store.unpack_symmetric(v, n).double(), x.T @ x, rtol=1e-5, atol=1e-4)
     assert not collect.collect(lm, ids, None, sample_rows=8).hessians  # off by default in collect()
 
 
@@ -195,7 +196,7 @@ def test_hessian_budget_keeps_whole_width_classes_narrowest_first():
     lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     col = collect.collect(lm, ids, None, sample_rows=8, hessians=True, hessian_budget_bytes=8 * 64 * 64 * 12)
-    assert col.hessians and {h.shape[0] for h in col.hessians.values()} == {64}
+    assert col.hessians and {v.numel() for v in col.hessians.values()} == {64 * 65 // 2}
     assert len(col.hessians) == len([k for k in col.stats if col.hessians.get(k) is not None]) == 6
 
 
@@ -421,9 +422,16 @@ def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monk
 @pytest.mark.parametrize("n,block", [(600, 256), (64, 16), (100, 256), (257, 128)])
 def test_blocked_lower_gram_equals_xtx(n, block):
     g = torch.Generator().manual_seed(n)
-    h = torch.zeros(n, n, dtype=torch.float64)
+    acc = collect.GramLower(n, block)
     xs = [torch.randn(37, n, generator=g) for _ in range(3)]
     for x in xs:
-        collect.add_gram_lower(h, x, block)
+        acc.add(x)
+    # panels hold only the diagonal blocks and what lies below them
+    assert sum(p.numel() for p in acc.panels) == sum((n - j) * min(block, n - j) for j in range(0, n, block))
     full = torch.cat(xs).double()
-    assert torch.allclose(collect.symmetrize_lower(h, block), full.T @ full, rtol=1e-5, atol=1e-4)
+    h = acc.full()
+    assert h.dtype == torch.float64 and torch.equal(h, h.T)
+    assert torch.allclose(h, full.T @ full, rtol=1e-5, atol=1e-4)
+    # packed: exactly pack_symmetric of the full matrix (the cache's layout), and back
+    assert torch.equal(acc.packed(), store.pack_symmetric(h))
+    assert torch.equal(store.unpack_symmetric(acc.packed(), n), h.float())
