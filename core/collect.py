@@ -7,6 +7,7 @@ is kept except the sample rows. The forward pass stops after the last block (no 
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -254,11 +255,15 @@ class GramLower:
     def packed(self) -> torch.Tensor:
         """The upper triangle of ``H`` row by row as float32 ``[in(in+1)/2]`` (``core.store.pack_symmetric``'s
         layout): row ``i`` of the upper triangle is column ``i`` of the lower one, read down from the diagonal."""
-        parts = []
-        for p in self.panels:
-            pt = p.T.cpu()  # [b, in - j]: row r = H[j + r, j:] by symmetry
-            parts.append(pt[torch.ones(pt.shape, dtype=torch.bool).triu_()].float())
-        return torch.cat(parts)
+        return torch.cat([torch.take(p.cpu().float(), _lower_by_columns(*p.shape)) for p in self.panels])
+
+
+@functools.lru_cache(maxsize=64)
+def _lower_by_columns(rows: int, cols: int) -> torch.Tensor:
+    """Flat indices into a row-major ``[rows, cols]`` panel of its entries on and below the diagonal, column by
+    column (each column from the diagonal down)."""
+    r, c = torch.triu_indices(cols, rows)  # r: the column, c >= r: the row, in column-then-row order
+    return c * cols + r
 
 
 def sample_indices(n_total: int, k: int, seed: int) -> torch.Tensor:

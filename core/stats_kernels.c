@@ -181,7 +181,8 @@ static inline void side_add(side_t *sd, int64_t c, float v) {
 }
 
 /* One row segment: vector compares against the thresholds; the candidates of the row are first gathered with
-   compress stores (no data-dependent branches), then appended. `lv`/`lc`: room for 2 * nc + 32 entries. */
+   compress stores (no data-dependent branches), then appended. `lv`/`lc`: room for 2 * nc + 32 entries (AVX2
+   stores a whole register past the last candidate of each side). */
 static inline void cs_scan_row(const float *restrict xq, int64_t nc, side_t *hs, side_t *ls, float *lv, int32_t *lc) {
     const float *thi = hs->thr, *tlo = ls->thr;  /* tlo: thresholds of -x */
     int64_t c = 0, nh = 0, nl = 0;
@@ -203,15 +204,22 @@ static inline void cs_scan_row(const float *restrict xq, int64_t nc, side_t *hs,
         nl += __builtin_popcount(ml);
     }
 #elif defined(__AVX2__)
-    /* eight channels per step; a step with no candidate (nearly all of them once thresholds are set) costs two
-       compares, and one with candidates appends them in channel order, as the scalar loop does */
+    /* the same with eight channels per step, the compress stores done by a left-pack permutation (lut8): no
+       data-dependent branch, which the first batch (about one candidate in eight values) would mispredict */
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     for (; c + 8 <= nc; c += 8) {
         __m256 v = _mm256_loadu_ps(xq + c), nv = _mm256_xor_ps(v, sign);
         int mh = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_loadu_ps(thi + c), _CMP_GE_OQ));
         int ml = _mm256_movemask_ps(_mm256_cmp_ps(nv, _mm256_loadu_ps(tlo + c), _CMP_GE_OQ));
-        while (mh) { const int b = __builtin_ctz(mh); lv[nh] = xq[c + b]; lc[nh++] = (int32_t)(c + b); mh &= mh - 1; }
-        while (ml) { const int b = __builtin_ctz(ml); lvl[nl] = -xq[c + b]; lcl[nl++] = (int32_t)(c + b); ml &= ml - 1; }
+        __m256i ci = _mm256_add_epi32(iota, _mm256_set1_epi32((int32_t)c));
+        __m256i ph = _mm256_loadu_si256((const __m256i *)lut8[mh]), pl = _mm256_loadu_si256((const __m256i *)lut8[ml]);
+        _mm256_storeu_ps(lv + nh, _mm256_permutevar8x32_ps(v, ph));
+        _mm256_storeu_si256((__m256i *)(lc + nh), _mm256_permutevar8x32_epi32(ci, ph));
+        nh += __builtin_popcount(mh);
+        _mm256_storeu_ps(lvl + nl, _mm256_permutevar8x32_ps(nv, pl));
+        _mm256_storeu_si256((__m256i *)(lcl + nl), _mm256_permutevar8x32_epi32(ci, pl));
+        nl += __builtin_popcount(ml);
     }
 #endif
     for (; c < nc; c++) {
