@@ -794,9 +794,14 @@ def fig_seed(b: Bench) -> None:
         # the reference norms ||X W^T||^2 on both splits (one product per linear and split)
         "reference": 2.0 * (n_c + n_h) * P,
     }
-    if entry.get("settings", {}).get("hessians"):  # X^T X of each distinct input over the calibration tokens
+    if entry.get("settings", {}).get("hessians"):
+        # X^T X of each distinct input whose width the memory cap keeps (core.collect.hessian_widths: the 896-wide
+        # ones here, not down_proj's 4864), over the calibration tokens; necessary: one triangle (a SYRK)
+        from core.collect import hessian_widths
         h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
-        flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * (3 * h * h + i * i)
+        kept = hessian_widths(([h] * 6 + [i]) * QWEN["num_hidden_layers"])
+        distinct = [h] * 3 + [i]  # per block: q/k/v's input, o's, gate/up's, down's
+        flops["hessian"] = 2.0 * n_c * QWEN["num_hidden_layers"] * sum(w * (w + 1) / 2 for w in distinct if w in kept)
     res["seed_command"] = "python -m core analyze --model <folder> " + " ".join(
         SEED_ARGS + (["--no-hessians"] if b.args.seed_no_hessians else []))
     res["seed_s"] = min(runs)
