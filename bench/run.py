@@ -567,8 +567,8 @@ def rep_collect(res: dict, row: Row) -> None:
             f"of the hooked pass -> overhead {res['collect_overhead_from_share']:.3f} if the rest is the forward; "
             f"min/min ratio {res['collect_overhead_min']:.3f}")
         if abs(res["collect_overhead"] - res["collect_overhead_from_share"]) > 0.05:
-            row("  NOTE", "noisy", "wall-clock ratio and the hooks' share disagree by > 0.05: other processes "
-                "slowed some passes; trust the share-based figure more")
+            row("  NOTE", "noisy", "wall-clock ratio and the hooks' share disagree by > 0.05: other processes, or "
+                "the plain passes running without page faults while the hooked ones fault (BENCHMARKS.md)")
     row("collect tokens/s", f"{res['collect_tokens_per_s']:.0f}", f"(forward alone {res['forward_tokens_per_s']:.0f})")
     row("collect_peak_rss_mb / model_fp32_mb", f"{res['collect_peak_rss_mb']:.0f} / {res['model_fp32_mb']:.0f}",
         f"limit {res['collect_rss_limit_mb']:.0f} MiB" + (f"; with X^T X accumulation ({res['collect_hessians_mb']:.0f} "
