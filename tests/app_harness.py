@@ -24,6 +24,36 @@ PAGES = [p for p in ("pages/how_awq_works.py", "pages/overview.py", "pages/layer
                      "pages/compare.py") if (ROOT / p).exists()]
 
 
+def navigation_mode(monkeypatch) -> None:
+    """Start every AppTest run in navigation mode.
+
+    AppTest builds a fresh PagesManager for every run, and one beside a pages/ folder starts in Streamlit's
+    legacy multipage mode, which runs the page file without app.py. The server leaves that mode for good once
+    st.navigation has run (ui.page_guard covers its first request); AppTest would re-enter it on every run,
+    and the guard's st.rerun() would swallow button clicks."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original_init = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+def app_test(monkeypatch, cache: Path, entry_path: Path | str | None = None, timeout: float = 300):
+    """An AppTest of app.py on ``cache`` (navigation mode), opened on the analysis at ``entry_path`` if given."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cache))
+    navigation_mode(monkeypatch)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    if entry_path is not None:
+        at.session_state["entry_path"] = str(entry_path)
+    return at
+
+
 def shared_cache(tmp_path_factory) -> Path:
     """One cache folder for the whole test session, so the bundled model is analyzed only once."""
     path = tmp_path_factory.getbasetemp() / "app-cache"

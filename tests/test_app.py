@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app_harness import PAGES, ROOT, ensure_bundled, shared_cache
+from app_harness import PAGES, ROOT, ensure_bundled, navigation_mode, shared_cache
 from conftest import tiny_settings
 from core import figures, views
 from core.analysis import analyze, list_cached, open_entry
@@ -39,19 +39,7 @@ def cache(tmp_path_factory) -> Path:
 def _app_env(cache, monkeypatch):
     monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # AppTest builds a fresh PagesManager for every run, and one beside a pages/ folder starts in Streamlit's
-    # legacy multipage mode, which runs the page file without app.py. The server leaves that mode for good once
-    # st.navigation has run (ui.page_guard covers its first request); AppTest would re-enter it on every run,
-    # and the guard's st.rerun() would swallow button clicks. So start every AppTest run in navigation mode.
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original_init = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
+    navigation_mode(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -346,20 +346,8 @@ def test_cli_analyze_methods(tiny_dir, tokenizer_dir, tmp_path, capsys):
 
 # --- the app: Layer Lab's methods section and the Methods page (AppTest) -------------------------------------
 def _app(cache, entry, monkeypatch):
-    from streamlit.runtime.pages_manager import PagesManager
-    from streamlit.testing.v1 import AppTest
-
-    from conftest import ROOT
-    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cache))
-    original_init = PagesManager.__init__
-
-    def init(self, *args, **kwargs):  # navigation mode in every AppTest run (see tests/test_app.py)
-        original_init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-    monkeypatch.setattr(PagesManager, "__init__", init)
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
-    at.session_state["entry_path"] = str(entry.path)
-    return at
+    from app_harness import app_test
+    return app_test(monkeypatch, cache, entry.path)
 
 
 def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeypatch):

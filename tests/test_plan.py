@@ -466,20 +466,9 @@ def test_plan_figures(tiny_llama, scored):
 # the page
 # ------------------------------------------------------------------------------------------------
 def test_plan_page(tiny_llama, scored, monkeypatch):
-    from streamlit.runtime.pages_manager import PagesManager
-    from streamlit.testing.v1 import AppTest
+    from app_harness import app_test
 
-    from conftest import ROOT
-
-    monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(tiny_llama.path.parent.parent))
-    original_init = PagesManager.__init__
-
-    def init(self, *args, **kwargs):  # navigation mode on every AppTest run (see tests/test_app.py)
-        original_init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-    monkeypatch.setattr(PagesManager, "__init__", init)
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
-    at.session_state["entry_path"] = str(tiny_llama.path)
+    at = app_test(monkeypatch, tiny_llama.path.parent.parent, tiny_llama.path)
     at.switch_page("pages/plan.py").run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Plan"
