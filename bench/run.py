@@ -146,6 +146,27 @@ def timed_cpu(fn, cpu: list[float]) -> float:
 
 
 # --- model ---------------------------------------------------------------------------------------------------
+def paired_runs(b: "Bench", n: int, fn: Callable[[int], Any], *, probes: int = 1,
+                before: Callable[[], None] | None = None) -> tuple[list[float], list[float], list[float]]:
+    """``n`` timed calls ``fn(i)``, each right after ``probes`` matmul probes: (seconds, each one's ratio to the
+    matmul median of its own probes, process CPU seconds). ``before`` runs untimed ahead of each call."""
+    ts, ratios, cpu = [], [], []
+    for i in range(n):
+        if before is not None:
+            before()
+        m = b.probe(probes)
+        t = timed_cpu(lambda: fn(i), cpu)
+        ts.append(t)
+        ratios.append(t / m)
+    return ts, ratios, cpu
+
+
+def matmul_ratio_note(res: dict, key: str, target: str) -> str:
+    """``<wall>x matmul (paired <p>x; CPU seconds <c>x); target <= <target>`` for a figure ``key``."""
+    return (f"{res[key + '_ratio']:.2f}x matmul (paired {res[key + '_ratio_paired']:.2f}x; CPU seconds "
+            f"{res[key + '_cpu_ratio']:.2f}x); target <= {target}")
+
+
 def build_model(seed: int = 0):
     import transformers as tf
 
@@ -637,7 +658,7 @@ def _layer_name(b: Bench) -> str:
 def fig_layer_eval(b: Bench) -> None:
     from core import awq
 
-    a, name, res, probe = b.analysis(), _layer_name(b), b.res, b.probe
+    a, name, res = b.analysis(), _layer_name(b), b.res
     w = a.weight(name)
     assert tuple(w.shape) == (OUT, IN) and a.inputs(name).shape[0] == TOKENS
     t0 = time.perf_counter()
@@ -652,26 +673,15 @@ def fig_layer_eval(b: Bench) -> None:
         s = a.scales_at(name, alpha, group_size=GROUP)
         return a.layer_error(name, awq.scaled_fake_quant(w, s, 4, GROUP))
 
-    ev, ev_ratio, ev_cpu = [], [], []
-    for i in range(b.R["layer"]):
-        alpha = 0.05 + 0.9 * i / max(1, b.R["layer"] - 1)
-        m = probe(1)
-        t = timed_cpu(lambda: one_eval(alpha), ev_cpu)
-        ev.append(t)
-        ev_ratio.append(t / m)
+    ev, ev_ratio, ev_cpu = paired_runs(b, b.R["layer"], lambda i: one_eval(0.05 + 0.9 * i / max(1, b.R["layer"] - 1)))
     res["layer_eval_ms"] = statistics.median(ev) * 1e3
     res["layer_eval_stats_ms"] = ms_stats(ev)
     res["layer_eval_ratio_paired"] = statistics.median(ev_ratio)
     res["layer_eval_cpu_ms"] = statistics.median(ev_cpu) * 1e3
     ts = [timed(lambda: two_step(0.1 + 0.8 * i / max(1, b.R["layer"] - 1))) for i in range(b.R["layer"])]
     res["layer_error_two_step_ms"] = statistics.median(ts) * 1e3
-    el, el_ratio = [], []
-    for i in range(b.R["evaluate"]):
-        alpha = 0.07 + 0.85 * i / max(1, b.R["evaluate"] - 1)
-        m = probe(1)
-        t = timed(lambda: a.evaluate_layer(name, alpha=alpha, bits=4, group_size=GROUP))
-        el.append(t)
-        el_ratio.append(t / m)
+    el, el_ratio, _ = paired_runs(b, b.R["evaluate"], lambda i: a.evaluate_layer(
+        name, alpha=0.07 + 0.85 * i / max(1, b.R["evaluate"] - 1), bits=4, group_size=GROUP))
     res["evaluate_layer_ms"] = statistics.median(el) * 1e3
     res["evaluate_layer_ratio_paired"] = statistics.median(el_ratio)
     b.at_end(lambda r: r.update(layer_eval_ratio=r["layer_eval_ms"] / r["matmul_ms"],
@@ -681,9 +691,7 @@ def fig_layer_eval(b: Bench) -> None:
 
 @report_for("layer_eval")
 def rep_layer_eval(res: dict, row: Row) -> None:
-    row("layer_eval_ms (alpha, w4 g128)", f"{res['layer_eval_ms']:.2f}",
-        f"{res['layer_eval_ratio']:.2f}x matmul (paired {res['layer_eval_ratio_paired']:.2f}x; CPU seconds "
-        f"{res['layer_eval_cpu_ratio']:.2f}x); target <= 1.3x")
+    row("layer_eval_ms (alpha, w4 g128)", f"{res['layer_eval_ms']:.2f}", matmul_ratio_note(res, "layer_eval", "1.3x"))
     row("  scaled_fake_quant+layer_error", f"{res['layer_error_two_step_ms']:.2f}",
         "the public two-step path (separate dW = W_hat - W pass)")
     row("evaluate_layer_ms (slider release)", f"{res['evaluate_layer_ms']:.2f}",
@@ -695,13 +703,9 @@ def rep_layer_eval(res: dict, row: Row) -> None:
         targets={"alpha_curve_ratio": ("<=", 24.0, "alpha_curve_ms / matmul_ms <= 24")})
 def fig_alpha_curve(b: Bench) -> None:
     a, name, res = b.analysis(), _layer_name(b), b.res
-    cv, cv_ratio, cv_cpu = [], [], []
-    for _ in range(b.R["curve"]):
-        a._memo.clear()
-        m = b.probe(2)
-        t = timed_cpu(lambda: a.alpha_curve(name, bits=4, group_size=GROUP, n_grid=N_GRID), cv_cpu)
-        cv.append(t)
-        cv_ratio.append(t / m)
+    cv, cv_ratio, cv_cpu = paired_runs(b, b.R["curve"], lambda i: a.alpha_curve(name, bits=4, group_size=GROUP,
+                                                                                n_grid=N_GRID),
+                                       probes=2, before=a._memo.clear)
     res["alpha_curve_ms"] = statistics.median(cv) * 1e3
     res["alpha_curve_ratio_paired"] = statistics.median(cv_ratio)
     res["alpha_curve_stats_ms"] = ms_stats(cv)
@@ -712,9 +716,7 @@ def fig_alpha_curve(b: Bench) -> None:
 
 @report_for("alpha_curve")
 def rep_alpha_curve(res: dict, row: Row) -> None:
-    row("alpha_curve_ms (20 alphas)", f"{res['alpha_curve_ms']:.1f}",
-        f"{res['alpha_curve_ratio']:.2f}x matmul (paired {res['alpha_curve_ratio_paired']:.2f}x; CPU seconds "
-        f"{res['alpha_curve_cpu_ratio']:.2f}x); target <= 24x")
+    row("alpha_curve_ms (20 alphas)", f"{res['alpha_curve_ms']:.1f}", matmul_ratio_note(res, "alpha_curve", "24x"))
 
 
 # --- the seed's diagnostic workload (issue 13) -----------------------------------------------------------------------
