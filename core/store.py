@@ -135,7 +135,9 @@ def write_entry(
                 save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp / fname))
         for f in sorted(tmp.iterdir()):
             files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        full = {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **manifest, "files": files}
+        # created_ns orders entries written within the same second (list_entries: newest first)
+        full = {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "created_ns": time.time_ns(),
+                **manifest, "files": files}
         atomic_write_bytes(tmp / MANIFEST, json.dumps(full, indent=1, default=str).encode())
         if path.exists():
             if read_manifest(path) is not None:
@@ -246,7 +248,7 @@ def list_entries(cache_dir: str | Path) -> list[dict[str, Any]]:
             m = read_manifest(entry, verify=False)
             if m is not None:
                 out.append({**m, "path": str(entry)})
-    return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
+    return sorted(out, key=lambda m: (m.get("created", ""), m.get("created_ns", 0)), reverse=True)
 
 
 def write_extra_table(path: Path, name: str, df: pd.DataFrame) -> None:

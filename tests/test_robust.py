@@ -336,3 +336,13 @@ def test_layer_lab_never_sees_weights_a_quality_run_rewrote(tiny_dir, tokenizer_
     th.join()
     assert not errors
     assert torch.equal(lm.weight(name), original)
+
+
+def test_entries_written_within_one_second_are_listed_newest_first(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setattr(store.time, "strftime", lambda fmt, *a: "2026-11-29T10:00:00")  # one second for all
+    names = ["ffff", "aaaa", "cccc"]  # written in this order; their folder names sort otherwise
+    for n in names:
+        store.write_entry(tmp_path / "m" / n, {"model_id": n}, {"t": pd.DataFrame({"x": [1]})}, {})
+    assert [m["model_id"] for m in store.list_entries(tmp_path)] == names[::-1]
