@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .store import read_checked_manifest, sha256_file
+
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
 MODELS_DIR = ".models"
@@ -262,30 +264,9 @@ def converted_path(path: str | Path, cache_dir: str | Path, label: str | None = 
     return models_dir(cache_dir) / f"{stem.strip('.-')[:60] or 'gguf'}-{file_fingerprint(p)}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any] | None:
     """The conversion manifest of an intact converted folder (every listed file has its size and sha256)."""
-    try:
-        m = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(m, dict) or m.get("version") != CONVERT_VERSION or not isinstance(m.get("files"), dict):
-        return None
-    for name, meta in m["files"].items():
-        f = folder / name
-        try:
-            if f.stat().st_size != meta["bytes"] or (verify and _sha256(f) != meta["sha256"]):
-                return None
-        except (OSError, KeyError, TypeError):
-            return None
-    return m
+    return read_checked_manifest(folder, MANIFEST, "version", CONVERT_VERSION, verify=verify)
 
 
 def convert(path: str | Path, cache_dir: str | Path, *, label: str | None = None,
@@ -325,7 +306,7 @@ def convert(path: str | Path, cache_dir: str | Path, *, label: str | None = None
         n_blocks = int(getattr(plain.config, "num_hidden_layers", 0) or 0)
         linears = [li.name for li in enumerate_linears(plain)]
         lin = linear_formats(formats, linears, arch, n_blocks)
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
         manifest = {
             "version": CONVERT_VERSION, "source": str(src), "source_name": src.name,
             "source_fingerprint": file_fingerprint(src), "architecture": arch,

@@ -57,10 +57,11 @@ def entry_path(cache_dir: str | Path, model_id: str, key: str) -> Path:
     return p
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -134,7 +135,7 @@ def write_entry(
             if ts:
                 save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp / fname))
         for f in sorted(tmp.iterdir()):
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         # created_ns orders entries written within the same second (list_entries: newest first)
         full = {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "created_ns": time.time_ns(),
                 **manifest, "files": files}
@@ -168,20 +169,27 @@ def _discard(path: Path) -> None:
 
 def read_manifest(path: Path, verify: bool = True) -> dict[str, Any] | None:
     """The manifest of a complete, intact entry of the current schema; ``None`` otherwise."""
+    return read_checked_manifest(path, MANIFEST, "schema", SCHEMA_VERSION, verify=verify, unhashed=UNVERIFIED)
+
+
+def read_checked_manifest(folder: Path, manifest: str, key: str, value: Any, *, verify: bool = True,
+                          unhashed: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """``folder/manifest`` (JSON) if its ``key`` is ``value`` and every file it lists has the listed size and (with
+    ``verify``, except ``unhashed``) sha256; ``None`` otherwise. Shared by cache entries and converted GGUF folders."""
     try:
-        m = json.loads((path / MANIFEST).read_text())
+        m = json.loads((folder / manifest).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(m, dict) or m.get("schema") != SCHEMA_VERSION or not isinstance(m.get("files"), dict):
+    if not isinstance(m, dict) or m.get(key) != value or not isinstance(m.get("files"), dict):
         return None
     for name, meta in m["files"].items():
-        f = path / name
+        f = folder / name
         try:
             if f.stat().st_size != meta["bytes"]:
                 return None
+            if verify and name not in unhashed and sha256_file(f) != meta["sha256"]:
+                return None
         except (OSError, KeyError, TypeError):
-            return None
-        if verify and name not in UNVERIFIED and _sha256(f) != meta.get("sha256"):
             return None
     return m
 
