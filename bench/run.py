@@ -233,12 +233,19 @@ def collect_worker(workdir: Path, repeats: int) -> None:
 
     _, blocks = find_blocks(lm.model)
 
+    # the bare forward, run the way collect runs it (under core.alloc.keep_freed_memory where the core has it), so
+    # the ratio is the hooks' cost and not a difference in how glibc serves the forward's temporaries
+    try:
+        from core.alloc import keep_freed_memory
+    except ImportError:  # an older core (AWQ_BENCH_CORE_ROOT)
+        from contextlib import nullcontext as keep_freed_memory
+
     def plain() -> None:
         def stop(m, a, o):
             raise C._StopForward
         h = blocks[len(blocks) - 1].register_forward_hook(stop)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), keep_freed_memory():
                 for b in C._batches(calib, BATCH_TOKENS):
                     try:
                         lm.model(input_ids=b, use_cache=False)

@@ -208,3 +208,87 @@ def test_sweep_errors_reuse_the_calibration_pass(monkeypatch, fused):
             assert torch.allclose(none.calib, ref, rtol=1e-6) and none.heldout_rtn.isnan().all()
     finally:
         awq._CHUNK_ELEMENTS = old
+
+
+_ALLOC_PROBE = r"""
+import ctypes, json, resource, torch
+from core import alloc
+torch.set_num_threads(1)
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped(mib):  # is a fresh block of this size mmapped (glibc's default over 32 MiB) or served from the heap?
+    n0 = libc.mallinfo2().hblks
+    t = torch.empty(mib * 2**18)  # not written: no resident memory
+    n1 = libc.mallinfo2().hblks
+    del t
+    return n1 - n0
+
+def faults(fn):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+def churn():  # what a layer of a forward pass does: allocate, write and free blocks over glibc's 32 MiB mmap ceiling
+    for _ in range(4):
+        t = torch.empty(16 * 2**20)  # 64 MiB
+        t.fill_(1.0)
+        del t
+
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+
+churn()
+start = rss_mb()
+out = {"available": alloc.available(), "default": faults(churn), "mmapped_before": mmapped(96)}
+with alloc.keep_freed_memory():
+    with alloc.keep_freed_memory():  # nests
+        # glibc's heap takes a few rounds to hold free blocks that fit posix_memalign's padded requests
+        out["kept"] = [faults(churn) for _ in range(6)]
+        out["kept_rss_growth_mb"] = rss_mb() - start
+        out["mmapped_inside"] = mmapped(96)
+out["rss_growth_after_exit_mb"] = rss_mb() - start
+out["mmapped_after"] = mmapped(2048)  # more than the heap holds free
+out["depth"] = alloc._depth
+print(json.dumps(out))
+"""
+
+
+def test_keep_freed_memory_stops_refaulting_and_gives_memory_back():
+    """core.alloc under glibc: 64 MiB blocks are page-faulted in afresh on every allocation by default (16,384
+    pages each) and reuse the heap inside keep_freed_memory; after the outermost exit the kept memory is returned
+    (malloc_trim) and a block larger than the heap now holds free is mmapped again, as glibc does by default."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", _ALLOC_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if not out["available"]:
+        pytest.skip("not glibc: keep_freed_memory is a no-op here")
+    pages = 4 * 16 * 2**20 * 4 // 4096
+    assert out["default"] >= 0.9 * pages, out  # the problem it solves
+    assert out["mmapped_before"] == 1, out
+    assert out["kept"][-1] < 0.05 * pages, out  # the steady state: the heap's free blocks are reused
+    assert out["kept_rss_growth_mb"] < 1024, out  # bounded: a few rounds' worth at most
+    assert out["mmapped_inside"] == 0, out
+    assert out["rss_growth_after_exit_mb"] < 32, out
+    assert out["mmapped_after"] == 1, out  # glibc's behaviour is back
+    assert out["depth"] == 0
+
+
+def test_keep_freed_memory_restores_on_error():
+    from core import alloc
+
+    with pytest.raises(collect.CollectError):
+        with alloc.keep_freed_memory():
+            raise collect.CollectError("boom")
+    assert alloc._depth == 0
