@@ -233,19 +233,18 @@ def collect_worker(workdir: Path, repeats: int) -> None:
 
     _, blocks = find_blocks(lm.model)
 
-    # the bare forward, run the way collect runs it (under core.alloc.keep_freed_memory where the core has it), so
-    # the ratio is the hooks' cost and not a difference in how glibc serves the forward's temporaries
-    try:
-        from core.alloc import keep_freed_memory
-    except ImportError:  # an older core (AWQ_BENCH_CORE_ROOT)
-        from contextlib import nullcontext as keep_freed_memory
-
+    # the bare forward as collect runs it (core.collect.bare_forward: same batches, same allocator scope), so the
+    # ratio is the hooks' cost and not a difference in how glibc serves the forward's temporaries
     def plain() -> None:
-        def stop(m, a, o):
+        if hasattr(C, "bare_forward"):
+            C.bare_forward(lm, calib, BATCH_TOKENS)
+            return
+
+        def stop(m, a, o):  # an older core (AWQ_BENCH_CORE_ROOT)
             raise C._StopForward
         h = blocks[len(blocks) - 1].register_forward_hook(stop)
         try:
-            with torch.no_grad(), keep_freed_memory():
+            with torch.no_grad():
                 for b in C._batches(calib, BATCH_TOKENS):
                     try:
                         lm.model(input_ids=b, use_cache=False)

@@ -281,6 +281,29 @@ def _forward_blocks(lm: LoadedModel, ids: torch.Tensor) -> None:
         pass
 
 
+def _between_layers(module: nn.Module, args: tuple, output: object) -> None:
+    alloc.bound_retained()  # a forward hook on every block: what keep_freed_memory keeps stays bounded
+
+
+def bare_forward(lm: LoadedModel, calib: torch.Tensor, batch_tokens: int = 4096) -> None:
+    """The forward pass :func:`collect` runs over ``calib [n, seqlen]`` (same batches, same allocator scope, up to
+    the end of the last block), without its statistics hooks: the benchmark's baseline for their cost."""
+    _, blocks = find_blocks(lm.model)
+
+    def stop_hook(module, args, output):
+        raise _StopForward
+
+    with model_lock(lm.model), torch.no_grad(), alloc.keep_freed_memory():
+        handles = [b.register_forward_hook(_between_layers) for b in blocks]
+        handles.append(blocks[len(blocks) - 1].register_forward_hook(stop_hook))
+        try:
+            for b in _batches(calib, batch_tokens):
+                _forward_blocks(lm, b)
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def _batches(blocks: torch.Tensor, batch_tokens: int) -> list[torch.Tensor]:
     per = max(1, int(batch_tokens) // blocks.shape[1])
     return [blocks[i : i + per] for i in range(0, blocks.shape[0], per)]
@@ -377,6 +400,7 @@ def collect(
     # every layer (core.alloc; ~10% of a pass otherwise, and the pass's length no longer depends on heap history)
     with model_lock(lm.model), torch.no_grad(), alloc.keep_freed_memory():
         handles = [mods[n].register_forward_pre_hook(pre_hook(n)) for n in names]
+        handles += [b.register_forward_hook(_between_layers) for b in blocks]
         handles.append(blocks[len(blocks) - 1].register_forward_hook(stop_hook))
         try:
             batches = _batches(calib, batch_tokens)

@@ -252,6 +252,11 @@ with alloc.keep_freed_memory():
         out["kept"] = [faults(churn) for _ in range(6)]
         out["kept_rss_growth_mb"] = rss_mb() - start
         out["mmapped_inside"] = mmapped(96)
+        out["bound_default"] = alloc.bound_retained()  # 448-512 MiB kept, over the 256 MiB floor of a small process: trimmed
+        out["rss_after_bound_mb"] = rss_mb() - start
+        out["bound_again"] = alloc.bound_retained()
+        out["kept_after_bound"] = faults(churn)  # the heap's blocks are still there: faulted in again, not grown
+        out["rss_growth_before_exit_mb"] = rss_mb() - start
 out["rss_growth_after_exit_mb"] = rss_mb() - start
 out["mmapped_after"] = mmapped(2048)  # more than the heap holds free
 out["depth"] = alloc._depth
@@ -261,7 +266,8 @@ print(json.dumps(out))
 
 def test_keep_freed_memory_stops_refaulting_and_gives_memory_back():
     """core.alloc under glibc: 64 MiB blocks are page-faulted in afresh on every allocation by default (16,384
-    pages each) and reuse the heap inside keep_freed_memory; after the outermost exit the kept memory is returned
+    pages each) and reuse the heap inside keep_freed_memory; bound_retained returns what is kept once it has grown
+    past its limit; after the outermost exit the kept memory is returned
     (malloc_trim) and a block larger than the heap now holds free is mmapped again, as glibc does by default."""
     import json
     import subprocess
@@ -280,6 +286,10 @@ def test_keep_freed_memory_stops_refaulting_and_gives_memory_back():
     assert out["kept"][-1] < 0.05 * pages, out  # the steady state: the heap's free blocks are reused
     assert out["kept_rss_growth_mb"] < 1024, out  # bounded: a few rounds' worth at most
     assert out["mmapped_inside"] == 0, out
+    # bound_retained gives the kept memory back once it has grown past its limit, and only then
+    assert out["bound_default"] is True and out["rss_after_bound_mb"] < 64, out
+    assert out["bound_again"] is False, out
+    assert out["kept_after_bound"] >= 0.9 * pages // 4 and out["rss_growth_before_exit_mb"] < 300, out
     assert out["rss_growth_after_exit_mb"] < 32, out
     assert out["mmapped_after"] == 1, out  # glibc's behaviour is back
     assert out["depth"] == 0
