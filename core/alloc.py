@@ -87,6 +87,12 @@ def _not_in_use(libc: ctypes.CDLL) -> int:
     return _resident() - libc.mallinfo2().uordblks
 
 
+def for_blocks_of(nbytes: int) -> contextlib.AbstractContextManager:
+    """:func:`keep_freed_memory` for a loop whose largest temporaries are ``nbytes``, if they are over glibc's mmap
+    ceiling (32 MiB); below it glibc serves them from its heap already, and the scope would only cost."""
+    return keep_freed_memory() if nbytes > _STEADY_MMAP_THRESHOLD else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def keep_freed_memory() -> Iterator[None]:
     """Serve every allocation from the heap and keep freed memory until the outermost ``with`` exits.

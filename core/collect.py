@@ -285,6 +285,14 @@ def _between_layers(module: nn.Module, args: tuple, output: object) -> None:
     alloc.bound_retained()  # a forward hook on every block: what keep_freed_memory keeps stays bounded
 
 
+def _allocator_scope(lm: LoadedModel, ids: torch.Tensor, batch_tokens: int):
+    """core.alloc's scope for a forward over ``ids [n, seqlen]`` in batches: the largest temporaries of a batch are
+    ``[tokens, widest linear]`` float32."""
+    width = max((max(li.in_features, li.out_features) for li in lm.linears), default=0)
+    tokens = min(int(ids.numel()), max(1, int(batch_tokens) // max(1, ids.shape[-1])) * ids.shape[-1])
+    return alloc.for_blocks_of(tokens * width * 4)
+
+
 def bare_forward(lm: LoadedModel, calib: torch.Tensor, batch_tokens: int = 4096) -> None:
     """The forward pass :func:`collect` runs over ``calib [n, seqlen]`` (same batches, same allocator scope, up to
     the end of the last block), without its statistics hooks: the benchmark's baseline for their cost."""
@@ -293,7 +301,7 @@ def bare_forward(lm: LoadedModel, calib: torch.Tensor, batch_tokens: int = 4096)
     def stop_hook(module, args, output):
         raise _StopForward
 
-    with model_lock(lm.model), torch.no_grad(), alloc.keep_freed_memory():
+    with model_lock(lm.model), torch.no_grad(), _allocator_scope(lm, calib, batch_tokens):
         handles = [b.register_forward_hook(_between_layers) for b in blocks]
         handles.append(blocks[len(blocks) - 1].register_forward_hook(stop_hook))
         try:
@@ -396,9 +404,9 @@ def collect(
 
     mods = lm.modules
     _, blocks = find_blocks(lm.model)
-    # keep_freed_memory: the forward's large temporaries reuse the heap instead of being page-faulted in afresh in
-    # every layer (core.alloc; ~10% of a pass otherwise, and the pass's length no longer depends on heap history)
-    with model_lock(lm.model), torch.no_grad(), alloc.keep_freed_memory():
+    # core.alloc: the forward's temporaries over 32 MiB reuse the heap instead of being page-faulted in afresh in
+    # every layer (~10% of a pass otherwise, and the pass's length no longer depends on heap history)
+    with model_lock(lm.model), torch.no_grad(), _allocator_scope(lm, calib, batch_tokens):
         handles = [mods[n].register_forward_pre_hook(pre_hook(n)) for n in names]
         handles += [b.register_forward_hook(_between_layers) for b in blocks]
         handles.append(blocks[len(blocks) - 1].register_forward_hook(stop_hook))

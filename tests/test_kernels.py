@@ -302,3 +302,14 @@ def test_keep_freed_memory_restores_on_error():
         with alloc.keep_freed_memory():
             raise collect.CollectError("boom")
     assert alloc._depth == 0
+
+
+def test_allocator_scope_only_for_blocks_over_glibcs_mmap_ceiling():
+    """collect enters keep_freed_memory only when a batch's [tokens, widest linear] activations are over 32 MiB
+    (SmolLM2 at 4096 tokens: 25 MB, served from glibc's heap already; the Qwen2.5-0.5B shape: 80 MB)."""
+    import contextlib
+
+    from core import alloc
+
+    assert isinstance(alloc.for_blocks_of(32 * 2**20), contextlib.nullcontext)
+    assert not isinstance(alloc.for_blocks_of(32 * 2**20 + 1), contextlib.nullcontext)
