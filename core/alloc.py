@@ -9,9 +9,11 @@ the kernel, and a pass that takes 30 s or 35-40 s depending on where earlier all
 :func:`keep_freed_memory` every block comes from the heap and nothing is returned, so each layer reuses what the
 one before freed (the first layer faults its working set in once); on exit the settings go back to glibc's
 steady state and ``malloc_trim`` returns the free pages, so the process's resident size after the loop is what it
-would have been. The price is a higher peak while inside: glibc's heap grows for a few rounds before its free
-blocks fit the padded requests of ``posix_memalign`` (torch's CPU allocator), a few hundred MB on that model
-(first collection 3.5-3.7 GB at peak, 3.4-3.5 GB without; ``bench/run.py --only collect`` reports it).
+would have been. The risk is a higher peak while inside: glibc's heap grows for a few rounds before its free
+blocks fit the padded requests of ``posix_memalign`` (torch's CPU allocator), and can fragment further; so
+:func:`bound_retained`, called between layers, gives the kept memory back once it has grown past a limit. On that
+model the first collection peaked at 3408-3409 MiB with the bound, 3410-4218 MiB without it, 3404-3522 MiB with
+glibc's defaults (``bench/run.py --only collect`` reports it).
 
 Elsewhere (macOS, musl, Windows) this is a no-op: those allocators do not have this problem in this form, or do
 not expose these knobs.
