@@ -287,10 +287,11 @@ def _between_layers(module: nn.Module, args: tuple, output: object) -> None:
 
 def _allocator_scope(lm: LoadedModel, ids: torch.Tensor, batch_tokens: int):
     """core.alloc's scope for a forward over ``ids [n, seqlen]`` in batches: the largest temporaries of a batch are
-    ``[tokens, widest linear]`` float32."""
+    ``[tokens, widest linear]`` in the model's dtype."""
     width = max((max(li.in_features, li.out_features) for li in lm.linears), default=0)
     tokens = min(int(ids.numel()), max(1, int(batch_tokens) // max(1, ids.shape[-1])) * ids.shape[-1])
-    return alloc.for_blocks_of(tokens * width * 4)
+    itemsize = next(lm.model.parameters()).element_size()  # activations come out in the weights' dtype
+    return alloc.for_blocks_of(tokens * width * itemsize)
 
 
 def bare_forward(lm: LoadedModel, calib: torch.Tensor, batch_tokens: int = 4096) -> None:
