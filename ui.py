@@ -16,14 +16,14 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from core import figures, metrics, views
+from core.present import figures, views
+from core.grids import metrics
 from core.analysis import Analysis, AnalysisSettings, analyze, list_cached, open_entry
-from core.calibration import BUNDLED_TEXT, HUB_TEXTS, CalibrationError, CalibrationSpec, decode_text
-from core.models import (BUNDLED_MODELS, MINILM, SMOLLM2, ModelLoadError, canonical_model, layer_widths,
-                         looks_like_path)
-from core.quant import default_group_size, model_group_sizes
-from core.store import CacheError
-from core.sweep import SweepSettings
+from core.model.calibration import BUNDLED_TEXT, HUB_TEXTS, CalibrationError, CalibrationSpec, decode_text
+from core.model.models import (BUNDLED_MODELS, MINILM, SMOLLM2, ModelLoadError, canonical_model, layer_widths, looks_like_path)
+from core.grids.quant import default_group_size, model_group_sizes
+from core.model.store import CacheError
+from core.studies.sweep import SweepSettings
 
 ROOT = Path(__file__).resolve().parent
 SHARED_LAYER = "shared_layer"  # session state: the linear Layer Lab, Clipping, How AWQ works and Methods show
@@ -642,8 +642,9 @@ def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key:
 def methods_section(a: Analysis, name: str, *, bits: int, group_size: int, zero_point: bool, alpha: float) -> None:
     """Every method on this layer at the Layer Lab's bits / group size: one bar chart, one table, exportable."""
     from core import methods as core_methods
+    from core.grids.spec import QuantSpec
 
-    labels = {k: v.label for k, v in core_methods.METHODS.items()}
+    labels = {k: core_methods.METHODS[k].label for k in core_methods.LAYER_METHODS}
     picked = st.multiselect("Methods", list(labels), default=list(labels), format_func=labels.get, key="lab_methods",
                             help="AWQ appears at the best alpha of its grid search and at the slider's alpha.")
     if not picked:
@@ -651,8 +652,7 @@ def methods_section(a: Analysis, name: str, *, bits: int, group_size: int, zero_
         return
     t0 = time.perf_counter()
     try:
-        df = a.compare_methods(name, bits=bits, group_size=group_size, zero_point=zero_point, alpha=alpha,
-                               methods=picked)
+        df = a.compare_methods(name, QuantSpec(bits, group_size, zero_point), alpha=alpha, methods=picked)
     except USER_ERRORS as e:
         st.error(readable(e))
         return

@@ -24,7 +24,7 @@ from pathlib import Path
 
 def bench_first_open(workdir: Path, core_root: Path) -> dict:
     from core.analysis import AnalysisSettings
-    from core.gguf_file import MANIFEST, MODELS_DIR
+    from core.model.gguf_file import MANIFEST, MODELS_DIR
 
     d = AnalysisSettings()
     cache = Path(workdir) / "first_open_cache"

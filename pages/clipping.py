@@ -2,7 +2,8 @@
 import streamlit as st
 
 import ui
-from core import awq, figures, views
+from core.methods import awq_search as awq
+from core.present import figures, views
 
 a = ui.require_analysis()
 st.title("Clipping")

@@ -2,7 +2,7 @@
 import streamlit as st
 
 import ui
-from core import figures, views
+from core.present import figures, views
 from core.analysis import list_cached
 
 ui.page_guard()

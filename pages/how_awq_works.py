@@ -2,7 +2,7 @@
 import streamlit as st
 
 import ui
-from core import figures, views
+from core.present import figures, views
 
 a = ui.require_analysis()
 ui.mark_intro_seen()

@@ -4,7 +4,8 @@ import time
 import streamlit as st
 
 import ui
-from core import figures, metrics, views
+from core.present import figures, views
+from core.grids import metrics
 from core.analysis import Analysis
 
 a = ui.require_analysis()

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core import figures, views
+from core.present import figures, views
 
 a = ui.require_analysis()
 st.title("Model quality")
@@ -13,14 +13,14 @@ st.caption("Whole-model fake quantization (weights replaced by Q(W·s)/s, restor
            "similarity of the embeddings and hidden-state error. Beside it, the layer-level gain of the sweep.")
 
 try:
-    from core import evaluate
+    from core.studies import evaluate
 except ImportError:
     st.info("Whole-model evaluation (core.evaluate) is not part of this build yet.")
     st.stop()
 
 MODES = list(evaluate.MODES)
 c1, c2, c3, c4 = st.columns([4, 2, 1, 1])
-modes = c1.multiselect("Modes", MODES, default=MODES, key="mq_modes", help="\n".join(f"- **{m}**: {d}" for m, d in evaluate.MODE_DEFINITIONS.items()))
+modes = c1.multiselect("Modes", MODES, default=list(evaluate.DEFAULT_MODES), key="mq_modes", help="\n".join(f"- **{m}**: {d}" for m, d in evaluate.MODE_DEFINITIONS.items()))
 bits = c2.multiselect("Bits", list(range(2, 9)), default=[3, 4], key="mq_bits")
 groups = [g for g in (32, 64, 128, 256) if any(int(f) % g == 0 for f in a.linears["in_features"])] + [0]
 default_g = a.settings.sweep.group_size if a.settings.sweep.group_size in groups else groups[0]

@@ -2,7 +2,8 @@
 import streamlit as st
 
 import ui
-from core import figures, metrics, views
+from core.present import figures, views
+from core.grids import metrics
 
 a = ui.require_analysis()
 st.title("Overview")

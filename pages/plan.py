@@ -2,9 +2,11 @@
 import streamlit as st
 
 import ui
-from core import alpha_predict, figures, metrics
-from core import plan as P
-from core import plan_export as PE
+from core.studies import alpha_predict
+from core.present import figures
+from core.grids import metrics
+from core.studies import plan as P
+from core.studies import plan_export as PE
 
 a = ui.require_analysis()
 st.title("Plan")

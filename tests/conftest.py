@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from core.models import minilm_path  # noqa: E402
+from core.model.models import minilm_path  # noqa: E402
 
 VOCAB = 30522  # the bundled BERT (MiniLM) tokenizer's vocabulary, so tiny models can share it
 
@@ -74,7 +74,7 @@ def llm_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_folder(llm_cache) -> Path:
     """The converted (safetensors) folder of the bundled SmolLM2 GGUF inside ``llm_cache``."""
-    from core.models import resolve_source
+    from core.model.models import resolve_source
 
     return Path(resolve_source("smollm2", cache_dir=llm_cache).path)
 
@@ -95,8 +95,8 @@ def tiny_dir(tmp_path_factory):
 
 def tiny_settings(model_dir: str, tokenizer_dir: str, **kw):
     from core.analysis import AnalysisSettings
-    from core.calibration import CalibrationSpec
-    from core.sweep import SweepSettings
+    from core.model.calibration import CalibrationSpec
+    from core.studies.sweep import SweepSettings
 
     cal = kw.pop("calibration", CalibrationSpec(n_samples=4, seqlen=64, heldout_samples=2))
     sweep = kw.pop("sweep", SweepSettings(bits=(3, 4), group_size=32, n_grid=10))

@@ -19,9 +19,9 @@ from streamlit.testing.v1 import AppTest
 
 from app_harness import PAGES, ROOT, ensure_bundled, navigation_mode, shared_cache
 from conftest import tiny_settings
-from core import figures, views
+from core.present import figures, views
 from core.analysis import analyze, list_cached, open_entry
-from core.models import BUNDLED_ID
+from core.model.models import BUNDLED_ID
 
 APP = str(ROOT / "app.py")
 TIMEOUT = 300  # seconds per AppTest run; a first open analyzes the bundled model (tens of seconds on 2 cores)
@@ -323,7 +323,7 @@ def test_layer_lab_controls_recompute_exactly_what_the_engine_computes(tiny):
 # --- model quality (issue 4) --------------------------------------------------------------------------
 
 def test_model_quality_page_runs_and_shows_the_cached_results(tiny):
-    from core import evaluate
+    from core.studies import evaluate
 
     a = tiny["qwen2"]
     at = open_app(a)
@@ -401,7 +401,7 @@ def test_bad_input_shows_a_readable_error_and_keeps_the_app_usable(tiny, cache, 
 
 def test_sidebar_analyze_of_a_local_folder_switches_the_pages_to_it(cache, tiny, tiny_dir, tokenizer_dir):
     """The whole sidebar path: folder + tokenizer + uploaded text + settings -> Analyze -> pages show it."""
-    from core.calibration import bundled_text
+    from core.model.calibration import bundled_text
 
     text = bundled_text()[:40_000].encode()
     at = open_app(tiny["qwen2"])
@@ -463,7 +463,7 @@ def test_figure_pack_zip_holds_every_format_and_the_3d_surfaces(tiny):
 def test_figure_pack_names_each_quantity_once_and_shows_the_layer_on_screen(tiny):
     """The error-vs-alpha figure is described as the relative output error (what it plots), in the README and
     the CSV header alike, and the layer figures are of the layer picked on screen, not another one."""
-    from core import metrics
+    from core.grids import metrics
 
     a = tiny["qwen2"]
     layer = next(n for n in a.names if n != views.best_layer(a, 3))
@@ -521,7 +521,7 @@ def test_3d_view_html_is_self_contained_for_offline_use():
 
 def test_empty_upload_is_refused_before_anything_is_written(cache):
     import ui
-    from core.calibration import CalibrationError
+    from core.model.calibration import CalibrationError
 
     class Upload:
         name = "empty.txt"
@@ -674,8 +674,8 @@ def test_hockey_stick_has_no_invented_points(tiny):
 
 def test_compare_labels_name_the_settings_that_differ_and_preselect_the_last_two(cache, tiny_dir, tokenizer_dir, tiny,
                                                                                  monkeypatch):
-    from core.calibration import CalibrationSpec
-    from core.sweep import SweepSettings
+    from core.model.calibration import CalibrationSpec
+    from core.studies.sweep import SweepSettings
 
     cmp_cache = cache / "compare"
     cmp_cache.mkdir(exist_ok=True)

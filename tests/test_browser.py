@@ -17,7 +17,8 @@ import pytest
 
 from app_harness import (CHROMIUM, CHROMIUM_ARGS, PAGES, ensure_bundled, metric_value, settle, shared_cache,
                          streamlit_server)
-from core import awq, views
+from core.methods import awq_search as awq
+from core.present import views
 from core.analysis import open_entry
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, build_tiny, tiny_settings
-from core import calibration, collect, models, store
+from core.model import calibration, collect, linears, models, store
 from core.analysis import analyze, list_cached
 
 FAMILIES = {
@@ -42,14 +42,14 @@ def test_family_mapping_and_layout(kind):
 
 
 def test_family_names_of_other_schemes():
-    assert models.family_of("self_attention.query_key_value") == "qkv"
-    assert models.family_of("attn.Wqkv") == "qkv"
-    assert models.family_of("self_attn.qkv_proj") == "qkv"
-    assert models.family_of("mlp.gate_up_proj") == "gate_up"
-    assert models.family_of("mlp.dense_4h_to_h") == "down"
-    assert models.family_of("attention.output.dense") == "o"
-    assert models.family_of("intermediate.dense") == "up"
-    assert models.family_of("output.dense") == "down"
+    assert linears.family_of("self_attention.query_key_value") == "qkv"
+    assert linears.family_of("attn.Wqkv") == "qkv"
+    assert linears.family_of("self_attn.qkv_proj") == "qkv"
+    assert linears.family_of("mlp.gate_up_proj") == "gate_up"
+    assert linears.family_of("mlp.dense_4h_to_h") == "down"
+    assert linears.family_of("attention.output.dense") == "o"
+    assert linears.family_of("intermediate.dense") == "up"
+    assert linears.family_of("output.dense") == "down"
 
 
 def _tokens(n=6, seqlen=32, seed=0):

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_settings
-from core import awq, evaluate, grouped, models
+from core import methods
+from core.methods import awq_search as awq, grouped, recipe
+from core.studies import evaluate
+from core.model import blocks, linears, models, score
 from core.analysis import analyze, open_entry
 from core.quant import pseudo_quantize
 
@@ -90,7 +93,7 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
     budget = dict(zip(df["mode"], df["search_tokens"]))
     assert {m: budget[m] for m in AWQ_MODES} == {"fp": 0, "rtn": 0, "awq": 0, "awq-grouped": n_calib,
                                                  "awq-clip": n_calib, "const-alpha": n_calib}
-    assert all(budget[m] == (n_calib if evaluate.MODE_REGISTRY[m].budget else 0) for m in evaluate.MODE_REGISTRY)
+    assert all(budget[m] == (n_calib if methods.METHODS[m].budget else 0) for m in methods.MODEL_METHODS)
     assert evaluate.estimate_units(a, list(evaluate.MODES), [8, 2]) > 1 + 10
 
     for mode in evaluate.MODES[1:]:
@@ -126,14 +129,14 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
 def test_weights_restored_when_evaluation_fails(tiny_analysis, monkeypatch):
     a = tiny_analysis("llama")
     before = state(a.lm.model)
-    real, calls = evaluate._output, []
+    real, calls = score.output, []
 
     def flaky(lm, ids):
         calls.append(1)
         if len(calls) == 2:  # the first forward after the weights were quantized
             raise RuntimeError("boom")
         return real(lm, ids)
-    monkeypatch.setattr(evaluate, "_output", flaky)
+    monkeypatch.setattr(score, "output", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate.run_quality(a, modes=["rtn"], bits=[3], group_size=GS)
     assert_bit_identical(a.lm.model, before)
@@ -149,29 +152,29 @@ def test_folded_scales_leave_every_block_output_unchanged(kind, tiny_analysis):
     assert len(gr.of_block(0)) == per_block and len(gr.skipped) == (0 if kind == "llama" else 2)
     assert {g.prev_kind for g in gr.groups} == {"norm", "linear"}  # o_proj has no group under GQA, down_proj has
     before = state(lm.model)
-    snap = grouped.snapshot(lm)
+    snap = blocks.snapshot(lm)
     ids = torch.randint(100, 30000, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     data = evaluate.eval_data(a, lm)
     searched = grouped.search_grouped(lm, gr, data.calib, snap, bits=[3], group_size=GS, n_grid=10)
     gen = torch.Generator().manual_seed(0)
-    random_plan = grouped.Plan(bits=None, group_size=GS)
+    random_plan = recipe.Recipe(bits=None, group_size=GS)
     for g in gr.groups:
         n_in = lm.weight(g.linears[0]).shape[1]
-        grouped.add_group(random_plan, g, torch.exp(torch.randn(n_in, generator=gen)))  # s in ~[0.05, 20]
+        recipe.add_group(random_plan, g, torch.exp(torch.randn(n_in, generator=gen)))  # s in ~[0.05, 20]
     searched_plan = searched.plans[3]
     searched_plan.bits = None  # fold the searched scales, no quantization
     for plan in (random_plan, searched_plan):
         assert plan.norm and plan.row and not plan.unscale  # folded into norms and preceding linears
-        grouped.apply_plan(lm, plan, snap)
+        recipe.apply_recipe(lm, plan, snap)
         try:
             norm = lm.model.get_submodule(next(iter(plan.norm)))
             assert not torch.equal(norm.weight, snap[f"{next(iter(plan.norm))}.weight"])  # the fold really happened
             with torch.no_grad():
                 out = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
         finally:
-            grouped.restore(lm, snap)
+            blocks.restore(lm, snap)
         for h, r in zip(out, ref):  # embeddings, then the output of every block
             torch.testing.assert_close(h, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
     assert_bit_identical(lm.model, before)
@@ -182,7 +185,7 @@ def test_grouped_search_never_above_rtn(kind, tiny_analysis):
     a = tiny_analysis(kind)
     lm = a.lm
     gr = grouped.build_grouping(lm, {})
-    snap = grouped.snapshot(lm)
+    snap = blocks.snapshot(lm)
     data = evaluate.eval_data(a, lm)
     before = state(lm.model)
     res = grouped.search_grouped(lm, gr, data.calib, snap, bits=[2, 4], group_size=GS, n_grid=10, clip=True)
@@ -195,7 +198,7 @@ def test_grouped_search_never_above_rtn(kind, tiny_analysis):
         assert any("down_proj" in n for n in res.clips[b])
 
     # alpha 0 is exactly RTN: recompute RTN's loss of block 0's module-scored groups independently
-    cap = grouped.capture_block(lm, 0, data.calib, batch_tokens=4096, linears=set(),
+    cap = blocks.capture_block(lm, 0, data.calib, batch_tokens=4096, linears=set(),
                                 modules={g.inspect for g in gr.of_block(0) if g.inspect})
     for s in res.searches[4][:len(gr.of_block(0))]:
         g = s.group
@@ -203,13 +206,13 @@ def test_grouped_search_never_above_rtn(kind, tiny_analysis):
             continue
         mod = lm.model.get_submodule(g.inspect)
         with torch.no_grad():
-            ref = [grouped.first_output(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
+            ref = [blocks.first_output(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
             for n in g.linears:
-                models.set_linear_weight(lm.model.get_submodule(n), pseudo_quantize(lm.weight(n), 4, GS))
+                linears.set_linear_weight(lm.model.get_submodule(n), pseudo_quantize(lm.weight(n), 4, GS))
             try:
-                out = [grouped.first_output(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
+                out = [blocks.first_output(mod(*ar, **kw)) for ar, kw in cap.calls[g.inspect]]
             finally:
-                grouped.restore(lm, snap)
+                blocks.restore(lm, snap)
         mse = sum(float((r - o).double().pow(2).sum()) for r, o in zip(ref, out)) / sum(r.numel() for r in ref)
         assert s.rtn_loss == pytest.approx(mse, rel=1e-6)
 
@@ -217,8 +220,8 @@ def test_grouped_search_never_above_rtn(kind, tiny_analysis):
     x = torch.randn(600, 64, dtype=torch.float32) * torch.linspace(0.1, 5, 64)
     w = torch.randn(96, 64)
     sc = awq.awq_scales(x.abs().mean(0), awq.alpha_grid(10))
-    direct = grouped.linear_losses(w, x, sc, n_bit=3, group_size=GS, zero_point=True)
-    viag = grouped.linear_losses(w, None, sc, n_bit=3, group_size=GS, zero_point=True,
+    direct = grouped.linear_losses(w, x, sc, bits=3, group_size=GS, zero_point=True)
+    viag = grouped.linear_losses(w, None, sc, bits=3, group_size=GS, zero_point=True,
                                  gram_matrix=grouped.gram(x), n_tokens=600)
     torch.testing.assert_close(viag, direct, rtol=1e-5, atol=0)
 
@@ -226,7 +229,10 @@ def test_grouped_search_never_above_rtn(kind, tiny_analysis):
 def test_per_linear_awq_uses_the_sweep_when_it_matches(tiny_analysis):
     a = tiny_analysis("qwen2")
     s = a.settings.sweep
-    plan, rows = evaluate._awq_plan(a, a.lm, s.bits[0], s.group_size, s.zero_point, s.n_grid)
+    ctx = methods.ModelContext(a, a.lm, evaluate.eval_data(a, a.lm), blocks.snapshot(a.lm), ("awq",), (s.bits[0],),
+                               s.group_size, s.zero_point, s.n_grid, a.settings.batch_tokens, 512, 256)
+    plan = methods.METHODS["awq"].model(ctx, ctx.spec(s.bits[0]), methods.awq.AWQOptions(), lambda f, m: None)
+    rows = ctx.search_rows
     for li in a.lm.linears:
         c = a.alpha_curve(li.name, bits=s.bits[0], group_size=s.group_size, zero_point=s.zero_point, n_grid=s.n_grid)
         assert torch.equal(plan.col[li.name], c.scales)
@@ -312,7 +318,7 @@ def test_cli_evaluate_json(tiny_dir, tokenizer_dir, tmp_path):
 # the KL report's statistics on hand-made distributions
 # --------------------------------------------------------------------------------------------------
 def test_token_divergence_percentile_and_perplexity_se_by_hand():
-    from core import metrics
+    from core.grids import metrics
 
     p = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]], dtype=torch.float64)
     q = torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.6, 0.3]], dtype=torch.float64)
@@ -418,7 +424,7 @@ def test_fast_grouped_search_equals_straightforward(kind, tiny_analysis):
     lm = a.lm
     input_of = dict(zip(a.linears["name"], a.linears["input_key"]))
     gr = grouped.build_grouping(lm, input_of)
-    snap = grouped.snapshot(lm)
+    snap = blocks.snapshot(lm)
     calib = evaluate.eval_data(a, lm).calib
     kw = dict(bits=[2, 4], group_size=GS, n_grid=5, clip=True, batch_tokens=128, input_of=input_of)
     fast = grouped.search_grouped(lm, gr, calib, snap, **kw)
@@ -430,4 +436,4 @@ def test_fast_grouped_search_equals_straightforward(kind, tiny_analysis):
         assert fast.clips[b].keys() == slow.clips[b].keys()
         assert all(torch.equal(fast.clips[b][n], slow.clips[b][n]) for n in fast.clips[b])
     with pytest.raises(ValueError, match="in order"):
-        grouped.BlockInputs(lm, calib[:1], batch_tokens=128).capture(1, linears=set(), modules=set())
+        blocks.BlockInputs(lm, calib[:1], batch_tokens=128).capture(1, linears=set(), modules=set())

@@ -12,13 +12,12 @@ import torch
 
 from conftest import ROOT, tiny_settings
 
-from core import gguf_file
+from core.model import gguf_file
 from core.analysis import AnalysisSettings, analyze, cache_key, model_identity
-from core.calibration import CalibrationSpec
-from core.models import (BUNDLED_MODELS, MINILM_ID, SMOLLM2_ID, ModelLoadError, canonical_model, layer_widths,
-                         load_model)
-from core.quant import check_model_group_size, default_group_size, model_group_sizes
-from core.sweep import SweepSettings
+from core.model.calibration import CalibrationSpec
+from core.model.models import (BUNDLED_MODELS, MINILM_ID, SMOLLM2_ID, ModelLoadError, canonical_model, layer_widths, load_model)
+from core.grids.quant import check_model_group_size, default_group_size, model_group_sizes
+from core.studies.sweep import SweepSettings
 
 N_HEAD, N_KV = 4, 2
 
@@ -265,7 +264,7 @@ def test_model_names_and_identity():
 
 def test_cli_defaults_are_the_first_open_settings(tmp_path):
     from core.cli import build_parser
-    from core.cli_common import settings_from_args
+    from core.cli.common import settings_from_args
 
     args = build_parser().parse_args(["analyze", "--cache-dir", str(tmp_path)])
     assert args.group_size == "auto" and args.model == "smollm2"
@@ -322,7 +321,7 @@ def tiny_llama_analysis(tiny_dir, tokenizer_dir, tmp_path_factory):
 def test_a_partially_dividing_group_size_is_refused_everywhere(tiny_llama_analysis, tiny_dir, tokenizer_dir, tmp_path):
     """Widths 64 and 128: group 128 fits only the down projections, so analyze, Layer Lab and evaluate refuse it
     with the same sentence."""
-    from core.evaluate import check_group_size, run_quality
+    from core.studies.evaluate import check_group_size, run_quality
 
     a = tiny_llama_analysis
     widths = [int(w) for w in a.linears["in_features"]]

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from core import quant
+from core.grids import quant
 from core.gptq import gptq_quantize
 from core.quant import pseudo_quantize
 

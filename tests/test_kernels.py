@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import awq, collect, kernels, quant
+from core.methods import awq_search as awq
+from core.model import collect
+from core.grids import kernels, quant
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels unavailable: {kernels.status()}")
 
@@ -212,7 +214,7 @@ def test_sweep_errors_reuse_the_calibration_pass(monkeypatch, fused):
 
 _ALLOC_PROBE = r"""
 import ctypes, json, resource, torch
-from core import alloc
+from core.grids import alloc
 torch.set_num_threads(1)
 
 class MallInfo2(ctypes.Structure):
@@ -296,7 +298,7 @@ def test_keep_freed_memory_stops_refaulting_and_gives_memory_back():
 
 
 def test_keep_freed_memory_restores_on_error():
-    from core import alloc
+    from core.grids import alloc
 
     with pytest.raises(collect.CollectError):
         with alloc.keep_freed_memory():
@@ -309,7 +311,7 @@ def test_allocator_scope_only_for_blocks_over_glibcs_mmap_ceiling():
     (SmolLM2 at 4096 tokens: 25 MB, served from glibc's heap already; the Qwen2.5-0.5B shape: 80 MB)."""
     import contextlib
 
-    from core import alloc
+    from core.grids import alloc
 
     assert isinstance(alloc.for_blocks_of(32 * 2**20), contextlib.nullcontext)
     assert not isinstance(alloc.for_blocks_of(32 * 2**20 + 1), contextlib.nullcontext)

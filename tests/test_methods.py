@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import mse_clip, rotation
+from core.methods import rtn_mse as mse_clip, rotated_rtn as rotation
 from core.quant import pseudo_quantize
 
 
@@ -80,6 +80,8 @@ def test_rotated_rtn_spreads_outlier_columns():
 
 # --- the registry --------------------------------------------------------------------------------------------
 from core import methods as M  # noqa: E402
+from core.grids.spec import QuantSpec  # noqa: E402
+from core.studies import methods_table  # noqa: E402
 from core.gptq import gptq_quantize  # noqa: E402
 
 
@@ -93,17 +95,17 @@ def _layer(seed=0, out=48, d=128, n=384):
 
 
 def test_registry_names_and_specs():
-    assert list(M.METHODS) == ["rtn", "rtn-mse", "awq", "awq-clip", "gptq", "gptq-act", "hqq", "rotated-rtn"]
-    assert {k for k, v in M.METHODS.items() if not v.needs_data} == {"rtn", "rtn-mse", "hqq", "rotated-rtn"}
+    assert list(M.LAYER_METHODS) == ["rtn", "rtn-mse", "awq", "awq-clip", "gptq", "gptq-act", "hqq", "rotated-rtn"]
+    assert {k for k in M.LAYER_METHODS if not M.METHODS[k].needs_data} == {"rtn", "rtn-mse", "hqq", "rotated-rtn"}
 
 
-@pytest.mark.parametrize("method", list(M.METHODS))
+@pytest.mark.parametrize("method", list(M.LAYER_METHODS))
 @pytest.mark.parametrize("g", [32, 0])
 def test_every_method_quantizes(method, g):
     w, x, _ = _layer()
     w0 = w.clone()
     inp = M.LayerInputs(x_mean=x.abs().mean(0), x=x, hessian=x.T @ x, name="model.layers.0.mlp.down_proj")
-    q = M.quantize_layer(method, w, inp, n_bit=3, group_size=g)
+    q = M.quantize_layer(method, w, inp, QuantSpec(3, g))
     assert q.shape == w.shape and q.dtype == torch.float32 and torch.isfinite(q).all()
     assert torch.equal(w, w0)
     assert not torch.equal(q, w)
@@ -115,28 +117,28 @@ def test_registry_matches_the_primitives():
     w, x, _ = _layer(1)
     H = x.T @ x
     inp = M.LayerInputs(x_mean=x.abs().mean(0), x=x, hessian=H)
-    assert torch.equal(M.quantize_layer("rtn", w, inp, n_bit=4, group_size=32), pseudo_quantize(w, 4, 32))
-    assert torch.equal(M.quantize_layer("gptq", w, inp, n_bit=4, group_size=32),
+    assert torch.equal(M.quantize_layer("rtn", w, inp, QuantSpec(4, 32)), pseudo_quantize(w, 4, 32))
+    assert torch.equal(M.quantize_layer("gptq", w, inp, QuantSpec(4, 32)),
                        gptq_quantize(w, H, n_bit=4, group_size=32))
-    assert torch.equal(M.quantize_layer("gptq-act", w, inp, n_bit=4, group_size=0),
+    assert torch.equal(M.quantize_layer("gptq-act", w, inp, QuantSpec(4, 0)),
                        gptq_quantize(w, H, n_bit=4, group_size=0, act_order=True))
     # alpha = 0: every scale is 1, AWQ is RTN
-    assert torch.equal(M.quantize_layer("awq", w, inp, n_bit=4, group_size=32, alpha=0.0), pseudo_quantize(w, 4, 32))
+    assert torch.equal(M.quantize_layer("awq", w, inp, QuantSpec(4, 32), M.awq.AWQOptions(alpha=0.0)), pseudo_quantize(w, 4, 32))
     # Q/K are not clipped by default
     qk = M.LayerInputs(x_mean=x.abs().mean(0), x=x, name="model.layers.0.self_attn.q_proj")
-    assert torch.equal(M.quantize_layer("awq-clip", w, qk, n_bit=3, group_size=32, alpha=0.5),
-                       M.quantize_layer("awq", w, qk, n_bit=3, group_size=32, alpha=0.5))
-    assert not torch.equal(M.quantize_layer("awq-clip", w, qk, n_bit=3, group_size=32, alpha=0.5, clip_qk=True),
-                           M.quantize_layer("awq", w, qk, n_bit=3, group_size=32, alpha=0.5))
+    assert torch.equal(M.quantize_layer("awq-clip", w, qk, QuantSpec(3, 32), M.awq_clip.AWQClipOptions(alpha=0.5)),
+                       M.quantize_layer("awq", w, qk, QuantSpec(3, 32), M.awq.AWQOptions(alpha=0.5)))
+    assert not torch.equal(M.quantize_layer("awq-clip", w, qk, QuantSpec(3, 32), M.awq_clip.AWQClipOptions(alpha=0.5, clip_qk=True)),
+                           M.quantize_layer("awq", w, qk, QuantSpec(3, 32), M.awq.AWQOptions(alpha=0.5)))
     # without a stored Hessian GPTQ falls back to the sample's X^T X
     no_h = M.LayerInputs(x=x)
-    assert torch.allclose(M.quantize_layer("gptq", w, no_h, n_bit=4, group_size=32),
+    assert torch.allclose(M.quantize_layer("gptq", w, no_h, QuantSpec(4, 32)),
                           gptq_quantize(w, H, n_bit=4, group_size=32), rtol=1e-4, atol=1e-6)
 
 
 def test_rotated_rtn_weights_take_the_unrotated_input():
     w, x, _ = _layer(2)
-    q = M.quantize_layer("rotated-rtn", w, None, n_bit=8, group_size=32)
+    q = M.quantize_layer("rotated-rtn", w, None, QuantSpec(8, 32))
     rel = float((x @ (w - q).T).pow(2).sum() / (x @ w.T).pow(2).sum())
     assert rel < 1e-3
 
@@ -144,19 +146,19 @@ def test_rotated_rtn_weights_take_the_unrotated_input():
 def test_registry_bad_input():
     w, x, _ = _layer()
     with pytest.raises(ValueError, match="unknown method"):
-        M.quantize_layer("squeeze", w, None, n_bit=4, group_size=32)
+        M.quantize_layer("squeeze", w, None, QuantSpec(4, 32))
     with pytest.raises(ValueError, match="calibration input"):
-        M.quantize_layer("awq", w, M.LayerInputs(), n_bit=4, group_size=32)
+        M.quantize_layer("awq", w, M.LayerInputs(), QuantSpec(4, 32))
     with pytest.raises(ValueError, match="does not take"):
-        M.quantize_layer("rtn", w, None, n_bit=4, group_size=32, alpha=0.5)
+        M.quantize_layer("rtn", w, None, QuantSpec(4, 32), M.awq.AWQOptions(alpha=0.5))
     with pytest.raises(ValueError, match="divide"):
-        M.quantize_layer("hqq", w, None, n_bit=4, group_size=48)
+        M.quantize_layer("hqq", w, None, QuantSpec(4, 48))
 
 
 def test_compare_table():
     w, x, xh = _layer(3)
     inp = M.LayerInputs(x_mean=x.abs().mean(0), x=x, hessian=x.T @ x)
-    df = M.compare(w, inp, xh, n_bit=3, group_size=32, alpha=0.3)
+    df = methods_table.compare(w, inp, xh, QuantSpec(3, 32), alpha=0.3)
     assert df["method"].tolist() == ["rtn", "rtn-mse", "awq", "awq@0.3", "awq-clip", "gptq", "gptq-act", "hqq",
                                      "rotated-rtn"]
     r = df.set_index("method")
@@ -168,7 +170,7 @@ def test_compare_table():
 
 # --- Hessians collected in the streaming pass and kept in the cache --------------------------------------------
 from conftest import build_tiny, tiny_settings  # noqa: E402
-from core import collect, models, store  # noqa: E402
+from core.model import collect, linears, models, store  # noqa: E402
 
 
 def test_streamed_hessian_equals_xtx_of_all_inputs():
@@ -229,20 +231,22 @@ def test_analysis_keeps_hessians_and_compares_methods(tiny_analysis, tiny_dir, t
     x = a.inputs(name)
     # the sample is a subset of the tokens: its second moment estimates the full one's
     assert torch.diag(h).sum() / n_tokens == pytest.approx(float(torch.diag(x.T @ x).sum()) / x.shape[0], rel=0.3)
-    df = a.compare_methods(name, bits=3, group_size=32, alpha=0.5)
-    assert set(df["method"]) == set(M.METHODS) | {"awq@0.5"}
+    df = a.compare_methods(name, QuantSpec(3, 32), alpha=0.5)
+    assert set(df["method"]) == set(M.LAYER_METHODS) | {"awq@0.5"}
     r = df.set_index("method")
     assert r.loc["gptq", "rel_error"] < r.loc["rtn", "rel_error"]
-    w = a.quantize_layer(name, "gptq", bits=3, group_size=32)
+    w = a.quantize_layer(name, "gptq", QuantSpec(3, 32))
     assert torch.equal(w, gptq_quantize(a.weight(name), h, n_bit=3, group_size=32))
     # opting out: no Hessian file, GPTQ falls back to the sample's X^T X
     c = analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir, hessians=False), tmp_path)
     assert c.hessian(name) is None and not (c.path / store.HESSIANS).exists()
-    assert c.compare_methods(name, bits=3, group_size=32, methods=["gptq"])["rel_error"].notna().all()
+    assert c.compare_methods(name, QuantSpec(3, 32), methods=["gptq"])["rel_error"].notna().all()
 
 
 # --- whole-model weights: sequential GPTQ, AWQ + GPTQ, HQQ -----------------------------------------------------
-from core import grouped, sequential  # noqa: E402
+from core.methods import gptq, grouped, hqq  # noqa: E402
+from core.methods.base import per_linear_weights  # noqa: E402
+from core.model import blocks  # noqa: E402
 from core.hqq import hqq_quantize  # noqa: E402
 
 
@@ -260,25 +264,25 @@ def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
     lm = models.wrap_model(build_tiny(kind), tokenizer=None)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
     before = _state(lm)
-    snap = grouped.snapshot(lm)
+    snap = blocks.snapshot(lm)
     with torch.no_grad():
-        got = sequential.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64)
+        got = gptq.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64)
     assert _same_state(lm, before)
     assert set(got) == {li.name for li in lm.linears}
     b0 = [li.name for li in lm.linears if li.block == 0]
     b1 = [li.name for li in lm.linears if li.block == 1]
     # block 0 sees the fp model's inputs
-    cap0 = grouped.capture_block(lm, 0, ids, batch_tokens=64, linears=set(b0), modules=set())
+    cap0 = blocks.capture_block(lm, 0, ids, batch_tokens=64, linears=set(b0), modules=set())
     for n in b0:
         ref = gptq_quantize(lm.weight(n), grouped.gram(cap0.x[n]).float(), n_bit=3, group_size=32)
         assert torch.allclose(got[n], ref, rtol=1e-5, atol=1e-6), n
     # block 1 sees the inputs produced by the already-quantized block 0 (not the fp ones)
     with torch.no_grad():
         for n in b0:
-            models.set_linear_weight(lm.model.get_submodule(n), got[n])
-        cap1 = grouped.capture_block(lm, 1, ids, batch_tokens=64, linears=set(b1), modules=set())
-        grouped.restore(lm, snap)
-    cap1_fp = grouped.capture_block(lm, 1, ids, batch_tokens=64, linears=set(b1), modules=set())
+            linears.set_linear_weight(lm.model.get_submodule(n), got[n])
+        cap1 = blocks.capture_block(lm, 1, ids, batch_tokens=64, linears=set(b1), modules=set())
+        blocks.restore(lm, snap)
+    cap1_fp = blocks.capture_block(lm, 1, ids, batch_tokens=64, linears=set(b1), modules=set())
     n = b1[-1]
     ref_q = gptq_quantize(lm.weight(n), grouped.gram(cap1.x[n]).float(), n_bit=3, group_size=32)
     ref_fp = gptq_quantize(lm.weight(n), grouped.gram(cap1_fp.x[n]).float(), n_bit=3, group_size=32)
@@ -287,12 +291,12 @@ def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
     # AWQ + GPTQ with unit scales is GPTQ; with real scales it is GPTQ(W s, H_{X/s}) / s
     ones = {n: torch.ones(lm.weight(n).shape[1]) for n in got}
     with torch.no_grad():
-        same = sequential.awq_gptq(lm, ids, snap, ones, bits=3, group_size=32, batch_tokens=64)
+        same = gptq.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64, scales=ones)
     assert all(torch.equal(same[n], got[n]) for n in got)
     assert _same_state(lm, before)
     s = torch.rand(lm.weight(b0[0]).shape[1]) + 0.5
     w, h = lm.weight(b0[0]), grouped.gram(cap0.x[b0[0]])
-    q = sequential.gptq_with_scales(w, h, s, n_bit=3, group_size=32)
+    q = gptq.gptq_with_scales(w, h, s, bits=3, group_size=32)
     xs = cap0.x[b0[0]] / s
     assert torch.allclose(q * s, gptq_quantize(w * s, (xs.double().T @ xs.double()).float(), n_bit=3, group_size=32),
                           rtol=1e-4, atol=1e-5)
@@ -302,14 +306,14 @@ def test_sequential_restores_the_model_on_error_and_hqq():
     lm = models.wrap_model(build_tiny("llama"), tokenizer=None)
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(2))
     before = _state(lm)
-    snap = grouped.snapshot(lm)
+    snap = blocks.snapshot(lm)
 
     def boom(f, m):
         raise RuntimeError("stop")
     with pytest.raises(RuntimeError, match="stop"):
-        sequential.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64, progress=boom)
+        gptq.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64, progress=boom)
     assert _same_state(lm, before)
-    hq = sequential.hqq_weights(lm, snap, bits=3, group_size=32)
+    hq = per_linear_weights(lm, snap, QuantSpec(3, 32), hqq.layer, hqq.HQQOptions())
     assert _same_state(lm, before)
     n = lm.linears[0].name
     assert torch.equal(hq[n], hqq_quantize(lm.weight(n), n_bit=3, group_size=32))
@@ -318,20 +322,20 @@ def test_sequential_restores_the_model_on_error_and_hqq():
 def test_methods_table_winners_and_cache(tiny_analysis):
     a = tiny_analysis
     names = [n for n in a.names if n.startswith("model.layers.1.")][:3]
-    t = M.methods_table(a, bits=[3], group_size=32, names=names, methods=["rtn", "gptq", "awq"])
+    t = methods_table.methods_table(a, bits=[3], group_size=32, names=names, methods=["rtn", "gptq", "awq"])
     assert len(t) == 3 * 3 and set(t["method"]) == {"rtn", "gptq", "awq"}
     assert (t["group_size"] == 32).all() and t["rel_error_heldout"].notna().all()
-    w = M.winners(t)
+    w = methods_table.winners(t)
     assert set(w["family"]) == set(t["family"])
     assert (w["margin"] >= 1).all()
     for r in w.to_dict("records"):  # the winner has the lowest median error of its family
         fam = t[(t["family"] == r["family"]) & (t["bits"] == r["bits"])]
         assert r["winner_error"] == fam.groupby("method")["rel_error_heldout"].median().min()
-    h = M.head_to_head(t)
+    h = methods_table.head_to_head(t)
     assert len(h) == 3 and (h["ratio"] > 0).all()
-    assert M.cached_methods_table(a, bits=[3], group_size=32, compute=False) is None
+    assert methods_table.cached_methods_table(a, bits=[3], group_size=32, compute=False) is None
     with pytest.raises(ValueError, match="does not divide"):  # the model-wide rule: 48 divides no width here
-        M.methods_table(a, bits=[3], group_size=48, names=names[:1], methods=["rtn"])
+        methods_table.methods_table(a, bits=[3], group_size=48, names=names[:1], methods=["rtn"])
 
 
 def test_cli_analyze_methods(tiny_dir, tokenizer_dir, tmp_path, capsys):
@@ -354,7 +358,7 @@ def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeyp
     import json
 
     from core.analysis import analyze, open_entry
-    a = analyze(tiny_settings(tiny_dir("qwen2"), tokenizer_dir, sweep=__import__("core.sweep").sweep.SweepSettings(
+    a = analyze(tiny_settings(tiny_dir("qwen2"), tokenizer_dir, sweep=__import__("core.studies.sweep").studies.sweep.SweepSettings(
         bits=(3,), group_size=32, n_grid=10)), tmp_path)
     at = _app(tmp_path, a, monkeypatch)
     at.switch_page("pages/layer_lab.py").run()
@@ -364,8 +368,8 @@ def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeyp
     name, bits = at.selectbox(key="lab_layer").value, int(at.segmented_control(key="lab_bits").value)
     group, alpha = int(at.select_slider(key="lab_group").value), float(at.slider(key="lab_alpha").value)
     shown = at.dataframe[-1].value
-    ref = open_entry(a.path).compare_methods(name, bits=bits, group_size=group, alpha=alpha)
-    assert len(shown) == len(ref) == len(M.METHODS) + 1
+    ref = open_entry(a.path).compare_methods(name, QuantSpec(bits, group), alpha=alpha)
+    assert len(shown) == len(ref) == len(M.LAYER_METHODS) + 1
     assert sorted(shown["rel_error_heldout"].round(10)) == sorted(ref["rel_error_heldout"].round(10))
     assert any("Methods on" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
     assert "Recomputed in" in {m.label for m in at.metric}
@@ -375,16 +379,16 @@ def test_app_methods_section_and_page(tiny_dir, tokenizer_dir, tmp_path, monkeyp
     at.multiselect(key="methods_bits").set_value([3]).run()
     at.button(key="methods_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.exception]
-    t = M.cached_methods_table(open_entry(a.path), bits=[3], group_size=32, compute=False)
-    assert t is not None and len(t) == len(a.names) * len(M.METHODS)
+    t = methods_table.cached_methods_table(open_entry(a.path), bits=[3], group_size=32, compute=False)
+    assert t is not None and len(t) == len(a.names) * len(M.LAYER_METHODS)
     fam = at.dataframe[0].value
-    assert set(fam["family"]) == set(a.linears["family"]) and set(fam["winner"]) <= set(M.METHODS)
+    assert set(fam["family"]) == set(a.linears["family"]) and set(fam["winner"]) <= set(M.LAYER_METHODS)
     assert any("beat GPTQ" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
 
 
 @pytest.mark.parametrize("mode", ["gptq", "awq-gptq", "hqq"])
 def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monkeypatch):
-    from core import evaluate
+    from core.studies import evaluate
     a = tiny_analysis
     before = _state(a.lm)
     df = evaluate.run_quality(a, modes=["fp", mode], bits=[4], group_size=32)
@@ -393,14 +397,15 @@ def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monk
     fp = df[(df["mode"] == "fp") & (df["metric"] == "perplexity")]["value"].iloc[0]
     assert 0 < ppl and abs(ppl / fp - 1) < 0.5
     # a failure in the middle of the build (after some blocks were written into the model)
-    target = "core.sequential.gptq_quantize" if mode != "hqq" else "core.sequential.hqq_quantize"
+    target = "core.methods.gptq.gptq_quantize" if mode != "hqq" else "core.methods.hqq.hqq_quantize"
     calls = []
+    real = (gptq.gptq_quantize if mode != "hqq" else hqq.hqq_quantize)
 
     def boom(*args, **kw):
         calls.append(1)
         if len(calls) == 9:
             raise RuntimeError("boom")
-        return (gptq_quantize if mode != "hqq" else hqq_quantize)(*args, **kw)
+        return real(*args, **kw)
     monkeypatch.setattr(target, boom)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate.run_quality(a, modes=[mode], bits=[3], group_size=32)

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from core.metrics import bit_cost
-from core.plan import BitPlan, budget_range, solve_mck, solve_plan, uniform_plan
+from core.grids.metrics import bit_cost
+from core.studies.plan import BitPlan, budget_range, solve_mck, solve_plan, uniform_plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def smollm2_modules():
     import torch
     import transformers as tf
 
-    from core.gguf_file import bundled_gguf
-    from core.models import enumerate_linears
+    from core.model.gguf_file import bundled_gguf
+    from core.model.linears import enumerate_linears
 
     path = bundled_gguf()
     cfg = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -183,12 +183,12 @@ def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
 
     import yaml
 
-    from core import plan_export as pe
+    from core.studies import plan_export as pe
 
     modules, linears = smollm2_modules()
     assert len(linears) == 210 and len({li.block for li in linears}) == 30
     # our GGUF names agree with the gguf package's own name tables (core.gguf_file.module_to_tensor)
-    from core.gguf_file import module_to_tensor
+    from core.model.gguf_file import module_to_tensor
     table = module_to_tensor([li.name for li in linears], "llama", 30)
     assert all(table[li.name] == pe.gguf_tensor_name(li.block, li.family) + ".weight" for li in linears)
     plan, recs = random_plan(linears, method=method)
@@ -230,7 +230,7 @@ def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
 
 
 def test_llamacpp_types_by_row_width():
-    from core.plan_export import gguf_type
+    from core.studies.plan_export import gguf_type
 
     assert [gguf_type(b, 1536) for b in (2, 3, 4, 5, 6, 8, 16)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]
     # SmolLM2's 576-wide rows are no multiple of 256: llama.cpp cannot store k-quants there
@@ -238,7 +238,7 @@ def test_llamacpp_types_by_row_width():
 
 
 def test_regex_never_confuses_block_numbers():
-    from core.plan_export import matched, names_regex
+    from core.studies.plan_export import matched, names_regex
 
     universe = [f"model.layers.{i}.mlp.down_proj" for i in range(30)] + ["model.layers.1.mlp.down_proj_extra"]
     pick = ["model.layers.1.mlp.down_proj", "model.layers.3.mlp.down_proj"]
@@ -250,8 +250,8 @@ def test_exports_on_tiny_models(kind, tmp_path):
     from dataclasses import asdict
 
     from conftest import build_tiny
-    from core import plan_export as pe
-    from core.models import enumerate_linears
+    from core.studies import plan_export as pe
+    from core.model.linears import enumerate_linears
 
     model = build_tiny(kind)
     linears = enumerate_linears(model)
@@ -268,7 +268,7 @@ def test_exports_on_tiny_models(kind, tmp_path):
 
 
 def test_export_validation_catches_a_wrong_regex(tmp_path):
-    from core import plan_export as pe
+    from core.studies import plan_export as pe
 
     modules, linears = smollm2_modules()
     plan, recs = random_plan(linears)
@@ -288,7 +288,7 @@ def test_export_validation_catches_a_wrong_regex(tmp_path):
 def test_combine_sensitivity_by_hand():
     import pandas as pd
 
-    from core.plan import combine_sensitivity
+    from core.studies.plan import combine_sensitivity
 
     layer = pd.DataFrame({"name": ["a", "b", "c", "d"], "block": [0, 0, 1, 1], "family": ["q", "down", "q", "down"],
                           "bits": [3, 3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5, 0.2]})
@@ -306,7 +306,7 @@ def test_combine_sensitivity_by_hand():
 def test_alpha_predictor_fits_a_planted_line():
     import pandas as pd
 
-    from core.alpha_predict import fit_line, leave_one_block_out, predict_line
+    from core.studies.alpha_predict import fit_line, leave_one_block_out, predict_line
 
     grid = np.arange(20) / 20
     rng = np.random.default_rng(0)
@@ -326,8 +326,8 @@ def test_alpha_predictor_fits_a_planted_line():
 def tiny_llama(tiny_dir, tokenizer_dir, tmp_path_factory):
     from conftest import tiny_settings
     from core.analysis import analyze
-    from core.calibration import CalibrationSpec
-    from core.sweep import SweepSettings
+    from core.model.calibration import CalibrationSpec
+    from core.studies.sweep import SweepSettings
 
     s = tiny_settings(tiny_dir("llama"), tokenizer_dir, sweep=SweepSettings(bits=(2, 3, 4, 8), group_size=32, n_grid=10),
                       calibration=CalibrationSpec(n_samples=4, seqlen=64, heldout_samples=2))
@@ -335,7 +335,7 @@ def tiny_llama(tiny_dir, tokenizer_dir, tmp_path_factory):
 
 
 def test_alpha_study_on_a_real_analysis(tiny_llama):
-    from core.alpha_predict import FEATURES, study
+    from core.studies.alpha_predict import FEATURES, study
 
     st = study(tiny_llama, 3)
     assert list(st.table["predictor"])[0] == st.best
@@ -353,7 +353,7 @@ def test_alpha_study_on_a_real_analysis(tiny_llama):
 @pytest.fixture()
 def scored(monkeypatch):
     """Records the variant names each ``score_variants`` call scores (the real function does the work)."""
-    from core import evaluate
+    from core.studies import evaluate
 
     calls = []
     real = evaluate.score_variants
@@ -366,7 +366,7 @@ def scored(monkeypatch):
 
 
 def test_plan_end_to_end(tiny_llama, scored, tmp_path):
-    from core import plan as P
+    from core.studies import plan as P
 
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)
@@ -385,7 +385,7 @@ def test_plan_end_to_end(tiny_llama, scored, tmp_path):
     assert scored == ["plan"]
     assert rep.notes and all("uniform" in n for n in rep.notes)
     # the block-0 value is what score_variants says of block 0 alone at 3 bits, weights made independently
-    from core import evaluate
+    from core.studies import evaluate
     from core.quant import pseudo_quantize
 
     names = tiny_llama.linears.query("block == 0")["name"].tolist()
@@ -401,21 +401,22 @@ def test_plan_end_to_end(tiny_llama, scored, tmp_path):
 def test_awq_weights_reuse_the_sweep_alpha(tiny_llama):
     import torch
 
-    from core import plan as P
+    from core.grids.spec import QuantSpec
+    from core.studies import plan as P
 
     name = tiny_llama.names[3]
-    alpha = P.sweep_alpha(tiny_llama, name, 3, 32, True)
+    alpha = tiny_llama.sweep_alpha(name, QuantSpec(3, 32, True))
     row = tiny_llama.layers.query("name == @name and bits == 3").iloc[0]
     assert alpha == row["best_alpha"]
-    w = P.quantized_weight(tiny_llama, name, "awq", 3, 32, True)
+    w = P.quantized_weight(tiny_llama, name, "awq", QuantSpec(3, 32, True))
     w_ref, (err,) = tiny_llama.awq_errors(name, alpha=alpha, bits=3, group_size=32, splits=("heldout",))
     assert torch.equal(w, w_ref)
     assert err == pytest.approx(row["awq_rel_heldout"], rel=1e-5)
-    assert P.sweep_alpha(tiny_llama, name, 5, 32, True) is None  # not swept: the method searches itself
+    assert tiny_llama.sweep_alpha(name, QuantSpec(5, 32, True)) is None  # not swept: the method searches itself
 
 
 def test_plan_refuses_bad_budget_before_measuring(tiny_llama, scored):
-    from core import plan as P
+    from core.studies import plan as P
 
     with pytest.raises(ValueError, match="below the cheapest"):
         P.make_plan(tiny_llama, P.PlanSettings(budget=2.0, method="awq"))
@@ -441,7 +442,7 @@ def test_cli_refuses_bad_budget(tiny_dir, tokenizer_dir, tmp_path):
 
 
 def test_standouts():
-    from core.plan import standouts
+    from core.studies.plan import standouts
 
     v = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 50.0, 1.0, 0.0])
     assert standouts(v).tolist() == [False] * 5 + [True, False, False]
@@ -451,8 +452,8 @@ def test_standouts():
 
 
 def test_plan_figures(tiny_llama, scored):
-    from core import figures
-    from core import plan as P
+    from core.present import figures
+    from core.studies import plan as P
 
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import awq
+from core import awq as awq_api
+from core.methods import awq_search as awq
 from core.quant import pseudo_quantize
 
 
@@ -102,7 +103,7 @@ def test_alpha_zero_is_rtn_and_best_never_above_rtn():
     for seed in range(4):
         w, x = _layer(seed)
         for zp in (True, False):
-            r = awq.search_scale(w, x, n_bit=3, group_size=32, zero_point=zp)
+            r = awq_api.search_scale(w, x, n_bit=3, group_size=32, zero_point=zp)
             assert torch.allclose(r.alphas, torch.arange(20, dtype=torch.float64) / 20)
             rtn = ((x @ pseudo_quantize(w, 3, 32, zp).T - x @ w.T) ** 2).mean()
             assert r.losses[0] == pytest.approx(float(rtn), rel=1e-4)
@@ -116,7 +117,7 @@ def test_alpha_zero_is_rtn_and_best_never_above_rtn():
 
 def test_scale_loss_matches_direct_definition():
     w, x = _layer(3)
-    r = awq.search_scale(w, x, n_bit=4, group_size=64, n_grid=5)
+    r = awq_api.search_scale(w, x, n_bit=4, group_size=64, n_grid=5)
     for a, loss in zip(r.alphas.tolist(), r.losses.tolist()):
         s = x.abs().mean(0).pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
@@ -131,7 +132,7 @@ def test_first_minimum_wins_ties():
 
 def test_duo_scaling_formula():
     w, x = _layer(4)
-    r = awq.search_scale(w, x, n_bit=3, group_size=32, n_grid=4, duo_scaling=True)
+    r = awq_api.search_scale(w, x, n_bit=3, group_size=32, n_grid=4, duo_scaling=True)
     a = r.best_alpha
     wa = w.abs().reshape(-1, 32)
     w_mean = (wa / (wa.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
@@ -144,18 +145,18 @@ def test_duo_scaling_formula():
 def test_clip_never_raises_a_groups_error():
     for seed in range(3):
         w, x = _layer(seed, out=70)  # 70 rows: not a multiple of 64 or 256
-        errs, org_max = awq.clip_errors(w, x, n_bit=3, group_size=32)
+        errs, org_max = awq.clip_errors(w, x, bits=3, group_size=32)
         idx = awq.best_clip_index(errs)
         best = errs.gather(0, idx.unsqueeze(0))[0]
         assert (best <= errs[0]).all()  # candidate 0 is no clipping at all
-        mv = awq.search_clip(w, x, n_bit=3, group_size=32)
+        mv = awq_api.search_clip(w, x, n_bit=3, group_size=32)
         assert mv.shape == (70, 4)
         assert (mv <= org_max + 1e-7).all() and (mv >= org_max * 0.5).all()
 
 
 def test_clip_error_definition_and_subsampling():
     w, x = _layer(5, out=8, inn=64, tokens=1030)
-    errs, org_max = awq.clip_errors(w, x, n_bit=2, group_size=32, n_grid=20, max_shrink=0.5, n_sample_token=512)
+    errs, org_max = awq.clip_errors(w, x, bits=2, group_size=32, n_grid=20, max_shrink=0.5, n_sample_token=512)
     xs = x[:: 1030 // 512]
     for i in (0, 3, 9):
         mv = org_max * (1 - i / 20)

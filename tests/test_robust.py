@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT, build_tiny, tiny_settings
-from core import store
+from core.model import store
 from core.analysis import AnalysisSettings, analyze, list_cached
-from core.models import load_model
+from core.model.models import load_model
 from test_engine import _hook_count, run_cli
 
 
@@ -113,7 +113,7 @@ def test_cli_bad_calibration_files(tmp_path, content, needle):
 
 
 def test_oversized_text_is_refused(tmp_path, monkeypatch):
-    from core import calibration
+    from core.model import calibration
 
     monkeypatch.setattr(calibration, "MAX_TEXT_BYTES", 1000)
     f = tmp_path / "big.txt"
@@ -148,7 +148,7 @@ WRITER = r"""
 import sys, hashlib
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from core import store
+from core.model import store
 p = Path({path!r})
 i = 0
 while True:
@@ -284,7 +284,7 @@ def test_nothing_is_unpickled():
         for b in bad:
             assert b not in text, f"{f.name} uses {b}"
     # loading goes through safetensors only
-    assert "use_safetensors=True" in (ROOT / "core" / "models.py").read_text()
+    assert "use_safetensors=True" in (ROOT / "core" / "model" / "models.py").read_text()
 
 
 def test_cache_slug_for_hostile_ids(tmp_path):
@@ -298,8 +298,8 @@ def test_layer_lab_never_sees_weights_a_quality_run_rewrote(tiny_dir, tokenizer_
     """A model-quality run rewrites the shared model's weights in place; another session reading a layer
     meanwhile must get the original weights (it waits for the lock), never the quantized ones."""
     from core.analysis import open_entry
-    from core.collect import model_lock
-    from core.evaluate import run_quality
+    from core.model.collect import model_lock
+    from core.studies.evaluate import run_quality
 
     s = tiny_settings(tiny_dir("llama"), tokenizer_dir)
     lm = load_model(s.model, tokenizer_source=tokenizer_dir)

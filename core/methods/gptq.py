@@ -1,0 +1,271 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) at both scopes.
+
+Layer half: a transcription of IST-DASLab/gptq's ``GPTQ.fasterquant`` (gptq.py as of its "static group option"
+commit), line for line, in float32, a pure function of ``(w, hessian, settings)``. The one deliberate difference
+(DESIGN.md section 2): every group's grid is ``core.grids.quant``'s (llm-awq's min/max grid with the zero clamped
+to the levels; symmetric with signed levels), not GPTQ's own quantizer (which widens the range to include 0), so
+that RTN, AWQ and GPTQ on this explorer differ only in their algorithm, never in their grid.
+
+Model half, ``sequential_gptq``: as the GPTQ paper (and IST-DASLab/gptq's ``llama_sequential`` without
+true-sequential): block by block, each block's Hessians ``X^T X`` come from the calibration tokens run through the
+model whose *earlier blocks are already quantized*; every linear of a block sees its block's input of that pass.
+With AWQ's input scales ``s`` (``awq-gptq``) each linear becomes ``GPTQ(W s, H_{X/s}) / s``. It returns
+``{linear name: dequantized weight [out, in] float32}`` and leaves the model's parameters bit-identical to
+``snap``, also on error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..grids import quant
+from ..grids.spec import Options, QuantSpec
+from ..model.blocks import BlockInputs, first_output, original_weight, restore, with_hidden
+from ..model.collect import GramLower
+from ..model.linears import find_blocks, set_linear_weight
+from ..model.models import LoadedModel
+from .base import LayerInputs, Method, ModelContext, Progress, RunShape, Variant, Weights, register
+
+
+def _qparams(cols: torch.Tensor, bits: int, zero_point: bool) -> quant.QParams:
+    """The grid of ``cols [out, k]``: one group per row over those ``k`` columns (``scale, zero [out, 1]``)."""
+    return quant.choose_qparams(cols, bits, zero_point)
+
+
+def _quantize_column(col: torch.Tensor, qp: quant.QParams) -> torch.Tensor:
+    """Round one column ``[out]`` onto the per-row grid ``qp`` and dequantize (``[out]``)."""
+    return quant.dequantize(quant.quantize(col.unsqueeze(1), qp), qp).flatten()
+
+
+def check_hessian(hessian: torch.Tensor, in_features: int) -> None:
+    if hessian is None or hessian.dim() != 2 or tuple(hessian.shape) != (in_features, in_features):
+        shape = None if hessian is None else tuple(hessian.shape)
+        raise ValueError(f"the Hessian must be [{in_features}, {in_features}] for this layer, got {shape}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("the Hessian contains NaN or inf values")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    zero_point: bool = True,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> torch.Tensor:
+    """GPTQ-quantize ``w [out, in]`` given ``hessian [in, in]`` (any positive multiple of ``X^T X``).
+
+    Returns the dequantized weights (float32, shape of ``w``); ``w`` and ``hessian`` are not modified.
+    ``group_size <= 0``: one grid per output row, computed once from ``w`` before dead columns are zeroed.
+    Raises ``ValueError`` on a bad shape, a group size that does not divide ``in``, or a Hessian that is
+    not positive definite after damping.
+    """
+    bits = quant.check_bits(bits)
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError("gptq_quantize needs a non-empty 2-D weight [out, in]")
+    columns = w.shape[1]
+    check_hessian(hessian, columns)
+    grouped = group_size is not None and int(group_size) > 0
+    groupsize = quant.effective_group_size(columns, group_size) if grouped else -1
+    if int(block_size) < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not percdamp >= 0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
+    blocksize = int(block_size)
+
+    W = w.detach().clone().float()
+    H = hessian.detach().clone().float()
+
+    qp = None
+    if not grouped:  # the reference's `if not self.quantizer.ready(): find_params(W)` before dead columns
+        qp = _qparams(W, bits, zero_point)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    groups: list[quant.QParams] = []
+    if grouped and static_groups:
+        for i in range(0, columns, groupsize):
+            groups.append(_qparams(W[:, i:i + groupsize], bits, zero_point))
+
+    perm = invperm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+
+    Q = torch.zeros_like(W)
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    try:
+        H = torch.linalg.cholesky(H)
+        H = torch.cholesky_inverse(H)
+        H = torch.linalg.cholesky(H, upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError("the damped Hessian is not positive definite (raise percdamp)") from None
+    Hinv = H
+
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):
+            col = W1[:, i]
+            d = Hinv1[i, i]
+
+            if grouped:
+                if not static_groups:
+                    if (i1 + i) % groupsize == 0:
+                        # from the full matrix: updates of earlier batches, not of this batch's columns
+                        qp = _qparams(W[:, (i1 + i):(i1 + i + groupsize)], bits, zero_point)
+                else:
+                    idx = i1 + i
+                    if act_order:
+                        idx = int(perm[idx])
+                    qp = groups[idx // groupsize]
+
+            q = _quantize_column(col, qp)
+            Q1[:, i] = q
+
+            err1 = (col - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+    if act_order:
+        Q = Q[:, invperm]
+    return Q
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole-model half: sequential GPTQ
+# ------------------------------------------------------------------------------------------------
+def scaled_hessian(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Hessian of ``X / s`` from that of ``X``: ``H_ij / (s_i s_j)`` (``h [in, in]``, ``s [in]``)."""
+    inv = 1.0 / s.to(h.dtype)
+    return h * inv.view(-1, 1) * inv.view(1, -1)
+
+
+def gptq_with_scales(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor | None, *, bits: int, group_size: int,
+                     zero_point: bool = True, **gptq_options) -> torch.Tensor:
+    """``GPTQ(W s, H_{X/s}) / s`` (``s`` None: plain GPTQ) for ``w [out, in]`` and ``h = X^T X [in, in]``."""
+    if s is None:
+        return gptq_quantize(w, h.float(), bits=bits, group_size=group_size, zero_point=zero_point, **gptq_options)
+    s = s.float().to(w.device)
+    q = gptq_quantize(w.float() * s.view(1, -1), scaled_hessian(h, s).float(), bits=bits, group_size=group_size,
+                      zero_point=zero_point, **gptq_options)
+    return q / s.view(1, -1)
+
+
+def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], *, bits: int,
+                    group_size: int, zero_point: bool = True, batch_tokens: int = 4096,
+                    scales: dict[str, torch.Tensor] | None = None, input_of: dict[str, str] | None = None,
+                    progress: Progress | None = None, **gptq_options) -> Weights:
+    """GPTQ of every block linear, block by block on ``calib [n, seqlen]`` token blocks (see the module doc).
+
+    As the reference's ``*_sequential``: the inputs of block 0 are captured once (one forward pass up to it);
+    then each block runs twice on its cached inputs, once with hooks accumulating ``X^T X`` per distinct
+    input (float32 GEMMs into float64) and, after its linears are quantized, once more to produce the next
+    block's inputs. The other arguments of the block call (attention mask, position embeddings) are block 0's.
+    ``scales``: per-linear AWQ input scales (``awq_gptq``); ``input_of``: linear -> input key, so linears that
+    share an input share one Hessian; ``gptq_options``: ``block_size``, ``percdamp``, ``act_order``,
+    ``static_groups``. The model must hold ``snap``'s weights on entry; it does again on return.
+    """
+
+    progress = progress or (lambda f, m: None)
+    _, blocks = find_blocks(lm.model)
+    n_blocks = len(blocks)
+    input_of = dict(input_of or {})
+    out: Weights = {}
+    try:
+        with torch.no_grad():
+            calls = BlockInputs(lm, calib, batch_tokens=batch_tokens).calls  # block 0's calls, one truncated forward
+            for i in range(n_blocks):
+                names = [li.name for li in lm.linears if li.block == i]
+                key_of = {n: input_of.get(n, n) for n in names}
+                first_of: dict[str, str] = {}
+                for n in names:
+                    first_of.setdefault(key_of[n], n)
+                hess: dict[str, GramLower] = {}
+
+                def hook(key: str):
+                    def fn(mod, args) -> None:
+                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                        if key not in hess:
+                            hess[key] = GramLower(x.shape[1], device=x.device)
+                        hess[key].add(x)  # the collection pass's X^T X
+                    return fn
+                handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first_of.items()]
+                try:
+                    for a, k in calls:
+                        blocks[i](*a, **k)
+                finally:
+                    for h in handles:
+                        h.remove()
+                full = {k: g.full() for k, g in hess.items()}
+                for n in names:
+                    w = original_weight(lm, snap, n)
+                    s = scales.get(n) if scales else None
+                    q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, bits=bits, group_size=group_size,
+                                         zero_point=zero_point, **gptq_options)
+                    out[n] = q.cpu()
+                    set_linear_weight(lm.model.get_submodule(n), q)
+                del hess, full
+                if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
+                    calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
+                progress((i + 1) / n_blocks, f"sequential GPTQ w{bits}: block {i + 1}/{n_blocks}")
+    finally:
+        restore(lm, snap)
+    return out
+
+
+@dataclass(frozen=True)
+class GPTQOptions(Options):
+    """GPTQ's own settings: columns per lazy batch (``block_size``), damping as a share of the mean Hessian
+    diagonal (``percdamp``), columns in order of decreasing Hessian diagonal (``act_order``) and group grids
+    fixed before any update (``static_groups``)."""
+
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+
+
+def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: GPTQOptions) -> torch.Tensor:
+    return gptq_quantize(w, inputs.gram("gptq"), bits=spec.bits, group_size=spec.group_size,
+                         zero_point=spec.zero_point, block_size=options.block_size, percdamp=options.percdamp,
+                         act_order=options.act_order, static_groups=options.static_groups)
+
+
+def model(ctx: ModelContext, spec: QuantSpec, options: GPTQOptions, progress: Progress) -> Variant:
+    """Sequential GPTQ on the search token budget."""
+    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=spec.bits, group_size=spec.group_size,
+                           zero_point=spec.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
+                           progress=progress, **options.as_dict())
+
+
+def sequential_cost(shape: RunShape) -> float:
+    """Block 0's capture plus every block run twice on the search tokens, and the GPTQ solves."""
+    return 2 * shape.search + 0.5
+
+
+METHOD = register(Method(
+    "gptq", "GPTQ", "GPTQ (column by column with error feedback through the inverse Hessian X^T X)",
+    "GPTQ, sequential: block by block, each block's Hessians X^T X from the search token budget run through the "
+    "already-quantized blocks before it", GPTQOptions, layer, model, cost=sequential_cost, budget="search"))

@@ -1,0 +1,94 @@
+"""A ``Recipe``: what a whole-model method does to the weights (scales, folds into the preceding op, clips, the
+grid), applied to a model in place and undone exactly with ``core.model.blocks.restore``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import awq_search as awq
+from ..grids.quant import pseudo_quantize
+from ..model.blocks import Snapshot, original_weight
+from ..model.linears import set_linear_weight
+from ..model.models import LoadedModel
+
+
+@dataclass
+class Recipe:
+    """Fake quantization of a model's block linears.
+
+    For each linear ``W`` (``[out, in]``, float32 arithmetic): ``W' = W * col[s]`` (if scaled), its last
+    ``len(t)`` output rows divided by ``row[t]`` (fc->fc fold), clamped per (row, group) to ``clip``, then
+    ``Q(W')`` when ``bits`` is set, then divided by ``s`` again for linears in ``unscale`` (the unfolded
+    ``Q(W*s)/s``). Norms in ``norm`` get weight and bias divided by their ``s``; the bias of a linear in
+    ``row`` is divided by ``t``. ``bits=None``: no quantization (only the scaling/folding).
+    """
+
+    bits: int | None
+    group_size: int
+    zero_point: bool = True
+    col: dict[str, torch.Tensor] = field(default_factory=dict)
+    unscale: set[str] = field(default_factory=set)
+    row: dict[str, torch.Tensor] = field(default_factory=dict)
+    norm: dict[str, torch.Tensor] = field(default_factory=dict)
+    clip: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def prequant(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The scaled (and row-folded) weight before clipping and quantization."""
+        w = w.float()
+        if name in self.col:
+            w = w * self.col[name].to(w.device, torch.float32).view(1, -1)
+        if name in self.row:
+            t = self.row[name].to(w.device, torch.float32)
+            w = w.clone()
+            w[-t.numel():] = w[-t.numel():] / t.view(-1, 1)
+        return w
+
+    def final(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        w = self.prequant(name, w)
+        if name in self.clip:
+            w = awq.apply_clip(w, self.clip[name].to(w.device))
+        if self.bits is not None:
+            w = pseudo_quantize(w, self.bits, self.group_size, self.zero_point)
+        if name in self.unscale:
+            w = w / self.col[name].to(w.device, torch.float32).view(1, -1)
+        return w
+
+
+def add_group(recipe: Recipe, group: Any, scales: torch.Tensor, fold: bool = True) -> None:
+    """Record one group's scales in ``recipe`` (``group``: a ``core.methods.grouped.ScaleGroup``): folded into its preceding op when it has one and ``fold``."""
+    s = scales.detach().float().cpu()
+    for n in group.linears:
+        recipe.col[n] = s
+    if fold and group.prev_kind == "norm":
+        recipe.norm[group.prev] = s
+    elif fold and group.prev_kind == "linear":
+        recipe.row[group.prev] = s
+    else:
+        recipe.unscale.update(group.linears)
+
+
+def apply_recipe(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[str] | None = None) -> None:
+    """Write ``recipe``'s weights into the model (in place). Undo with :func:`restore`."""
+    names = [li.name for li in lm.linears] if names is None else names
+    with torch.no_grad():
+        for n in names:
+            m = lm.model.get_submodule(n)
+            set_linear_weight(m, recipe.final(n, original_weight(lm, snap, n).to(m.weight.device)))
+            if n in recipe.row and getattr(m, "bias", None) is not None:
+                t = recipe.row[n].float().cpu()
+                b = snap[f"{n}.bias"].float().clone()
+                b[-t.numel():] = b[-t.numel():] / t
+                m.bias.data.copy_(b.to(m.bias.dtype))
+        for n, s in recipe.norm.items():
+            m = lm.model.get_submodule(n)
+            s = s.float().cpu()
+            m.weight.data.copy_((snap[f"{n}.weight"].float() / s).to(m.weight.dtype))
+            if getattr(m, "bias", None) is not None:
+                m.bias.data.copy_((snap[f"{n}.bias"].float() / s).to(m.bias.dtype))
+
+
+def with_clip(recipe: Recipe, clip: dict[str, torch.Tensor]) -> Recipe:
+    return Recipe(recipe.bits, recipe.group_size, recipe.zero_point, dict(recipe.col), set(recipe.unscale),
+                  dict(recipe.row), dict(recipe.norm), dict(clip))
