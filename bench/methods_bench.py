@@ -43,7 +43,7 @@ def _timed(fn) -> float:
 
 def gptq_down_proj(repeats: int = 3) -> dict:
     """GPTQ on the 4864-input down_proj shape vs one bare matmul of that layer (interleaved timings)."""
-    from core.methods.gptq import gptq_quantize
+    from core.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(OUT, IN, generator=g) * 0.02

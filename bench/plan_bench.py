@@ -24,7 +24,8 @@ def bench_plan(quick: bool = True, log=print) -> dict:
 
     from core.studies import plan as P
     from core.analysis import AnalysisSettings, analyze
-    from core.studies.evaluate import eval_data, first_blocks
+    from core.model.calibration import first_blocks
+    from core.studies.evaluate import eval_data
 
     bits = (3, 4) if quick else (2, 3, 4, 8)
     tokens = 256 if quick else 512
