@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from . import metrics
 from .quant import check_bits, effective_group_size
@@ -93,4 +93,19 @@ class Options:
         return dataclasses.asdict(self)
 
 
-__all__ = ["QuantSpec", "Options"]
+def choose(values: str | Iterable[str], known: Sequence[str], what: str,
+           error: type[Exception] = ValueError) -> list[str]:
+    """Names from ``values`` (a comma-separated string or a list), lower-cased, without repeats, in the order given;
+    an unknown name is ``error("unknown <what> 'x'; pick from ...")``."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out: list[str] = []
+    for v in items:
+        v = str(v).strip().lower()
+        if v and v not in known:
+            raise error(f"unknown {what} {v!r}; pick from {', '.join(known)}")
+        if v and v not in out:
+            out.append(v)
+    return out
+
+
+__all__ = ["QuantSpec", "Options", "choose"]

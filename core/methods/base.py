@@ -204,6 +204,13 @@ def search_rows(method: str, spec: QuantSpec, block: int, target: str, alphas: t
             for i, (a, v) in enumerate(zip(alphas.tolist(), losses.tolist()))]
 
 
+def data_free(name: str, label: str, options: type[Options], layer: LayerHalf, description: str,
+              definition: str) -> Method:
+    """Register a data-free method: its model half is its layer half on every linear (``per_linear``)."""
+    return register(Method(name, label, description, definition, options, layer, per_linear(layer), needs_data=False,
+                           cost=lambda shape: 0.2))
+
+
 def per_linear_weights(lm: LoadedModel, snap: dict[str, torch.Tensor], spec: QuantSpec, layer: LayerHalf,
                        options: Options, progress: Progress | None = None,
                        inputs_of: Callable[[str], LayerInputs] | None = None) -> dict[str, torch.Tensor]:
@@ -218,13 +225,14 @@ def per_linear_weights(lm: LoadedModel, snap: dict[str, torch.Tensor], spec: Qua
     return out
 
 
-def per_linear(ctx: ModelContext, spec: QuantSpec, layer: LayerHalf, options: Options, progress: Progress,
-               needs_data: bool = False) -> dict[str, torch.Tensor]:
-    """A model half that applies ``layer`` to every block linear on its fp weights (with the analysis' kept inputs
+def per_linear(layer: LayerHalf, needs_data: bool = False) -> ModelHalf:
+    """The model half that applies ``layer`` to every block linear on its fp weights (with the analysis' kept inputs
     when ``needs_data``): the whole-model meaning of a method whose layer half needs nothing the model run adds."""
-    return per_linear_weights(ctx.lm, ctx.snap, spec, layer, options, progress,
-                              ctx.analysis.layer_inputs if needs_data else None)
+    def model(ctx: ModelContext, spec: QuantSpec, options: Options, progress: Progress) -> dict[str, torch.Tensor]:
+        return per_linear_weights(ctx.lm, ctx.snap, spec, layer, options, progress,
+                                  ctx.analysis.layer_inputs if needs_data else None)
+    return model
 
 
 __all__ = ["LayerInputs", "ModelContext", "SharedSearch", "Method", "REGISTRY", "register", "get", "search_rows",
-           "per_linear", "per_linear_weights", "RunShape", "Variant", "Weights", "Progress", "SEARCH_COLUMNS"]
+           "data_free", "per_linear", "per_linear_weights", "RunShape", "Variant", "Weights", "Progress", "SEARCH_COLUMNS"]

@@ -14,7 +14,7 @@ import torch
 
 from ..grids import quant
 from ..grids.spec import Options, QuantSpec
-from .base import LayerInputs, Method, ModelContext, Progress, Variant, per_linear, register
+from .base import LayerInputs, data_free
 
 
 def shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
@@ -109,13 +109,8 @@ def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: HQQOpt
                         early_stop=options.early_stop)
 
 
-def model(ctx: ModelContext, spec: QuantSpec, options: HQQOptions, progress: Progress) -> Variant:
-    return per_linear(ctx, spec, layer, options, progress)
 
-
-METHOD = register(Method(
-    "hqq", "HQQ",
-    "half-quadratic optimisation of each group's float zero (always asymmetric: HQQ has no symmetric grid); "
-    "data-free",
-    "HQQ: data-free half-quadratic optimisation of each group's zero (asymmetric)",
-    HQQOptions, layer, model, needs_data=False, cost=lambda shape: 0.2))
+METHOD = data_free("hqq", "HQQ", HQQOptions, layer,
+                   "half-quadratic optimisation of each group's float zero (always asymmetric: HQQ has no "
+                   "symmetric grid); data-free",
+                   "HQQ: data-free half-quadratic optimisation of each group's zero (asymmetric)")

@@ -20,7 +20,7 @@ import torch
 
 from ..grids import quant
 from ..grids.spec import Options, QuantSpec
-from .base import LayerInputs, Method, ModelContext, Progress, Variant, per_linear, register
+from .base import LayerInputs, data_free
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -79,13 +79,8 @@ def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: Rotate
     return rotated_rtn(w, spec.bits, spec.group_size, spec.zero_point, seed=options.seed)
 
 
-def model(ctx: ModelContext, spec: QuantSpec, options: RotatedRTNOptions, progress: Progress) -> Variant:
-    return per_linear(ctx, spec, layer, options, progress)
 
-
-METHOD = register(Method(
-    "rotated-rtn", "Rotated RTN",
-    "RTN of W R with R a seeded random orthogonal (Hadamard-based) rotation, returned as Q(W R) R^T; "
-    "deploying it needs the activations rotated at run time (X R)",
-    "every block linear as Q(W R) R^T with its own rotation (the activations rotated at run time)",
-    RotatedRTNOptions, layer, model, needs_data=False, cost=lambda shape: 0.2))
+METHOD = data_free("rotated-rtn", "Rotated RTN", RotatedRTNOptions, layer,
+                   "RTN of W R with R a seeded random orthogonal (Hadamard-based) rotation, returned as Q(W R) R^T; "
+                   "deploying it needs the activations rotated at run time (X R)",
+                   "every block linear as Q(W R) R^T with its own rotation (the activations rotated at run time)")

@@ -13,7 +13,7 @@ import torch
 
 from ..grids import quant
 from ..grids.spec import Options, QuantSpec
-from .base import LayerInputs, Method, ModelContext, Progress, Variant, per_linear, register
+from .base import LayerInputs, data_free
 
 
 def _candidate(wg: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, p: float, bits: int,
@@ -88,13 +88,8 @@ def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: RTNMSE
                              maxshrink=options.maxshrink, norm=options.norm)
 
 
-def model(ctx: ModelContext, spec: QuantSpec, options: RTNMSEOptions, progress: Progress) -> Variant:
-    return per_linear(ctx, spec, layer, options, progress)
 
-
-METHOD = register(Method(
-    "rtn-mse", "RTN + MSE clip",
-    "RTN with each group's range shrunk (p = 1 - i/100, down to 0.2) to minimise sum |Q(w) - w|^2.4 "
-    "(GPTQ's find_params(mse=True)); data-free",
-    "every block linear clipped and rounded on its own as at layer scope (data-free)",
-    RTNMSEOptions, layer, model, needs_data=False, cost=lambda shape: 0.2))
+METHOD = data_free("rtn-mse", "RTN + MSE clip", RTNMSEOptions, layer,
+                   "RTN with each group's range shrunk (p = 1 - i/100, down to 0.2) to minimise sum |Q(w) - w|^2.4 "
+                   "(GPTQ's find_params(mse=True)); data-free",
+                   "every block linear clipped and rounded on its own as at layer scope (data-free)")

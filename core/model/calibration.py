@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .models import hub_reachable
+
 BUNDLED_TEXT = "bundled"
 HUB_TEXTS = {
     # name: (dataset repo, file, column) - read with huggingface_hub + pyarrow, no `datasets` needed
@@ -70,7 +72,6 @@ def decode_text(data: bytes, label: str = "the text") -> str:
 
 def hub_text(name: str) -> str:
     repo, filename, column = HUB_TEXTS[name]
-    from .models import hub_reachable
 
     offline = not hub_reachable()  # offline: only a copy already in the local hub cache, no 25 s of retries
     try:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..methods.awq_search import alpha_grid
+
 FEATURES = ("kurtosis", "outlier_ratio", "max_over_median", "weight_spread")
 
 
@@ -85,7 +87,6 @@ class AlphaStudy:
 
 def study(analysis, bits: int) -> AlphaStudy:
     """Fit each predictor leave-one-block-out and score the gain it keeps on held-out tokens."""
-    from ..methods.awq_search import alpha_grid
 
     df = features(analysis, bits)
     grid = alpha_grid(int(analysis.settings.sweep.n_grid)).numpy().astype(float)

@@ -43,6 +43,7 @@ import torch
 
 from ..grids import metrics
 from ..grids.quant import check_bits, check_model_group_size
+from ..grids.spec import choose
 from ..methods import METHODS, MODEL_METHODS, ModelContext, RunShape
 from ..methods.base import CLIP_TOKENS, SEARCH_COLUMNS, Variant, Weights
 from ..methods.grouped import is_llama_like
@@ -52,7 +53,7 @@ from ..model.blocks import restore, snapshot
 from ..model.calibration import CalibrationData, CalibrationError, first_blocks, load_text, prepare
 from ..model.collect import model_lock
 from ..model.linears import set_linear_weight
-from ..model.models import LoadedModel
+from ..model.models import MINILM, LoadedModel, canonical_model, minilm_path
 
 Progress = Callable[[float, str], None]
 
@@ -99,17 +100,7 @@ DEFINITIONS: dict[str, str] = {
 # validation
 # ------------------------------------------------------------------------------------------------
 def check_modes(modes: list[str] | tuple[str, ...] | str) -> list[str]:
-    if isinstance(modes, str):
-        modes = [m for m in modes.split(",")]
-    out: list[str] = []
-    for m in modes:
-        m = str(m).strip().lower()
-        if not m:
-            continue
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; pick from {', '.join(MODES)}")
-        if m not in out:
-            out.append(m)
+    out = choose(modes, MODES, "mode")
     if not out:
         raise ValueError(f"give at least one mode ({', '.join(MODES)})")
     return [m for m in MODES if m in out]
@@ -507,7 +498,6 @@ def _model_type(analysis) -> str:
         try:
             from transformers import AutoConfig
 
-            from ..model.models import MINILM, canonical_model, minilm_path
             s = analysis.settings
             src = str(minilm_path()) if canonical_model(s.model) == MINILM else s.model
             cfg = AutoConfig.from_pretrained(src, trust_remote_code=s.trust_remote_code,

@@ -26,6 +26,7 @@ import torch
 from ..grids.metrics import bit_cost
 from ..grids.spec import QuantSpec
 from ..methods import METHODS, quantize_layer
+from .evaluate import score_variants
 
 DEFAULT_CHOICES = (2, 3, 4, 8, 16)
 MAX_CELLS = 1 << 25  # DP table entries (items x cost units), int8 back-pointers: 32 MiB
@@ -340,7 +341,6 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
     """
     import pandas as pd
 
-    from .evaluate import score_variants
 
     method = check_method(method)
     if granularity not in ("block", "linear"):
@@ -462,7 +462,6 @@ def verify(analysis, plans: Mapping[str, BitPlan], *, max_tokens: int | None = N
     Returns ``score_variants``' rows plus ``avg_bits`` and ``kind`` per variant ("uniform" for labels starting
     with "uniform", else "plan"); the fp reference's rows, if ``score_variants`` returns them, are dropped.
     """
-    from .evaluate import score_variants
 
     variants = {label: plan_weights(analysis, p.layers, p.method, p.zero_point) for label, p in plans.items()}
     df = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 import yaml
 
+from ..grids.spec import choose
 from ..model import store
 from .plan import BitPlan
 
@@ -40,17 +41,7 @@ class ExportError(ValueError):
 
 
 def check_formats(formats: str | Iterable[str]) -> list[str]:
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    out = []
-    for f in items:
-        f = str(f).strip().lower()
-        if not f:
-            continue
-        if f not in FORMATS:
-            raise ExportError(f"unknown export format {f!r}; pick from {', '.join(FORMATS)}")
-        if f not in out:
-            out.append(f)
-    return out
+    return choose(formats, FORMATS, "export format", ExportError)
 
 
 # ------------------------------------------------------------------------------------------------
