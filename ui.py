@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from core.present import figures, views
+from core.present import common, pack, surface
 from core.grids import metrics
 from core.analysis import Analysis, AnalysisSettings, analyze, list_cached, open_entry
 from core.model.calibration import BUNDLED_TEXT, HUB_TEXTS, CalibrationError, CalibrationSpec, decode_text
@@ -28,7 +28,7 @@ from core.studies.sweep import SweepSettings
 ROOT = Path(__file__).resolve().parent
 SHARED_LAYER = "shared_layer"  # session state: the linear Layer Lab, Clipping, How AWQ works and Methods show
 SHARED_BITS = "shared_bits"  # session state: the bit-width every page's bits control starts from
-PRESET_KEY = "export_preset"  # session state: "standard" or "talk" (figures.PRESETS)
+PRESET_KEY = "export_preset"  # session state: "standard" or "talk" (common.PRESETS)
 PACK_SECONDS = "about 30 s"  # figure pack of the bundled SmolLM2: 30.2 s measured on 2 shared cores (load 11)
 DEFAULTS = AnalysisSettings()  # the bundled model with the CPU-friendly defaults: what a first open analyzes
 ENTRY_KEY = "entry_path"  # session state: the cache entry the pages show
@@ -340,29 +340,29 @@ def render_sidebar() -> None:
         if a.source_formats:  # a GGUF source: its weights were already quantized by llama.cpp
             sb.caption("Stored as " + ", ".join(f"{k} ({n} linears)" for k, n in a.source_formats.items()) + ".",
                        help=a.source_note)
-        swept = views.bits_available(a)
+        swept = common.bits_available(a)
         pack_bits = st.session_state.get(SHARED_BITS)
-        pack_bits = int(pack_bits) if pack_bits in swept else views.default_bits(a)
+        pack_bits = int(pack_bits) if pack_bits in swept else common.default_bits(a)
         layer = st.session_state.get(SHARED_LAYER)
         layer = layer if layer in a.names else None
         preset = export_preset()
         sb.download_button(
             f"Figure pack (ZIP, w{pack_bits})",
-            data=lambda: figures.figure_pack(a, pack_bits, layer=layer, preset=preset),
-            file_name=f"awq_explorer_{figures.slugify_model(a.model_id)}_w{pack_bits}"
+            data=lambda: pack.figure_pack(a, pack_bits, layer=layer, preset=preset),
+            file_name=f"awq_explorer_{common.slugify_model(a.model_id)}_w{pack_bits}"
                       f"{'_talk' if preset == 'talk' else ''}.zip", mime="application/zip",
             on_click="ignore", key="figure_pack", icon=":material/folder_zip:", width="stretch",
             help="The standard figures of this model as PNG, SVG, PDF and CSV, plus 3D surfaces and a README; "
                  f"the layer figures show {layer or 'the layer AWQ helps most'}. Built when clicked: "
                  f"{PACK_SECONDS} for the bundled model on two CPU cores.")
-        sb.radio("Chart downloads", list(figures.PRESETS), key=PRESET_KEY, format_func=figures.PRESETS.get,
+        sb.radio("Chart downloads", list(common.PRESETS), key=PRESET_KEY, format_func=common.PRESETS.get,
                  help="The size of every PNG / SVG / PDF download and of the figure pack. Talk: one chart "
                       "per 16:9 slide, 1920 x 1080 px, fonts about twice as large.")
 
     entries = list_cached(cache_dir())
     if entries:
         with sb.expander(f"Cached analyses ({len(entries)})", expanded=False):
-            labels = dict(zip((m["path"] for m in entries), views.compare_labels(entries)))
+            labels = dict(zip((m["path"] for m in entries), common.compare_labels(entries)))
             paths = list(labels)
             cur = str(a.path) if a is not None else None
             pick = st.selectbox("Cached analysis", paths, index=paths.index(cur) if cur in paths else 0,
@@ -428,14 +428,14 @@ def render_sidebar() -> None:
 EXPORT_MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "csv": "text/csv"}
 
 
-def show_figure(fig: figures.Figure, key: str, *, model_id: str = "", caption: bool = False) -> None:
+def show_figure(fig: common.Figure, key: str, *, model_id: str = "", caption: bool = False) -> None:
     """The chart (exactly its own theme: ``theme=None``) and PNG / SVG / PDF / CSV downloads under it.
 
     Downloads are generated only when clicked (deferred), so dragging a slider never waits on exports.
     """
     st.altair_chart(fig.chart, theme=None, width="content", key=f"chart_{key}")
     preset = export_preset()
-    stem = f"{figures.slugify_model(model_id)}_{fig.slug}" if model_id else fig.slug
+    stem = f"{common.slugify_model(model_id)}_{fig.slug}" if model_id else fig.slug
     makers: dict[str, Callable[[], Any]] = {"png": lambda: fig.png(preset=preset), "svg": lambda: fig.svg(preset),
                                             "pdf": lambda: fig.pdf(preset), "csv": fig.csv}
     if preset == "talk":
@@ -482,7 +482,7 @@ def definitions(keys: list[str] | None = None) -> None:
 def export_preset() -> str:
     """The download size chosen in the sidebar: ``standard`` or ``talk``."""
     p = st.session_state.get(PRESET_KEY)
-    return p if p in figures.PRESETS else "standard"
+    return p if p in common.PRESETS else "standard"
 
 
 def _share(widget_key: str, shared_key: str) -> None:
@@ -494,12 +494,12 @@ def bits_picker(a: Analysis | None, key: str, label: str = "Bits", options: list
 
     ``options``: the bit-widths this page can show (default: the swept ones of ``a``).
     """
-    bits = list(options) if options is not None else views.bits_available(a)
+    bits = list(options) if options is not None else common.bits_available(a)
     shared = st.session_state.get(SHARED_BITS)
     if shared in bits and st.session_state.get(key) != shared:
         st.session_state[key] = shared
     elif st.session_state.get(key) not in bits:
-        default = views.default_bits(a) if a is not None else 3
+        default = common.default_bits(a) if a is not None else 3
         st.session_state[key] = default if default in bits else bits[0]
     value = int(st.segmented_control(label, bits, key=key, format_func=lambda b: f"w{b}", required=True,
                                      on_change=_share, args=(key, SHARED_BITS)))
@@ -523,17 +523,12 @@ def layer_picker(a: Analysis, key: str, default: str | None = None, label: str =
     if shared in names and st.session_state.get(key) != shared:
         st.session_state[key] = shared
     elif st.session_state.get(key) not in names:
-        default = default or views.best_layer(a, views.default_bits(a))
+        default = default or common.best_layer(a, common.default_bits(a))
         st.session_state[key] = default if default in names else names[0]
     name = str(st.selectbox(label, names, key=key, format_func=lambda n: layer_label(a, n),
                             on_change=_share, args=(key, SHARED_LAYER)))
     st.session_state[SHARED_LAYER] = name
     return name
-
-
-def shared_layer_picker(a: Analysis, key: str = "methods_layer", label: str = "Layer") -> str:
-    """The shared layer selection for another page (e.g. Methods): same layer as the Layer Lab and Clipping."""
-    return layer_picker(a, key, label=label)
 
 
 def open_layer_lab(name: str) -> None:
@@ -558,20 +553,6 @@ def group_picker(a: Analysis, name: str, key: str, label: str = "Group size") ->
 def sweep_row(a: Analysis, name: str, bits: int) -> pd.Series | None:
     lay = a.layers[(a.layers["name"] == name) & (a.layers["bits"] == bits)]
     return None if lay.empty else lay.iloc[0]
-
-
-@st.cache_data(max_entries=64, show_spinner="Running the clip search…")
-def clip_study(entry: str, name: str, bits: int, group_size: int, alpha: float) -> views.ClipStudy:
-    """``views.clip_study`` on a registered analysis, cached per setting (toggles on the page do not redo it)."""
-    return views.clip_study(registry().get(entry), name, bits=bits, group_size=group_size, alpha=alpha)
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def clipped_curve(entry: str, name: str, bits: int, group_size: int, zero_point: bool, duo_scaling: bool,
-                  n_grid: int) -> pd.DataFrame:
-    """``views.clipped_alpha_curve`` on a registered analysis, cached per setting (one clip search per alpha)."""
-    return views.clipped_alpha_curve(registry().get(entry), name, bits=bits, group_size=group_size,
-                                     zero_point=zero_point, duo_scaling=duo_scaling, n_grid=n_grid)
 
 
 # --- 3D view -------------------------------------------------------------------------------------------
@@ -620,57 +601,18 @@ def show_surface(mat: Any, *, title: str, value_name: str, log: bool, cache_key:
     import stpyvista  # only inside a running app: the package registers a component at import
 
     stpyvista._panel_html = _inline_panel_html  # the module looks this name up at call time
-    with figures.VTK_LOCK:  # VTK objects are built and serialised by one session at a time
+    with surface.VTK_LOCK:  # VTK objects are built and serialised by one session at a time
         with _HTML_LOCK:
             cached = cache_key in _HTML_CACHE
         if cached:  # the scene's HTML is ready: stpyvista only needs a plotter of the same size
-            plotter = figures.pyvista_module().Plotter(off_screen=True, window_size=[960, height])
+            plotter = surface.pyvista_module().Plotter(off_screen=True, window_size=[960, height])
         else:
-            plotter = figures.surface_plotter(mat, title=title, value_name=value_name, log=log,
+            plotter = surface.surface_plotter(mat, title=title, value_name=value_name, log=log,
                                               window_size=(960, height), with_bounds=False)
         plotter._awq_cache_key = cache_key
         try:
             stpyvista.stpyvista(plotter, backend="panel", key=key,
-                                backend_kwargs={"axes": figures.surface_axes(mat, log), "orientation_widget": True})
+                                backend_kwargs={"axes": surface.surface_axes(mat, log), "orientation_widget": True})
         finally:
             plotter.close()
-    st.altair_chart(figures.colour_bar(mat, value_name, log).chart, theme=None, width="content", key=f"{key}_bar")
-
-
-# --- Methods side by side (Layer Lab section; core.methods) ------------------------------------------------------
-
-def methods_section(a: Analysis, name: str, *, bits: int, group_size: int, zero_point: bool, alpha: float) -> None:
-    """Every method on this layer at the Layer Lab's bits / group size: one bar chart, one table, exportable."""
-    from core import methods as core_methods
-    from core.grids.spec import QuantSpec
-
-    labels = {k: core_methods.METHODS[k].label for k in core_methods.LAYER_METHODS}
-    picked = st.multiselect("Methods", list(labels), default=list(labels), format_func=labels.get, key="lab_methods",
-                            help="AWQ appears at the best alpha of its grid search and at the slider's alpha.")
-    if not picked:
-        st.info("Pick at least one method.")
-        return
-    t0 = time.perf_counter()
-    try:
-        df = a.compare_methods(name, QuantSpec(bits, group_size, zero_point), alpha=alpha, methods=picked)
-    except USER_ERRORS as e:
-        st.error(readable(e))
-        return
-    dt = time.perf_counter() - t0
-    best = df.sort_values("rel_error_heldout").iloc[0]
-    m = st.columns(3)
-    m[0].metric("Best on held-out rows", str(best["label"]), help=metrics.DEFINITIONS["rel_error"])
-    m[1].metric("Its held-out SQNR", views.fmt_db(float(best["sqnr_db_heldout"])))
-    m[2].metric("Recomputed in", f"{dt * 1000:.0f} ms", help="All picked methods on this layer, quantization + errors.")
-    g = group_size if group_size > 0 else int(a.info(name)["in_features"])
-    show_figure(figures.methods_bars(df, name=name, bits=bits, group_size=g), "lab_methods", model_id=a.model_id)
-    show_table(df.drop(columns=["method"]), rel_error=("rel. error, calib", "%.4g"),
-               sqnr_db=("SQNR calib (dB)", "%.2f"), rel_error_heldout=("rel. error, held-out", "%.4g"),
-               sqnr_db_heldout=("SQNR held-out (dB)", "%.2f"), weight_rel_error=("weight rel. error", "%.4g"),
-               seconds=("seconds", "%.3f"))
-    st.caption("GPTQ uses X^T X over all calibration tokens (kept in the cache), or the kept sample's when the "
-               "entry has none; HQQ is always asymmetric. **Rotated RTN** quantizes W·R with a random orthogonal R: "
-               "deploying it needs the activations rotated at run time (X·R, or R folded into the previous layer).")
-    with st.expander("What each method does"):
-        for k in picked:
-            st.markdown(f"- **{labels[k]}** (`{k}`): {core_methods.METHODS[k].description}")
+    st.altair_chart(surface.colour_bar(mat, value_name, log).chart, theme=None, width="content", key=f"{key}_bar")

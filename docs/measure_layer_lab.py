@@ -74,14 +74,14 @@ def main() -> int:
     import torch
 
     from app_harness import ensure_bundled
-    from core.present import views
+    from core.present import common
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     cache = Path(args.cache or tempfile.mkdtemp(prefix="awq-measure-"))
     t0 = time.perf_counter()
     a = ensure_bundled(cache)
     print(f"bundled analysis ready in {time.perf_counter() - t0:.1f} s ({a.path})")
-    opening = views.best_layer(a, views.default_bits(a))
+    opening = common.best_layer(a, common.default_bits(a))
     widest = max(a.names, key=lambda n: int(a.info(n)["in_features"]) * int(a.info(n)["out_features"]))
     report(f"bundled MiniLM-L6, opening layer {opening} (w3 g128)", measure_layer(a, opening, args.repeat))
     if widest != opening:

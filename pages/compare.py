@@ -2,7 +2,7 @@
 import streamlit as st
 
 import ui
-from core.present import figures, views
+from core.present import common, compare
 from core.analysis import list_cached
 
 ui.page_guard()
@@ -15,7 +15,7 @@ if not entries:
     st.info("Nothing cached yet: analyze a model from the sidebar first.")
     st.stop()
 # Each analysis is named by the model and the settings that tell the cached analyses apart (not a hash).
-labels = dict(zip((m["path"] for m in entries), views.compare_labels(entries)))
+labels = dict(zip((m["path"] for m in entries), common.compare_labels(entries)))
 paths = list(labels)
 if "cmp_paths" not in st.session_state:
     st.session_state["cmp_paths"] = paths[:2]  # the two most recent analyses (list_cached: newest first)
@@ -35,19 +35,19 @@ if len(analyses) < 2:
 if not analyses:
     st.stop()
 
-common = sorted(set.intersection(*(set(views.bits_available(x)) for x in analyses)))
-if not common:
+shared_bits = sorted(set.intersection(*(set(common.bits_available(x)) for x in analyses)))
+if not shared_bits:
     st.warning("These analyses share no bit-width; family gains need one in common.")
     bits = None
 else:
-    bits = ui.bits_picker(None, "cmp_bits", options=common)
+    bits = ui.bits_picker(None, "cmp_bits", options=shared_bits)
 
 if bits is not None:
-    ui.show_table(views.compare_headlines(analyses, bits))
+    ui.show_table(compare.compare_headlines(analyses, bits))
 c1, c2 = st.columns(2)
 with c1:
     if bits is not None:
-        ui.show_figure(figures.compare_family_gains(analyses, bits), "cmp_family")
+        ui.show_figure(compare.compare_family_gains(analyses, bits), "cmp_family")
 with c2:
-    ui.show_figure(figures.compare_hockey(analyses), "cmp_hockey")
-ui.show_figure(figures.compare_error_vs_bits(analyses), "cmp_bits_err")
+    ui.show_figure(compare.compare_hockey(analyses), "cmp_hockey")
+ui.show_figure(compare.compare_error_vs_bits(analyses), "cmp_bits_err")

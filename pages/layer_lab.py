@@ -1,10 +1,12 @@
 """Layer Lab: one linear, live. A slider release recomputes this layer only (inside a fragment)."""
 import time
 
+import pandas as pd
 import streamlit as st
 
 import ui
-from core.present import figures, views
+from core.present import common
+from core.present import layer_lab as lab  # the page's fragment below is named layer_lab
 from core.grids import metrics
 from core.analysis import Analysis
 
@@ -18,6 +20,51 @@ st.caption("Pick a layer and drag alpha: AWQ quantizes Q(W·s)/s with s = mean|x
 
 def _snap_alpha(value: float) -> None:
     st.session_state["lab_alpha"] = float(value)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def clipped_curve(entry: str, name: str, bits: int, group_size: int, zero_point: bool, duo_scaling: bool,
+                  n_grid: int) -> pd.DataFrame:
+    """``lab.clipped_alpha_curve`` on a registered analysis, cached per setting (one clip search per alpha)."""
+    return lab.clipped_alpha_curve(ui.registry().get(entry), name, bits=bits, group_size=group_size,
+                                   zero_point=zero_point, duo_scaling=duo_scaling, n_grid=n_grid)
+
+
+def methods_section(a: Analysis, name: str, *, bits: int, group_size: int, zero_point: bool, alpha: float) -> None:
+    """Every method on this layer at the Layer Lab's bits / group size: one bar chart, one table, exportable."""
+    from core import methods as core_methods
+    from core.grids.spec import QuantSpec
+
+    labels = {k: core_methods.METHODS[k].label for k in core_methods.LAYER_METHODS}
+    picked = st.multiselect("Methods", list(labels), default=list(labels), format_func=labels.get, key="lab_methods",
+                            help="AWQ appears at the best alpha of its grid search and at the slider's alpha.")
+    if not picked:
+        st.info("Pick at least one method.")
+        return
+    t0 = time.perf_counter()
+    try:
+        df = a.compare_methods(name, QuantSpec(bits, group_size, zero_point), alpha=alpha, methods=picked)
+    except ui.USER_ERRORS as e:
+        st.error(ui.readable(e))
+        return
+    dt = time.perf_counter() - t0
+    best = df.sort_values("rel_error_heldout").iloc[0]
+    m = st.columns(3)
+    m[0].metric("Best on held-out rows", str(best["label"]), help=metrics.DEFINITIONS["rel_error"])
+    m[1].metric("Its held-out SQNR", common.fmt_db(float(best["sqnr_db_heldout"])))
+    m[2].metric("Recomputed in", f"{dt * 1000:.0f} ms", help="All picked methods on this layer, quantization + errors.")
+    g = group_size if group_size > 0 else int(a.info(name)["in_features"])
+    ui.show_figure(lab.methods_bars(df, name=name, bits=bits, group_size=g), "lab_methods", model_id=a.model_id)
+    ui.show_table(df.drop(columns=["method"]), rel_error=("rel. error, calib", "%.4g"),
+                  sqnr_db=("SQNR calib (dB)", "%.2f"), rel_error_heldout=("rel. error, held-out", "%.4g"),
+                  sqnr_db_heldout=("SQNR held-out (dB)", "%.2f"), weight_rel_error=("weight rel. error", "%.4g"),
+                  seconds=("seconds", "%.3f"))
+    st.caption("GPTQ uses X^T X over all calibration tokens (kept in the cache), or the kept sample's when the "
+               "entry has none; HQQ is always asymmetric. **Rotated RTN** quantizes W·R with a random orthogonal R: "
+               "deploying it needs the activations rotated at run time (X·R, or R folded into the previous layer).")
+    with st.expander("What each method does"):
+        for k in picked:
+            st.markdown(f"- **{labels[k]}** (`{k}`): {core_methods.METHODS[k].description}")
 
 
 @st.fragment
@@ -71,18 +118,18 @@ def layer_lab(a: Analysis) -> None:
         st.caption(f"Stored in the GGUF as {a.source_format(name)}: the weights here are that grid, dequantized.",
                    help=a.source_note)
     m = st.columns(6)
-    m[0].metric("RTN rel. error", views.fmt_rel(ev.rtn_rel), help=metrics.DEFINITIONS["rel_error"])
-    m[1].metric("AWQ rel. error", views.fmt_rel(ev.awq_rel),
+    m[0].metric("RTN rel. error", common.fmt_rel(ev.rtn_rel), help=metrics.DEFINITIONS["rel_error"])
+    m[1].metric("AWQ rel. error", common.fmt_rel(ev.awq_rel),
                 delta=f"{(ev.awq_rel / ev.rtn_rel - 1) * 100:+.1f}% vs RTN" if ev.rtn_rel > 0 else None,
                 delta_color="inverse", help=metrics.DEFINITIONS["rel_error"])
-    m[2].metric("RTN SQNR", views.fmt_db(ev.rtn_sqnr_db), help=metrics.DEFINITIONS["sqnr_db"])
-    m[3].metric("AWQ SQNR", views.fmt_db(ev.awq_sqnr_db),
+    m[2].metric("RTN SQNR", common.fmt_db(ev.rtn_sqnr_db), help=metrics.DEFINITIONS["sqnr_db"])
+    m[3].metric("AWQ SQNR", common.fmt_db(ev.awq_sqnr_db),
                 delta=f"{ev.awq_sqnr_db - ev.rtn_sqnr_db:+.2f} dB", help=metrics.DEFINITIONS["sqnr_db"])
-    m[4].metric("Gain (in-sample)", views.fmt_gain(ev.gain), help=metrics.DEFINITIONS["gain"])
-    m[5].metric("Gain (held-out)", views.fmt_gain(ev.gain_heldout), help=metrics.DEFINITIONS["gain_heldout"])
+    m[4].metric("Gain (in-sample)", common.fmt_gain(ev.gain), help=metrics.DEFINITIONS["gain"])
+    m[5].metric("Gain (held-out)", common.fmt_gain(ev.gain_heldout), help=metrics.DEFINITIONS["gain_heldout"])
     h = st.columns(6)
-    h[0].metric("RTN rel. error, held-out", views.fmt_rel(ev.rtn_rel_heldout))
-    h[1].metric("AWQ rel. error, held-out", views.fmt_rel(ev.awq_rel_heldout))
+    h[0].metric("RTN rel. error, held-out", common.fmt_rel(ev.rtn_rel_heldout))
+    h[1].metric("AWQ rel. error, held-out", common.fmt_rel(ev.awq_rel_heldout))
     h[2].metric("Best alpha on the grid", f"{ev.best_alpha:.2f}",
                 help="Lowest error of the scale search" + (" without clipping (official AWQ chooses alpha "
                                                            "first, then clips)" if ev.clipped else "") + ".")
@@ -100,21 +147,21 @@ def layer_lab(a: Analysis) -> None:
         args = (str(a.path), name, bits, group, zero_point, duo, n_grid)
         if st.session_state.get("lab_clip_curve") == args:
             with st.spinner("Clip search at every alpha of the grid…"):
-                clipped = ui.clipped_curve(*args)
+                clipped = clipped_curve(*args)
         else:
             st.button("Curve with clipping at every alpha", key="lab_clip_curve_btn", icon=":material/show_chart:",
                       on_click=lambda: st.session_state.__setitem__("lab_clip_curve", args),
                       help="The curve below is the scale search without clipping (official AWQ chooses alpha "
                            "that way, then clips). This runs the clip search at each of the grid's alphas "
                            "(seconds) and draws that curve and its best alpha too.")
-    figs = figures.layer_figures(ev, clipped)
+    figs = lab.layer_figures(ev, clipped)
     if clipped is not None:
         best_clip = float(figs[0].meta["best_alpha"])
         st.button(f"Set alpha to {best_clip:.2f} (best with clipping)", on_click=_snap_alpha, args=(best_clip,),
                   key="lab_snap_clip", disabled=abs(best_clip - alpha) < 1e-9, icon=":material/my_location:")
     salient_only = st.session_state.get("lab_hist_salient", False)
     if salient_only:
-        figs[3] = figures.weight_histogram(ev, salient_only=True)
+        figs[3] = lab.weight_histogram(ev, salient_only=True)
     for row in (figs[:2], figs[2:]):
         cols = st.columns(2)
         for col, fig in zip(cols, row):
@@ -122,11 +169,11 @@ def layer_lab(a: Analysis) -> None:
                 ui.show_figure(fig, f"lab_{fig.slug.split('_')[0]}", model_id=a.model_id)
     st.toggle("Histograms: salient input channels only", key="lab_hist_salient")
 
-    # --- methods side by side (core.methods; ui.methods_section) -------------------------------------------
+    # --- methods side by side (core.methods; methods_section above) ----------------------------------------
     st.subheader("Methods side by side")
     if st.toggle("Compare RTN, MSE-clipped RTN, AWQ, GPTQ, HQQ and rotated RTN on this layer", key="lab_methods_on",
                  help="Every method at these bits and group size; errors on calibration and held-out rows."):
-        ui.methods_section(a, name, bits=bits, group_size=group, zero_point=zero_point, alpha=alpha)
+        methods_section(a, name, bits=bits, group_size=group, zero_point=zero_point, alpha=alpha)
 
 
 layer_lab(a)

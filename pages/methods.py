@@ -2,7 +2,7 @@
 import streamlit as st
 
 import ui
-from core.present import figures
+from core.present import methods
 from core.studies import methods_table
 
 a = ui.require_analysis()
@@ -47,7 +47,7 @@ st.subheader("Where does AWQ beat GPTQ?")
 h2h = methods_table.head_to_head(table, "awq", "gptq")
 for b in sorted(bits):
     if (h2h["bits"] == b).any():
-        ui.show_figure(figures.methods_heatmap(h2h, bits=b), f"methods_h2h_{b}", model_id=a.model_id)
+        ui.show_figure(methods.methods_heatmap(h2h, bits=b), f"methods_h2h_{b}", model_id=a.model_id)
 with st.expander("All rows"):
     st.dataframe(table, hide_index=True)
 ui.definitions(["rel_error", "sqnr_db"])

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core.present import figures, views
+from core.present import model_quality
 
 a = ui.require_analysis()
 st.title("Model quality")
@@ -100,7 +100,7 @@ with c1:
         f"**{m}**: {d}." for m, d in evaluate.DEFINITIONS.items() if m in set(shown["metric"])))
 with c2:
     st.subheader(f"Gain vs RTN at group {ui.group_label(group)}: layer and model")
-    gains = views.gain_levels(a.layers, shown, a.settings.sweep.group_size)
+    gains = model_quality.gain_levels(a.layers, shown, a.settings.sweep.group_size)
     if gains.empty:
         st.info("Run with the rtn mode to compare gains.")
     else:
@@ -118,7 +118,7 @@ kl = evaluate.cached_kl(a)
 if kl is not None:
     kl = kl[(kl["group_size"] == group) & (kl["zero_point"] == zero_point)]
 if kl is not None and not kl.empty:
-    ui.show_figure(figures.kl_distribution(kl), "mq_kl", model_id=a.model_id)
-ui.show_figure(figures.quality_bars(shown), "mq_bars", model_id=a.model_id)
+    ui.show_figure(model_quality.kl_distribution(kl), "mq_kl", model_id=a.model_id)
+ui.show_figure(model_quality.quality_bars(shown), "mq_bars", model_id=a.model_id)
 with st.expander("All cached results"):
     st.dataframe(results, hide_index=True)

@@ -3,7 +3,7 @@ import streamlit as st
 
 import ui
 from core.studies import alpha_predict
-from core.present import figures
+from core.present import plan
 from core.grids import metrics
 from core.studies import plan as P
 from core.studies import plan_export as PE
@@ -61,14 +61,14 @@ else:
     t1, t2, t3, t4 = st.tabs(["Frontier", "Plan map", "Sensitivity", "Export"])
     with t1:
         metric = "kl" if "kl" in set(rep.quality["metric"]) else P.model_metric(a)
-        ui.show_figure(figures.plan_frontier(rep.quality, metric), "plan_frontier", model_id=a.model_id)
+        ui.show_figure(plan.plan_frontier(rep.quality, metric), "plan_frontier", model_id=a.model_id)
         st.dataframe(rep.quality.pivot_table(index=["variant", "avg_bits"], columns="metric", values="value").reset_index(),
                      hide_index=True)
     with t2:
-        ui.show_figure(figures.plan_map(p.layers, a.linears), "plan_map", model_id=a.model_id)
+        ui.show_figure(plan.plan_map(p.layers, a.linears), "plan_map", model_id=a.model_id)
     with t3:
         sb = st.selectbox("Bits", sorted(set(rep.layer_sens["bits"])), key="plan_sens_bits")
-        ui.show_figure(figures.plan_sensitivity(rep.layer_sens, rep.model_sens, int(sb), settings.granularity,
+        ui.show_figure(plan.plan_sensitivity(rep.layer_sens, rep.model_sens, int(sb), settings.granularity,
                                                 P.model_metric(a)), "plan_sens", model_id=a.model_id, caption=True)
     with t4:
         fmts = st.multiselect("Formats", PE.FORMATS, default=list(PE.FORMATS), key="plan_fmts")

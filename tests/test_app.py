@@ -19,7 +19,8 @@ from streamlit.testing.v1 import AppTest
 
 from app_harness import PAGES, ROOT, ensure_bundled, navigation_mode, shared_cache
 from conftest import tiny_settings
-from core.present import figures, views
+from core.present import (common, compare, how_awq_works, importance_map, layer_lab, model_quality, overview, pack,
+                          surface)
 from core.analysis import analyze, list_cached, open_entry
 from core.model.models import BUNDLED_ID
 
@@ -80,7 +81,7 @@ def assert_themed(at: AppTest, n_min: int = 1) -> None:
     specs = chart_specs(at)
     assert len(specs) >= n_min
     for spec in specs:  # rendered with the app's own theme, exactly as the exports
-        assert spec["config"]["font"] == figures.FONT
+        assert spec["config"]["font"] == common.FONT
         assert spec["autosize"]["type"] == "pad"
     for c in at.get("vega_lite_chart"):
         assert c.proto.theme == ""  # theme=None: Streamlit adds nothing
@@ -104,11 +105,11 @@ def lab_state(at: AppTest) -> dict:
 
 def expected_lab_metrics(ev) -> dict[str, str]:
     return {
-        "RTN rel. error": views.fmt_rel(ev.rtn_rel), "AWQ rel. error": views.fmt_rel(ev.awq_rel),
-        "RTN SQNR": views.fmt_db(ev.rtn_sqnr_db), "AWQ SQNR": views.fmt_db(ev.awq_sqnr_db),
-        "Gain (in-sample)": views.fmt_gain(ev.gain), "Gain (held-out)": views.fmt_gain(ev.gain_heldout),
-        "RTN rel. error, held-out": views.fmt_rel(ev.rtn_rel_heldout),
-        "AWQ rel. error, held-out": views.fmt_rel(ev.awq_rel_heldout),
+        "RTN rel. error": common.fmt_rel(ev.rtn_rel), "AWQ rel. error": common.fmt_rel(ev.awq_rel),
+        "RTN SQNR": common.fmt_db(ev.rtn_sqnr_db), "AWQ SQNR": common.fmt_db(ev.awq_sqnr_db),
+        "Gain (in-sample)": common.fmt_gain(ev.gain), "Gain (held-out)": common.fmt_gain(ev.gain_heldout),
+        "RTN rel. error, held-out": common.fmt_rel(ev.rtn_rel_heldout),
+        "AWQ rel. error, held-out": common.fmt_rel(ev.awq_rel_heldout),
         "Best alpha on the grid": f"{ev.best_alpha:.2f}",
     }
 
@@ -125,7 +126,7 @@ def check_lab_against_engine(at: AppTest, engine) -> object:
     return ev
 
 
-def lab_curve(at: AppTest, which: str = figures.CURVE_PLAIN) -> pd.DataFrame:
+def lab_curve(at: AppTest, which: str = layer_lab.CURVE_PLAIN) -> pd.DataFrame:
     """The points of one curve of the Layer Lab's error-vs-alpha chart, as the browser receives them."""
     for data in chart_data(at):
         for df in data.values():
@@ -135,7 +136,7 @@ def lab_curve(at: AppTest, which: str = figures.CURVE_PLAIN) -> pd.DataFrame:
 
 
 def lab_spec(at: AppTest) -> dict:
-    return next(sp for sp in chart_specs(at) if figures.figure_title(sp).startswith("Output error vs alpha"))
+    return next(sp for sp in chart_specs(at) if pack.figure_title(sp).startswith("Output error vs alpha"))
 
 
 def title_words(spec: dict) -> str:
@@ -170,15 +171,15 @@ def test_first_open_walks_how_awq_works_then_the_layer_lab(cache):
     assert entries, "the bundled model's analysis was not cached"
     assert at.session_state[ENTRY] == entries[0]["path"]
     engine = open_entry(entries[0]["path"])
-    walk = views.intro_walk(engine)
+    walk = how_awq_works.intro_walk(engine)
     steps = [h.value for h in at.subheader]
     assert [h.split(" · ")[0] for h in steps[:5]] == ["1", "2", "3", "4", "5"], steps
     assert "https://arxiv.org/abs/2306.00978" in at.caption[0].value and "MLSys 2024" in at.caption[0].value
-    titles = [figures.figure_title(sp) for sp in chart_specs(at)]
+    titles = [pack.figure_title(sp) for sp in chart_specs(at)]
     for start in INTRO_TITLES:
         assert any(t.startswith(start) for t in titles), (start, titles)
     # live: the weight group drawn is this model's weight row, and its RTN values are what pseudo_quantize gives
-    pts, levels, info = views.weight_group(walk.ev)
+    pts, levels, info = how_awq_works.weight_group(walk.ev)
     group = next(df for data in chart_data(at) for df in data.values() if {"channel", "weight", "rtn"} <= set(df.columns))
     w = engine.weight(walk.name)[info["row"]].double().numpy()
     assert np.allclose(group["weight"], w[group["channel"].to_numpy()])
@@ -194,7 +195,7 @@ def test_first_open_walks_how_awq_works_then_the_layer_lab(cache):
     at.slider(key="lab_alpha").set_value(0.2).run()
     after = check_lab_against_engine(at, engine)
     assert after.alpha == pytest.approx(0.2)
-    assert metrics_shown(at)["AWQ rel. error"] != views.fmt_rel(before.awq_rel)
+    assert metrics_shown(at)["AWQ rel. error"] != common.fmt_rel(before.awq_rel)
     assert_themed(at, 4)
 
     later = open_app()  # the walk has been shown once: later visits open on the Layer Lab
@@ -210,10 +211,10 @@ def test_every_page_on_the_bundled_model(cache):
         at.switch_page(page).run()
         assert_clean(at)
         if page.endswith("overview.py"):
-            h = views.headline(a, views.default_bits(a))
+            h = common.headline(a, common.default_bits(a))
             assert metrics_shown(at)["Linears"] == str(len(a.names)) == "210"  # SmolLM2: 30 blocks x 7
             assert any("Q4_1, blocks of 32" in c.value for c in at.caption)  # what its GGUF source means
-            assert metrics_shown(at)[f"Median gain w{views.default_bits(a)}"] == views.fmt_gain(h["median_gain"])
+            assert metrics_shown(at)[f"Median gain w{common.default_bits(a)}"] == common.fmt_gain(h["median_gain"])
             assert_themed(at, 4)
         elif page.endswith("importance_map.py"):
             assert at.get("vega_lite_chart"), "the heatmap twin is missing"
@@ -290,7 +291,7 @@ def test_layer_lab_controls_recompute_exactly_what_the_engine_computes(tiny):
     assert "+ clip" in title and "curve without clipping" in title
     at.button(key="lab_clip_curve_btn").click().run()
     ev = check_lab_against_engine(at, engine)
-    clipped = lab_curve(at, figures.CURVE_CLIP)
+    clipped = lab_curve(at, layer_lab.CURVE_CLIP)
     assert len(clipped) == 10 and "curve without clipping" not in title_words(lab_spec(at))
     here = clipped.loc[np.isclose(clipped["alpha"], ev.alpha), "rel_error"]
     assert len(here) == 1 and here.iloc[0] == pytest.approx(ev.awq_rel, rel=1e-9)
@@ -434,15 +435,15 @@ def test_sidebar_analyze_of_a_local_folder_switches_the_pages_to_it(cache, tiny,
 
 def test_every_standard_figure_exports_png_svg_pdf_csv_with_the_theme(tiny):
     a = tiny["qwen2"]
-    figs = figures.standard_figures(a, 3)
+    figs = pack.standard_figures(a, 3)
     assert len({f.slug for f in figs}) == len(figs)
     for f in figs:
         spec = f.spec()
-        assert spec["config"]["font"] == figures.FONT and spec["autosize"]["type"] == "pad"
+        assert spec["config"]["font"] == common.FONT and spec["autosize"]["type"] == "pad"
         png = f.png()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         width = int.from_bytes(png[16:20], "big")
-        assert width >= figures.PNG_SCALE * min(spec.get("width", figures.WIDTH), figures.WIDTH)  # talk-ready
+        assert width >= common.PNG_SCALE * min(spec.get("width", common.WIDTH), common.WIDTH)  # talk-ready
         assert f.svg().lstrip().startswith("<svg")
         assert f.pdf()[:5] == b"%PDF-"
         back = pd.read_csv(io.BytesIO(f.csv()))
@@ -451,11 +452,11 @@ def test_every_standard_figure_exports_png_svg_pdf_csv_with_the_theme(tiny):
 
 def test_figure_pack_zip_holds_every_format_and_the_3d_surfaces(tiny):
     a = tiny["bert"]
-    data = figures.figure_pack(a, 4)
+    data = pack.figure_pack(a, 4)
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         names = set(z.namelist())
         assert "README.txt" in names and "rel_error" in z.read("README.txt").decode()
-        for f in figures.standard_figures(a, 4):
+        for f in pack.standard_figures(a, 4):
             assert {f"{f.slug}.{ext}" for ext in ("png", "svg", "pdf", "csv")} <= names
         assert any(n.startswith("importance_surface_") and n.endswith(".png") for n in names)
 
@@ -466,8 +467,8 @@ def test_figure_pack_names_each_quantity_once_and_shows_the_layer_on_screen(tiny
     from core.grids import metrics
 
     a = tiny["qwen2"]
-    layer = next(n for n in a.names if n != views.best_layer(a, 3))
-    with zipfile.ZipFile(io.BytesIO(figures.figure_pack(a, 3, layer=layer, include_3d=False, formats=("csv",)))) as z:
+    layer = next(n for n in a.names if n != common.best_layer(a, 3))
+    with zipfile.ZipFile(io.BytesIO(pack.figure_pack(a, 3, layer=layer, include_3d=False, formats=("csv",)))) as z:
         readme = z.read("README.txt").decode()
         line = next(x for x in readme.splitlines() if x.strip().startswith("rel_error_vs_alpha"))
         assert "Output error vs alpha" in line and metrics.DEFINITIONS["rel_error"] in line
@@ -484,7 +485,7 @@ def test_wide_layers_are_pre_aggregated_under_altairs_row_limit():
     rng = np.random.default_rng(0)
     mat = rng.random((24, 4864))  # Qwen2.5-0.5B's down_proj input width over its 24 blocks
     mat[:, 1234] = 50.0  # one recurring outlier channel
-    df = views.matrix_long(mat)
+    df = importance_map.matrix_long(mat)
     assert len(df) <= 5000
     assert df["channel_start"].min() == 0 and df["channel_end"].max() == 4863
     assert (df.groupby("block")["value"].max() == 50.0).all()  # max-pooling keeps the outlier visible
@@ -497,7 +498,7 @@ def test_3d_surface_renders_off_screen_and_is_not_blank():
     rng = np.random.default_rng(1)
     mat = rng.random((6, 384))
     mat[:, 94] += 5
-    png = figures.surface_png(mat, title="test surface", window_size=(640, 360))
+    png = surface.surface_png(mat, title="test surface", window_size=(640, 360))
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)
     assert img.shape == (360, 640, 3)
     assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
@@ -509,7 +510,7 @@ def test_3d_view_html_is_self_contained_for_offline_use():
     import ui
 
     mat = np.random.default_rng(2).random((3, 64))
-    pl = figures.surface_plotter(mat, title="t", window_size=(400, 300), with_bounds=False)
+    pl = surface.surface_plotter(mat, title="t", window_size=(400, 300), with_bounds=False)
     try:
         html = ui._inline_panel_html(pl)
     finally:
@@ -559,13 +560,13 @@ def _views_of(spec: dict):
 def _title_lines(spec: dict) -> list[tuple[str, int]]:
     t = spec.get("title") or {}
     out = []
-    for key, size in (("text", figures.TITLE_SIZE), ("subtitle", figures.SUBTITLE_SIZE)):
+    for key, size in (("text", common.TITLE_SIZE), ("subtitle", common.SUBTITLE_SIZE)):
         v = t.get(key, "") if isinstance(t, dict) else (t if key == "text" else "")
         out += [(line, size) for line in (v if isinstance(v, list) else [v]) if line]
     return out
 
 
-def assert_slide_ready(fig: figures.Figure) -> None:
+def assert_slide_ready(fig: common.Figure) -> None:
     """Every x / y axis has a title; index axes have integer ticks; every title line fits the chart's width."""
     spec = fig.spec()
     widths = []
@@ -583,24 +584,26 @@ def assert_slide_ready(fig: figures.Figure) -> None:
             extent = (view.get("width") if ch == "x" else view.get("height")) or spec.get("width" if ch == "x" else "height")
             if isinstance(extent, (int, float)):  # an axis title is not longer than its axis
                 for line in title if isinstance(title, list) else [title]:
-                    assert figures.text_width(line, 14) * 0.85 <= extent + 30, (fig.slug, ch, line)
+                    assert common.text_width(line, 14) * 0.85 <= extent + 30, (fig.slug, ch, line)
             if enc["field"] in INDEX_FIELDS and enc.get("type") == "quantitative":
                 assert enc.get("axis", {}).get("format") == "d", (fig.slug, enc["field"])
-    width = max([w for w in widths if isinstance(w, (int, float))] + [figures.WIDTH]) if widths else figures.WIDTH
+    width = max([w for w in widths if isinstance(w, (int, float))] + [common.WIDTH]) if widths else common.WIDTH
     for view in [spec] + list(_views_of(spec)):
         for line, size in _title_lines(view):
-            assert figures.text_width(line, size) <= width + 60 + 1, (fig.slug, line)
+            assert common.text_width(line, size) <= width + 60 + 1, (fig.slug, line)
 
 
 def _every_figure(a, extra_analyses=()):
-    bits = views.default_bits(a)
-    figs = figures.standard_figures(a, bits)
-    walk = views.intro_walk(a)
+    bits = common.default_bits(a)
+    figs = pack.standard_figures(a, bits)
+    walk = how_awq_works.intro_walk(a)
     ev_clip = a.evaluate_layer(walk.name, alpha=0.4, bits=bits, group_size=walk.group_size, clip=True, n_grid=10)
-    figs += [figures.loss_curve(ev_clip), figures.intro_weight_group(walk.ev), figures.intro_outliers(a, walk.name),
-             figures.intro_scales(a, walk.name, [0.0, 0.5], walk.group_size), figures.intro_channel_errors(walk.ev),
-             figures.compare_family_gains([a, *extra_analyses], bits), figures.compare_hockey([a, *extra_analyses]),
-             figures.compare_error_vs_bits([a, *extra_analyses])]
+    figs += [layer_lab.loss_curve(ev_clip), how_awq_works.intro_weight_group(walk.ev),
+             how_awq_works.intro_outliers(a, walk.name),
+             how_awq_works.intro_scales(a, walk.name, [0.0, 0.5], walk.group_size),
+             how_awq_works.intro_channel_errors(walk.ev),
+             compare.compare_family_gains([a, *extra_analyses], bits), compare.compare_hockey([a, *extra_analyses]),
+             compare.compare_error_vs_bits([a, *extra_analyses])]
     return figs
 
 
@@ -608,7 +611,7 @@ def test_every_figure_has_axis_titles_integer_index_ticks_and_titles_that_fit(ti
     for fig in _every_figure(tiny["qwen2"], [tiny["gpt2"]]):
         assert_slide_ready(fig)
     # the helper itself catches what it should: an untitled axis and an over-long title
-    bad = figures.Figure("bad", alt_chart_without_titles(), pd.DataFrame())
+    bad = common.Figure("bad", alt_chart_without_titles(), pd.DataFrame())
     with pytest.raises(AssertionError):
         assert_slide_ready(bad)
 
@@ -624,9 +627,9 @@ def test_talk_preset_is_a_16_9_slide_with_large_fonts(tiny):
     from PIL import Image
 
     a = tiny["qwen2"]
-    for fig in (figures.error_vs_bits(a), figures.hockey_stick(a), figures.gain_heatmap(a, 3)):
+    for fig in (overview.error_vs_bits(a), overview.hockey_stick(a), common.gain_heatmap(a, 3)):
         png = fig.png(preset="talk")
-        assert Image.open(io.BytesIO(png)).size == figures.TALK_SIZE
+        assert Image.open(io.BytesIO(png)).size == common.TALK_SIZE
         talk, std = fig.spec("talk"), fig.spec()
         assert talk["config"]["axis"]["labelFontSize"] >= 2 * std["config"]["axis"]["labelFontSize"] - 4
         assert talk["config"]["title"]["fontSize"] >= 2 * std["config"]["title"]["fontSize"]
@@ -636,7 +639,7 @@ def test_talk_preset_is_a_16_9_slide_with_large_fonts(tiny):
 
 def test_error_vs_bits_shows_the_awq_over_rtn_ratio_on_a_linear_axis(tiny):
     a = tiny["qwen2"]
-    fig = figures.error_vs_bits(a)
+    fig = overview.error_vs_bits(a)
     spec = fig.spec()
     assert "vconcat" in spec and len(spec["vconcat"]) == 2
     ratio_view = next(v for v in _views_of(spec) if v["encoding"].get("y", {}).get("field") == "median_awq_over_rtn")
@@ -654,10 +657,10 @@ def test_hockey_stick_has_no_invented_points(tiny):
     a = tiny["qwen2"]
     widths = a.linears.set_index("name")["in_features"]
     fam_width = a.linears.groupby("family")["in_features"].min()
-    df = views.hockey_stick(a, by="family")
+    df = common.hockey_stick(a, by="family")
     for fam, g in df.groupby("group"):
         assert g["rank_pct"].min() >= 100.0 / fam_width[fam] - 1e-9, fam
-    both = views.hockey_stick(a, by="all")  # 64- and 128-wide linears: starts where the narrow ones have data
+    both = common.hockey_stick(a, by="all")  # 64- and 128-wide linears: starts where the narrow ones have data
     assert both["rank_pct"].min() >= 100.0 / widths.min() - 1e-9
     assert widths.max() > widths.min()  # the case that used to be extrapolated
     # the first point of a family is the mean of its layers' top channel (importance / layer mean): real data
@@ -684,13 +687,13 @@ def test_compare_labels_name_the_settings_that_differ_and_preselect_the_last_two
     y = analyze(tiny_settings(d, tokenizer_dir, sweep=SweepSettings(bits=(3, 4), group_size=64, zero_point=False,
                                                                      n_grid=10),
                               calibration=CalibrationSpec(n_samples=3, seqlen=64, heldout_samples=2)), cmp_cache)
-    lx, ly = views.compare_labels([x.manifest, y.manifest])
+    lx, ly = common.compare_labels([x.manifest, y.manifest])
     assert lx != ly
     assert "zero point" in lx and "symmetric" in ly and "group 32" in lx and "group 64" in ly
     assert "4x64 tokens" in lx and "3x64 tokens" in ly
     assert x.path.name[:6] not in lx + ly  # no hash
     assert "bits" not in lx  # equal settings are not repeated
-    df = views.compare_family_gains([x, y], 3)
+    df = compare.compare_family_table([x, y], 3)
     assert set(df["analysis"]) == {lx, ly}
 
     monkeypatch.setenv("AWQ_EXPLORER_CACHE", str(cmp_cache))  # the page lists this folder's analyses
@@ -701,7 +704,7 @@ def test_compare_labels_name_the_settings_that_differ_and_preselect_the_last_two
     newest = [m["path"] for m in list_cached(cmp_cache)][:2]
     assert at.multiselect(key="cmp_paths").value == newest and str(z.path) in newest
     shown = {lab for data in chart_data(at) for df in data.values() if "analysis" in df.columns for lab in df["analysis"]}
-    assert shown == set(views.compare_labels([open_entry(p).manifest for p in newest]))
+    assert shown == set(common.compare_labels([open_entry(p).manifest for p in newest]))
 
 
 def test_model_quality_chart_starts_at_the_data_with_readable_names_and_fp_as_a_line():
@@ -710,7 +713,7 @@ def test_model_quality_chart_starts_at_the_data_with_readable_names_and_fp_as_a_
                                  ("rtn", 4, 0.98, 0.05), ("awq", 4, 0.99, 0.03)):
         rows += [{"mode": mode, "bits": bits, "group_size": 128, "metric": "cosine", "value": cos},
                  {"mode": mode, "bits": bits, "group_size": 128, "metric": "hidden_rel_error", "value": err}]
-    fig = figures.quality_bars(pd.DataFrame(rows))
+    fig = model_quality.quality_bars(pd.DataFrame(rows))
     spec = fig.spec()
     layers = spec["spec"]["layer"]
     pts = next(v for v in layers if v["mark"]["type"] == "point")
@@ -719,24 +722,26 @@ def test_model_quality_chart_starts_at_the_data_with_readable_names_and_fp_as_a_
     rule = next(v for v in layers if v["mark"]["type"] == "rule")
     assert {"filter": "datum.mode == 'fp'"} in rule["transform"]  # ... but a reference line
     data = next(iter(spec["datasets"].values()))
-    assert {r["metric_label"] for r in data} == {figures.metric_label("cosine"), figures.metric_label("hidden_rel_error")}
+    assert {r["metric_label"] for r in data} == {model_quality.metric_label("cosine"),
+                                                 model_quality.metric_label("hidden_rel_error")}
     assert all("_" not in r["metric_label"] for r in data)
     assert {r["bits_label"] for r in data if r["mode"] != "fp"} == {"w3", "w4"}
     assert fig.png(preset="talk")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shares_are_not_rounded_to_all_or_nothing():
-    assert views.fmt_count_of(209, 210) == "99.5%" and views.fmt_count_of(210, 210) == "100%"
-    assert views.fmt_count_of(1, 400) == "0.2%" and views.fmt_count_of(0, 5) == "0%" and views.fmt_count_of(3, 4) == "75%"
+    assert common.fmt_count_of(209, 210) == "99.5%" and common.fmt_count_of(210, 210) == "100%"
+    assert common.fmt_count_of(1, 400) == "0.2%" and common.fmt_count_of(0, 5) == "0%"
+    assert common.fmt_count_of(3, 4) == "75%"
 
 
 def test_gain_table_puts_layer_and_model_gain_at_one_group_size(tiny):
     a = tiny["qwen2"]
     q = pd.DataFrame([{"mode": m, "bits": 3, "group_size": g, "metric": "kl", "value": v}
                       for g in (32,) for m, v in (("rtn", 0.2), ("awq", 0.1))])
-    same = views.gain_levels(a.layers, q, a.settings.sweep.group_size)
+    same = model_quality.gain_levels(a.layers, q, a.settings.sweep.group_size)
     assert same["group_size"].iloc[0] == 32 and np.isfinite(same["layer_gain"].iloc[0])
-    other = views.gain_levels(a.layers, q.assign(group_size=64), a.settings.sweep.group_size)
+    other = model_quality.gain_levels(a.layers, q.assign(group_size=64), a.settings.sweep.group_size)
     assert other["group_size"].iloc[0] == 64 and np.isnan(other["layer_gain"].iloc[0])  # not from another setting
     assert other["awq (kl)"].iloc[0] == pytest.approx(2.0)
 
@@ -744,16 +749,16 @@ def test_gain_table_puts_layer_and_model_gain_at_one_group_size(tiny):
 def test_3d_axes_have_integer_ticks_distinct_labels_and_refuse_log_of_signed_values():
     rng = np.random.default_rng(3)
     mat = rng.random((6, 384)) * 0.15  # the shape that gave 95.8-channel ticks and 0.1, 0.1, 0.1 heights
-    ax = figures.surface_ticks(mat)
+    ax = surface.surface_ticks(mat)
     assert all(isinstance(t, int) for t in ax.x_ticks + ax.y_ticks)
     assert ax.x_ticks[0] == 0 and ax.x_ticks[-1] >= 383 and ax.y_ticks == [0, 1, 2, 3, 4, 5]
     zl = [ax.z_format % t for t in ax.z_ticks]
     assert len(set(zl)) == len(zl) and float(zl[0]) <= mat.min() and float(zl[-1]) >= mat.max()
-    axes = figures.surface_axes(mat)
+    axes = surface.surface_axes(mat)
     assert axes["xticker"]["labels"][-1].endswith("channel") and axes["yticker"]["labels"][-1] == "block 5"
     assert axes["xticker"]["labels"][0] == "0" and axes["yticker"]["labels"][0] == axes["zticker"]["labels"][0] == ""
     assert len(set(axes["zticker"]["labels"][1:])) == len(axes["zticker"]["labels"]) - 1
-    pl = figures.surface_plotter(mat, title="t", window_size=(640, 360))
+    pl = surface.surface_plotter(mat, title="t", window_size=(640, 360))
     try:
         labels = pl.renderer.cube_axes_actor.x_labels
         assert labels[:-1] == [str(t) for t in ax.x_ticks[:-1]]  # integers; the corner one left blank
@@ -762,8 +767,8 @@ def test_3d_axes_have_integer_ticks_distinct_labels_and_refuse_log_of_signed_val
         pl.close()
     signed = mat - 0.05  # like excess kurtosis: some values below zero
     with pytest.raises(ValueError, match="log scale"):
-        figures.surface_geometry(signed, log=True)
-    assert not views.log_applicable(signed) and views.log_applicable(mat + 1e-3)
+        surface.surface_geometry(signed, log=True)
+    assert not common.log_applicable(signed) and common.log_applicable(mat + 1e-3)
 
 
 def test_importance_map_applies_log_to_both_views_or_to_neither(tiny):
@@ -773,18 +778,18 @@ def test_importance_map_applies_log_to_both_views_or_to_neither(tiny):
     at.selectbox(key="map_value").set_value("kurtosis").run()
     at.toggle(key="map_log").set_value(True).run()
     assert_clean(at)
-    mat, _ = views.channel_matrix(a, at.segmented_control(key="map_family").value, "kurtosis")
-    heat = next(sp for sp in chart_specs(at) if "channel x block" in figures.figure_title(sp))
+    mat, _ = importance_map.channel_matrix(a, at.segmented_control(key="map_family").value, "kurtosis")
+    heat = next(sp for sp in chart_specs(at) if "channel x block" in pack.figure_title(sp))
     scale_type = heat["encoding"]["color"]["scale"]["type"]
-    if views.log_applicable(mat):
+    if common.log_applicable(mat):
         assert scale_type == "log"
     else:
         assert scale_type == "linear" and any("Log scale is off" in i.value for i in at.info)
     at.selectbox(key="map_value").set_value("mean_abs").run()  # positive: log applies to the heatmap
-    heat = next(sp for sp in chart_specs(at) if "channel x block" in figures.figure_title(sp))
+    heat = next(sp for sp in chart_specs(at) if "channel x block" in pack.figure_title(sp))
     assert heat["encoding"]["color"]["scale"]["type"] == "log" and "(log scale)" in heat["encoding"]["color"]["title"]
     assert heat["encoding"]["color"]["legend"]["type"] == "gradient"  # a colour bar
-    gain = figures.gain_heatmap(a, 3).spec()
+    gain = common.gain_heatmap(a, 3).spec()
     assert gain["layer"][0]["encoding"]["color"]["legend"]["type"] == "gradient"
 
 

@@ -18,7 +18,7 @@ import pytest
 from app_harness import (CHROMIUM, CHROMIUM_ARGS, PAGES, ensure_bundled, metric_value, settle, shared_cache,
                          streamlit_server)
 from core.methods import awq_search as awq
-from core.present import views
+from core.present import common, how_awq_works
 from core.analysis import open_entry
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
@@ -120,8 +120,8 @@ def test_every_page_in_a_real_browser(server, browser, tmp_path):
         assert lab_summary(page) == (layer, bits, group)
         assert f"alpha {alpha:.2f}" in page.locator(".st-key-lab_summary").inner_text()
         ev = engine.evaluate_layer(layer, alpha=alpha, bits=bits, group_size=group)
-        assert after == views.fmt_rel(ev.awq_rel)
-        assert metric_value(page, "RTN rel. error") == views.fmt_rel(ev.rtn_rel)
+        assert after == common.fmt_rel(ev.awq_rel)
+        assert metric_value(page, "RTN rel. error") == common.fmt_rel(ev.rtn_rel)
         print(f"\nbrowser: alpha {before_alpha} -> {alpha}; new error shown {shown_after_s * 1000:.0f} ms after release")
 
         # Download the loss curve as PNG (generated on click).
@@ -198,7 +198,7 @@ def test_first_visit_walks_how_awq_works_and_the_charts_follow_the_toggles(serve
         steps = page.locator('[data-testid="stMain"] h3').all_inner_texts()
         assert [s.split(" · ")[0].strip() for s in steps[:5]] == ["1", "2", "3", "4", "5"], steps
         assert page.locator('a[href="https://arxiv.org/abs/2306.00978"]').count() >= 1
-        walk = views.intro_walk(open_entry(analysis.path))
+        walk = how_awq_works.intro_walk(open_entry(analysis.path))
         for start, axis in (("Round to nearest", "input channel (index)"), ("Input activations of", "mean |x_j|"),
                             ("s = mean|x|^α", "scale s_j"), ("Q(W·s)/s vs Q(W)", "channel rank by importance"),
                             ("AWQ gain per layer", "block (index)")):

@@ -452,14 +452,14 @@ def test_standouts():
 
 
 def test_plan_figures(tiny_llama, scored):
-    from core.present import figures
+    from core.present import plan
     from core.studies import plan as P
 
     s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
     rep = P.run(tiny_llama, s)
-    for fig in (figures.plan_sensitivity(rep.layer_sens, rep.model_sens, 3),
-                figures.plan_map(rep.plan.layers, tiny_llama.linears),
-                figures.plan_frontier(rep.quality, "kl")):
+    for fig in (plan.plan_sensitivity(rep.layer_sens, rep.model_sens, 3),
+                plan.plan_map(rep.plan.layers, tiny_llama.linears),
+                plan.plan_frontier(rep.quality, "kl")):
         assert fig.spec() and len(fig.data) and fig.png()[:4] == b"\x89PNG"
 
 

@@ -104,7 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.figure:
         from pathlib import Path
 
-        from ..present.figures import plan_frontier
+        from ..present.plan import plan_frontier
 
         fig = plan_frontier(df, "kl" if "kl" in metrics else metrics[0])
         dest = Path(args.figure).expanduser()

@@ -26,7 +26,7 @@ import torch
 from ..grids.metrics import bit_cost
 from ..grids.spec import QuantSpec
 from ..methods import METHODS, quantize_layer
-from .evaluate import score_variants
+from . import evaluate
 
 DEFAULT_CHOICES = (2, 3, 4, 8, 16)
 MAX_CELLS = 1 << 25  # DP table entries (items x cost units), int8 back-pointers: 32 MiB
@@ -335,7 +335,7 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
 
     ``granularity``: ``"block"`` (units: each block's linears together, and each family's linears in all
     blocks together, ``"family:<f>"``) or ``"linear"`` (unit = one linear).
-    Scored by ``core.evaluate.score_variants`` on ``max_tokens`` held-out tokens: mean KL for causal LMs,
+    Scored by ``core.studies.evaluate.score_variants`` on ``max_tokens`` held-out tokens: mean KL for causal LMs,
     hidden-state relative error for encoders. Columns ``unit, bits, metric, value, n_tokens``; cached per
     (method, zero point, granularity, token budget), only missing (unit, bits) pairs are computed.
     """
@@ -364,7 +364,7 @@ def model_sensitivity(analysis, method: str, bits: Sequence[int], *, zero_point:
             if (u, b) not in have:
                 variants[f"{u}@{b}"] = plan_weights(analysis, {n: (b, gs[n]) for n in names}, method, zero_point)
     if variants:
-        res = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
+        res = evaluate.score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
         res = res[(res["metric"] == metric) & res["variant"].isin(set(variants))]  # not the fp reference rows
         new = pd.DataFrame({"unit": [v.rsplit("@", 1)[0] for v in res["variant"]],
                             "bits": [int(v.rsplit("@", 1)[1]) for v in res["variant"]],
@@ -464,7 +464,7 @@ def verify(analysis, plans: Mapping[str, BitPlan], *, max_tokens: int | None = N
     """
 
     variants = {label: plan_weights(analysis, p.layers, p.method, p.zero_point) for label, p in plans.items()}
-    df = score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
+    df = evaluate.score_variants(analysis, variants, max_tokens=max_tokens, progress=progress)
     df = df[df["variant"].isin(set(plans))].reset_index(drop=True)
     df["avg_bits"] = [plans[v].avg_bits for v in df["variant"]]
     df["kind"] = ["uniform" if str(v).startswith("uniform") else "plan" for v in df["variant"]]
