@@ -359,7 +359,7 @@ class Analysis:
         """The loss-vs-alpha search on the calibration sample, with mean|x| from all calibration tokens."""
         def run() -> awq.ScaleSearch:
             w = self.weight(name)
-            return awq.search_scale(w, self.inputs(name), bits=bits, group_size=group_size, zero_point=zero_point,
+            return awq.search_scale(w, self.inputs(name), QuantSpec(bits, group_size, zero_point),
                                     n_grid=n_grid, duo_scaling=duo_scaling, x_mean=self.x_mean(name),
                                     w_for_mean=self.shared_weight(name) if duo_scaling else None)
         return self._memoized(("curve", name, bits, group_size, zero_point, duo_scaling, n_grid), run)
@@ -420,7 +420,7 @@ class Analysis:
         do_clip = clip and (clip_qk or not awq.is_clip_skipped(name))
         if do_clip:
             ws = w * s.view(1, -1)
-            max_val = awq.search_clip(ws, x / s.view(1, -1), bits=bits, group_size=g, zero_point=zero_point)
+            max_val = awq.search_clip(ws, x / s.view(1, -1), QuantSpec(bits, g, zero_point))
             w_awq = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
             awq_rel, awq_h = self.layer_error(name, w_awq), self.layer_error(name, w_awq, "heldout")
         else:

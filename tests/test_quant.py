@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from core import awq as awq_api
+from core.grids.spec import QuantSpec
 from core.methods import awq_search as awq
 from core.quant import pseudo_quantize
 
@@ -145,7 +146,7 @@ def test_duo_scaling_formula():
 def test_clip_never_raises_a_groups_error():
     for seed in range(3):
         w, x = _layer(seed, out=70)  # 70 rows: not a multiple of 64 or 256
-        errs, org_max = awq.clip_errors(w, x, bits=3, group_size=32)
+        errs, org_max = awq.clip_errors(w, x, QuantSpec(3, 32))
         idx = awq.best_clip_index(errs)
         best = errs.gather(0, idx.unsqueeze(0))[0]
         assert (best <= errs[0]).all()  # candidate 0 is no clipping at all
@@ -156,7 +157,7 @@ def test_clip_never_raises_a_groups_error():
 
 def test_clip_error_definition_and_subsampling():
     w, x = _layer(5, out=8, inn=64, tokens=1030)
-    errs, org_max = awq.clip_errors(w, x, bits=2, group_size=32, n_grid=20, max_shrink=0.5, n_sample_token=512)
+    errs, org_max = awq.clip_errors(w, x, QuantSpec(2, 32), awq.ClipSearch(n_grid=20, max_shrink=0.5, n_sample_token=512))
     xs = x[:: 1030 // 512]
     for i in (0, 3, 9):
         mv = org_max * (1 - i / 20)

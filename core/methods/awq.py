@@ -28,8 +28,7 @@ def scales(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: AWQOp
     x = inputs.sample("awq")
     xm = inputs.x_mean.float() if inputs.x_mean is not None else x.abs().mean(0)
     if options.alpha is None:
-        return awq.search_scale(w, x, bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point,
-                                n_grid=options.n_grid, duo_scaling=options.duo_scaling, x_mean=xm,
+        return awq.search_scale(w, x, spec, n_grid=options.n_grid, duo_scaling=options.duo_scaling, x_mean=xm,
                                 w_for_mean=inputs.w_shared).scales
     if not 0.0 <= float(options.alpha) <= 1.0:
         raise ValueError(f"alpha must be between 0 and 1, got {options.alpha!r}")

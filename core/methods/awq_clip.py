@@ -29,8 +29,7 @@ def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: AWQCli
     if awq_search.is_clip_skipped(inputs.name) and not options.clip_qk:
         return awq_search.scaled_fake_quant(w, s, bits, g, zp)
     ws = w * s.view(1, -1)
-    max_val = awq_search.search_clip(ws, inputs.sample("awq-clip") / s.view(1, -1), bits=bits, group_size=g,
-                                     zero_point=zp)
+    max_val = awq_search.search_clip(ws, inputs.sample("awq-clip") / s.view(1, -1), spec)
     return awq_search.scaled_fake_quant(awq_search.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zp)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..grids import kernels
 from ..grids.quant import check_bits, effective_group_size, pseudo_quantize
+from ..grids.spec import QuantSpec
 
 # Elements of a [alphas, out, in] temporary we allow at once; bounds memory on wide layers.
 _CHUNK_ELEMENTS = 24 * 1024 * 1024
@@ -441,24 +442,14 @@ def first_min_index(losses: torch.Tensor) -> int:
     return best_i
 
 
-def search_scale(
-    w: torch.Tensor,
-    x: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int,
-    zero_point: bool = True,
-    n_grid: int = 20,
-    duo_scaling: bool = False,
-    x_mean: torch.Tensor | None = None,
-    w_for_mean: torch.Tensor | None = None,
-) -> ScaleSearch:
-    """Grid-search AWQ's ``alpha`` for ``w [out, in]`` on inputs ``x [tokens, in]``.
+def search_scale(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: int = 20, duo_scaling: bool = False,
+                 x_mean: torch.Tensor | None = None, w_for_mean: torch.Tensor | None = None) -> ScaleSearch:
+    """Grid-search AWQ's ``alpha`` for ``w [out, in]`` on inputs ``x [tokens, in]`` on ``spec``'s grid.
 
     ``x_mean`` overrides ``mean|x|`` (e.g. with the mean over all calibration tokens while ``x`` is a
     sample); ``w_for_mean`` gives the stacked weights of a shared-input group for duo scaling.
     """
-    check_bits(bits)
+    bits, group_size, zero_point = spec.bits, spec.group_size, spec.zero_point
     w, x = w.float(), x.float()
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"shapes do not match: w {tuple(w.shape)} and x {tuple(x.shape)}")
@@ -478,24 +469,26 @@ def clip_candidates(org_max: torch.Tensor, n_grid: int, max_shrink: float) -> li
     return [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
 
 
-def clip_errors(
-    w: torch.Tensor,
-    x: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int,
-    zero_point: bool = True,
-    n_grid: int = 20,
-    max_shrink: float = 0.5,
-    n_sample_token: int = 512,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(row, group) error of every clip candidate.
+@dataclass(frozen=True)
+class ClipSearch:
+    """Official ``auto_clip_layer``'s settings: candidates ``max|w_group| * (1 - i / n_grid)`` for
+    ``i < max_shrink * n_grid``, scored on every ``max(1, N // n_sample_token)``-th token."""
+
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    n_sample_token: int = 512
+
+
+def clip_errors(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec,
+                clip: ClipSearch = ClipSearch()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) error of every clip candidate on ``spec``'s grid.
 
     Returns ``(errors [n_shrink, out, groups], org_max [out, groups])``; candidate ``i`` clips at
     ``org_max * (1 - i / n_grid)``. Error = mean over sampled tokens of the squared partial output
     error of the group (official ``auto_clip_layer``).
     """
-    check_bits(bits)
+    bits, group_size, zero_point = spec.bits, spec.group_size, spec.zero_point
+    n_grid, max_shrink, n_sample_token = clip.n_grid, clip.max_shrink, clip.n_sample_token
     w, x = w.float(), x.float()
     out_f, in_f = w.shape
     g = effective_group_size(in_f, group_size)
@@ -535,24 +528,11 @@ def best_clip_index(errs: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def search_clip(
-    w: torch.Tensor,
-    x: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int,
-    zero_point: bool = True,
-    n_grid: int = 20,
-    max_shrink: float = 0.5,
-    n_sample_token: int = 512,
-) -> torch.Tensor:
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: ClipSearch = ClipSearch()) -> torch.Tensor:
     """Official AWQ clip search: the per-(row, group) symmetric clip value ``[out, in // group]``."""
-    errs, org_max = clip_errors(
-        w, x, bits=bits, group_size=group_size, zero_point=zero_point,
-        n_grid=n_grid, max_shrink=max_shrink, n_sample_token=n_sample_token,
-    )
+    errs, org_max = clip_errors(w, x, spec, clip)
     idx = best_clip_index(errs)
-    factors = torch.tensor(clip_candidates(org_max, n_grid, max_shrink), dtype=org_max.dtype)
+    factors = torch.tensor(clip_candidates(org_max, clip.n_grid, clip.max_shrink), dtype=org_max.dtype)
     return org_max * factors[idx]
 
 

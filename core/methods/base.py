@@ -23,12 +23,13 @@ from ..grids.spec import Options, QuantSpec
 from ..model.blocks import original_weight
 from ..model.calibration import CalibrationData, first_blocks
 from ..model.models import LoadedModel
+from .awq_search import ClipSearch
 from .recipe import Recipe
 
 Progress = Callable[[float, str], None]
 Weights = Mapping[str, torch.Tensor]
 Variant = Recipe | Weights  # what a model half builds
-CLIP_TOKENS = 512  # official auto_clip_layer's n_sample_token (core.methods.grouped.CLIP_SAMPLE_TOKENS)
+CLIP_TOKENS = ClipSearch().n_sample_token  # official auto_clip_layer's token sample
 SEARCH_COLUMNS = ["mode", "bits", "group_size", "zero_point", "block", "target", "alpha", "loss", "chosen"]
 
 

@@ -32,6 +32,7 @@ import torch
 from . import awq_search as awq
 from .base import ModelContext, RunShape, SharedSearch, search_rows
 from .recipe import Recipe, add_group
+from ..grids.spec import QuantSpec
 from ..model.blocks import BlockInputs, Snapshot, block_name, capture_block, first_output, original_weight
 from ..model.linears import find_blocks, set_linear_weight
 from ..model.models import LoadedModel
@@ -44,8 +45,6 @@ LLAMA_TYPES = frozenset({"llama", "qwen2", "mistral", "qwen3"})
 LLAMA_LINEARS = frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
 LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
-# Official auto_clip_layer defaults (independent of the scale grid).
-CLIP_GRID, CLIP_MAX_SHRINK, CLIP_SAMPLE_TOKENS = 20, 0.5, 512
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
@@ -292,9 +291,8 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                     x = cap.x[key_of[n]].float()
                     if n in plans[b].col:
                         x = x / plans[b].col[n].to(x.device).view(1, -1)  # official apply_scale divides input_feat by s
-                    clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, bits=b, group_size=group_size,
-                                                  zero_point=zero_point, n_grid=CLIP_GRID, max_shrink=CLIP_MAX_SHRINK,
-                                                  n_sample_token=CLIP_SAMPLE_TOKENS).cpu()
+                    spec = QuantSpec(b, group_size, zero_point)  # official auto_clip_layer's defaults
+                    clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, spec, awq.ClipSearch()).cpu()
                 t_clip[b] += time.perf_counter() - t2
             progress((i + (b_i + 1) / len(bits)) / n_blocks, f"grouped AWQ search: block {i + 1}/{n_blocks}, w{b}")
         del cap, grams, refs

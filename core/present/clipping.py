@@ -8,6 +8,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from ..grids.spec import QuantSpec
 from ..methods import awq_search as awq
 from ..studies.sweep import layer_group_size
 from .common import HEIGHT, PALETTE, WIDTH, Figure, _title
@@ -40,8 +41,7 @@ def clip_study(analysis: "Analysis", name: str, *, bits: int, group_size: int, a
     s = analysis.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
     w = analysis.weight(name) * s.view(1, -1)
     x = analysis.inputs(name) / s.view(1, -1)
-    errs, _ = awq.clip_errors(w, x, bits=bits, group_size=g, zero_point=zero_point, n_grid=n_grid,
-                              max_shrink=max_shrink)
+    errs, _ = awq.clip_errors(w, x, QuantSpec(bits, g, zero_point), awq.ClipSearch(n_grid=n_grid, max_shrink=max_shrink))
     # candidate i clips at org_max * (1 - i / n_grid) (see awq.clip_errors): shrink i / n_grid, 0 = no clipping
     shrink = np.arange(errs.shape[0]) / n_grid
     total = errs.sum(dim=(1, 2)).numpy()

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from ..grids import metrics
+from ..grids.spec import QuantSpec
 from ..methods import awq_search as awq
 from ..studies.sweep import layer_group_size
 from .common import (ACCENT, AX, HEIGHT, INT, MUTED, PALETTE, WIDTH, Figure, _rank_points, _title,
@@ -48,7 +49,7 @@ def clipped_alpha_curve(analysis: "Analysis", name: str, *, bits: int, group_siz
     for i, alpha in enumerate(alphas):
         s = analysis.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
         ws = w * s.view(1, -1)
-        max_val = awq.search_clip(ws, x / s.view(1, -1), bits=bits, group_size=g, zero_point=zero_point)
+        max_val = awq.search_clip(ws, x / s.view(1, -1), QuantSpec(bits, g, zero_point))
         w_hat = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
         rel.append(analysis.layer_error(name, w_hat))
         rel_h.append(analysis.layer_error(name, w_hat, "heldout"))
