@@ -63,6 +63,7 @@ def gptq_down_proj(repeats: int = 3) -> dict:
 
 def gptq_model(model: str, tokens: int = 2048, seqlen: int = 256) -> dict:
     """Whole-model sequential GPTQ (w4) vs one forward pass over the same calibration tokens."""
+    from core.grids.spec import QuantSpec
     from core.methods import gptq
     from core.model import blocks
     from core.model.calibration import CalibrationSpec, prepare
@@ -80,8 +81,7 @@ def gptq_model(model: str, tokens: int = 2048, seqlen: int = 256) -> dict:
     with torch.no_grad():
         fwd = [_timed(lambda: blocks.forward(lm, data.calib)) for _ in range(2)]
         snap = blocks.snapshot(lm)
-        t = _timed(lambda: gptq.sequential_gptq(lm, data.calib, snap, bits=4, group_size=g,
-                                                      input_of=input_of))
+        t = _timed(lambda: gptq.sequential_gptq(lm, data.calib, snap, QuantSpec(4, g), input_of=input_of))
         fwd.append(_timed(lambda: blocks.forward(lm, data.calib)))
     f = statistics.median(fwd)
     return {"gptq_model": lm.model_id, "gptq_model_tokens": int(data.calib.numel()), "gptq_model_group": g,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .grids.spec import QuantSpec
 from .methods import gptq as _gptq
 
 
@@ -11,9 +12,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, n_bit: int, group_s
                   block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
                   static_groups: bool = False) -> torch.Tensor:
     """GPTQ of ``w [out, in]`` with ``hessian [in, in]``; dequantized, shape of ``w``; inputs not modified."""
-    return _gptq.gptq_quantize(w, hessian, bits=n_bit, group_size=group_size, zero_point=zero_point,
-                               block_size=block_size, percdamp=percdamp, act_order=act_order,
-                               static_groups=static_groups)
+    return _gptq.gptq_quantize(w, hessian, QuantSpec(n_bit, group_size, zero_point),
+                               _gptq.GPTQOptions(block_size, percdamp, act_order, static_groups))
 
 
 __all__ = ["gptq_quantize"]

@@ -266,7 +266,7 @@ def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
     before = _state(lm)
     snap = blocks.snapshot(lm)
     with torch.no_grad():
-        got = gptq.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64)
+        got = gptq.sequential_gptq(lm, ids, snap, QuantSpec(3, 32), batch_tokens=64)
     assert _same_state(lm, before)
     assert set(got) == {li.name for li in lm.linears}
     b0 = [li.name for li in lm.linears if li.block == 0]
@@ -291,12 +291,12 @@ def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
     # AWQ + GPTQ with unit scales is GPTQ; with real scales it is GPTQ(W s, H_{X/s}) / s
     ones = {n: torch.ones(lm.weight(n).shape[1]) for n in got}
     with torch.no_grad():
-        same = gptq.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64, scales=ones)
+        same = gptq.sequential_gptq(lm, ids, snap, QuantSpec(3, 32), batch_tokens=64, scales=ones)
     assert all(torch.equal(same[n], got[n]) for n in got)
     assert _same_state(lm, before)
     s = torch.rand(lm.weight(b0[0]).shape[1]) + 0.5
     w, h = lm.weight(b0[0]), grouped.gram(cap0.x[b0[0]])
-    q = gptq.gptq_with_scales(w, h, s, bits=3, group_size=32)
+    q = gptq.gptq_with_scales(w, h, s, QuantSpec(3, 32))
     xs = cap0.x[b0[0]] / s
     assert torch.allclose(q * s, gptq_quantize(w * s, (xs.double().T @ xs.double()).float(), n_bit=3, group_size=32),
                           rtol=1e-4, atol=1e-5)
@@ -311,7 +311,7 @@ def test_sequential_restores_the_model_on_error_and_hqq():
     def boom(f, m):
         raise RuntimeError("stop")
     with pytest.raises(RuntimeError, match="stop"):
-        gptq.sequential_gptq(lm, ids, snap, bits=3, group_size=32, batch_tokens=64, progress=boom)
+        gptq.sequential_gptq(lm, ids, snap, QuantSpec(3, 32), batch_tokens=64, progress=boom)
     assert _same_state(lm, before)
     hq = per_linear_weights(lm, snap, QuantSpec(3, 32), hqq.layer, hqq.HQQOptions())
     assert _same_state(lm, before)

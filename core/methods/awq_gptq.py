@@ -19,9 +19,8 @@ class AWQGPTQOptions(gptq.GPTQOptions):
 def model(ctx: ModelContext, spec: QuantSpec, options: AWQGPTQOptions, progress: Progress) -> Variant:
     res = ctx.memo[grouped.SEARCH.name]
     ctx.seconds[("awq-gptq", spec.bits)] = res.scale_seconds[spec.bits]
-    return gptq.sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=spec.bits, group_size=spec.group_size,
-                                zero_point=spec.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
-                                scales=dict(res.plans[spec.bits].col), progress=progress, **options.as_dict())
+    return gptq.sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, spec, options, batch_tokens=ctx.batch_tokens,
+                                input_of=ctx.input_of, scales=dict(res.plans[spec.bits].col), progress=progress)
 
 
 METHOD = register(Method(

@@ -46,18 +46,20 @@ def check_hessian(hessian: torch.Tensor, in_features: int) -> None:
         raise ValueError("the Hessian contains NaN or inf values")
 
 
-def gptq_quantize(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int,
-    zero_point: bool = True,
-    block_size: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class GPTQOptions(Options):
+    """GPTQ's own settings: columns per lazy batch (``block_size``), damping as a share of the mean Hessian
+    diagonal (``percdamp``), columns in order of decreasing Hessian diagonal (``act_order``) and group grids
+    fixed before any update (``static_groups``)."""
+
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
+                  options: GPTQOptions = GPTQOptions()) -> torch.Tensor:
     """GPTQ-quantize ``w [out, in]`` given ``hessian [in, in]`` (any positive multiple of ``X^T X``).
 
     Returns the dequantized weights (float32, shape of ``w``); ``w`` and ``hessian`` are not modified.
@@ -65,7 +67,9 @@ def gptq_quantize(
     Raises ``ValueError`` on a bad shape, a group size that does not divide ``in``, or a Hessian that is
     not positive definite after damping.
     """
-    bits = quant.check_bits(bits)
+    bits, group_size, zero_point = spec.bits, spec.group_size, spec.zero_point
+    block_size, percdamp = options.block_size, options.percdamp
+    act_order, static_groups = options.act_order, options.static_groups
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError("gptq_quantize needs a non-empty 2-D weight [out, in]")
     columns = w.shape[1]
@@ -162,21 +166,20 @@ def scaled_hessian(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return h * inv.view(-1, 1) * inv.view(1, -1)
 
 
-def gptq_with_scales(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor | None, *, bits: int, group_size: int,
-                     zero_point: bool = True, **gptq_options) -> torch.Tensor:
+def gptq_with_scales(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor | None, spec: QuantSpec,
+                     options: GPTQOptions = GPTQOptions()) -> torch.Tensor:
     """``GPTQ(W s, H_{X/s}) / s`` (``s`` None: plain GPTQ) for ``w [out, in]`` and ``h = X^T X [in, in]``."""
     if s is None:
-        return gptq_quantize(w, h.float(), bits=bits, group_size=group_size, zero_point=zero_point, **gptq_options)
+        return gptq_quantize(w, h.float(), spec, options)
     s = s.float().to(w.device)
-    q = gptq_quantize(w.float() * s.view(1, -1), scaled_hessian(h, s).float(), bits=bits, group_size=group_size,
-                      zero_point=zero_point, **gptq_options)
+    q = gptq_quantize(w.float() * s.view(1, -1), scaled_hessian(h, s).float(), spec, options)
     return q / s.view(1, -1)
 
 
-def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], *, bits: int,
-                    group_size: int, zero_point: bool = True, batch_tokens: int = 4096,
+def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], spec: QuantSpec,
+                    options: GPTQOptions = GPTQOptions(), *, batch_tokens: int = 4096,
                     scales: dict[str, torch.Tensor] | None = None, input_of: dict[str, str] | None = None,
-                    progress: Progress | None = None, **gptq_options) -> Weights:
+                    progress: Progress | None = None) -> Weights:
     """GPTQ of every block linear, block by block on ``calib [n, seqlen]`` token blocks (see the module doc).
 
     As the reference's ``*_sequential``: the inputs of block 0 are captured once (one forward pass up to it);
@@ -184,8 +187,7 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
     input (float32 GEMMs into float64) and, after its linears are quantized, once more to produce the next
     block's inputs. The other arguments of the block call (attention mask, position embeddings) are block 0's.
     ``scales``: per-linear AWQ input scales (``awq_gptq``); ``input_of``: linear -> input key, so linears that
-    share an input share one Hessian; ``gptq_options``: ``block_size``, ``percdamp``, ``act_order``,
-    ``static_groups``. The model must hold ``snap``'s weights on entry; it does again on return.
+    share an input share one Hessian. The model must hold ``snap``'s weights on entry; it does again on return.
     """
 
     progress = progress or (lambda f, m: None)
@@ -222,42 +224,26 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 for n in names:
                     w = original_weight(lm, snap, n)
                     s = scales.get(n) if scales else None
-                    q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, bits=bits, group_size=group_size,
-                                         zero_point=zero_point, **gptq_options)
+                    q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, spec, options)
                     out[n] = q.cpu()
                     set_linear_weight(lm.model.get_submodule(n), q)
                 del hess, full
                 if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
                     calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
-                progress((i + 1) / n_blocks, f"sequential GPTQ w{bits}: block {i + 1}/{n_blocks}")
+                progress((i + 1) / n_blocks, f"sequential GPTQ w{spec.bits}: block {i + 1}/{n_blocks}")
     finally:
         restore(lm, snap)
     return out
 
 
-@dataclass(frozen=True)
-class GPTQOptions(Options):
-    """GPTQ's own settings: columns per lazy batch (``block_size``), damping as a share of the mean Hessian
-    diagonal (``percdamp``), columns in order of decreasing Hessian diagonal (``act_order``) and group grids
-    fixed before any update (``static_groups``)."""
-
-    block_size: int = 128
-    percdamp: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
-
-
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: GPTQOptions) -> torch.Tensor:
-    return gptq_quantize(w, inputs.gram("gptq"), bits=spec.bits, group_size=spec.group_size,
-                         zero_point=spec.zero_point, block_size=options.block_size, percdamp=options.percdamp,
-                         act_order=options.act_order, static_groups=options.static_groups)
+    return gptq_quantize(w, inputs.gram("gptq"), spec, options)
 
 
 def model(ctx: ModelContext, spec: QuantSpec, options: GPTQOptions, progress: Progress) -> Variant:
     """Sequential GPTQ on the search token budget."""
-    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, bits=spec.bits, group_size=spec.group_size,
-                           zero_point=spec.zero_point, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
-                           progress=progress, **options.as_dict())
+    return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, spec, options, batch_tokens=ctx.batch_tokens,
+                           input_of=ctx.input_of, progress=progress)
 
 
 def sequential_cost(shape: RunShape) -> float:

@@ -70,27 +70,6 @@ def dequantize(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     return (W_q - zero) * (1.0 / scale)
 
 
-def hqq_quantize(w: torch.Tensor, *, bits: int, group_size: int, iters: int = 20, lp_norm: float = 0.7,
-                 beta: float = 10.0, kappa: float = 1.01, early_stop: bool = True) -> torch.Tensor:
-    """HQQ-quantize ``w [out, in]`` in groups of ``group_size`` along ``in`` (``<= 0``: one group per row).
-
-    Returns the dequantized weights (float32, shape of ``w``); ``w`` is not modified.
-    """
-    bits = quant.check_bits(bits)
-    if w.dim() != 2 or w.numel() == 0:
-        raise ValueError("hqq_quantize needs a non-empty 2-D weight [out, in]")
-    if int(iters) < 0:
-        raise ValueError(f"iters must be >= 0, got {iters!r}")
-    if not (0 < lp_norm <= 1):
-        raise ValueError(f"lp_norm must be in (0, 1], got {lp_norm!r}")
-    g = quant.effective_group_size(w.shape[1], group_size)
-    wg = w.detach().float().reshape(-1, g)
-    scale, zero = init_params(wg, bits)
-    zero, _ = optimize_zero(wg, scale, zero, bits, iters=iters, lp_norm=lp_norm, beta=beta, kappa=kappa,
-                            early_stop=early_stop)
-    return dequantize(wg, scale, zero, bits).reshape(w.shape)
-
-
 @dataclass(frozen=True)
 class HQQOptions(Options):
     """HQQ's solver: ``iters`` proximal steps, the ``lp_norm`` of the sparsity-promoting error, ``beta`` and its
@@ -103,10 +82,29 @@ class HQQOptions(Options):
     early_stop: bool = True
 
 
+def hqq_quantize(w: torch.Tensor, spec: QuantSpec, options: HQQOptions = HQQOptions()) -> torch.Tensor:
+    """HQQ-quantize ``w [out, in]`` in groups of ``spec.group_size`` along ``in`` (``<= 0``: one group per row); HQQ
+    is always asymmetric (``spec.zero_point`` is not used).
+
+    Returns the dequantized weights (float32, shape of ``w``); ``w`` is not modified.
+    """
+    bits, o = spec.bits, options
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError("hqq_quantize needs a non-empty 2-D weight [out, in]")
+    if int(o.iters) < 0:
+        raise ValueError(f"iters must be >= 0, got {o.iters!r}")
+    if not (0 < o.lp_norm <= 1):
+        raise ValueError(f"lp_norm must be in (0, 1], got {o.lp_norm!r}")
+    g = quant.effective_group_size(w.shape[1], spec.group_size)
+    wg = w.detach().float().reshape(-1, g)
+    scale, zero = init_params(wg, bits)
+    zero, _ = optimize_zero(wg, scale, zero, bits, iters=o.iters, lp_norm=o.lp_norm, beta=o.beta, kappa=o.kappa,
+                            early_stop=o.early_stop)
+    return dequantize(wg, scale, zero, bits).reshape(w.shape)
+
+
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: HQQOptions) -> torch.Tensor:
-    return hqq_quantize(w, bits=spec.bits, group_size=spec.group_size, iters=options.iters,
-                        lp_norm=options.lp_norm, beta=options.beta, kappa=options.kappa,
-                        early_stop=options.early_stop)
+    return hqq_quantize(w, spec, options)
 
 
 
