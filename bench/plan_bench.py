@@ -1,90 +1,89 @@
-"""Planner benchmark (issue 11): the sensitivity pass and a plan's verification on the bundled LLM, as ratios to
-one forward pass of the same model over the same held-out tokens.
+"""Planner benchmark (issue 21): the default ``plan`` command on the bundled LLM, end to end on an empty cache, as a
+ratio to one forward pass of the same model over the same tokens.
 
-``bench_plan(quick)`` -> dict (merged into bench/run.py's JSON). Self-contained: its own temporary cache, the
-bundled model's default analysis (computed there, not timed), then
+``bench_plan(quick)`` -> dict (merged into bench/run.py's JSON). Self-contained: a temporary, empty cache, then
 
-- ``plan_forward_s``: one forward pass over the ``tokens`` held-out tokens (median of repeats);
-- ``plan_sensitivity_s``: ``core.plan.layer_sensitivity`` + ``model_sensitivity`` (block granularity, AWQ, widths
-  ``bits``) from a cold sensitivity cache: one whole-model run per unit (each block alone, each family in
-  every block) and width plus the fp reference, plus quantizing;
-- ``plan_verify_s``: ``core.plan.verify`` of the resulting plan alone (reference + one variant + quantizing);
-- ``plan_sensitivity_ratio`` / ``plan_verify_ratio``: each divided by ``plan_forward_s``; the lower bound of
-  the sensitivity ratio is ``1 + units x widths`` forward passes.
+- ``plan_command_s``: wall time of ``python -m core plan --model bundled --budget 3.5 --method awq`` in a fresh
+  process (what a new user runs: the GGUF's conversion, the analysis, the sensitivity pass, the candidates on the
+  selection tokens, the plan and the best uniform configuration on the test tokens, the JSON export);
+  ``plan_analysis_s`` / ``plan_planning_s``: its two parts as the command reports them;
+- ``plan_forward_s``: one forward pass of the model over the tokens the command reads, its three token sets
+  together (calibration + selection + test blocks; median of repeats, in the analysis' batches);
+- ``plan_command_ratio`` = ``plan_command_s / plan_forward_s``; ``plan_planning_ratio`` the same for the planning
+  part alone. Quality figures of the run (``plan_kl``, ``plan_baseline_kl``) come from its plan.json.
 """
 from __future__ import annotations
 
+import json
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = ["-m", "core", "plan", "--model", "bundled", "--budget", "3.5", "--method", "awq"]
 
 
 def bench_plan(quick: bool = True, log=print) -> dict:
     import torch
 
+    from core.analysis import list_cached, open_entry
     from core.studies import plan as P
-    from core.analysis import AnalysisSettings, analyze
-    from core.model.calibration import first_blocks
-    from core.studies.evaluate import eval_data
 
-    bits = (3, 4) if quick else (2, 3, 4, 8)
-    tokens = 256 if quick else 512
-    out: dict = {}
     with tempfile.TemporaryDirectory(prefix="awq-plan-bench-") as cache:
-        log("plan bench: analysing the bundled model (not timed) ...")
-        a = analyze(AnalysisSettings(), cache)
-        lm = a.lm
-        held = first_blocks(eval_data(a, lm).heldout, tokens)
+        out_dir = Path(cache) / "out"
+        cmd = [sys.executable, *COMMAND, "--cache-dir", cache, "--out", str(out_dir), "--quiet"]
+        log("plan bench: " + " ".join(["python", *COMMAND]) + " on an empty cache ...")
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"the plan command failed: {r.stderr.strip().splitlines()[-1:]}")
+        parts = re.search(r"^time\s+analysis ([\d.]+)s, sensitivity \+ candidates \+ test ([\d.]+)s", r.stdout, re.M)
+        plan = json.loads((out_dir / "plan.json").read_text())
+        a = open_entry(list_cached(cache)[0]["path"])
+        sets = P.token_sets(a, P.PlanSettings())
+        ids = torch.cat([sets.calibration, sets.selection, sets.test])
+        per = max(1, int(a.settings.batch_tokens) // ids.shape[1])
+        log(f"plan bench: one forward pass over its {ids.numel()} tokens ...")
         times = []
         with torch.no_grad():
             for _ in range(3 if quick else 5):
-                t0 = time.perf_counter()
-                lm.model(input_ids=held.to(lm.device))
-                times.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                for i in range(0, ids.shape[0], per):
+                    a.lm.model(input_ids=ids[i:i + per].to(a.lm.device), use_cache=False)
+                times.append(time.perf_counter() - t1)
         fwd = statistics.median(times)
-        n_blocks = int(a.linears["block"].nunique())
-        n_units = n_blocks + int(a.linears["family"].nunique())  # each block alone, each family in every block
-        log(f"plan bench: sensitivity, {n_units} units x {len(bits)} widths on {int(held.numel())} tokens ...")
-        t0 = time.perf_counter()
-        lay = P.layer_sensitivity(a, "awq", bits)
-        mod = P.model_sensitivity(a, "awq", bits, granularity="block", max_tokens=tokens)
-        t_sens = time.perf_counter() - t0
-        nw, gs = P.layer_geometry(a)
-        choices = (*bits, 16)
-        lo, hi = P.budget_range(nw, gs, choices)
-        budget = min(max(3.5, lo), hi)
-        plan = P.solve_plan(P.combine_sensitivity(lay, mod), nw, gs, budget, choices=choices, method="awq")
-        log("plan bench: verification ...")
-        t0 = time.perf_counter()
-        P.verify(a, {"plan": plan}, max_tokens=tokens)
-        t_ver = time.perf_counter() - t0
-    out.update({
-        "plan_model": a.model_id, "plan_tokens": int(held.numel()), "plan_bits": list(bits), "plan_blocks": n_blocks,
-        "plan_forward_s": fwd, "plan_sensitivity_s": t_sens, "plan_verify_s": t_ver,
-        "plan_units": n_units,
-        "plan_sensitivity_ratio": t_sens / fwd, "plan_sensitivity_floor": 1 + n_units * len(bits),
-        "plan_verify_ratio": t_ver / fwd,
-    })
+    out = {"plan_model": plan["model"], "plan_tokens": {t["set"]: t["tokens"] for t in plan["token_sets"]},
+           "plan_command_s": wall, "plan_forward_s": fwd, "plan_command_ratio": wall / fwd,
+           "plan_kl": plan["measured"]["kl"], "plan_source": plan["source"], "plan_avg_bits": plan["avg_bits"],
+           "plan_baseline": plan["baseline"]["variant"], "plan_baseline_kl": plan["baseline"]["measured"]["kl"]}
+    if parts:
+        out.update(plan_analysis_s=float(parts.group(1)), plan_planning_s=float(parts.group(2)),
+                   plan_planning_ratio=float(parts.group(2)) / fwd)
     return out
 
 
 def report_plan(res: dict, row) -> None:
     """Lines of bench/run.py's text report."""
-    if "plan_forward_s" not in res:
+    if "plan_command_s" not in res:
         return
+    tok = res["plan_tokens"]
     row("plan_forward_s (one forward pass)", f"{res['plan_forward_s']:.2f}",
-        f"{res['plan_model']}, {res['plan_tokens']} held-out tokens")
-    row("plan_sensitivity_ratio", f"{res['plan_sensitivity_ratio']:.1f}",
-        f"{res['plan_sensitivity_s']:.0f} s; floor {res['plan_sensitivity_floor']} forward passes "
-        f"({res['plan_units']} units x {len(res['plan_bits'])} widths + the reference)")
-    row("plan_verify_ratio", f"{res['plan_verify_ratio']:.1f}", f"{res['plan_verify_s']:.0f} s (reference + plan)")
+        f"{res['plan_model']}, {sum(tok.values())} tokens: calibration {tok['calibration']} + selection "
+        f"{tok['selection']} + test {tok['test']}")
+    row("plan_command_ratio", f"{res['plan_command_ratio']:.0f}",
+        f"{res['plan_command_s']:.0f} s: the default plan command on an empty cache"
+        + (f" (analysis {res['plan_analysis_s']:.0f} s, planning {res['plan_planning_s']:.0f} s = "
+           f"{res['plan_planning_ratio']:.0f} forward passes)" if "plan_planning_s" in res else ""))
+    row("plan_kl (test tokens)", f"{res['plan_kl']:.4f}",
+        f"{res['plan_avg_bits']:.3f} bits ({res['plan_source']}); {res['plan_baseline']} {res['plan_baseline_kl']:.4f}")
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(ROOT))
     r = bench_plan(quick="--full" not in sys.argv, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))

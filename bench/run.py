@@ -860,12 +860,22 @@ def _methods(b: "Bench") -> None:
     b.res.update(methods_bench.run(b.quick, workdir=b.workdir))
 
 
-# --- the planner (issue 11; self-contained in bench/plan_bench.py) ----------------------------------------------------
-@figure("plan", "sensitivity pass and plan verification on the bundled model, as ratios to one forward pass")
+# --- the planner (issues 11, 21; self-contained in bench/plan_bench.py) ------------------------------------------------
+@figure("plan", "the default plan command on the bundled model, end to end on an empty cache, as a ratio to one "
+                "forward pass over its three token sets")
 def _plan(b: "Bench") -> None:
     from plan_bench import bench_plan, report_plan  # bench/ is on sys.path when this file runs
     b.res.update(bench_plan(b.quick, log))
     report_for("plan")(report_plan)
+
+
+# --- the outlier anatomy (issue 22; self-contained in bench/anatomy_bench.py) ---------------------------------------
+@figure("anatomy", "the outlier anatomy of the bundled model (massive activations, super weights, interventions, "
+                   "treatment), as a ratio to one forward pass")
+def _anatomy(b: "Bench") -> None:
+    from anatomy_bench import bench_anatomy, report_anatomy  # bench/ is on sys.path when this file runs
+    b.res.update(bench_anatomy(b.quick, log))
+    report_for("anatomy")(report_anatomy)
 
 
 # --- first open of the app (issue 9; self-contained in bench/first_open_bench.py) ------------------------------------

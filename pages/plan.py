@@ -1,4 +1,4 @@
-"""Plan: which layers to keep at higher precision under a bit budget, verified on the whole model, exported."""
+"""Plan: each linear's bits and group size under a bit budget, chosen on selection tokens, reported on test tokens."""
 import streamlit as st
 
 import ui
@@ -11,37 +11,51 @@ from core.studies import plan_export as PE
 a = ui.require_analysis()
 st.title("Plan")
 st.caption("Pick an average bit budget (scales and zeros counted: " + metrics.DEFINITIONS["bit_cost"] + "), the "
-           "candidate bit-widths and a method. The whole model's damage is measured with only one block quantized "
-           "and with only one family quantized in every block; a linear's value is its block's damage shared by "
-           "its family's. An exact knapsack solver picks each linear's bits to minimise the summed damage under "
-           "the budget, and the plan is applied to the whole model and scored beside uniform quantization.")
+           "candidate bit-widths and group sizes, and a method. Three token sets are kept apart: **calibration** "
+           "(statistics, the method's searches), **selection** (each linear's predicted damage and every choice) "
+           "and **test** (every figure below; nothing is chosen on it). An exact knapsack solver picks each linear's "
+           "setting to minimise the summed predicted damage; that plan and every uniform configuration within the "
+           "budget are then run on the whole model over the selection tokens, and the best one is kept, so the plan "
+           "never loses to uniform quantization on the tokens it was chosen on.")
 
-nw, gs = P.layer_geometry(a)
-c1, c2, c3, c4 = st.columns([2, 3, 2, 2])
-choices = c2.multiselect("Candidate bits", [2, 3, 4, 5, 6, 8, 16], default=[2, 3, 4, 8, 16], key="plan_bits",
+nw, inf = P.geometry(a)
+zp = bool(a.settings.sweep.zero_point)
+c1, c2, c3, c4 = st.columns([2, 3, 3, 2])
+choices = c2.multiselect("Candidate bits", [2, 3, 4, 5, 6, 8, 16], default=list(P.DEFAULT_CHOICES), key="plan_bits",
                          help="16 = keep the layer in fp16")
-method = c3.selectbox("Method", P.PLAN_METHODS, key="plan_method")
-granularity = c4.selectbox("Sensitivity unit", ["block", "linear"], key="plan_gran",
-                           help="block: one whole-model run per block and bit-width; linear: one per linear (slower)")
-lo, hi = P.budget_range(nw, gs, choices or [16], a.settings.sweep.zero_point)
+groups = c3.multiselect("Candidate group sizes", [32, 64, 128, 256, 0], default=list(P.DEFAULT_GROUP_SIZES),
+                        key="plan_groups", format_func=lambda g: "per row" if g == 0 else str(g),
+                        help="each used on the linears whose width it divides; per row is always possible")
+method = c4.selectbox("Method", P.PLAN_METHODS, key="plan_method")
+draft = P.PlanSettings(bits=tuple(choices) or (16,), group_sizes=tuple(groups) or (0,), zero_point=zp)
+try:
+    lo, hi = P.budget_range(nw, inf, P.plan_choices(a, draft), zp)
+except ValueError as e:
+    st.error(ui.readable(e))
+    st.stop()
 budget = c1.number_input("Budget (bits / weight)", min_value=float(round(lo, 4)), max_value=float(round(hi, 4)),
                          value=float(min(max(3.5, lo), hi)), step=0.125, key="plan_budget")
 c5, c6, c7 = st.columns(3)
-sens_tokens = c5.select_slider("Tokens per sensitivity run", [128, 256, 512, 1024, 2048], value=512, key="plan_stok")
-eval_tokens = c6.select_slider("Tokens of the verification", [256, 512, 1024, 2048, 0], value=0, key="plan_etok",
-                               format_func=lambda t: "all held-out" if t == 0 else str(t))
-extra = c7.multiselect("More budgets on the frontier", [2.75, 3.0, 3.25, 3.75, 4.0, 4.25, 4.5, 5.0, 6.0],
-                       default=[], key="plan_extra", help="each one is planned and measured on the whole model too")
-extra = [b for b in extra if lo <= b <= hi]
-settings = P.PlanSettings(budget=float(budget), method=method, bits=tuple(choices), zero_point=a.settings.sweep.zero_point,
-                          granularity=granularity, sens_tokens=int(sens_tokens), eval_tokens=int(eval_tokens) or None)
+held = int(a.manifest.get("n_heldout_tokens") or 0)
+sel_tokens = c5.select_slider("Selection tokens", [t for t in (128, 256, 512, 1024, 2048) if t < held] + [0], value=0,
+                              key="plan_sel", format_func=lambda t: f"all held-out ({held})" if t == 0 else str(t),
+                              help="the analysis' held-out tokens the sensitivities and choices use")
+test_tokens = c6.select_slider("Test tokens", [512, 1024, 2048, 4096], value=2048, key="plan_test",
+                               help="held-out tokens after the selection ones: every reported figure")
+frontier = c7.checkbox(f"Frontier ({', '.join(f'{b:g}' for b in P.FRONTIER_BUDGETS)} bits)", key="plan_frontier",
+                       help="plans at these budgets too, and every uniform configuration scored on the test tokens")
+settings = P.PlanSettings(budget=float(budget), method=method, bits=tuple(choices), group_sizes=tuple(groups),
+                          zero_point=zp, selection_tokens=int(sel_tokens) or None, test_tokens=int(test_tokens))
 key = ("plan_report", str(a.path))
 
-if st.button("Plan and verify", type="primary", key="plan_run", disabled=not choices, icon=":material/play_arrow:"):
-    with st.status("Measuring sensitivity, solving, verifying…", expanded=True) as status:
+if st.button("Plan and verify", type="primary", key="plan_run", disabled=not (choices and groups),
+             icon=":material/play_arrow:"):
+    with st.status("Predicting damage, solving, checking candidates, scoring on the test tokens…", expanded=True) as status:
         bar = st.progress(0.0, text="starting")
         try:
-            st.session_state[key] = P.run(a, settings, extra_budgets=extra, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+            budgets = [b for b in P.FRONTIER_BUDGETS if lo <= b <= hi] if frontier else []
+            st.session_state[key] = P.run(a, settings, frontier=budgets,
+                                          progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
         except Exception as e:  # noqa: BLE001 - one sentence; the page stays up
             status.update(label="Planning failed", state="error")
             st.error(ui.readable(e))
@@ -50,36 +64,61 @@ if st.button("Plan and verify", type="primary", key="plan_run", disabled=not cho
 
 rep = st.session_state.get(key)
 if rep is None:
-    st.info("Press **Plan and verify**. The sensitivity pass is cached: a second budget reuses it.")
+    st.info("Press **Plan and verify**. The sensitivity table and every score are cached: another budget reuses them.")
 else:
     p = rep.plan
-    st.markdown(f"**Plan**: {p.avg_bits:.4f} bits per weight for a budget of {p.budget_bits:g} "
-                f"({'exact optimum' if p.exact else f'within {p.slack_bits:.3g} bits of the optimum'}); "
-                + ", ".join(f"{'fp16' if b == 16 else f'w{b}'} x{n}" for b, n in p.counts().items()))
+    st.subheader("Three token sets")
+    ui.show_table(plan.token_table(rep.tokens))
+    how = ("the solver's plan" + (" (exact optimum)" if p.exact else f" (within {p.slack_bits:.3g} bits of the optimum)")
+           if p.source == "solver" else f"**{p.source}**: it scored better on the selection tokens than the solver's plan")
+    st.markdown(f"**Plan** for {rep.settings.budget:g} bits: {p.avg_bits:.4f} bits per weight, {how}; {p.summary()} "
+                f"(g0 = one group per row).")
+    st.markdown("**On the test tokens**, beside the best uniform configuration within the budget:")
+    ui.show_table(plan.side_by_side(rep), **{c: (c, "%.4f") for c in ("avg bits", "mean KL", "± (KL)", "KL p99",
+                                                                       "same top-1")})
     for note in rep.notes:
         st.markdown(f"- {note}")
+    with st.expander("Candidates on the selection tokens (what the choice was made on)"):
+        ui.show_table(rep.candidates.pivot_table(index=["variant", "avg_bits", "chosen"], columns="metric",
+                                                 values="value").reset_index().sort_values(rep.metric))
     t1, t2, t3, t4 = st.tabs(["Frontier", "Plan map", "Sensitivity", "Export"])
     with t1:
-        metric = "kl" if "kl" in set(rep.quality["metric"]) else P.model_metric(a)
-        ui.show_figure(plan.plan_frontier(rep.quality, metric), "plan_frontier", model_id=a.model_id)
-        st.dataframe(rep.quality.pivot_table(index=["variant", "avg_bits"], columns="metric", values="value").reset_index(),
-                     hide_index=True)
+        ui.show_figure(plan.plan_frontier(rep.quality, rep.metric), "plan_frontier", model_id=a.model_id, caption=True)
+        st.dataframe(rep.quality.pivot_table(index=["variant", "avg_bits"], columns="metric", values="value")
+                     .reset_index().sort_values("avg_bits"), hide_index=True)
     with t2:
         ui.show_figure(plan.plan_map(p.layers, a.linears), "plan_map", model_id=a.model_id)
     with t3:
-        sb = st.selectbox("Bits", sorted(set(rep.layer_sens["bits"])), key="plan_sens_bits")
-        ui.show_figure(plan.plan_sensitivity(rep.layer_sens, rep.model_sens, int(sb), settings.granularity,
-                                                P.model_metric(a)), "plan_sens", model_id=a.model_id, caption=True)
+        s1, s2 = st.columns(2)
+        ref = P.calibration_setting(rep.settings, inf)  # the setting the family factors were measured at
+        bits_list = sorted(set(rep.sensitivity["bits"]))
+        group_list = sorted(set(rep.sensitivity["group_size"]), key=lambda g: (g == 0, g))
+        sb = s1.selectbox("Bits", bits_list, key="plan_sens_bits",
+                          index=bits_list.index(ref.bits) if ref.bits in bits_list else 0)
+        sg = s2.selectbox("Group size", group_list, key="plan_sens_group",
+                          index=group_list.index(ref.group_size) if ref.group_size in group_list else 0,
+                          format_func=lambda g: "per row" if g == 0 else str(g))
+        ui.show_figure(plan.plan_sensitivity(rep.sensitivity, int(sb), int(sg), rep.metric), "plan_sens",
+                       model_id=a.model_id, caption=True)
+        if rep.families is not None:
+            st.caption(f"Family calibration: every linear of a family quantized at {ref.key}, the rest fp, measured "
+                       "on the selection tokens, over the sum of its linears' predictions; each prediction of that "
+                       "family is multiplied by this factor.")
+            ui.show_table(rep.families[["family", "measured", "predicted", "factor"]],
+                          measured=("measured", "%.4g"), predicted=("predicted (summed)", "%.4g"),
+                          factor=("factor", "%.2f"))
     with t4:
         fmts = st.multiselect("Formats", PE.FORMATS, default=list(PE.FORMATS), key="plan_fmts")
         try:
             paths = PE.write_exports(p, a.path / "plan", fmts, linears=a.linears.to_dict("records"),
-                                     module_names=list(a.lm.modules))
+                                     module_names=list(a.lm.modules), report=rep)
         except Exception as e:  # noqa: BLE001
             st.error(ui.readable(e))
         else:
             st.caption("Each file was written, read back and checked: regexes match exactly the planned linears of "
-                       "this model. llama.cpp's k-quants are another grid, so there the plan is a ranking.")
+                       "this model. plan.json carries the test figures of the plan and of the best uniform "
+                       "configuration, and the three token sets. llama.cpp's k-quants are another grid, so there "
+                       "the plan is a ranking.")
             for f, path in paths.items():
                 st.download_button(f"{f}: {path.name}", data=path.read_bytes(), file_name=path.name, key=f"plan_dl_{f}",
                                    icon=":material/download:")

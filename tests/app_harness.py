@@ -20,8 +20,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # Every page of the navigation that exists in this checkout (Methods and Plan arrive from other branches).
 PAGES = [p for p in ("pages/how_awq_works.py", "pages/overview.py", "pages/layer_lab.py", "pages/importance_map.py",
-                     "pages/clipping.py", "pages/methods.py", "pages/model_quality.py", "pages/plan.py",
-                     "pages/compare.py") if (ROOT / p).exists()]
+                     "pages/clipping.py", "pages/methods.py", "pages/outliers.py", "pages/model_quality.py",
+                     "pages/plan.py", "pages/compare.py") if (ROOT / p).exists()]
 
 
 def navigation_mode(monkeypatch) -> None:

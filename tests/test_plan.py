@@ -91,22 +91,51 @@ def test_solver_coarse_fallback_is_feasible_and_within_its_bound():
     assert sol.value >= brute(cost, value, cap) - 1e-12
 
 
+def test_solver_skips_choices_a_row_does_not_have():
+    # inf = a setting this linear cannot take (a group size that does not divide it): never picked, and the
+    # other rows' choices are still exact (a missing choice once overflowed to a negative cost unit)
+    cost = np.array([[2.0, np.inf, 6.0], [2.0, 3.0, 6.0]])
+    value = np.array([[9.0, 0.0, 1.0], [9.0, 4.0, 1.0]])
+    sol = solve_mck(cost, value, 9.0)
+    assert sol.choice.tolist() == [2, 1] and sol.value == 5.0 and sol.cost == 9.0
+    assert sol.value == brute([c[np.isfinite(c)] for c in cost], [v[np.isfinite(c)] for c, v in zip(cost, value)], 9.0)
+
+
+def test_choices_of_the_bundled_llm_widths():
+    from core.studies.plan import linear_choices, uniform_specs
+
+    # SmolLM2-135M: 576 and 1536 wide; 128 divides only the 1536-wide down projections; per row always fits
+    assert linear_choices(576, (3, 16), (32, 64, 128, 0)) == [(3, 32), (3, 64), (3, 0), (16, 0)]
+    assert linear_choices(1536, (3,), (128, 0)) == [(3, 128), (3, 0)]
+    assert linear_choices(64, (4,), (64, 32)) == [(4, 0), (4, 32)]  # a group of the whole row is "per row"
+    specs = uniform_specs({"a": 576, "b": 1536}, (3, 4, 16), (32, 64, 128, 0))
+    assert [q.key for q in specs] == ["w3g32", "w3g64", "w3g0", "w4g32", "w4g64", "w4g0"]  # no uniform g128
+
+
+def test_cli_frontier_default_is_the_planner_s():
+    from core.cli.plan import FRONTIER_DEFAULT
+    from core.studies.plan import FRONTIER_BUDGETS
+
+    assert tuple(float(b) for b in FRONTIER_DEFAULT.split(",")) == FRONTIER_BUDGETS
+
+
 def toy_model(m=12, seed=0):
     rng = np.random.default_rng(seed)
     nw = {f"model.layers.{i // 4}.f{i % 4}": int(rng.choice([64 * 64, 64 * 128, 128 * 64])) for i in range(m)}
-    gs = {n: 64 for n in nw}
+    inf = {n: 64 for n in nw}
+    choices = {n: [(b, 64) for b in (2, 3, 4, 8)] + [(16, 0)] for n in nw}
     # sensitivity falls with bits, roughly 4x per bit, with a per-layer factor
-    sens = {n: {b: float(rng.uniform(0.1, 10)) * 4.0 ** (-b) for b in (2, 3, 4, 8)} for n in nw}
-    return nw, gs, sens
+    sens = {n: {(b, 64): float(rng.uniform(0.1, 10)) * 4.0 ** (-b) for b in (2, 3, 4, 8)} for n in nw}
+    return nw, inf, choices, sens
 
 
 def test_plan_monotone_in_budget_and_within_budget():
-    nw, gs, sens = toy_model()
-    lo, hi = budget_range(nw, gs, (2, 3, 4, 8, 16))
+    nw, inf, choices, sens = toy_model()
+    lo, hi = budget_range(nw, inf, choices)
     assert lo == pytest.approx(2.5) and hi == 16.0
     prev = None
     for budget in np.linspace(lo, hi, 25):
-        p = solve_plan(sens, nw, gs, float(budget))
+        p = solve_plan(sens, nw, inf, choices, float(budget))
         assert p.exact and p.avg_bits <= budget + 1e-12
         if prev is not None:
             assert p.objective <= prev + 1e-15
@@ -115,21 +144,24 @@ def test_plan_monotone_in_budget_and_within_budget():
 
 
 def test_plan_budget_refused_with_one_sentence():
-    nw, gs, sens = toy_model()
+    nw, inf, choices, sens = toy_model()
     for bad in (2.4, 16.5, float("nan"), "x"):
         with pytest.raises(ValueError) as e:
-            solve_plan(sens, nw, gs, bad)
+            solve_plan(sens, nw, inf, choices, bad)
         assert "\n" not in str(e.value) and str(e.value).endswith((")", "there is nothing to choose", "'x'", "nan"))
     with pytest.raises(ValueError, match="below the cheapest"):
-        solve_plan(sens, nw, gs, 3.0, choices=(4, 8))
+        solve_plan(sens, nw, inf, {n: [(4, 64), (8, 64)] for n in nw}, 3.0)
     with pytest.raises(ValueError, match="above the most expensive"):
-        solve_plan(sens, nw, gs, 8.6, choices=(2, 3, 4, 8))
+        solve_plan(sens, nw, inf, {n: c[:-1] for n, c in choices.items()}, 8.6)
 
 
 def test_uniform_plan_cost():
-    nw, gs, _ = toy_model()
-    p = uniform_plan(nw, gs, 3)
-    assert isinstance(p, BitPlan) and p.avg_bits == pytest.approx(3.5) and set(p.counts()) == {3}
+    from core.grids.spec import QuantSpec
+
+    nw, inf, _, _ = toy_model()
+    p = uniform_plan(nw, inf, QuantSpec(3, 32))
+    assert isinstance(p, BitPlan) and p.avg_bits == pytest.approx(4.0) and p.counts() == {(3, 32): len(nw)}
+    assert p.source == "uniform w3g32" and uniform_plan(nw, inf, QuantSpec(3, 0)).avg_bits == pytest.approx(3.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,13 +199,19 @@ def gguf_tensor_names():
 
 
 def random_plan(linears, seed=0, choices=(2, 3, 4, 8, 16), g=64, method="awq"):
+    """A plan over these linears from random sensitivities: widths and group sizes (``g`` and one group per row)
+    mixed, so the exports have several settings to keep apart."""
     from dataclasses import asdict
+
+    from core.studies.plan import linear_choices
 
     rng = np.random.default_rng(seed)
     nw = {li.name: li.in_features * li.out_features for li in linears}
-    gs = {n: g for n in nw}
-    sens = {n: {b: float(rng.uniform(0.1, 10)) * 4.0 ** (-b) for b in choices if b != 16} for n in nw}
-    p = solve_plan(sens, nw, gs, 3.5, choices=choices, model="HuggingFaceTB/SmolLM2-135M-Instruct", method=method)
+    inf = {li.name: li.in_features for li in linears}
+    cand = {n: linear_choices(inf[n], choices, (g, 0)) for n in nw}
+    sens = {n: {c: float(rng.uniform(0.1, 10)) * 4.0 ** (-c[0]) * (1.5 if c[1] == 0 else 1.0) for c in cand[n]
+                if c[0] != 16} for n in nw}
+    p = solve_plan(sens, nw, inf, cand, 3.5, model="HuggingFaceTB/SmolLM2-135M-Instruct", method=method)
     return p, [asdict(li) for li in linears]
 
 
@@ -192,7 +230,7 @@ def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
     table = module_to_tensor([li.name for li in linears], "llama", 30)
     assert all(table[li.name] == pe.gguf_tensor_name(li.block, li.family) + ".weight" for li in linears)
     plan, recs = random_plan(linears, method=method)
-    assert len(plan.counts()) >= 3  # a real mix of widths, so the regexes have something to separate
+    assert len({b for b, _ in plan.counts()}) >= 3 and {g for _, g in plan.counts()} >= {0, 64}  # a real mix
     paths = pe.write_exports(plan, tmp_path, "json,llmcompressor,gptqmodel,llamacpp", linears=recs,
                              module_names=modules, gguf_names=gguf_tensor_names())
     assert set(paths) == set(pe.FORMATS)
@@ -206,17 +244,20 @@ def test_exports_match_exactly_the_bundled_llm(tmp_path, method):
     assert "lm_head" in body["ignore"]
     import re
     for grp in body["config_groups"].values():
-        b = grp["weights"]["num_bits"]
+        w = grp["weights"]
         hit = {m for m in modules if any(re.match(t[3:], m) for t in grp["targets"])}
-        assert hit == set(plan.names_at(b))
-        assert grp["weights"]["strategy"] == "group" and grp["weights"]["group_size"] == 64
+        if w["strategy"] == "channel":  # one group per row
+            assert "group_size" not in w and hit == {n for n, c in plan.layers.items() if c == (w["num_bits"], 0)}
+        else:
+            assert w["strategy"] == "group" and w["group_size"] == 64
+            assert hit == {n for n, c in plan.layers.items() if c == (w["num_bits"], 64)}
     fp_hit = {m for m in modules if any(re.match(t[3:], m) for t in body["ignore"] if t.startswith("re:"))}
     assert fp_hit == set(plan.names_at(16))
     dyn = json.loads(paths["gptqmodel"].read_text())
     assert {pe.dynamic_lookup(dyn, n) is False for n in plan.names_at(16)} <= {True}
     for n, (b, g) in plan.layers.items():
-        if b != 16:
-            assert pe.dynamic_lookup(dyn, n) == {"bits": b, "group_size": g}
+        if b != 16:  # GPTQModel's per-channel is group size -1
+            assert pe.dynamic_lookup(dyn, n) == {"bits": b, "group_size": g if g else -1}
     assert pe.dynamic_lookup(dyn, "lm_head") is None and pe.dynamic_lookup(dyn, "model.embed_tokens") is None
     args = paths["llamacpp"].read_text().split()
     names = set(gguf_tensor_names())
@@ -283,26 +324,8 @@ def test_export_validation_catches_a_wrong_regex(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# sensitivity combination (pure) and the alpha predictor
+# the alpha predictor
 # ------------------------------------------------------------------------------------------------
-def test_combine_sensitivity_by_hand():
-    import pandas as pd
-
-    from core.studies.plan import combine_sensitivity
-
-    layer = pd.DataFrame({"name": ["a", "b", "c", "d"], "block": [0, 0, 1, 1], "family": ["q", "down", "q", "down"],
-                          "bits": [3, 3, 3, 3], "rel_heldout": [0.01, 0.03, 0.5, 0.2]})
-    model = pd.DataFrame({"unit": ["0", "1", "family:q", "family:down"], "bits": [3, 3, 3, 3], "metric": "kl",
-                          "value": [0.2, -0.001, 0.1, 0.3]})
-    s = combine_sensitivity(layer, model, "block")
-    assert s["a"][3] == pytest.approx(0.2 * 0.25) and s["b"][3] == pytest.approx(0.2 * 0.75)  # q : down = 1 : 3
-    assert s["c"][3] == 0.0 and s["d"][3] == 0.0  # a negative (noise) block measurement counts 0
-    s = combine_sensitivity(layer, model[~model["unit"].str.startswith("family")], "block")
-    assert s["a"][3] == s["b"][3] == pytest.approx(0.1)  # no family rows: an even split
-    model_l = pd.DataFrame({"unit": ["a", "b", "c", "d"], "bits": 3, "metric": "kl", "value": [0.1, 0.2, 0.3, 0.4]})
-    assert combine_sensitivity(layer, model_l, "linear") == {"a": {3: 0.1}, "b": {3: 0.2}, "c": {3: 0.3}, "d": {3: 0.4}}
-
-
 def test_alpha_predictor_fits_a_planted_line():
     import pandas as pd
 
@@ -348,54 +371,151 @@ def test_alpha_study_on_a_real_analysis(tiny_llama):
 
 
 # ------------------------------------------------------------------------------------------------
-# sensitivity -> plan -> verification on a real (tiny) analysis
+# token sets -> sensitivity -> plan -> candidates -> test figures, on a real (tiny) analysis
 # ------------------------------------------------------------------------------------------------
+SMALL = dict(test_tokens=256)  # tiny llama: 4 x 64 calibration tokens, 2 x 64 selection, 4 x 64 test
+
+
 @pytest.fixture()
 def scored(monkeypatch):
-    """Records the variant names each ``score_variants`` call scores (the real function does the work)."""
+    """Records the token blocks of every whole-model scoring pass (the real engine does the work)."""
     from core.studies import evaluate
 
     calls = []
-    real = evaluate.score_variants
+    real = evaluate._score_variants
 
-    def spy(analysis, variants, **kw):
-        calls.extend(variants)
-        return real(analysis, variants, **kw)
-    monkeypatch.setattr(evaluate, "score_variants", spy)
+    def spy(lm, ids, builders, snap, **kw):
+        calls.append((ids.clone(), list(builders)))
+        return real(lm, ids, builders, snap, **kw)
+    monkeypatch.setattr(evaluate, "_score_variants", spy)
     return calls
 
 
-def test_plan_end_to_end(tiny_llama, scored, tmp_path):
+def test_three_token_sets_are_disjoint(tiny_llama):
+    import torch
+
+    from core.model.calibration import load_text, split_text, tokenize
     from core.studies import plan as P
 
-    s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
-    rep = P.run(tiny_llama, s)
-    n_blocks = int(tiny_llama.linears["block"].nunique())
-    n_fam = int(tiny_llama.linears["family"].nunique())
-    assert len([c for c in scored if "@" in c]) == (n_blocks + n_fam) * 4  # one per block / family and width
-    assert rep.plan.avg_bits <= 3.75 + 1e-12 and rep.plan.exact
-    assert set(rep.quality["variant"]) == {"plan", "uniform w2", "uniform w3", "uniform w4", "uniform w8"}
-    assert rep.plan.measured["kl"] == float(rep.quality.query("variant == 'plan' and metric == 'kl'")["value"].iloc[0])
-    # the layer-level table came from the sweep for RTN
-    lay = tiny_llama.layers.set_index(["name", "bits"])
-    r = rep.layer_sens.iloc[0]
-    assert r["rel_heldout"] == lay.loc[(r["name"], r["bits"]), "rtn_rel_heldout"]
-    scored.clear()
-    P.run(tiny_llama, s, baselines=False)  # the sensitivity is cached: only the plan is scored again
-    assert scored == ["plan"]
-    assert rep.notes and all("uniform" in n for n in rep.notes)
-    # the block-0 value is what score_variants says of block 0 alone at 3 bits, weights made independently
-    from core.studies import evaluate
-    from core.quant import pseudo_quantize
+    sets = P.token_sets(tiny_llama, P.PlanSettings(**SMALL))
+    seqlen = tiny_llama.settings.calibration.seqlen
+    assert [r["set"] for r in sets.table()] == ["calibration", "selection", "test"]
+    assert sets.calibration.shape == (4, seqlen) and sets.selection.shape == (2, seqlen) and sets.test.shape == (4, seqlen)
+    # rebuilt independently from the text: where each set lies in its part's token stream
+    calib_text, held_text = split_text(load_text(tiny_llama.settings.calibration.source))
+    tok = tiny_llama.lm.tokenizer
+    calib_ids, held_ids = tokenize(tok, calib_text), tokenize(tok, held_text)
+    spans = sets.spans()
+    for name in ("calibration", "selection", "test"):
+        part, start, end = spans[name]
+        stream = calib_ids if part == "calibration part" else held_ids
+        assert torch.equal(getattr(sets, name).reshape(-1), stream[start:end]), name
+    assert spans["selection"][2] <= spans["test"][1]  # selection ends where the test set may begin
+    # the two parts are different paragraphs of the text (every 10th one held out); as token blocks no set shares any
+    paras = [p for p in load_text(tiny_llama.settings.calibration.source).split("\n\n") if p.strip()]
+    assert held_text.split("\n\n") == paras[9::10] and len(calib_text.split("\n\n")) == len(paras) - len(paras[9::10])
+    blocks = {name: {tuple(r.tolist()) for r in getattr(sets, name)} for name in ("calibration", "selection", "test")}
+    assert not blocks["calibration"] & blocks["selection"] and not blocks["calibration"] & blocks["test"]
+    assert not blocks["selection"] & blocks["test"]
+    # a text whose held-out part has nothing left after the held-out blocks: no test set, one sentence
+    from core.model.calibration import CalibrationError, test_blocks
 
-    names = tiny_llama.linears.query("block == 0")["name"].tolist()
-    ref = evaluate.score_variants(tiny_llama, {"b0": lambda: {n: pseudo_quantize(tiny_llama.weight(n), 3, 32)
-                                                              for n in names}}, max_tokens=128)
-    got = rep.model_sens.query("unit == '0' and bits == 3")["value"].iloc[0]
-    assert got == pytest.approx(float(ref.query("variant == 'b0' and metric == 'kl'")["value"].iloc[0]), rel=1e-9)
+    spec = tiny_llama.settings.calibration
+    short = "\n\n".join(f"Paragraph {i} " + "word " * 40 for i in range(30))  # 3 held-out paragraphs
+    with pytest.raises(CalibrationError, match="a test set needs at least 64"):
+        test_blocks(spec, tok, 512, 256, text=short)
+    ids, start = test_blocks(spec, tok, 512, 10 ** 6, text=load_text(spec.source))  # more than there is: all of it
+    assert start == 2 * seqlen and ids.numel() == (held_ids.numel() - start) // seqlen * seqlen
+
+
+def test_fisher_sensitivity_predicts_measured_damage(tiny_llama):
+    from core.grids.spec import QuantSpec
+    from core.studies import plan as P
+
+    s = P.PlanSettings(method="rtn", bits=(2, 16), group_sizes=(32,), fisher_samples=8, **SMALL)
+    sets = P.token_sets(tiny_llama, s)
+    table = P.sensitivity(tiny_llama, s, sets).set_index("name")
+    names = tiny_llama.names
+    assert set(table["bits"]) == {2} and len(table) == len(names) and (table["fisher"] > 0).all()
+    # each linear alone at w2 g32, measured on the same selection tokens
+    variants = {n: (lambda n=n: {n: P.quantized_weight(tiny_llama, n, "rtn", QuantSpec(2, 32))}) for n in names}
+    got = P.score_tokens(tiny_llama, sets.selection, variants)
+    measured = got[got["metric"] == "kl"].set_index("variant")["value"][names]
+    assert np.corrcoef(table.loc[names, "fisher"].rank(), measured.rank())[0, 1] > 0.8
+    # where the damage is above float noise (a random tiny model barely feels its q/k projections) the prediction
+    # is the measurement's size; the family factors (each family measured as a whole) bring it closer
+    big = measured > 1e-3 * measured.max()
+    keep = measured[big].index
+    raw = np.log(table.loc[keep, "fisher"] / measured[keep]).abs()
+    cal = np.log(table.loc[keep, "value"] / measured[keep]).abs()
+    assert big.sum() >= 8 and raw.median() < np.log(1.5) and cal.mean() < raw.mean(), (raw, cal)
+    fam = tiny_llama.read_extra(s.family_key).set_index("family")
+    assert fam.loc["v", "factor"] > 1.2  # the diagonal Fisher misses how attention sums a value error over tokens
+    assert set(fam.index) == set(tiny_llama.linears["family"]) and (fam["bits"] == 2).all()
+
+
+def test_plan_end_to_end(tiny_llama, scored):
+    from core.studies import plan as P
+
+    s = P.PlanSettings(budget=3.75, method="rtn", **SMALL)
+    rep = P.run(tiny_llama, s)
+    sets = P.token_sets(tiny_llama, s)
+    assert rep.plan.avg_bits <= 3.75 + 1e-12 and rep.plan.source == "solver" and rep.plan.exact
+    # every uniform configuration within the budget was a candidate, scored on the selection tokens only
+    nw, inf = P.geometry(tiny_llama)
+    within = {u.source for q in P.uniform_specs(inf, s.bits, s.group_sizes)
+              if (u := P.uniform_plan(nw, inf, q)).avg_bits <= 3.75 + 1e-9}
+    assert set(rep.candidates["variant"]) == {"plan 3.75", *within} and len(within) >= 3
+    kl = rep.candidates[rep.candidates["metric"] == "kl"]
+    assert kl.loc[kl["chosen"], "value"].iloc[0] == kl["value"].min()  # the best verified candidate is kept
+    sel_calls = [c for c in scored if c[0].shape == sets.selection.shape]
+    test_calls = [c for c in scored if c[0].shape == sets.test.shape]
+    families = set(tiny_llama.linears["family"])  # the family calibration's passes, on the selection tokens too
+    assert {v for c in sel_calls for v in c[1]} == {"plan 3.75", *within} | families
+    assert {v for c in test_calls for v in c[1]} == {"plan 3.75", rep.baseline.source}  # plan + best uniform only
+    # the reported figures are the test tokens' and differ from the selection tokens'
+    assert rep.plan.measured["kl"] != rep.plan.selection["kl"]
     q = rep.quality.pivot_table(index="variant", columns="metric", values="value")
-    assert q.loc["uniform w8", "kl"] < q.loc["uniform w4", "kl"] < q.loc["uniform w2", "kl"]
-    assert {"perplexity", "perplexity_se", "kl", "kl_p99", "same_top", "rms_dp"} <= set(q.columns)
+    assert rep.plan.measured["kl"] == q.loc["plan 3.75", "kl"]
+    assert {"perplexity", "perplexity_se", "kl", "kl_se", "kl_p99", "same_top", "rms_dp"} <= set(q.columns)
+    assert rep.notes and "on the test tokens" in rep.notes[0]
+    # a second run reuses the sensitivity table and every score: nothing is scored again
+    scored.clear()
+    again = P.run(tiny_llama, s)
+    assert scored == [] and again.plan.measured == rep.plan.measured
+
+
+def test_reported_figures_come_from_the_test_tokens(tiny_llama):
+    """Scoring the returned plan's weights on the test blocks by hand gives exactly the reported figures."""
+    from core.studies import plan as P
+
+    s = P.PlanSettings(budget=3.5, method="rtn", **SMALL)
+    rep = P.run(tiny_llama, s)
+    sets = P.token_sets(tiny_llama, s)
+    by_hand = P.score_tokens(tiny_llama, sets.test, {"p": P.plan_weights(tiny_llama, rep.plan)})
+    on_sel = P.score_tokens(tiny_llama, sets.selection, {"p": P.plan_weights(tiny_llama, rep.plan)})
+    for m in ("kl", "kl_p99", "perplexity", "same_top"):
+        assert rep.plan.measured[m] == pytest.approx(by_hand.query("metric == @m")["value"].iloc[0], rel=1e-9), m
+    assert rep.plan.selection["kl"] == pytest.approx(on_sel.query("metric == 'kl'")["value"].iloc[0], rel=1e-9)
+    assert by_hand.query("metric == 'kl'")["n_tokens"].iloc[0] == sets.test.shape[0] * (sets.test.shape[1] - 1)
+
+
+def test_uniform_configuration_returned_when_it_verifies_better(tiny_llama, monkeypatch):
+    from core.studies import plan as P
+
+    s = P.PlanSettings(budget=3.5, method="rtn", bits=(2, 3, 4), group_sizes=(32, 0), **SMALL)
+    honest = P.run(tiny_llama, s)
+    assert honest.plan.source == "solver"  # with its own predictions the solver's plan wins here
+    # predictions turned upside down: the solver spends the bits where they help least and its plan verifies worse
+    real = P.values_of
+    monkeypatch.setattr(P, "values_of", lambda t: {n: {c: 1.0 / (1e-9 + v) for c, v in d.items()}
+                                                   for n, d in real(t).items()})
+    rep = P.run(tiny_llama, s)
+    kl = rep.candidates[rep.candidates["metric"] == "kl"].set_index("variant")["value"]
+    assert kl["plan 3.5"] > kl.drop("plan 3.5").min()
+    assert rep.plan.source == kl.drop("plan 3.5").idxmin() == rep.baseline.source
+    assert dict(rep.plan.layers) == dict(rep.baseline.layers) and rep.plan.measured == rep.baseline.measured
+    assert rep.candidates.query("chosen")["variant"].unique().tolist() == [rep.plan.source]
 
 
 def test_awq_weights_reuse_the_sweep_alpha(tiny_llama):
@@ -415,13 +535,17 @@ def test_awq_weights_reuse_the_sweep_alpha(tiny_llama):
     assert tiny_llama.sweep_alpha(name, QuantSpec(5, 32, True)) is None  # not swept: the method searches itself
 
 
-def test_plan_refuses_bad_budget_before_measuring(tiny_llama, scored):
+def test_plan_refuses_bad_input_before_measuring(tiny_llama, scored):
     from core.studies import plan as P
 
     with pytest.raises(ValueError, match="below the cheapest"):
-        P.make_plan(tiny_llama, P.PlanSettings(budget=2.0, method="awq"))
+        P.run(tiny_llama, P.PlanSettings(budget=2.0, method="awq"))
     with pytest.raises(ValueError, match="unknown plan method"):
-        P.make_plan(tiny_llama, P.PlanSettings(budget=4.0, method="hqq-x"))
+        P.run(tiny_llama, P.PlanSettings(budget=4.0, method="hqq-x"))
+    with pytest.raises(ValueError, match="group sizes must be"):
+        P.run(tiny_llama, P.PlanSettings(budget=4.0, group_sizes=(-32,)))
+    with pytest.raises(ValueError, match="above the most expensive"):
+        P.run(tiny_llama, P.PlanSettings(budget=4.0), frontier=(3.5, 17.0))
     assert scored == []
 
 
@@ -451,22 +575,45 @@ def test_standouts():
     assert not standouts(np.array([1, 1.1, 0.9, 1.05, 0.95, 50, 60, 55.0]), g).any()
 
 
-def test_plan_figures(tiny_llama, scored):
+def test_plan_figures(tiny_llama):
     from core.present import plan
     from core.studies import plan as P
 
-    s = P.PlanSettings(budget=3.75, method="rtn", bits=(2, 3, 4, 8, 16), sens_tokens=128, eval_tokens=128)
-    rep = P.run(tiny_llama, s)
-    for fig in (plan.plan_sensitivity(rep.layer_sens, rep.model_sens, 3),
-                plan.plan_map(rep.plan.layers, tiny_llama.linears),
-                plan.plan_frontier(rep.quality, "kl")):
+    s = P.PlanSettings(budget=3.75, method="rtn", **SMALL)
+    rep = P.run(tiny_llama, s, frontier=(3.25, 4.5))
+    assert {"plan 3.25", "plan 3.75", "plan 4.5"} <= set(rep.quality["variant"])
+    assert len(set(rep.quality.query("kind == 'uniform'")["variant"])) == len(
+        P.uniform_specs(P.geometry(tiny_llama)[1], s.bits, s.group_sizes))  # every uniform configuration
+    fr = plan.plan_frontier(rep.quality, "kl")
+    assert set(fr.data["metric"]) == {"kl", "perplexity", "same_top"} and (fr.data["low"] <= fr.data["high"]).all()
+    assert set(fr.data["group"]) >= {"plan", "g32", "per row"}
+    for fig in (fr, plan.plan_sensitivity(rep.sensitivity, 3, 32), plan.plan_map(rep.plan.layers, tiny_llama.linears)):
         assert fig.spec() and len(fig.data) and fig.png()[:4] == b"\x89PNG"
+    side = plan.side_by_side(rep)
+    assert side["mean KL"].tolist() == [rep.plan.measured["kl"], rep.baseline.measured["kl"]]
+
+
+def test_json_export_carries_the_test_figures(tiny_llama, tmp_path):
+    import json
+
+    from core.studies import plan as P
+    from core.studies import plan_export as pe
+
+    rep = P.run(tiny_llama, P.PlanSettings(budget=3.75, method="rtn", **SMALL))
+    paths = pe.write_exports(rep.plan, tmp_path, "json,llmcompressor", linears=tiny_llama.linears.to_dict("records"),
+                             report=rep)
+    d = json.loads(paths["json"].read_text())
+    assert d["measured_on"] == "test" and d["measured"]["kl"] == rep.plan.measured["kl"]
+    assert d["selection"]["kl"] == rep.plan.selection["kl"] and d["baseline"]["variant"] == rep.baseline.source
+    assert [t["set"] for t in d["token_sets"]] == ["calibration", "selection", "test"]
+    assert d["token_sets"][2]["tokens"] == 256 and "kl" in d["definitions"]
+    assert f"kl {rep.plan.measured['kl']:.4g}" in paths["llmcompressor"].read_text().splitlines()[0]
 
 
 # ------------------------------------------------------------------------------------------------
-# the page
+# the page and the CLI
 # ------------------------------------------------------------------------------------------------
-def test_plan_page(tiny_llama, scored, monkeypatch):
+def test_plan_page(tiny_llama, monkeypatch):
     from app_harness import app_test
 
     at = app_test(monkeypatch, tiny_llama.path.parent.parent, tiny_llama.path)
@@ -475,9 +622,14 @@ def test_plan_page(tiny_llama, scored, monkeypatch):
     assert at.title[0].value == "Plan"
     at.selectbox(key="plan_method").set_value("rtn")
     at.number_input(key="plan_budget").set_value(3.75)
+    at.select_slider(key="plan_test").set_value(512)
     at.button(key="plan_run").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
-    assert any("bits per weight for a budget of 3.75" in m.value for m in at.markdown)
+    assert any("Plan** for 3.75 bits" in m.value for m in at.markdown)
+    assert any(m.value == "Three token sets" for m in at.subheader)
+    tables = [d.value for d in at.dataframe]
+    assert any(list(t.get("set", [])) == ["calibration", "selection", "test"] for t in tables)
+    assert any("best uniform" in list(t.get("", [])) for t in tables)
     at.button(key="plan_alpha_run").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
 
@@ -494,18 +646,24 @@ def test_cli_plan_end_to_end(tiny_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "core", "plan", "--model", tiny_dir("qwen2"), "--tokenizer", tokenizer_dir,
            "--cache-dir", str(tmp_path / "cache"), "--budget", "3.5", "--method", "rtn", "--bits", "2,4,16",
-           "--group-size", "32", "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2", "--sweep-bits", "2,4",
-           "--sens-tokens", "64", "--eval-tokens", "128", "--frontier", "3", "--export", "json,llmcompressor",
-           "--out", str(out), "--figure", str(tmp_path / "frontier.png"), "--quiet"]
+           "--group-sizes", "32,0", "--group-size", "32", "--n-samples", "2", "--seqlen", "64", "--heldout-samples",
+           "2", "--sweep-bits", "2,4", "--fisher-samples", "2", "--test-tokens", "128", "--frontier", "3",
+           "--export", "json,llmcompressor", "--out", str(out), "--figure", str(tmp_path / "frontier.png"), "--quiet"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
-    assert any(line.startswith("budget     3.5 bits/weight -> plan") for line in lines)
-    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith(("uniform", "plan 3")) else ""): line
-            for line in lines if line.startswith(("plan", "uniform"))}
-    assert {"plan", "plan 3", "uniform w2", "uniform w4"} <= set(rows)
-    assert any(line.startswith("note       plan (") for line in lines)
+    assert [line.split()[1] for line in lines if line.startswith("tokens ")] == ["calibration", "selection", "test"]
+    assert any(line.startswith("tokens     test") and "128 tokens" in line and "held-out part [128, 256)" in line
+               for line in lines)
+    assert any(line.startswith("budget     3.5 bits/weight ->") for line in lines)
+    assert any(line.startswith("selection  kl of every candidate on the selection tokens: ") and "(kept)" in line
+               for line in lines)
+    head = next(i for i, line in enumerate(lines) if line.startswith("test "))
+    rows = {" ".join(line.split()[:2]) for line in lines[head + 1:] if line.startswith(("plan", "uniform"))}
+    assert {"plan 3.5", "plan 3", "uniform w2g32", "uniform w4g0"} <= rows  # --frontier: every uniform configuration
+    assert any(line.startswith("note       plan 3.5 (") for line in lines)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["budget_bits"] == 3.5 and "kl" in plan["measured"] and len(plan["layers"]) == 14
+    assert plan["measured_on"] == "test" and [t["set"] for t in plan["token_sets"]] == ["calibration", "selection", "test"]
     assert yaml.safe_load((out / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"

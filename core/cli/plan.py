@@ -1,8 +1,9 @@
-"""``python -m core plan``: a mixed-precision plan under a bit budget, verified on the whole model, exported.
+"""``python -m core plan``: a mixed-precision plan under a bit budget, chosen on one token set, reported on another.
 
-Runs (or reuses) the analysis, the sensitivity pass (cached), the exact solver, then scores the plan and the
-uniform bit-widths on the held-out text. Progress on stderr; the verified quality on stdout. A budget outside
-what the candidate bits can cost is refused with one sentence (exit 2).
+Runs (or reuses) the analysis, the sensitivity pass (cached), the exact solver, scores the plan and every uniform
+configuration within the budget on the selection tokens, keeps the best, and reports it beside the best uniform
+configuration on the test tokens. Progress on stderr; the three token sets, the candidates and the test figures on
+stdout. A budget outside what the candidate settings can cost is refused with one sentence (exit 2).
 """
 from __future__ import annotations
 
@@ -14,25 +15,34 @@ from typing import Any
 
 from .common import add_common
 
+FRONTIER_DEFAULT = "3.25,3.5,3.75,4,4.25,4.5"  # core.studies.plan.FRONTIER_BUDGETS (literal: keeps --help fast)
+
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("plan", help="mixed-precision plan under an average-bit budget: sensitivity, "
-                                           "exact solver, whole-model verification, exports")
+    p = subparsers.add_parser("plan", help="mixed-precision plan under an average-bit budget: Fisher sensitivity, "
+                                           "exact solver, candidates checked on selection tokens, figures on test "
+                                           "tokens, exports")
     add_common(p)
     p.set_defaults(bits="2,3,4,8,16")
     p._option_string_actions["--bits"].help = "candidate bit-widths of the plan (2..8, 16 = keep fp16)"
     p.add_argument("--budget", type=float, required=True,
                    help="average storage bits per quantizable weight, scales and zeros included (4-bit g128 = 4.25)")
     p.add_argument("--method", default="awq", help="awq, gptq or rtn")
+    p.add_argument("--group-sizes", default="32,64,128,0",
+                   help="candidate group sizes, each used where it divides a linear's width (0 = one group per row)")
     p.add_argument("--sweep-bits", default="2,3,4,6,8",
                    help="bit-widths of the layer-level analysis this runs on (the default reuses 'analyze')")
-    p.add_argument("--granularity", default="block", choices=["block", "linear"],
-                   help="model-level sensitivity unit: a whole block (cheap) or each linear")
-    p.add_argument("--sens-tokens", type=int, default=512, help="held-out tokens per sensitivity variant")
-    p.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens of the verification (0 = all)")
-    p.add_argument("--no-baselines", action="store_true", help="verify the plan only, not the uniform widths")
-    p.add_argument("--frontier", default="", help="more budgets to plan and verify in the same pass, e.g. 3,4,4.5")
-    p.add_argument("--figure", default=None, help="write the frontier figure (mean KL vs bits) here (.png/.svg/.pdf)")
+    p.add_argument("--fisher-samples", type=int, default=4,
+                   help="sampled-label backward passes of the sensitivity (its noise falls as 1/sqrt(samples))")
+    p.add_argument("--selection-tokens", type=int, default=0,
+                   help="held-out tokens of the sensitivities and choices (0 = all of the analysis' held-out blocks)")
+    p.add_argument("--test-tokens", type=int, default=2048,
+                   help="held-out tokens after the selection ones, for every reported figure")
+    p.add_argument("--frontier", nargs="?", const=FRONTIER_DEFAULT, default="",
+                   help=f"more budgets planned and scored the same way, and every uniform configuration scored on "
+                        f"the test tokens (no value: {FRONTIER_DEFAULT})")
+    p.add_argument("--figure", default=None,
+                   help="write the frontier figure (test KL, perplexity, same top-1 vs bits) here (.png/.svg/.pdf)")
     p.add_argument("--export", default="json", help="comma-separated: json,llmcompressor,gptqmodel,llamacpp")
     p.add_argument("--out", default=None, help="folder for the exports (default: the analysis' cache entry)")
     p.set_defaults(func=cmd_plan)
@@ -44,14 +54,33 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}" if 1e-3 <= abs(v) < 1e5 else f"{v:.4e}"
 
 
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _budgets(text: str) -> list[float]:
+    out = []
+    for t in text.split(","):
+        if t.strip():
+            try:
+                out.append(float(t))
+            except ValueError:
+                raise ValueError(f"--frontier: expected comma-separated budgets in bits per weight, got {t.strip()!r}") from None
+    return out
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from .common import int_list, settings_from_args, stderr_progress
-    from ..studies.plan import (PlanSettings, budget_range, check_budget, check_choices, check_method, layer_geometry, run)
+    from ..studies.plan import PlanSettings, check_settings, run
     from ..studies.plan_export import check_formats, write_exports
 
-    choices = check_choices(int_list(args.bits))
-    method = check_method(args.method)
+    ps = PlanSettings(budget=args.budget, method=args.method, bits=int_list(args.bits),
+                      group_sizes=int_list(args.group_sizes), zero_point=not args.symmetric,
+                      fisher_samples=args.fisher_samples, selection_tokens=args.selection_tokens or None,
+                      test_tokens=args.test_tokens)
+    frontier = _budgets(args.frontier or "")
     formats = check_formats(args.export)
     ns = argparse.Namespace(**vars(args))
     ns.bits = args.sweep_bits
@@ -59,46 +88,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     quiet = args.quiet
     t0 = time.time()
     a = analyze(settings, args.cache_dir, progress=None if quiet else stderr_progress("analysis "))
-    nw, gs = layer_geometry(a)
-    zp = not args.symmetric
-    check_budget(args.budget, *budget_range(nw, gs, choices, zp))
-    ps = PlanSettings(budget=float(args.budget), method=method, bits=choices, zero_point=zp,
-                      granularity=args.granularity, sens_tokens=args.sens_tokens or None,
-                      eval_tokens=args.eval_tokens or None)
+    ps = check_settings(a, ps, frontier)  # one sentence before anything is measured
     t1 = time.time()
-    extra = []
-    for t in (args.frontier or "").split(","):
-        if t.strip():
-            try:
-                extra.append(check_budget(float(t), *budget_range(nw, gs, choices, zp)))
-            except ValueError as e:
-                raise ValueError(f"--frontier: {e}") from None
-    rep = run(a, ps, baselines=not args.no_baselines, extra_budgets=extra,
-              progress=None if quiet else stderr_progress("sensitivity + verification "))
+    rep = run(a, ps, frontier=frontier, progress=None if quiet else stderr_progress("plan "))
     t2 = time.time()
-    plan, df = rep.plan, rep.quality
+    plan, q = rep.plan, rep.quality
     out = args.out or str(a.path / "plan")
-    paths = write_exports(plan, out, formats, linears=a.linears.to_dict("records"),
-                          module_names=list(a.lm.modules))
-    counts = ", ".join(f"{'fp16' if b == 16 else f'w{b}'} x{n}" for b, n in plan.counts().items())
+    paths = write_exports(plan, out, formats, linears=a.linears.to_dict("records"), module_names=list(a.lm.modules),
+                          report=rep)
     print(f"model      {a.model_id}")
-    print(f"method     {method}, group size {a.settings.sweep.group_size or 'per row'}, zero point "
-          f"{'yes' if zp else 'no'}; candidates {','.join(str(c) for c in choices)}")
-    print(f"budget     {plan.budget_bits:g} bits/weight -> plan {plan.avg_bits:.4f} "
-          f"({'exact optimum' if plan.exact else f'within {plan.slack_bits:.4g} bits of the optimum'}); {counts}")
-    print(f"time       analysis {t1 - t0:.1f}s, sensitivity + plan + verification {t2 - t1:.1f}s")
-    metrics = list(dict.fromkeys(df["metric"]))
-    head = ["variant", "avg_bits", *metrics]
-    lines = [head]
-    for v in dict.fromkeys(df["variant"]):
-        sub = df[df["variant"] == v]
-        vals = dict(zip(sub["metric"], sub["value"].astype(float)))
-        lines.append([v, f"{float(sub['avg_bits'].iloc[0]):.4f}", *[_fmt(vals.get(m, float("nan"))) for m in metrics]])
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    for r in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"method     {ps.method}, zero point {'yes' if ps.zero_point else 'no'}; candidates: bits "
+          f"{','.join(map(str, ps.bits))} x group sizes {','.join(map(str, ps.group_sizes))} (0 = one group per row), "
+          f"each where it divides the width")
+    for line in _table([[f"tokens     {r['set']}", f"{r['tokens']} tokens", f"{r['part']} [{r['span'][0]}, {r['span'][1]})",
+                         r["used_for"]] for r in rep.tokens]):
+        print(line)
+    how = "the solver's plan" if plan.source == "solver" else f"{plan.source}, which verified better than the solver's plan"
+    opt = "exact optimum" if plan.exact else f"within {plan.slack_bits:.4g} bits of the optimum"
+    print(f"budget     {ps.budget:g} bits/weight -> {plan.avg_bits:.4f} bits: {how}"
+          f"{f' ({opt})' if plan.source == 'solver' else ''}; {plan.summary()}")
+    if rep.families is not None:
+        f0 = rep.families.iloc[0]
+        print(f"families   measured / predicted {rep.metric}, each family alone at w{f0['bits']}g{f0['group_size']}: "
+              + ", ".join(f"{r.family} {r.factor:.2f}" for r in rep.families.itertuples(index=False)))
+    cand = rep.candidates[rep.candidates["metric"] == rep.metric].sort_values("value")
+    print(f"selection  {rep.metric} of every candidate on the selection tokens: " + " | ".join(
+        f"{r.variant} {_fmt(r.value)}{' (kept)' if r.chosen else ''}" for r in cand.itertuples(index=False)))
+    metrics = [m for m in ("kl", "kl_se", "kl_p99", "perplexity", "perplexity_se", "same_top", "rms_dp",
+                           "hidden_rel_error", "cosine") if m in set(q["metric"])]
+    rows = [["test", "avg_bits", *metrics]]
+    for v in dict.fromkeys(q.sort_values(["kind", "avg_bits"], ascending=[True, True])["variant"]):
+        vals = dict(zip(q.loc[q["variant"] == v, "metric"], q.loc[q["variant"] == v, "value"].astype(float)))
+        bits = float(q.loc[q["variant"] == v, "avg_bits"].iloc[0])
+        rows.append([v, f"{bits:.4f}", *[_fmt(vals.get(m, float("nan"))) for m in metrics]])
+    for line in _table(rows):
+        print(line)
     for note in rep.notes:
         print(f"note       {note}")
+    print(f"time       analysis {t1 - t0:.1f}s, sensitivity + candidates + test {t2 - t1:.1f}s")
     for f, p in paths.items():
         print(f"export     {f}: {p}")
     if args.figure:
@@ -106,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         from ..present.plan import plan_frontier
 
-        fig = plan_frontier(df, "kl" if "kl" in metrics else metrics[0])
+        fig = plan_frontier(q, rep.metric)
         dest = Path(args.figure).expanduser()
         dest.parent.mkdir(parents=True, exist_ok=True)
         ext = dest.suffix.lower()

@@ -2,8 +2,9 @@
 grid), applied to a model in place and undone exactly with ``core.model.blocks.restore``."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -12,6 +13,19 @@ from ..grids.quant import pseudo_quantize
 from ..model.blocks import Snapshot, original_weight
 from ..model.linears import set_linear_weight
 from ..model.models import LoadedModel
+
+Cells = Sequence[tuple[int, int]]  # (row, col) positions of one ``[out, in]`` weight
+Keep = Mapping[str, Cells]  # linear name -> the weights kept unquantized (super weights)
+
+
+def keep_values(w: torch.Tensor, ref: torch.Tensor, cells: Cells) -> torch.Tensor:
+    """A copy of ``w [out, in]`` with the entries at ``cells`` replaced by ``ref``'s, rounded to fp16: the weights
+    a deployment stores beside the integer grid in fp16 (the super weights). ``ref`` is in ``w``'s coordinates."""
+    out = w.clone()
+    if len(cells):
+        rows, cols = (torch.tensor(v, dtype=torch.long, device=w.device) for v in zip(*cells))
+        out[rows, cols] = ref[rows, cols].to(torch.float16).to(out.dtype)
+    return out
 
 
 @dataclass
@@ -22,7 +36,10 @@ class Recipe:
     ``len(t)`` output rows divided by ``row[t]`` (fc->fc fold), clamped per (row, group) to ``clip``, then
     ``Q(W')`` when ``bits`` is set, then divided by ``s`` again for linears in ``unscale`` (the unfolded
     ``Q(W*s)/s``). Norms in ``norm`` get weight and bias divided by their ``s``; the bias of a linear in
-    ``row`` is divided by ``t``. ``bits=None``: no quantization (only the scaling/folding).
+    ``row`` is divided by ``t``. ``bits=None``: no quantization (only the scaling/folding). ``keep``: per linear, the
+    ``(row, col)`` weights written back after quantization with their unquantized value in the recipe's own
+    coordinates (``W'`` before clipping, fp16-rounded; unscaled with the rest), so a kept weight leaves the
+    model in fp16 whatever the method scaled or folded.
     """
 
     bits: int | None
@@ -33,6 +50,7 @@ class Recipe:
     row: dict[str, torch.Tensor] = field(default_factory=dict)
     norm: dict[str, torch.Tensor] = field(default_factory=dict)
     clip: dict[str, torch.Tensor] = field(default_factory=dict)
+    keep: dict[str, Cells] = field(default_factory=dict)
 
     def prequant(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """The scaled (and row-folded) weight before clipping and quantization."""
@@ -46,14 +64,40 @@ class Recipe:
         return w
 
     def final(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        w = self.prequant(name, w)
+        w = ref = self.prequant(name, w)
         if name in self.clip:
             w = awq.apply_clip(w, self.clip[name].to(w.device))
         if self.bits is not None:
             w = pseudo_quantize(w, self.bits, self.group_size, self.zero_point)
+        if self.keep.get(name):
+            w = keep_values(w, ref, self.keep[name])
         if name in self.unscale:
             w = w / self.col[name].to(w.device, torch.float32).view(1, -1)
         return w
+
+
+def check_keep(lm: LoadedModel, keep: Keep | None) -> dict[str, list[tuple[int, int]]]:
+    """``keep`` checked against ``lm``: every name a quantizable linear, every ``(row, col)`` inside its ``[out, in]``
+    weight (ValueError with one sentence otherwise); ``{}`` for None."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    info = {li.name: li for li in lm.linears}
+    for name, cells in (keep or {}).items():
+        li = info.get(name)
+        if li is None:
+            raise ValueError(f"cannot keep weights of {name!r}: it is not a quantizable linear of this model")
+        out[name] = []
+        for r, c in cells:
+            if not (0 <= int(r) < li.out_features and 0 <= int(c) < li.in_features):
+                raise ValueError(f"cannot keep weight [{r}, {c}] of {name}: its weight is "
+                                 f"[{li.out_features}, {li.in_features}] ([out, in])")
+            out[name].append((int(r), int(c)))
+    return out
+
+
+def with_keep(recipe: Recipe, keep: Keep) -> Recipe:
+    """``recipe`` that also keeps the weights of ``keep`` unquantized (added to its own)."""
+    merged = {n: [*recipe.keep.get(n, ()), *keep.get(n, ())] for n in {*recipe.keep, *keep}}
+    return dataclasses.replace(recipe, keep=merged)
 
 
 def add_group(recipe: Recipe, group: Any, scales: torch.Tensor, fold: bool = True) -> None:
@@ -91,4 +135,4 @@ def apply_recipe(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[st
 
 def with_clip(recipe: Recipe, clip: dict[str, torch.Tensor]) -> Recipe:
     return Recipe(recipe.bits, recipe.group_size, recipe.zero_point, dict(recipe.col), set(recipe.unscale),
-                  dict(recipe.row), dict(recipe.norm), dict(clip))
+                  dict(recipe.row), dict(recipe.norm), dict(clip), dict(recipe.keep))

@@ -1,4 +1,5 @@
-"""Calibration text -> token blocks ``[n_samples, seqlen]``, split into calibration and held-out parts.
+"""Calibration text -> token blocks ``[n_samples, seqlen]``, split into calibration and held-out parts (and, for the
+planner, a test set: the held-out part's blocks after the held-out ones, ``test_blocks``).
 
 Sources: ``bundled`` (Python's own ``pydoc_data.topics``, ~465 KB of English prose, offline), a local
 text file, or ``wikitext-2`` / ``pile-val`` from the Hugging Face hub when it is reachable.
@@ -181,6 +182,27 @@ def prepare(spec: CalibrationSpec, tokenizer: Any, max_positions: int, text: str
         calib, heldout = calib[:-1], calib[-1:]
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return CalibrationData(calib=calib, heldout=heldout, text_sha=sha, seqlen=seqlen)
+
+
+def test_blocks(spec: CalibrationSpec, tokenizer: Any, max_positions: int, max_tokens: int,
+                text: str | None = None) -> tuple[torch.Tensor, int]:
+    """A third token set, disjoint from both parts of :func:`prepare`: ``(blocks [n, seqlen], start)``, the whole
+    blocks of at most ``max_tokens`` tokens of the held-out part that come *after* the held-out blocks ``prepare``
+    takes (``start``: the offset of the first one in the held-out part's token stream). The calibration blocks
+    come from other paragraphs; ``prepare``'s split and blocks are unchanged (so are cache keys)."""
+    if text is None:
+        text = load_text(spec.source)
+    seqlen = min(int(spec.seqlen), int(max_positions))
+    if int(max_tokens) < seqlen:
+        raise CalibrationError(f"a test set needs at least one block of {seqlen} tokens, got {max_tokens}")
+    held_ids = tokenize(tokenizer, split_text(text)[1])
+    # what prepare() holds out (none when the held-out part is shorter than one block: it holds out a
+    # calibration block then, and this part is still unused)
+    start = min(max(1, int(spec.heldout_samples)), held_ids.numel() // seqlen) * seqlen
+    if held_ids.numel() - start < seqlen:
+        raise CalibrationError(f"the held-out text has {max(0, held_ids.numel() - start)} tokens after its "
+                               f"{start} held-out tokens; a test set needs at least {seqlen} (a longer text)")
+    return to_blocks(held_ids[start:], int(max_tokens) // seqlen, seqlen, "test"), start
 
 
 def first_blocks(ids: torch.Tensor, max_tokens: int | None) -> torch.Tensor:

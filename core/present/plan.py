@@ -1,111 +1,167 @@
-"""Plan: sensitivities per block, the plan's bits per linear, the measured frontier of plans vs uniform bits."""
+"""Plan: the predicted damage of each linear, the plan's setting per linear, the measured frontier on the test
+tokens, the three token sets and the candidates the plan was chosen from."""
 from __future__ import annotations
 
 import altair as alt
 import pandas as pd
 
-from ..grids import metrics
-from .common import ACCENT, HEIGHT, MUTED, PALETTE, WIDE, WIDTH, Figure, _family_sort, _title
+from ..studies.plan import DEFINITIONS, TOKEN_ROLES, standouts
+from .common import ACCENT, MUTED, PALETTE, WIDE, WIDTH, Figure, _family_sort, _title
+
+METRIC_TITLES = {"kl": "mean KL to fp (nats, log)", "perplexity": "perplexity (log)", "same_top": "same top-1 as fp",
+                 "hidden_rel_error": "hidden-state relative error (log)", "cosine": "cosine to fp"}
+ERRORS = {"kl": "kl_se", "perplexity": "perplexity_se"}  # the ± of a metric, where the report has one
 
 
-def plan_sensitivity(layer_df: pd.DataFrame, model_df: pd.DataFrame, bits: int, granularity: str = "block",
-                     metric: str = "kl") -> Figure:
-    """Both sensitivities per block at ``bits``: whole-model damage (top) and layer-level held-out error per
-    family (bottom); layers that stand out (robust z > 3.5 within their family / among blocks) ringed."""
-    from ..studies.plan import standouts
+def _group_label(variant: str) -> str:
+    """``uniform w3g64`` -> ``g64``; ``uniform w4g0`` -> ``per row``; plans -> ``plan``."""
+    if not variant.startswith("uniform"):
+        return "plan"
+    g = variant.rsplit("g", 1)[1].rstrip("s")
+    return "per row" if g == "0" else f"g{g}"
 
-    lay = layer_df[layer_df["bits"] == int(bits)].copy()
-    lay["standout"] = standouts(lay["rel_heldout"].to_numpy(), lay["family"].to_numpy())
-    mod = model_df[model_df["bits"] == int(bits)].copy()
-    if granularity == "block":
-        mod = mod[~mod["unit"].astype(str).str.startswith("family:")].copy()  # the family rows are not per block
-        mod["block"] = mod["unit"].astype(int)
-        mod["family"] = "block"
-    else:
-        info = lay.set_index("name")[["block", "family"]]
-        mod = mod[mod["unit"].isin(info.index)]
-        mod["block"] = info.loc[mod["unit"], "block"].to_numpy()
-        mod["family"] = info.loc[mod["unit"], "family"].to_numpy()
-    mod["standout"] = standouts(mod["value"].clip(lower=0).to_numpy(), mod["family"].to_numpy())
-    fams = _family_sort(lay["family"].unique().tolist())
-    n_blocks = int(lay["block"].max()) + 1 if len(lay) else 1
-    xax = alt.X("block:Q", title="block", scale=alt.Scale(domain=[-0.5, n_blocks - 0.5], nice=False),
-                axis=alt.Axis(tickMinStep=1, format="d"))
-    unit_title = "only this block quantized" if granularity == "block" else "only this linear quantized"
-    top_base = alt.Chart(mod).encode(x=xax)
-    if granularity == "block":
-        top = top_base.mark_bar(color=PALETTE[0], size=max(3, 300 // n_blocks)).encode(
-            y=alt.Y("value:Q", title=f"model {metric} (nats)" if metric == "kl" else f"model {metric}"),
-            tooltip=["block:Q", alt.Tooltip("value:Q", format=".4g"), "n_tokens:Q", "standout:N"])
-    else:
-        top = top_base.mark_line(point=True).encode(
-            y=alt.Y("value:Q", title=f"model {metric}", scale=alt.Scale(type="symlog")),
-            color=alt.Color("family:N", sort=fams, title="family"),
-            tooltip=["unit:N", alt.Tooltip("value:Q", format=".4g"), "standout:N"])
-    top_mark = alt.Chart(mod[mod["standout"]]).mark_point(shape="circle", size=160, color=ACCENT, strokeWidth=2).encode(
-        x=xax, y="value:Q", tooltip=["block:Q", alt.Tooltip("value:Q", format=".4g")])
-    top = (top + top_mark).properties(width=WIDE * 0.7, height=170,
-                                      title=_title(f"Model-level sensitivity, w{bits}", unit_title + ", the rest fp"))
-    bottom = alt.Chart(lay).mark_line(point=True).encode(
-        x=xax, y=alt.Y("rel_heldout:Q", title="relative output error (held-out)", scale=alt.Scale(type="log")),
-        color=alt.Color("family:N", sort=fams, title="family"),
-        tooltip=["name:N", "family:N", alt.Tooltip("rel_heldout:Q", format=".4g"), "standout:N"])
-    bottom_mark = alt.Chart(lay[lay["standout"]]).mark_point(shape="circle", size=160, color=ACCENT,
-                                                             strokeWidth=2).encode(
-        x=xax, y="rel_heldout:Q", tooltip=["name:N", alt.Tooltip("rel_heldout:Q", format=".4g")])
-    bottom = (bottom + bottom_mark).properties(width=WIDE * 0.7, height=220,
-                                               title=_title(f"Layer-level sensitivity, w{bits}",
-                                                            "each linear alone; ringed: stands out in its family"))
-    chart = alt.vconcat(top, bottom).resolve_scale(color="independent")
-    data = pd.concat([mod.assign(level="model"), lay.rename(columns={"rel_heldout": "value"}).assign(level="layer")],
-                     ignore_index=True)
-    return Figure(f"plan_sensitivity_w{bits}", chart, data,
-                  "model level: whole-model damage with only that unit quantized; layer level: "
-                  + metrics.DEFINITIONS["rel_error"] + " on held-out rows")
+
+def frontier_table(quality: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """Long table of the frontier: one row per variant and metric, with its ± (``low``/``high``) where known."""
+    d = quality[quality["metric"].isin(metrics)][["variant", "kind", "budget", "avg_bits", "metric", "value",
+                                                   "n_tokens"]].copy()
+    se = quality.set_index(["variant", "metric"])["value"]
+    err = [float(se.get((v, ERRORS[m]), 0.0)) if m in ERRORS else 0.0 for v, m in zip(d["variant"], d["metric"])]
+    d["low"] = d["value"] - err
+    d["high"] = d["value"] + err
+    d["group"] = [_group_label(v) for v in d["variant"]]
+    return d.reset_index(drop=True)
+
+
+def plan_frontier(quality: pd.DataFrame, metric: str = "kl", margin: float = 0.75) -> Figure:
+    """Measured whole-model quality on the test tokens vs average storage bits: each uniform configuration (points,
+    one line per group size) and each plan (diamonds, joined in budget order); one panel per metric, ± where the
+    report has one (mean KL, perplexity). Drawn within ``margin`` bits of the plans (the figure's table holds every
+    point, ``drawn`` says which are on the chart)."""
+    metrics = (metric, "perplexity", "same_top") if metric == "kl" else (metric,)
+    metrics = tuple(m for m in metrics if m in set(quality["metric"]))
+    d = frontier_table(quality, metrics)
+    plans = d[d["kind"] == "plan"]["avg_bits"]
+    lo, hi = (float(plans.min()) - margin, float(plans.max()) + margin) if len(plans) else (0.0, 1e9)
+    d["drawn"] = d["avg_bits"].between(lo - 1e-9, hi + 1e-9)
+    shown = d[d["drawn"]]
+    groups = sorted(set(shown["group"]) - {"plan"}, key=lambda g: (g == "per row", -int(g[1:]) if g[1:].isdigit() else 0))
+    x = alt.X("avg_bits:Q", title="average storage bits per weight (scales and zeros included)",
+              scale=alt.Scale(zero=False, domain=[lo, hi], nice=False))
+    color = alt.Color("group:N", title="uniform", sort=groups,
+                      scale=alt.Scale(domain=groups, range=[PALETTE[i % len(PALETTE)] for i in range(len(groups))]))
+    panels = []
+    for i, m in enumerate(metrics):
+        sub = shown[shown["metric"] == m]
+        log = m in ("kl", "perplexity", "hidden_rel_error")
+        y = alt.Y("value:Q", title=METRIC_TITLES.get(m, m), scale=alt.Scale(type="log" if log else "linear",
+                                                                            zero=False))
+        tip = ["variant:N", alt.Tooltip("avg_bits:Q", format=".3f"), alt.Tooltip("value:Q", format=".4g"),
+               alt.Tooltip("low:Q", format=".4g"), alt.Tooltip("high:Q", format=".4g"), "n_tokens:Q"]
+        uni = alt.Chart(sub[sub["kind"] == "uniform"]).encode(x=x, y=y, color=color, tooltip=tip)
+        layers = [uni.mark_line(opacity=0.5), uni.mark_point(filled=True, size=50),
+                  uni.mark_text(dx=6, dy=-8, align="left", fontSize=9).encode(text="variant:N")]
+        pl = alt.Chart(sub[sub["kind"] == "plan"].sort_values("budget")).encode(x=x, y=y, tooltip=tip)
+        layers += [pl.mark_line(color=ACCENT, strokeDash=[4, 3]),
+                   pl.mark_point(filled=True, size=120, color=ACCENT, shape="diamond")]
+        if i == 0:  # one set of labels: the panels share the x axis
+            layers.append(pl.mark_text(dx=-8, dy=12, align="right", color=ACCENT).encode(text="variant:N"))
+        if m in ERRORS:
+            layers.append(alt.Chart(sub).mark_rule(color=MUTED).encode(x=x, y="low:Q", y2="high:Q"))
+        panels.append(alt.layer(*layers).properties(width=WIDTH, height=200 if len(metrics) > 1 else 260))
+    hidden = sorted(set(d.loc[~d["drawn"], "variant"]))
+    sub_title = ("every point measured on held-out tokens no choice was made on; diamonds: the plan kept at each "
+                 "budget" + (f"; off the chart (in its table): {', '.join(hidden)}" if hidden else ""))
+    chart = alt.vconcat(*panels).properties(title=_title("Frontier on the test tokens: uniform configurations vs plans",
+                                                         sub_title))
+    caption = "; ".join(f"{m}: {DEFINITIONS[m]}" for m in metrics if m in DEFINITIONS)
+    return Figure(f"plan_frontier_{metric}", chart, d, caption, meta={"panels": len(panels)})
+
+
+def plan_sensitivity(table: pd.DataFrame, bits: int, group_size: int, metric: str = "kl") -> Figure:
+    """Predicted damage of each linear at one setting: per block, stacked by family (top), and per linear by family
+    (bottom, log); linears that stand out in their family (robust z > 3.5) ringed."""
+    d = table[(table["bits"] == int(bits)) & (table["group_size"] == int(group_size))].copy()
+    if d.empty:  # a width-specific group (e.g. 128 on the down projections only): what those linears take
+        d = table[(table["bits"] == int(bits))].copy()
+        d = d[d["group_size"] == d.groupby("name")["group_size"].transform("max")]
+    d["standout"] = standouts(d["value"].clip(lower=0).to_numpy(), d["family"].to_numpy())
+    fams = _family_sort(d["family"].unique().tolist())
+    n_blocks = int(d["block"].max()) + 1 if len(d) else 1
+    xax = alt.X("block:O", title="block", sort="ascending")
+    what = "predicted mean KL (nats)" if metric == "kl" else f"predicted {metric}"
+    color = alt.Color("family:N", sort=fams, title="family")
+    top = alt.Chart(d).mark_bar().encode(
+        x=xax, y=alt.Y("sum(value):Q", title=f"{what}, summed"), color=color, order=alt.Order("family:N"),
+        tooltip=["name:N", alt.Tooltip("value:Q", format=".3g"), alt.Tooltip("rel_error:Q", format=".3g")]
+    ).properties(width=WIDE * 0.7, height=170, title=_title(
+        f"Predicted damage per block, w{bits} g{group_size or 'row'}", "each linear alone quantized, the rest fp; "
+        "stacked by family"))
+    ycol = alt.Y("value:Q", title=what, scale=alt.Scale(type="log"))
+    bottom = alt.Chart(d[d["value"] > 0]).mark_line(point=True).encode(
+        x=alt.X("block:Q", title="block", scale=alt.Scale(domain=[-0.5, n_blocks - 0.5], nice=False),
+                axis=alt.Axis(tickMinStep=1, format="d")), y=ycol, color=color,
+        tooltip=["name:N", "family:N", alt.Tooltip("value:Q", format=".3g"), alt.Tooltip("rel_error:Q", format=".3g"),
+                 "standout:N"])
+    ring = alt.Chart(d[d["standout"] & (d["value"] > 0)]).mark_point(shape="circle", size=160, color=ACCENT,
+                                                                       strokeWidth=2).encode(
+        x="block:Q", y=ycol, tooltip=["name:N", alt.Tooltip("value:Q", format=".3g")])
+    bottom = (bottom + ring).properties(width=WIDE * 0.7, height=220, title=_title(
+        f"Predicted damage per linear, w{bits} g{group_size or 'row'}", "ringed: stands out in its family"))
+    chart = alt.vconcat(top, bottom).resolve_scale(color="shared")
+    key = "predicted_kl" if metric == "kl" else "predicted_hidden_rel_error"
+    return Figure(f"plan_sensitivity_w{bits}g{group_size}", chart, d, DEFINITIONS[key])
+
+
+PLAN_COLORS = {2: "#D55E00", 3: "#E69F00", 4: "#56B4E9", 5: "#009E73", 6: "#009E73", 7: "#0072B2", 8: "#0072B2",
+               16: "#000000"}
 
 
 def plan_map(layers: dict, linears: pd.DataFrame) -> Figure:
-    """Block x family map of a plan's bits (16 = kept fp16)."""
+    """Block x family map of a plan's settings: colour = bits, text = bits and group (``g0``: one group per row)."""
     info = linears.set_index("name")
-    df = pd.DataFrame([{"name": n, "block": int(info.loc[n, "block"]), "family": str(info.loc[n, "family"]),
-                        "bits": int(b), "label": "fp16" if int(b) == 16 else f"w{int(b)}"}
-                       for n, (b, _) in layers.items()])
+    rows = []
+    for n, (b, g) in layers.items():
+        lab = "fp16" if int(b) == 16 else f"w{int(b)}"
+        rows.append({"name": n, "block": int(info.loc[n, "block"]), "family": str(info.loc[n, "family"]),
+                     "bits": int(b), "group_size": int(g), "label": lab,
+                     "text": lab if int(b) == 16 else f"{int(b)}/{'r' if int(g) == 0 else int(g)}"})
+    df = pd.DataFrame(rows)
     fams = _family_sort(df["family"].unique().tolist())
     order = [f"w{b}" for b in range(2, 9)] + ["fp16"]
     present = [o for o in order if o in set(df["label"])]
-    colors = {"w2": "#D55E00", "w3": "#E69F00", "w4": "#56B4E9", "w5": "#009E73", "w6": "#009E73", "w7": "#0072B2",
-              "w8": "#0072B2", "fp16": "#000000"}
     base = alt.Chart(df).encode(x=alt.X("family:N", sort=fams, title="module family", axis=alt.Axis(labelAngle=0)),
                                 y=alt.Y("block:O", title="block"))
     chart = base.mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("label:N", title="bits", sort=present,
-                        scale=alt.Scale(domain=present, range=[colors[p] for p in present])),
-        tooltip=["name:N", "bits:Q"])
+                        scale=alt.Scale(domain=present, range=[PLAN_COLORS[16 if p == "fp16" else int(p[1:])]
+                                                                for p in present])),
+        tooltip=["name:N", "bits:Q", "group_size:Q"])
     if len(df) <= 240:
-        chart = chart + base.mark_text(fontSize=10, color="white").encode(text="label:N")
+        chart = chart + base.mark_text(fontSize=9, color="white").encode(text="text:N")
     n_blocks = int(df["block"].nunique())
     chart = chart.properties(width=min(WIDTH, 72 * len(fams)), height=max(120, min(620, 20 * n_blocks)),
-                             title=_title("Plan: bits per linear", "block x family; fp16 = kept at 16 bits"))
+                             title=_title("Plan: bits / group per linear", "block x family; r = one group per row, "
+                                          "fp16 = kept at 16 bits"))
     return Figure("plan_map", chart, df)
 
 
-def plan_frontier(df: pd.DataFrame, metric: str = "kl") -> Figure:
-    """Measured whole-model quality vs average storage bits: uniform widths (line) and plans (points)."""
-    d = df[df["metric"] == metric][["variant", "kind", "avg_bits", "value", "n_tokens"]].copy()
-    titles = {"kl": "mean KL to fp (nats, log)", "perplexity": "perplexity (log)",
-              "hidden_rel_error": "hidden-state relative error (log)"}
-    y = alt.Y("value:Q", title=titles.get(metric, metric), scale=alt.Scale(type="log"))
-    x = alt.X("avg_bits:Q", title="average storage bits per weight (scales and zeros included)",
-              scale=alt.Scale(zero=False))
-    uni = alt.Chart(d[d["kind"] == "uniform"]).mark_line(point=True, color=MUTED).encode(
-        x=x, y=y, tooltip=["variant:N", alt.Tooltip("avg_bits:Q", format=".3f"), alt.Tooltip("value:Q", format=".4g")])
-    uni_lab = alt.Chart(d[d["kind"] == "uniform"]).mark_text(dx=8, dy=-8, align="left", color=MUTED).encode(
-        x=x, y=y, text="variant:N")
-    pl = alt.Chart(d[d["kind"] == "plan"]).mark_point(filled=True, size=110, color=ACCENT, shape="diamond").encode(
-        x=x, y=y, tooltip=["variant:N", alt.Tooltip("avg_bits:Q", format=".3f"), alt.Tooltip("value:Q", format=".4g")])
-    pl_lab = alt.Chart(d[d["kind"] == "plan"]).mark_text(dx=8, dy=10, align="left", color=ACCENT).encode(
-        x=x, y=y, text="variant:N")
-    chart = (uni + uni_lab + pl + pl_lab).properties(
-        width=WIDTH, height=HEIGHT, title=_title("Frontier: uniform bits vs mixed-precision plans",
-                                                 "every point measured on held-out text"))
-    return Figure(f"plan_frontier_{metric}", chart, d)
+def token_table(tokens) -> pd.DataFrame:
+    """The three token sets as the page shows them."""
+    return pd.DataFrame([{"set": r["set"], "tokens": r["tokens"], "blocks": r["blocks"],
+                          "where": f"{r['part']}, tokens {r['span'][0]}-{r['span'][1]}",
+                          "used for": TOKEN_ROLES[r["set"]].split(":")[0]} for r in tokens])
+
+
+def side_by_side(report) -> pd.DataFrame:
+    """The plan and the best uniform configuration within its budget on the test tokens: one row each."""
+    rows = []
+    for who, p in (("plan", report.plan), ("best uniform", report.baseline)):
+        if p is None:
+            continue
+        m = p.measured
+        rows.append({"": who, "variant": p.source if who == "best uniform" or p.source != "solver" else "solver",
+                     "avg bits": p.avg_bits, "mean KL": m.get("kl"), "± (KL)": m.get("kl_se"), "KL p99": m.get("kl_p99"),
+                     "perplexity": m.get("perplexity"), "± (ppl)": m.get("perplexity_se"),
+                     "same top-1": m.get("same_top"), f"{report.metric} (selection)": p.selection.get(report.metric)})
+    return pd.DataFrame(rows).dropna(axis=1, how="all")

@@ -47,17 +47,19 @@ from ..grids.spec import choose
 from ..methods import METHODS, MODEL_METHODS, ModelContext, RunShape
 from ..methods.base import CLIP_TOKENS, SEARCH_COLUMNS, Variant, Weights
 from ..methods.grouped import is_llama_like
-from ..methods.recipe import Recipe, apply_recipe
+from ..methods.recipe import Keep, Recipe, apply_recipe, check_keep, keep_values, with_keep
 from ..model import score
-from ..model.blocks import restore, snapshot
+from ..model.blocks import original_weight, restore, snapshot
 from ..model.calibration import CalibrationData, CalibrationError, first_blocks, load_text, prepare
 from ..model.collect import model_lock
 from ..model.linears import set_linear_weight
 from ..model.models import MINILM, LoadedModel, canonical_model, minilm_path
 
 Progress = Callable[[float, str], None]
+Hooks = Callable[[LoadedModel], list]  # registers forward hooks on the model, returns their handles
 
 FP_BITS = 16
+KEEP_SUFFIX = "+keep"  # run_quality(keep=...): the mode of a row scored with the kept weights in fp16
 COLUMNS = ["mode", "bits", "group_size", "metric", "value", "n_tokens", "seconds", "zero_point", "search_tokens"]
 KL_COLUMNS = ["mode", "bits", "group_size", "zero_point", "fraction", "kl"]
 SCORE_COLUMNS = ["variant", "metric", "value", "n_tokens", "seconds"]
@@ -149,9 +151,24 @@ def eval_data(analysis, lm: LoadedModel, text: str | None = None) -> Calibration
 # ------------------------------------------------------------------------------------------------
 # scoring
 # ------------------------------------------------------------------------------------------------
-def apply_variant(lm: LoadedModel, variant: Variant, snap) -> None:
+def keep_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None) -> Variant:
+    """``variant`` with the weights of ``keep`` (per linear, ``(row, col)``; ``core.methods.recipe.Keep``) kept at
+    their unquantized value, stored in fp16: a ``Recipe`` writes them back in its own scaled / folded coordinates,
+    a mapping gets the snapshot's value at those cells (a linear it does not name keeps its fp weight anyway)."""
+    keep = check_keep(lm, keep)
+    if not keep:
+        return variant
+    if isinstance(variant, Recipe):
+        return with_keep(variant, keep)
+    return {n: keep_values(w.float(), original_weight(lm, snap, n).to(w.device), keep[n]) if keep.get(n) else w
+            for n, w in variant.items()}
+
+
+def apply_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None = None) -> None:
     """Write ``variant`` into the model in place (undo with ``core.model.blocks.restore``). A mapping names linears
-    and their replacement weights ``[out, in]``; the linears it does not name keep their weights."""
+    and their replacement weights ``[out, in]``; the linears it does not name keep their weights. ``keep``: weights
+    kept unquantized in fp16 (:func:`keep_variant`)."""
+    variant = keep_variant(lm, variant, snap, keep)
     if isinstance(variant, Recipe):
         apply_recipe(lm, variant, snap)
         return
@@ -169,12 +186,12 @@ def apply_variant(lm: LoadedModel, variant: Variant, snap) -> None:
 
 
 def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, Callable[[], Variant]], snap, *,
-                    batch_tokens: int, step: Callable[[float, str], None], ref0: tuple | None = None
-                    ) -> tuple[score.Score, float, dict[Any, score.Score], dict[Any, float]]:
+                    batch_tokens: int, step: Callable[[float, str], None], ref0: tuple | None = None,
+                    hooks: Mapping[Any, Hooks] | None = None) -> tuple[score.Score, float, dict[Any, score.Score], dict[Any, float]]:
     """The scoring engine: fp reference and every variant on ``heldout``, chunk by chunk (one chunk's fp
-    log-probs in memory). A builder is called once per chunk; the model is restored after each variant.
-    ``step(units, msg)``: progress, one unit per forward pass over all of ``heldout``. ``ref0``: the
-    ``(fp score, refs, seconds)`` of the first chunk when already computed."""
+    log-probs in memory). A builder is called once per chunk; the model is restored after each variant (and its
+    ``hooks`` removed). ``step(units, msg)``: progress, one unit per forward pass over all of ``heldout``. ``ref0``:
+    the ``(fp score, refs, seconds)`` of the first chunk when already computed."""
     chunks = score.held_chunks(lm, heldout)
     scores = {k: score.Score(lm.is_causal) for k in builders}
     seconds = {k: 0.0 for k in builders}
@@ -192,11 +209,16 @@ def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, 
             step(share, "full-precision reference")
         for key, build in builders.items():
             t0 = time.perf_counter()
+            handles: list = []
             try:
                 apply_variant(lm, build(), snap)
+                if hooks and key in hooks:
+                    handles = list(hooks[key](lm))
                 for b_ids, ref in zip(batches, refs):
                     scores[key].add(b_ids, score.output(lm, b_ids), ref)
             finally:
+                for h in handles:
+                    h.remove()
                 restore(lm, snap)
             seconds[key] += time.perf_counter() - t0
             step(share, f"held-out evaluation: {key if isinstance(key, str) else ' w'.join(map(str, key))}")
@@ -205,7 +227,8 @@ def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, 
 
 
 def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, max_tokens: int | None = None,
-                   progress: Progress | None = None) -> pd.DataFrame:
+                   progress: Progress | None = None, keep: Keep | None = None,
+                   hooks: Mapping[str, Hooks] | None = None) -> pd.DataFrame:
     """Score whole-model weight variants on the analysis' held-out text against the fp model.
 
     ``variants``: name -> callable returning ``{linear name: replacement weight [out, in] float32}``; linears
@@ -215,6 +238,9 @@ def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, m
     ``ENCODER_METRICS``), preceded by the reference's rows as variant ``"fp"`` unless a variant has that
     name. The fp reference is computed once; the model is bit-identical afterwards, also when this raises
     (a callable may be called once per held-out chunk: once unless the fp log-probs exceed 512 MiB).
+    ``keep``: weights every variant keeps unquantized in fp16 (:func:`keep_variant`). ``hooks``: variant name ->
+    ``install(lm)`` returning the forward-hook handles it registered on the model (an intervention on activations,
+    e.g. ``core.studies.anatomy``); they are removed after that variant, also on error.
     """
     max_tokens = check_tokens(max_tokens, "max_tokens")
     names = list(variants)
@@ -228,8 +254,10 @@ def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, m
     with model_lock(lm.model), torch.no_grad():
         snap = snapshot(lm)
         try:
+            builders = {k: (lambda f=f: keep_variant(lm, f(), snap, keep)) for k, f in variants.items()}
             fp_score, fp_seconds, scores, seconds = _score_variants(
-                lm, held, dict(variants), snap, batch_tokens=int(analysis.settings.batch_tokens), step=ticker.step)
+                lm, held, builders, snap, batch_tokens=int(analysis.settings.batch_tokens), step=ticker.step,
+                hooks=hooks)
         finally:
             restore(lm, snap)
     rows = []
@@ -321,7 +349,7 @@ def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens
 # ------------------------------------------------------------------------------------------------
 def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int, zero_point: bool = True,
                 progress: Progress | None = None, text: str | None = None, search_tokens: int = SEARCH_TOKENS,
-                const_alpha_tokens: int = CONST_ALPHA_TOKENS) -> pd.DataFrame:
+                const_alpha_tokens: int = CONST_ALPHA_TOKENS, keep: Keep | None = None) -> pd.DataFrame:
     """Fake-quantize the whole model in each of ``modes`` at each of ``bits`` and measure it on held-out text.
 
     ``search_tokens``: calibration tokens (whole blocks, at least one) the grouped scale and clip searches run
@@ -330,6 +358,10 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     search curves go to ``quality_search`` (:func:`cached_search`), the per-token KL quantiles to
     ``quality_kl`` (:func:`cached_kl`). The model's parameters are bit-identical afterwards, also when this
     raises. ``progress(fraction, message)``: the message ends with the estimated time left.
+
+    ``keep``: also score every mode and bits with these weights kept unquantized in fp16 (:func:`keep_variant`;
+    the super weights of ``core.studies.anatomy``), built once with the plain one: rows of mode ``<mode>+keep``
+    (``KEEP_SUFFIX``) beside the plain rows, returned but never cached.
     """
     modes = check_modes(modes)
     bits = check_bits_list(bits, modes)
@@ -341,9 +373,11 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     report(0.0, "loading the model")
     lm = analysis.lm
     data = eval_data(analysis, lm, text)
+    keep = check_keep(lm, keep)
     settings = analysis.settings
     q_modes = [m for m in modes if m != "fp"]
     tasks = [(m, b) for m in q_modes for b in bits]
+    kept = {t: (t[0] + KEEP_SUFFIX, t[1]) for t in tasks} if keep else {}
     held = data.heldout
     chunks = score.held_chunks(lm, held)
     batch_tokens = int(settings.batch_tokens)
@@ -354,7 +388,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
                            batch_tokens, search_tokens, const_alpha_tokens)
         shape = ctx.shape()
         shared = list({METHODS[m].shared.name: METHODS[m].shared for m in q_modes if METHODS[m].shared}.values())
-        ticker = _Ticker(report, run_cost(shape, modes))
+        ticker = _Ticker(report, run_cost(shape, modes) + len(kept))
         try:
             # 1. the fp reference of the first held-out chunk first: it calibrates the time estimate
             batches0 = score.eval_batches(lm, chunks[0], batch_tokens)
@@ -375,17 +409,25 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
                 m = METHODS[t[0]]
                 built[t] = m.model(ctx, ctx.spec(t[1]), m.options(), ticker.sub(m.cost(shape)))
                 seconds[t] = ctx.seconds.get(t, 0.0) + time.perf_counter() - t1
+                if t in kept:
+                    seconds[kept[t]] = seconds[t]
                 if len(chunks) == 1:
                     v = built.pop(t)
-                    _, _, sc, sec = _score_variants(lm, held, {t: lambda v=v: v}, snap, batch_tokens=batch_tokens,
+                    run = {t: lambda v=v: v}
+                    if t in kept:
+                        run[kept[t]] = lambda v=v: keep_variant(lm, v, snap, keep)
+                    _, _, sc, sec = _score_variants(lm, held, run, snap, batch_tokens=batch_tokens,
                                                     step=ticker.step, ref0=ref0)
-                    scores[t], seconds[t] = sc[t], seconds[t] + sec[t]
+                    for k in run:
+                        scores[k], seconds[k] = sc[k], seconds[k] + sec[k]
             if len(chunks) > 1:
+                run = {t: (lambda t=t: built[t]) for t in tasks}
+                run.update({kept[t]: (lambda t=t: keep_variant(lm, built[t], snap, keep)) for t in kept})
                 fp_score, fp_seconds, sc, sec = _score_variants(
-                    lm, held, {t: (lambda t=t: built[t]) for t in tasks}, snap, batch_tokens=batch_tokens,
+                    lm, held, run, snap, batch_tokens=batch_tokens,
                     step=lambda u, m: ticker.step(u if "reference" not in m else 0.0, m), ref0=ref0)
-                for t in tasks:
-                    scores[t], seconds[t] = sc[t], seconds[t] + sec[t]
+                for k in run:
+                    scores[k], seconds[k] = sc[k], seconds[k] + sec[k]
             else:
                 fp_seconds = ref0[2]
             del ref0, refs0
@@ -398,18 +440,19 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     for metric, v in fp_score.metrics(fp=True).items():
         rows.append({"mode": "fp", "bits": FP_BITS, "group_size": g, "metric": metric, "value": v,
                      "n_tokens": n_tok, "seconds": fp_seconds, "zero_point": zp, "search_tokens": 0})
-    for t in tasks:
+    for t in tasks + [kept[t] for t in tasks if t in kept]:
+        base = t[0].removesuffix(KEEP_SUFFIX)
         for metric, v in scores[t].metrics().items():
             rows.append({"mode": t[0], "bits": t[1], "group_size": g, "metric": metric, "value": v,
                          "n_tokens": scores[t].n_tok, "seconds": seconds[t], "zero_point": zp,
-                         "search_tokens": n_st[t[0]]})
-        if lm.is_causal:
+                         "search_tokens": n_st[base]})
+        if lm.is_causal and t[0] == base:
             kl = scores[t].kl_values()
             kl_rows += [{"mode": t[0], "bits": t[1], "group_size": g, "zero_point": zp, "fraction": f,
                          "kl": metrics.percentile(kl, f)} for f in KL_FRACTIONS]
     df = _frame(rows)
     keys = ["mode", "bits", "group_size", "zero_point"]
-    _merge_write(analysis, "quality", df, keys + ["metric"])
+    _merge_write(analysis, "quality", df[~df["mode"].str.endswith(KEEP_SUFFIX)], keys + ["metric"])
     if ctx.search_rows:
         _merge_write(analysis, "quality_search", pd.DataFrame(ctx.search_rows, columns=SEARCH_COLUMNS), keys)
     if kl_rows:
@@ -429,7 +472,9 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         return df
     df = df.astype({"bits": "int64", "group_size": "int64", "n_tokens": "int64", "value": "float64",
                     "seconds": "float64", "zero_point": "bool", "search_tokens": "int64"})
-    key = df["mode"].map(order).fillna(99) * 1e6 + df["bits"] * 1e3 + df["metric"].map(metric_order).fillna(99)
+    kept = df["mode"].str.endswith(KEEP_SUFFIX)  # a kept-in-fp16 row right after its mode's
+    key = ((df["mode"].str.removesuffix(KEEP_SUFFIX).map(order).fillna(99) + 0.5 * kept) * 1e6 + df["bits"] * 1e3
+           + df["metric"].map(metric_order).fillna(99))
     return df.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
@@ -535,6 +580,6 @@ def grouping_note(analysis) -> str:
             f"calibration tokens and applied as Q(W·s)/s.")
 
 
-__all__ = ["MODES", "DEFAULT_MODES", "AWQ_MODES", "FP_BITS", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
+__all__ = ["MODES", "DEFAULT_MODES", "AWQ_MODES", "FP_BITS", "KEEP_SUFFIX", "keep_variant", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
            "SCORE_COLUMNS", "DEFINITIONS", "MODE_DEFINITIONS", "run_quality", "score_variants", "estimate_units",
            "run_cost", "cached_quality", "cached_search", "cached_kl", "grouping_note", "eval_data", "check_modes"]

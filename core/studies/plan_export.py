@@ -1,12 +1,16 @@
 """A plan in the formats quantizers read (DESIGN.md section 8); every file is re-read and validated when written.
 
-* JSON: ``{"model", "budget_bits", "method", "avg_bits", "layers": {name: {"bits", "group_size"}}, "measured"}``.
+* JSON: ``{"model", "budget_bits", "method", "avg_bits", "source", "layers": {name: {"bits", "group_size"}},
+  "measured", "measured_on", "selection", "baseline", "token_sets", "definitions"}``: ``measured`` holds the
+  plan's figures on the test tokens (never used for a choice), ``baseline`` the best uniform configuration's
+  within the budget, ``token_sets`` the three sets; group size 0 = one group per row.
 * llm-compressor recipe (YAML): ``QuantizationModifier`` (rtn), ``GPTQModifier`` (gptq) or ``AWQModifier``
-  followed by ``QuantizationModifier`` (awq); ``config_groups`` hold one scheme per bit-width whose
-  ``targets`` are ``re:`` regexes matching exactly the plan's linears of that width (compressed-tensors
-  matches them with ``re.match``); ``ignore`` lists the fp16 linears and ``lm_head``.
+  followed by ``QuantizationModifier`` (awq); ``config_groups`` hold one scheme per (bits, group size) whose
+  ``targets`` are ``re:`` regexes matching exactly the plan's linears of that setting (compressed-tensors
+  matches them with ``re.match``; one group per row is ``strategy: channel``); ``ignore`` lists the fp16 linears
+  and ``lm_head``. A comment at the top carries the test figures.
 * GPTQModel ``dynamic``: ``{"+:regex": {"bits", "group_size"}, "-:regex": {}}`` (``re.match``, first match
-  wins, ``-:`` skips the module).
+  wins, ``-:`` skips the module; group size -1 = one group per row, GPTQModel's per-channel).
 * llama.cpp: ``--tensor-type blk.N.<tensor>=<TYPE>`` arguments for ``llama-quantize`` (``std::regex_search``
   of each argument's name in the tensor names). Types: the nearest GGUF type per bit-width; k-quants need
   rows that are a multiple of 256, so narrower rows get the nearest 32-block type at or above the bits.
@@ -23,7 +27,7 @@ import yaml
 
 from ..grids.spec import choose
 from ..model import store
-from .plan import BitPlan
+from .plan import DEFINITIONS, BitPlan, PlanReport
 
 FORMATS = ("json", "llmcompressor", "gptqmodel", "llamacpp")
 FILE_NAMES = {"json": "plan.json", "llmcompressor": "recipe.yaml", "gptqmodel": "gptqmodel_dynamic.json",
@@ -91,15 +95,28 @@ def _require_exact(label: str, got: set[str], want: set[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # JSON
 # ------------------------------------------------------------------------------------------------
-def plan_dict(plan: BitPlan) -> dict:
-    return {"model": plan.model, "budget_bits": plan.budget_bits, "method": plan.method,
-            "zero_point": plan.zero_point, "avg_bits": plan.avg_bits, "exact": plan.exact,
-            "layers": {n: {"bits": int(b), "group_size": int(g)} for n, (b, g) in plan.layers.items()},
-            "measured": {k: float(v) for k, v in plan.measured.items()}}
+def _floats(values: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()}
+
+
+def plan_dict(plan: BitPlan, report: PlanReport | None = None) -> dict:
+    """The JSON export: the plan, its figures on the test tokens (``measured``) and the selection tokens, and with
+    ``report`` the best uniform configuration's figures and the three token sets."""
+    d = {"model": plan.model, "budget_bits": plan.budget_bits, "method": plan.method,
+         "zero_point": plan.zero_point, "avg_bits": plan.avg_bits, "exact": plan.exact, "source": plan.source,
+         "layers": {n: {"bits": int(b), "group_size": int(g)} for n, (b, g) in plan.layers.items()},
+         "measured": _floats(plan.measured), "measured_on": "test", "selection": _floats(plan.selection)}
+    if report is not None:
+        b = report.baseline
+        d["baseline"] = None if b is None else {"variant": b.source, "avg_bits": b.avg_bits,
+                                                "measured": _floats(b.measured), "selection": _floats(b.selection)}
+        d["token_sets"] = list(report.tokens)
+        d["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in d["measured"]}
+    return d
 
 
 def validate_json(d: dict, plan: BitPlan) -> None:
-    for key in ("model", "budget_bits", "method", "layers", "measured"):
+    for key in ("model", "budget_bits", "method", "layers", "measured", "measured_on"):
         if key not in d:
             raise ExportError(f"the JSON plan lacks its {key!r} entry")
     got = {n: (int(v["bits"]), int(v["group_size"])) for n, v in d["layers"].items()}
@@ -111,18 +128,25 @@ def validate_json(d: dict, plan: BitPlan) -> None:
 # llm-compressor
 # ------------------------------------------------------------------------------------------------
 def _scheme(bits: int, group_size: int, zero_point: bool) -> dict:
+    if int(group_size) <= 0:  # one group per row: compressed-tensors' per-channel strategy
+        return {"num_bits": int(bits), "type": "int", "symmetric": not zero_point, "strategy": "channel"}
     return {"num_bits": int(bits), "type": "int", "symmetric": not zero_point, "strategy": "group",
             "group_size": int(group_size)}
+
+
+def by_setting(plan: BitPlan) -> dict[tuple[int, int], list[str]]:
+    """The plan's quantized linears per ``(bits, group size)``, settings sorted."""
+    out: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for n, (b, g) in plan.layers.items():
+        if b != 16:
+            out[(int(b), int(g))].append(n)
+    return dict(sorted(out.items()))
 
 
 def llmcompressor_recipe(plan: BitPlan) -> dict:
     """The recipe as a dict (``quant_stage: quant_modifiers: {...}``) for the plan's method."""
     groups = {}
-    by_setting: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for n, (b, g) in plan.layers.items():
-        if b != 16:
-            by_setting[(int(b), int(g))].append(n)
-    for i, ((b, g), names) in enumerate(sorted(by_setting.items())):
+    for i, ((b, g), names) in enumerate(by_setting(plan).items()):
         groups[f"group_{i}"] = {"targets": ["re:" + p for p in names_regex(names)],
                                 "weights": _scheme(b, g, plan.zero_point)}
     fp = [n for n, (b, _) in plan.layers.items() if b == 16]
@@ -155,7 +179,8 @@ def validate_recipe(d: dict, plan: BitPlan, module_names: Iterable[str] | None =
     covered: set[str] = set()
     for gname, grp in body.get("config_groups", {}).items():
         w = grp["weights"]
-        want = {n for n, (b, g) in plan.layers.items() if b == w["num_bits"] and g == w["group_size"] and b != 16}
+        g_of = int(w["group_size"]) if w.get("strategy") == "group" else 0
+        want = {n for n, (b, g) in plan.layers.items() if b == w["num_bits"] and g == g_of and b != 16}
         got = matched([t[3:] for t in grp["targets"]], universe) - ignored
         _require_exact(f"config group {gname}", got, want)
         if got & covered:
@@ -172,13 +197,9 @@ def gptqmodel_dynamic(plan: BitPlan) -> dict:
     out: dict[str, dict] = {}
     for p in names_regex(plan.names_at(16)):
         out["-:" + p] = {}
-    by_setting: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for n, (b, g) in plan.layers.items():
-        if b != 16:
-            by_setting[(int(b), int(g))].append(n)
-    for (b, g), names in sorted(by_setting.items()):
+    for (b, g), names in by_setting(plan).items():
         for p in names_regex(names):
-            out["+:" + p] = {"bits": b, "group_size": g}
+            out["+:" + p] = {"bits": b, "group_size": g if g > 0 else -1}
     return out
 
 
@@ -201,7 +222,7 @@ def validate_dynamic(d: Mapping[str, Mapping], plan: BitPlan, module_names: Iter
                 raise ExportError(f"the dynamic dict matches {n}, which is not in the plan")
             continue
         b, g = plan.layers[n]
-        want = False if b == 16 else {"bits": int(b), "group_size": int(g)}
+        want = False if b == 16 else {"bits": int(b), "group_size": int(g) if g > 0 else -1}
         if got != want:
             raise ExportError(f"the dynamic dict gives {n} {got!r}, the plan says {want!r}")
 
@@ -276,12 +297,21 @@ def _write(path: Path, text: str) -> None:
         raise ExportError(f"cannot write {str(path)!r} ({e.strerror})") from None
 
 
+def recipe_header(plan: BitPlan) -> str:
+    """YAML comment lines with the plan's test figures (a recipe has no field for them)."""
+    figs = ", ".join(f"{k} {v:.4g}" for k, v in plan.measured.items() if k in ("kl", "kl_se", "perplexity", "same_top"))
+    return (f"# {plan.model}: {plan.avg_bits:.4f} bits per weight ({plan.source}); on the test tokens: {figs or 'not scored'}\n"
+            if plan.model or figs else "")
+
+
 def write_exports(plan: BitPlan, out_dir: str | Path, formats: Iterable[str], *, linears: Sequence[Mapping],
-                  module_names: Iterable[str] | None = None, gguf_names: Iterable[str] | None = None) -> dict[str, Path]:
+                  module_names: Iterable[str] | None = None, gguf_names: Iterable[str] | None = None,
+                  report: PlanReport | None = None) -> dict[str, Path]:
     """Write each format atomically into ``out_dir``, read it back and validate it; ``{format: path}``.
 
     ``linears``: records with name, block, family, in_features (the analysis' ``linears`` table);
-    ``module_names``: every module name of the model (the regexes must not catch anything else).
+    ``module_names``: every module name of the model (the regexes must not catch anything else); ``report``: the
+    ``PlanReport`` whose baseline and token sets the JSON carries.
     """
     formats = check_formats(formats)
     out = Path(out_dir).expanduser()
@@ -294,10 +324,10 @@ def write_exports(plan: BitPlan, out_dir: str | Path, formats: Iterable[str], *,
     for f in formats:
         p = out / FILE_NAMES[f]
         if f == "json":
-            _write(p, json.dumps(plan_dict(plan), indent=1))
+            _write(p, json.dumps(plan_dict(plan, report), indent=1))
             validate_json(json.loads(p.read_text()), plan)
         elif f == "llmcompressor":
-            _write(p, yaml.safe_dump(llmcompressor_recipe(plan), sort_keys=False, width=1 << 16))
+            _write(p, recipe_header(plan) + yaml.safe_dump(llmcompressor_recipe(plan), sort_keys=False, width=1 << 16))
             validate_recipe(yaml.safe_load(p.read_text()), plan, module_names)
         elif f == "gptqmodel":
             _write(p, json.dumps(gptqmodel_dynamic(plan), indent=1))
