@@ -28,6 +28,19 @@ from .recipe import Recipe
 
 Progress = Callable[[float, str], None]
 Weights = Mapping[str, torch.Tensor]
+
+
+class GridWeights(dict):
+    """A model half's ``{linear name: weight [out, in]}`` that also names the integer grid each weight lies on, so an
+    exporter writes the method's own integer codes instead of re-deriving them: ``params[name] = (scale [out,
+    n_groups], zero [out, n_groups], spec)`` such that ``weight == (clamp(round(w / scale) + zero, min, max) - zero)
+    * scale`` per group (``core.grids.quant.QParams``' convention). A linear missing from ``params`` has no integer
+    grid to name (an exporter refuses it with a sentence)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor] = (), params: Mapping[str, tuple] | None = None):
+        super().__init__(weights)
+        self.params: dict[str, tuple] = dict(params or {})
+
 Variant = Recipe | Weights  # what a model half builds
 CLIP_TOKENS = ClipSearch().n_sample_token  # official auto_clip_layer's token sample
 SEARCH_COLUMNS = ["mode", "bits", "group_size", "zero_point", "block", "target", "alpha", "loss", "chosen"]
