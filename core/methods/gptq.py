@@ -25,7 +25,7 @@ from ..model.blocks import BlockInputs, first_output, original_weight, restore, 
 from ..model.collect import GramLower
 from ..model.linears import find_blocks, set_linear_weight
 from ..model.models import LoadedModel
-from .base import LayerInputs, Method, ModelContext, Progress, RunShape, Variant, Weights, register
+from .base import GridWeights, LayerInputs, Method, ModelContext, Progress, RunShape, Variant, register
 
 
 def _qparams(cols: torch.Tensor, bits: int, zero_point: bool) -> quant.QParams:
@@ -67,6 +67,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     Raises ``ValueError`` on a bad shape, a group size that does not divide ``in``, or a Hessian that is
     not positive definite after damping.
     """
+    return gptq_grid(w, hessian, spec, options)[0]
+
+
+def gptq_grid(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions()
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`gptq_quantize` and the integer grid its result lies on: ``(w_hat [out, in], (scale, zero))`` with
+    ``scale, zero [out, n_groups]`` for the groups of ``spec.group_size`` along ``in`` in their original order (one
+    group per row when ``group_size <= 0``), such that ``w_hat`` is each group's ``quant.dequantize`` of its levels.
+    The grid is None under ``act_order`` without ``static_groups``: a group is then a run of permuted columns, which
+    no contiguous group of the original order describes."""
     bits, group_size, zero_point = spec.bits, spec.group_size, spec.zero_point
     block_size, percdamp = options.block_size, options.percdamp
     act_order, static_groups = options.act_order, options.static_groups
@@ -94,6 +104,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     W[:, dead] = 0
 
     groups: list[quant.QParams] = []
+    dynamic: list[quant.QParams] = []  # the grid of each group as it was chosen (in column order without act_order)
     if grouped and static_groups:
         for i in range(0, columns, groupsize):
             groups.append(_qparams(W[:, i:i + groupsize], bits, zero_point))
@@ -136,6 +147,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                     if (i1 + i) % groupsize == 0:
                         # from the full matrix: updates of earlier batches, not of this batch's columns
                         qp = _qparams(W[:, (i1 + i):(i1 + i + groupsize)], bits, zero_point)
+                        dynamic.append(qp)
                 else:
                     idx = i1 + i
                     if act_order:
@@ -154,7 +166,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
     if act_order:
         Q = Q[:, invperm]
-    return Q
+    if not grouped:
+        grid = [qp]
+    elif static_groups:
+        grid = groups
+    else:
+        grid = None if act_order else dynamic
+    if grid is None:
+        return Q, None
+    return Q, (torch.cat([g.scale for g in grid], dim=1), torch.cat([g.zero for g in grid], dim=1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,8 +199,10 @@ def gptq_with_scales(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor | None, s
 def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], spec: QuantSpec,
                     options: GPTQOptions = GPTQOptions(), *, batch_tokens: int = 4096,
                     scales: dict[str, torch.Tensor] | None = None, input_of: dict[str, str] | None = None,
-                    progress: Progress | None = None) -> Weights:
+                    progress: Progress | None = None) -> GridWeights:
     """GPTQ of every block linear, block by block on ``calib [n, seqlen]`` token blocks (see the module doc).
+    The result names each weight's integer grid (``GridWeights.params``) where it has one in the model's own
+    coordinates: not for ``scales`` (``Q(W s) / s``) nor under ``act_order`` without ``static_groups``.
 
     As the reference's ``*_sequential``: the inputs of block 0 are captured once (one forward pass up to it);
     then each block runs twice on its cached inputs, once with hooks accumulating ``X^T X`` per distinct
@@ -194,7 +216,7 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
     _, blocks = find_blocks(lm.model)
     n_blocks = len(blocks)
     input_of = dict(input_of or {})
-    out: Weights = {}
+    out = GridWeights()
     try:
         with torch.no_grad():
             calls = BlockInputs(lm, calib, batch_tokens=batch_tokens).calls  # block 0's calls, one truncated forward
@@ -224,7 +246,12 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 for n in names:
                     w = original_weight(lm, snap, n)
                     s = scales.get(n) if scales else None
-                    q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, spec, options)
+                    if s is None:
+                        q, grid = gptq_grid(w, full[key_of[n]].to(w.device).float(), spec, options)
+                        if grid is not None:
+                            out.params[n] = (grid[0].cpu(), grid[1].cpu(), spec)
+                    else:  # Q(W s) / s lies on no grid of the original coordinates
+                        q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, spec, options)
                     out[n] = q.cpu()
                     set_linear_weight(lm.model.get_submodule(n), q)
                 del hess, full
