@@ -15,7 +15,7 @@ from pathlib import Path
 from .common import DEFAULT_CACHE, add_common, settings_from_args, stderr_progress
 
 # Modules that each define ``register(subparsers)``; they import core.cli.common, never each other or this module.
-COMMAND_MODULES = ("core.cli", "core.cli.evaluate", "core.cli.plan", "core.cli.anatomy")
+COMMAND_MODULES = ("core.cli", "core.cli.evaluate", "core.cli.plan", "core.cli.anatomy", "core.cli.export")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -151,6 +151,16 @@ def eval_data(analysis, lm: LoadedModel, text: str | None = None) -> Calibration
 # ------------------------------------------------------------------------------------------------
 # scoring
 # ------------------------------------------------------------------------------------------------
+class FoldedWeights(dict):
+    """``{linear name: weight [out, in]}`` of a model whose other block parameters changed too: ``state`` maps
+    parameter names (``model.layers.0.input_layernorm.weight``) to their new values, e.g. norms with AWQ's scales
+    folded in (``core.studies.export``). ``apply_variant`` writes both; ``restore`` undoes both."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor] = (), state: Mapping[str, torch.Tensor] | None = None):
+        super().__init__(weights)
+        self.state: dict[str, torch.Tensor] = dict(state or {})
+
+
 def keep_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None) -> Variant:
     """``variant`` with the weights of ``keep`` (per linear, ``(row, col)``; ``core.methods.recipe.Keep``) kept at
     their unquantized value, stored in fp16: a ``Recipe`` writes them back in its own scaled / folded coordinates,
@@ -160,6 +170,8 @@ def keep_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None) -> 
         return variant
     if isinstance(variant, Recipe):
         return with_keep(variant, keep)
+    if isinstance(variant, FoldedWeights):
+        raise ValueError("keeping weights in fp16 is not supported for a folded export model")
     return {n: keep_values(w.float(), original_weight(lm, snap, n).to(w.device), keep[n]) if keep.get(n) else w
             for n, w in variant.items()}
 
@@ -183,6 +195,12 @@ def apply_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None = N
                                  f"([out, in])")
             m = lm.model.get_submodule(name)
             set_linear_weight(m, w.to(m.weight.device))
+        state = getattr(variant, "state", None) or {}
+        params = dict(lm.model.named_parameters())
+        for name, v in state.items():
+            if name not in snap or name not in params or tuple(params[name].shape) != tuple(v.shape):
+                raise ValueError(f"the variant changes {name!r}, which is not a block parameter of this model's shape")
+            params[name].data.copy_(v.to(params[name].device, params[name].dtype))
 
 
 def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, Callable[[], Variant]], snap, *,
@@ -580,6 +598,6 @@ def grouping_note(analysis) -> str:
             f"calibration tokens and applied as Q(W·s)/s.")
 
 
-__all__ = ["MODES", "DEFAULT_MODES", "AWQ_MODES", "FP_BITS", "KEEP_SUFFIX", "keep_variant", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
+__all__ = ["FoldedWeights", "MODES", "DEFAULT_MODES", "AWQ_MODES", "FP_BITS", "KEEP_SUFFIX", "keep_variant", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
            "SCORE_COLUMNS", "DEFINITIONS", "MODE_DEFINITIONS", "run_quality", "score_variants", "estimate_units",
            "run_cost", "cached_quality", "cached_search", "cached_kl", "grouping_note", "eval_data", "check_modes"]

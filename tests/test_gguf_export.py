@@ -1,0 +1,181 @@
+"""GGUF export (issue 19): the shared export model (folding AWQ's scales exactly as Model quality applies them),
+the GGUF writer (metadata, tokenizer, llama.cpp types, attn_q / attn_k row order), its refusals, and the written
+file run in llama.cpp itself (skipped only when llama.cpp's Python bindings are not built)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_settings
+from test_gguf import N_HEAD, N_KV, tiny_gguf, write_tiny_gguf  # noqa: F401 - the tiny GGUF fixture
+from core.analysis import AnalysisSettings, analyze
+from core.grids.spec import QuantSpec
+from core.model.calibration import CalibrationSpec
+from core.studies import evaluate, export as ex, gguf_export
+from core.studies.sweep import SweepSettings
+
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama.cpp's Python bindings (llama_cpp) are not built; "
+                                                        "tools/build_llamacpp.sh builds them")
+GS = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_dir, tokenizer_dir, tmp_path_factory):
+    return analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir), tmp_path_factory.mktemp("export-llama"))
+
+
+@pytest.fixture(scope="module")
+def gguf_analysis(tiny_gguf, tokenizer_dir, tmp_path_factory):  # noqa: F811
+    path, _ = tiny_gguf
+    settings = tiny_settings(str(path), tokenizer_dir, sweep=SweepSettings(bits=(4,), group_size=32, n_grid=5),
+                             calibration=CalibrationSpec(n_samples=2, seqlen=64, heldout_samples=2))
+    settings = AnalysisSettings(**{**settings.__dict__, "tokenizer": None})  # the GGUF's own tokenizer
+    return analyze(settings, tmp_path_factory.mktemp("export-gguf-cache"))
+
+
+def _metrics(df, variant=None, mode=None) -> dict[str, float]:
+    sel = df[df["variant"] == variant] if variant is not None else df[df["mode"] == mode]
+    return dict(zip(sel["metric"], sel["value"]))
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq-grouped", "awq-clip"])
+def test_folded_export_model_scores_exactly_as_model_quality(method, tiny_llama):
+    """fake_weights() with the folded norms, scored by score_variants, gives run_quality's numbers to the bit."""
+    spec = QuantSpec(4, GS, True)
+    m = ex.prepare_export(tiny_llama, method=method, spec=spec)
+    assert set(m.linears) == set(tiny_llama.names)
+    if method != "rtn":  # AWQ's scales went into the RMSNorms (and up_proj's rows)
+        assert any(k.endswith("input_layernorm.weight") for k in m.folded)
+        assert any(k.endswith("post_attention_layernorm.weight") for k in m.folded)
+    got = _metrics(evaluate.score_variants(tiny_llama, {"x": m.fake_weights}), variant="x")
+    want = _metrics(evaluate.run_quality(tiny_llama, modes=[method], bits=[4], group_size=GS), mode=method)
+    assert got == want
+    # the fake weight is the grid's rounding of the folded weight, and different from the fp weight
+    li = m.linears["model.layers.0.mlp.down_proj"]
+    assert not torch.equal(li.fake, li.weight)
+    assert torch.allclose(ex.round_weight(li.weight, spec), li.fake, atol=1e-6)
+
+
+def test_per_linear_awq_is_refused_with_one_sentence(tiny_llama):
+    with pytest.raises(ex.ExportError, match="awq-grouped or awq-clip") as e:
+        ex.prepare_export(tiny_llama, method="awq", spec=QuantSpec(4, GS, True))
+    assert "\n" not in str(e.value)
+
+
+def test_plan_settings_and_corrupt_plans(tiny_llama):
+    names = tiny_llama.names
+    layers = {n: {"bits": 4, "group_size": 32} for n in names}
+    layers[names[0]] = {"bits": 8, "group_size": 32}
+    layers[names[1]] = {"bits": 16, "group_size": 0}
+    m = ex.prepare_export(tiny_llama, method="rtn", plan={"method": "rtn", "layers": layers})
+    assert m.linears[names[0]].spec == QuantSpec(8, 32) and m.linears[names[1]].spec is None
+    assert torch.equal(m.linears[names[1]].fake, tiny_llama.weight(names[1]))
+    g = ex.prepare_export(tiny_llama, method="rtn", plan={"method": "rtn", "layers": layers}, llamacpp_types=True)
+    assert g.linears[names[0]].spec.format == "Q8_0" and g.linears[names[2]].spec.format == "Q4_1"
+    for bad, msg in [({"layers": {}}, "no 'layers'"), ({"layers": {**layers, "x.y": {"bits": 4}}}, "x.y"),
+                     ({"layers": {n: v for n, v in layers.items() if n != names[3]}}, "no setting"),
+                     ({"layers": {**layers, names[2]: {"bits": "four"}}}, "not {")]:
+        with pytest.raises(ex.ExportError, match=msg):
+            ex.prepare_export(tiny_llama, method="rtn", plan=bad)
+
+
+def test_gguf_of_a_folder_model_is_refused_and_leaves_nothing(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ex.ExportError, match="not supported yet"):
+        ex.export(tiny_llama, format="gguf", out=out, method="rtn", spec=ex.type_spec("Q4_0"), verify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_writer_types_metadata_and_row_order(gguf_analysis, tiny_gguf, tmp_path):  # noqa: F811
+    import gguf
+
+    path, model = tiny_gguf
+    out = tmp_path / "q40"
+    s = ex.export(gguf_analysis, format="gguf", out=out, method="awq-grouped", spec=ex.type_spec("Q4_0"), verify=False)
+    assert Path(s["folder"]) == out and sorted(p.name for p in out.iterdir()) == ["model.gguf"]
+    src, got = gguf.GGUFReader(str(path)), gguf.GGUFReader(str(out / "model.gguf"))
+    assert [t.name for t in got.tensors] == [t.name for t in src.tensors]
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "llama.attention.head_count_kv"):
+        assert got.fields[key].contents() == src.fields[key].contents()
+    types = {t.name: t.tensor_type.name for t in got.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == "F32" and types["blk.0.attn_norm.weight"] == "F32"
+    # every linear: the file's tensor dequantized is the explorer's fake weight in GGUF's row order
+    m = ex.prepare_export(gguf_analysis, method="awq-grouped", spec=ex.type_spec("Q4_0"))
+    t = {x.name: x for x in got.tensors}
+    for hf, gg, heads in [("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight", N_HEAD),
+                          ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight", N_KV),
+                          ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight", 0)]:
+        deq = torch.from_numpy(gguf.quants.dequantize(t[gg].data, t[gg].tensor_type).copy())
+        fake = m.linears[hf].fake
+        assert torch.equal(deq, gguf_export.permute_rows(fake, heads) if heads else fake)
+    # the folded norms are written, not the source's
+    gg = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    changed = 0
+    for hf in m.folded:
+        blk, norm = hf.split(".")[2], hf.split(".")[3]
+        got_norm = torch.from_numpy(np.array(t[f"blk.{blk}.{gg[norm]}.weight"].data))
+        assert torch.equal(got_norm, m.state[hf].float())
+        changed += not torch.equal(got_norm, model.get_parameter(hf).detach())
+    assert len(m.folded) == 4 and changed > 0
+
+
+def test_existing_out_unknown_type_and_corrupt_plan_leave_nothing(gguf_analysis, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    with pytest.raises(ex.ExportError, match="already exists"):
+        ex.export(gguf_analysis, format="gguf", out=out, method="rtn", spec=ex.type_spec("Q4_0"), verify=False)
+    with pytest.raises(ex.ExportError, match="unknown llama.cpp type 'Q4_9'"):
+        ex.type_spec("Q4_9")
+    with pytest.raises(ex.ExportError, match="not a quantizable linear"):
+        ex.export(gguf_analysis, format="gguf", out=tmp_path / "new", method="rtn",
+                  plan={"layers": {"nope": {"bits": 4, "group_size": 32}}}, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and list(out.iterdir()) == []
+
+
+def test_interrupted_write_leaves_nothing(gguf_analysis, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gguf_export, "quantize_type", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(gguf_analysis, format="gguf", out=tmp_path / "x", method="rtn", spec=ex.type_spec("Q4_0"),
+                  verify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "core", "export", "--cache-dir", str(cache), "--quiet", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--type", "Q4_9"], "unknown llama.cpp type"),
+    (["--plan", "/nonexistent/plan.json"], "does not exist"),
+    (["--type", "Q4_0", "--plan", "x.json"], "not both"),
+    ([], "give --type"),
+])
+def test_cli_bad_input_is_one_line(args, msg, tmp_path):
+    r = _cli("--model", "smollm2", "--out", str(tmp_path / "o"), *args, cache=tmp_path)
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@needs_llama
+def test_exported_gguf_runs_in_llamacpp_and_agrees(gguf_analysis, tmp_path):
+    s = ex.export(gguf_analysis, format="gguf", out=tmp_path / "v", method="awq-clip", spec=ex.type_spec("Q4_0"))
+    v = s["verify"]
+    assert v["ok"], v["agreement"]
+    assert v["agree"]["kl_mean"] <= gguf_export.AGREE_KL and v["n_tokens"] > 0
+    rows = {r["metric"]: r for r in v["rows"]}
+    assert abs(rows["perplexity"]["llamacpp"] / rows["perplexity"]["explorer"] - 1) < 0.05
+    json.dumps(s, default=str)  # the CLI's --json summary
