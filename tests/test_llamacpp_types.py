@@ -173,3 +173,144 @@ def test_bytes_equal_llama_quantize(weights, f32_gguf, tmp_path, type):
         w = weights[name]
         assert written == L.fallback(type, w.shape[1])
         assert np.array_equal(L.quantize(w, written), data), (name, written)
+
+
+@pytest.mark.parametrize("type", L.TYPES)
+def test_bytes_equal_llama_quantize_with_imatrix(weights, imatrix, f32_gguf, tmp_path, type):
+    """With an imatrix written by core.model.imatrix, llama-quantize's bytes equal ours weighted by the same
+    per-channel values llama-quantize reads from it (sum / count in float32)."""
+    from core.model.imatrix import read_imatrix, write_imatrix
+    counts = 1000
+    path = write_imatrix(tmp_path / "imatrix.gguf", {n: (v * counts, counts) for n, v in imatrix.items()},
+                         chunk_size=100, chunk_count=10)
+    im = read_imatrix(path)
+    got = llama_quantize(f32_gguf, tmp_path / "q.gguf", type, imatrix=path)
+    for name, (written, data) in got.items():
+        mine = L.quantize(weights[name], written, im.importance(name))
+        assert np.array_equal(mine, data), (name, written)
+        assert not np.array_equal(mine, L.quantize(weights[name], written)) or written == "Q8_0"
+
+
+# --- routing: QuantSpec.format through the one door and the methods --------------------------------------------------
+
+from core import methods as M  # noqa: E402
+from core.grids.quant import fake_quant, pseudo_quantize  # noqa: E402
+from core.grids.spec import QuantSpec  # noqa: E402
+from core.methods import awq as awq_method  # noqa: E402
+from core.methods.base import LayerInputs  # noqa: E402
+
+
+def test_quantspec_takes_a_llamacpp_type():
+    s = QuantSpec.of_type("q4_0")
+    assert (s.bits, s.group_size, s.zero_point, s.format) == (4, 32, False, "Q4_0")
+    assert s == QuantSpec(4, 32, False, "Q4_0") and s.key == "w4g32s:Q4_0" and s.cost(576) == 4.5
+    k = QuantSpec.of_type("Q4_K")
+    assert (k.zero_point, k.cost(1536), k.group(1536)) == (True, 4.5, 256)
+    assert (k.stored_type(576), k.cost(576), k.group(576)) == ("Q5_0", 5.5, 32)  # llama-quantize's fallback
+    assert k.with_bits(6) == QuantSpec.of_type("Q6_K") and QuantSpec.grid(5, 64, True, "Q4_1").format == "Q5_1"
+    assert QuantSpec.grid(3, 64, True) == QuantSpec(3, 64, True)
+    assert QuantSpec.of_type("Q8_0").cost(48) == 16.0  # no block fits: F16
+    with pytest.raises(ValueError, match="blocks of 32"):
+        QuantSpec(4, 64, False, "Q4_0")
+    with pytest.raises(ValueError, match="unknown llama.cpp type"):
+        QuantSpec(4, 32, False, "Q4_9")
+    with pytest.raises(ValueError, match="no 3-bit type"):
+        QuantSpec.of_type("Q4_0").with_bits(3)
+
+
+def test_the_one_door(weights):
+    w = torch.from_numpy(weights["blk.0.ffn_down.weight"])
+    assert torch.equal(fake_quant(w, QuantSpec(4, 64)), pseudo_quantize(w, 4, 64))  # the integer grid unchanged
+    assert torch.equal(fake_quant(w, QuantSpec.of_type("Q4_K")), L.fake_quantize(w, "Q4_K"))
+    stacked = fake_quant(torch.stack([w, 2 * w]), QuantSpec.of_type("Q4_0"))  # a batch of scaled copies
+    assert torch.equal(stacked[1], L.fake_quantize(2 * w, "Q4_0"))
+    blocks = fake_quant(w.reshape(w.shape[0], -1, 32), QuantSpec.of_type("Q4_0"))  # per block, as the clip search
+    assert torch.equal(blocks.reshape(w.shape), L.fake_quantize(w, "Q4_0"))
+    q = torch.rand(w.shape[1])
+    assert torch.equal(fake_quant(w, QuantSpec.of_type("Q4_0"), q), L.fake_quantize(w, "Q4_0", q))
+    with pytest.raises(ValueError, match="llama.cpp types only"):
+        fake_quant(w, QuantSpec(4, 64), q)
+
+
+def _inputs(w: torch.Tensor, name: str) -> LayerInputs:
+    """Inputs with AWQ's situation: a few channels far larger than the rest (heavy-tailed channel scales)."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.exp(torch.randn(w.shape[1], generator=g) * 1.2)
+    x = torch.randn(256, w.shape[1], generator=g) * scale
+    return LayerInputs(x_mean=x.abs().mean(0), x=x, name=name)
+
+
+def test_layer_methods_on_llamacpp_types(weights):
+    """rtn, awq and awq-clip run on a llama.cpp type through quantize_layer, with that type's quantizer; GPTQ and
+    HQQ refuse it with one sentence."""
+    w = torch.from_numpy(weights["blk.0.ffn_down.weight"])
+    inputs = _inputs(w, "model.layers.0.mlp.down_proj")
+    x = inputs.x
+    err = lambda wh: float(((x @ (wh - w).T) ** 2).sum())  # noqa: E731
+    for t in ("Q4_0", "Q4_K"):
+        spec = QuantSpec.of_type(t)
+        rtn = M.quantize_layer("rtn", w, inputs, spec)
+        assert torch.equal(rtn, L.fake_quantize(w, t))
+        awq = M.quantize_layer("awq", w, inputs, spec)
+        s = awq_method.scales(w, inputs, spec, awq_method.AWQOptions())
+        assert torch.equal(awq, L.fake_quantize(w * s.view(1, -1), t) / s.view(1, -1))
+        clip = M.quantize_layer("awq-clip", w, inputs, spec)
+        # the alpha grid starts at 0 (RTN), so AWQ never loses on its own sample; on Q4_0 it wins here, on Q4_K
+        # (its own min/scale search per block of 32) the search may keep alpha 0
+        assert err(awq) <= err(rtn) and err(clip) <= err(rtn), t
+        if t == "Q4_0":
+            assert err(awq) < err(rtn) and err(clip) < err(rtn)
+    for m in ("gptq", "hqq"):
+        with pytest.raises(ValueError, match=f"method '{m}' does not run on llama.cpp types such as Q4_0"):
+            M.quantize_layer(m, w, LayerInputs(x=x, hessian=x.T @ x, name="x"), QuantSpec.of_type("Q4_0"))
+    assert torch.equal(M.quantize_layer("rtn", w, inputs, QuantSpec(4, 64)), pseudo_quantize(w, 4, 64))
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis(tiny_dir, tokenizer_dir, tmp_path_factory):
+    from conftest import tiny_settings
+    from core.analysis import analyze
+    return analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir), tmp_path_factory.mktemp("llamacpp-cache"))
+
+
+def _context(a, fmt: str | None, bits: int, modes: tuple[str, ...]):
+    from core.methods.base import ModelContext
+    from core.model.blocks import snapshot
+    from core.studies import evaluate
+    lm = a.lm
+    return ModelContext(a, lm, evaluate.eval_data(a, lm), snapshot(lm), ("fp", *modes), (bits,), 32, False,
+                        10, 4096, evaluate.SEARCH_TOKENS, evaluate.CONST_ALPHA_TOKENS, format=fmt)
+
+
+def test_model_methods_on_a_llamacpp_type(tiny_analysis):
+    """The model halves of rtn, awq, awq-grouped and awq-clip on Q4_0 (tiny llama: rows 64 and 128 wide): their
+    recipes quantize with llama.cpp's Q4_0, and the grouped search scored its alphas on it (its losses differ from
+    the same search on the explorer's symmetric 4-bit grid with groups of 32)."""
+    a = tiny_analysis
+    modes = ("rtn", "awq", "awq-grouped", "awq-clip")
+    ctx = _context(a, "Q4_0", 4, modes)
+    spec = ctx.spec(4)
+    assert spec == QuantSpec.of_type("Q4_0")
+    res = M.METHODS["awq-grouped"].shared.run(ctx, lambda f, m: None)
+    ctx.memo[M.METHODS["awq-grouped"].shared.name] = res
+    names = [li.name for li in a.lm.linears]
+    from core.methods.awq_search import apply_clip
+    for mode in modes:
+        recipe = M.METHODS[mode].model(ctx, spec, M.METHODS[mode].options(), lambda f, m: None)
+        assert recipe.format == "Q4_0" and recipe.spec == spec
+        for n in names:
+            w0 = ctx.snap[f"{n}.weight"].float()
+            pre = recipe.prequant(n, w0)
+            if n in recipe.clip:
+                pre = apply_clip(pre, recipe.clip[n])
+            want = L.fake_quantize(pre, "Q4_0")
+            if n in recipe.unscale:
+                want = want / recipe.col[n].view(1, -1)
+            assert torch.equal(recipe.final(n, w0), want), (mode, n)
+    assert res.clips[4]  # awq-clip's clip search ran on the Q4_0 blocks
+    int_ctx = _context(a, None, 4, ("awq-grouped",))
+    int_res = M.METHODS["awq-grouped"].shared.run(int_ctx, lambda f, m: None)
+    diff = [not torch.equal(s.losses, t.losses) for s, t in zip(res.searches[4], int_res.searches[4])]
+    assert any(diff)
+    with pytest.raises(ValueError, match="does not run on llama.cpp types"):
+        M.METHODS["gptq"].model(ctx, spec, M.METHODS["gptq"].options(), lambda f, m: None)

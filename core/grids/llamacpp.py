@@ -69,6 +69,7 @@ LAYOUTS: dict[str, TypeLayout] = {
 # tensor_type_fallback): the k-quants drop to a block-32 type; a block-32 type that does not fit either gives F16.
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 F16 = "F16"
+_WITH_MIN = frozenset({"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"})
 
 
 def check_type(type: str) -> str:
@@ -105,6 +106,26 @@ def bits_per_weight(type: str) -> float:
 def nominal_bits(type: str) -> int:
     """The bits of one level (4 for Q4_0, Q4_1 and Q4_K; 6 for Q6_K)."""
     return LAYOUTS[check_type(type)].bits
+
+
+def has_min(type: str) -> bool:
+    """Whether the type's blocks store a minimum beside the scale (``x = d*q + m``: Q4_1, Q5_1, Q2_K, Q4_K, Q5_K);
+    the others are symmetric (``x = d*q``)."""
+    return check_type(type) in _WITH_MIN
+
+
+def with_bits(type: str, bits: int) -> str:
+    """The type of ``type``'s family with ``bits``-bit levels (``Q4_K``, 5 -> ``Q5_K``; ``Q4_1``, 5 -> ``Q5_1``);
+    ValueError when llama.cpp has no such type (``Q4_0`` at 3 bits)."""
+    t = check_type(type)
+    for c in TYPES:
+        if LAYOUTS[c].bits == int(bits) and LAYOUTS[c].block == LAYOUTS[t].block and has_min(c) == has_min(t):
+            return c
+    if t in K_TYPES:
+        for c in K_TYPES:
+            if LAYOUTS[c].bits == int(bits):
+                return c
+    raise ValueError(f"llama.cpp has no {bits}-bit type of {t}'s kind; supported: {', '.join(TYPES)}")
 
 
 def row_bytes(type: str, cols: int) -> int:
@@ -203,16 +224,28 @@ def fake_quantize(w: torch.Tensor, type: str, imatrix: torch.Tensor | np.ndarray
     """``w`` ``[out, in]`` after llama.cpp stores it in ``type`` and reads it back (same shape, dtype, device).
 
     A row width the type's block does not divide gets llama-quantize's ``fallback`` type (``F16``: fp16 rounding),
-    so the result is what the runtime would compute with. ``imatrix`` ``[in]``: importance weights, or ``None``.
+    so the result is the weight the runtime reads. ``imatrix`` ``[in]``: importance weights, or ``None``.
+    Runs quantize + dequantize in the C code in one pass (the same numbers as ``dequantize(quantize(...))``, tested;
+    the searches call this many times); without a C compiler the legacy types go through gguf.quants.
     """
     if w.dim() != 2:
         raise ValueError(f"fake_quantize needs a [out, in] weight, got shape {tuple(w.shape)}")
     t = fallback(type, w.shape[1])
     if t == F16:
         return w.to(torch.float16).to(w.dtype)
-    a = w.detach().to("cpu", torch.float32).numpy()
-    q = quantize(a, t, imatrix)
-    return torch.from_numpy(dequantize(q, t, a.shape)).to(device=w.device, dtype=w.dtype)
+    a = _check_weight(w.detach().to("cpu", torch.float32).numpy(), t)
+    q = None if imatrix is None else _check_imatrix(imatrix, a.shape[1])
+    try:
+        lib = _library()
+    except RuntimeError:
+        if t not in LEGACY_TYPES or q is not None:
+            raise
+        out = dequantize(quantize(a, t), t, a.shape)  # no C compiler: gguf.quants (same numbers, slower)
+    else:
+        out = np.empty_like(a)
+        lib.llq_fake_quant(LAYOUTS[t].ggml_id, a.ctypes.data, out.ctypes.data, a.shape[0], a.shape[1],
+                           None if q is None else q.ctypes.data, max(1, torch.get_num_threads()))
+    return torch.from_numpy(out).to(device=w.device, dtype=w.dtype)
 
 
 def tool_path(name: str) -> Path | None:
@@ -281,9 +314,11 @@ def _build() -> ctypes.CDLL:
     lib.llq_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int]
     lib.llq_quantize.restype = ctypes.c_size_t
+    lib.llq_fake_quant.argtypes = lib.llq_quantize.argtypes
+    lib.llq_fake_quant.restype = ctypes.c_int
     return lib
 
 
 __all__ = ["TYPES", "LEGACY_TYPES", "K_TYPES", "LAYOUTS", "TypeLayout", "F16", "check_type", "is_type",
-           "block_size", "bits_per_weight", "nominal_bits", "row_bytes", "fallback", "quantize", "quantize_c",
+           "block_size", "bits_per_weight", "nominal_bits", "has_min", "with_bits", "row_bytes", "fallback", "quantize", "quantize_c",
            "dequantize", "fake_quantize", "tool_path"]

@@ -319,7 +319,118 @@ void quantize_row_q8_0_ref(const float * GGML_RESTRICT x, block_q8_0 * GGML_REST
     }
 }
 
-/* ggml-quants.c lines 621,960 */
+/* ggml-quants.c lines 459,568 */
+void dequantize_row_q4_0(const block_q4_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    static const int qk = QK4_0;
+
+    assert(k % qk == 0);
+
+    const int nb = k / qk;
+
+    for (int i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+
+        for (int j = 0; j < qk/2; ++j) {
+            const int x0 = (x[i].qs[j] & 0x0F) - 8;
+            const int x1 = (x[i].qs[j] >>   4) - 8;
+
+            y[i*qk + j + 0   ] = x0*d;
+            y[i*qk + j + qk/2] = x1*d;
+        }
+    }
+}
+
+void dequantize_row_q4_1(const block_q4_1 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    static const int qk = QK4_1;
+
+    assert(k % qk == 0);
+
+    const int nb = k / qk;
+
+    for (int i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const float m = GGML_FP16_TO_FP32(x[i].m);
+
+        for (int j = 0; j < qk/2; ++j) {
+            const int x0 = (x[i].qs[j] & 0x0F);
+            const int x1 = (x[i].qs[j] >>   4);
+
+            y[i*qk + j + 0   ] = x0*d + m;
+            y[i*qk + j + qk/2] = x1*d + m;
+        }
+    }
+}
+
+void dequantize_row_q5_0(const block_q5_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    static const int qk = QK5_0;
+
+    assert(k % qk == 0);
+
+    const int nb = k / qk;
+
+    for (int i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+
+        uint32_t qh;
+        memcpy(&qh, x[i].qh, sizeof(qh));
+
+        for (int j = 0; j < qk/2; ++j) {
+            const uint8_t xh_0 = ((qh >> (j +  0)) << 4) & 0x10;
+            const uint8_t xh_1 = ((qh >> (j + 12))     ) & 0x10;
+
+            const int32_t x0 = ((x[i].qs[j] & 0x0F) | xh_0) - 16;
+            const int32_t x1 = ((x[i].qs[j] >>   4) | xh_1) - 16;
+
+            y[i*qk + j + 0   ] = x0*d;
+            y[i*qk + j + qk/2] = x1*d;
+        }
+    }
+}
+
+void dequantize_row_q5_1(const block_q5_1 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    static const int qk = QK5_1;
+
+    assert(k % qk == 0);
+
+    const int nb = k / qk;
+
+    for (int i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const float m = GGML_FP16_TO_FP32(x[i].m);
+
+        uint32_t qh;
+        memcpy(&qh, x[i].qh, sizeof(qh));
+
+        for (int j = 0; j < qk/2; ++j) {
+            const uint8_t xh_0 = ((qh >> (j +  0)) << 4) & 0x10;
+            const uint8_t xh_1 = ((qh >> (j + 12))     ) & 0x10;
+
+            const int x0 = (x[i].qs[j] & 0x0F) | xh_0;
+            const int x1 = (x[i].qs[j] >>   4) | xh_1;
+
+            y[i*qk + j + 0   ] = x0*d + m;
+            y[i*qk + j + qk/2] = x1*d + m;
+        }
+    }
+}
+
+void dequantize_row_q8_0(const block_q8_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    static const int qk = QK8_0;
+
+    assert(k % qk == 0);
+
+    const int nb = k / qk;
+
+    for (int i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+
+        for (int j = 0; j < qk; ++j) {
+            y[i*qk + j] = x[i].qs[j]*d;
+        }
+    }
+}
+
+/* ggml-quants.c lines 621,2097 */
 static inline int nearest_int(float fval) {
     assert(fabsf(fval) <= 4194303.f);
     float val = fval + 12582912.f;
@@ -660,7 +771,38 @@ void quantize_row_q2_K_ref(const float * GGML_RESTRICT x, block_q2_K * GGML_REST
     }
 }
 
-/* ggml-quants.c lines 993,1304 */
+void dequantize_row_q2_K(const block_q2_K * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_K == 0);
+    const int nb = k / QK_K;
+
+    for (int i = 0; i < nb; i++) {
+
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const float min = GGML_FP16_TO_FP32(x[i].dmin);
+
+        const uint8_t * q = x[i].qs;
+
+        int is = 0;
+        float dl, ml;
+        for (int n = 0; n < QK_K; n += 128) {
+            int shift = 0;
+            for (int j = 0; j < 4; ++j) {
+
+                uint8_t sc = x[i].scales[is++];
+                dl = d * (sc & 0xF); ml = min * (sc >> 4);
+                for (int l = 0; l < 16; ++l) *y++ = dl * ((int8_t)((q[l] >> shift) & 3)) - ml;
+
+                sc = x[i].scales[is++];
+                dl = d * (sc & 0xF); ml = min * (sc >> 4);
+                for (int l = 0; l < 16; ++l) *y++ = dl * ((int8_t)((q[l+16] >> shift) & 3)) - ml;
+
+                shift += 2;
+            }
+            q += 32;
+        }
+    }
+}
+
 static float make_qkx3_quants(int n, int nmax, const float * GGML_RESTRICT x, const float * GGML_RESTRICT weights,
         uint8_t * GGML_RESTRICT L, float * GGML_RESTRICT the_min, uint8_t * GGML_RESTRICT Laux,
         float rmin, float rdelta, int nstep, bool use_mad) {
@@ -973,7 +1115,56 @@ void quantize_row_q3_K_ref(const float * GGML_RESTRICT x, block_q3_K * GGML_REST
     }
 }
 
-/* ggml-quants.c lines 1355,1528 */
+void dequantize_row_q3_K(const block_q3_K * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_K == 0);
+    const int nb = k / QK_K;
+
+    const uint32_t kmask1 = 0x03030303;
+    const uint32_t kmask2 = 0x0f0f0f0f;
+
+    uint32_t aux[4];
+    const int8_t * scales = (const int8_t*)aux;
+
+    for (int i = 0; i < nb; i++) {
+
+        const float d_all = GGML_FP16_TO_FP32(x[i].d);
+
+        const uint8_t * GGML_RESTRICT q = x[i].qs;
+        const uint8_t * GGML_RESTRICT hm = x[i].hmask;
+        uint8_t m = 1;
+
+        memcpy(aux, x[i].scales, 12);
+        uint32_t tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+        aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+        aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+        aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+
+        int is = 0;
+        float dl;
+        for (int n = 0; n < QK_K; n += 128) {
+            int shift = 0;
+            for (int j = 0; j < 4; ++j) {
+
+                dl = d_all * (scales[is++] - 32);
+                for (int l = 0; l < 16; ++l) {
+                    *y++ = dl * ((int8_t)((q[l+ 0] >> shift) & 3) - ((hm[l+ 0] & m) ? 0 : 4));
+                }
+
+                dl = d_all * (scales[is++] - 32);
+                for (int l = 0; l < 16; ++l) {
+                    *y++ = dl * ((int8_t)((q[l+16] >> shift) & 3) - ((hm[l+16] & m) ? 0 : 4));
+                }
+
+                shift += 2;
+                m <<= 1;
+            }
+            q += 32;
+        }
+
+    }
+}
+
 static void quantize_row_q3_K_impl(const float * GGML_RESTRICT x, block_q3_K * GGML_RESTRICT y, int64_t n_per_row, const float * GGML_RESTRICT quant_weights) {
     assert(n_per_row % QK_K == 0);
     const int nb = n_per_row / QK_K;
@@ -1148,7 +1339,30 @@ void quantize_row_q4_K_ref(const float * GGML_RESTRICT x, block_q4_K * GGML_REST
     }
 }
 
-/* ggml-quants.c lines 1553,1730 */
+void dequantize_row_q4_K(const block_q4_K * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_K == 0);
+    const int nb = k / QK_K;
+
+    for (int i = 0; i < nb; i++) {
+        const uint8_t * q = x[i].qs;
+
+        const float d   = GGML_FP16_TO_FP32(x[i].d);
+        const float min = GGML_FP16_TO_FP32(x[i].dmin);
+
+        int is = 0;
+        uint8_t sc, m;
+        for (int j = 0; j < QK_K; j += 64) {
+            get_scale_min_k4(is + 0, x[i].scales, &sc, &m);
+            const float d1 = d * sc; const float m1 = min * m;
+            get_scale_min_k4(is + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc; const float m2 = min * m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0xF) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l]  >> 4) - m2;
+            q += 32; is += 2;
+        }
+    }
+}
+
 static void quantize_row_q4_K_impl(const float * GGML_RESTRICT x, block_q4_K * GGML_RESTRICT y, int64_t n_per_row, const float * quant_weights) {
     assert(n_per_row % QK_K == 0);
     const int64_t nb = n_per_row / QK_K;
@@ -1327,7 +1541,33 @@ void quantize_row_q5_K_ref(const float * GGML_RESTRICT x, block_q5_K * GGML_REST
     }
 }
 
-/* ggml-quants.c lines 1758,1938 */
+void dequantize_row_q5_K(const block_q5_K * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_K == 0);
+    const int64_t nb = k / QK_K;
+
+    for (int i = 0; i < nb; i++) {
+        const uint8_t * ql = x[i].qs;
+        const uint8_t * qh = x[i].qh;
+
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const float min = GGML_FP16_TO_FP32(x[i].dmin);
+
+        int is = 0;
+        uint8_t sc, m;
+        uint8_t u1 = 1, u2 = 2;
+        for (int j = 0; j < QK_K; j += 64) {
+            get_scale_min_k4(is + 0, x[i].scales, &sc, &m);
+            const float d1 = d * sc; const float m1 = min * m;
+            get_scale_min_k4(is + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc; const float m2 = min * m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l]  >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+            ql += 32; is += 2;
+            u1 <<= 2; u2 <<= 2;
+        }
+    }
+}
+
 static void quantize_row_q5_K_impl(const float * GGML_RESTRICT x, block_q5_K * GGML_RESTRICT y, int64_t n_per_row, const float * quant_weights) {
     assert(n_per_row % QK_K == 0);
     const int64_t nb = n_per_row / QK_K;
@@ -1509,7 +1749,37 @@ void quantize_row_q6_K_ref(const float * GGML_RESTRICT x, block_q6_K * GGML_REST
     }
 }
 
-/* ggml-quants.c lines 1970,2097 */
+void dequantize_row_q6_K(const block_q6_K * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_K == 0);
+    const int64_t nb = k / QK_K;
+
+    for (int i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+
+        const uint8_t * GGML_RESTRICT ql = x[i].ql;
+        const uint8_t * GGML_RESTRICT qh = x[i].qh;
+        const int8_t  * GGML_RESTRICT sc = x[i].scales;
+
+        for (int n = 0; n < QK_K; n += 128) {
+            for (int l = 0; l < 32; ++l) {
+                int is = l/16;
+                const int8_t q1 = (int8_t)((ql[l +  0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int8_t q2 = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int8_t q3 = (int8_t)((ql[l +  0]  >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int8_t q4 = (int8_t)((ql[l + 32]  >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l +  0] = d * sc[is + 0] * q1;
+                y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3;
+                y[l + 96] = d * sc[is + 6] * q4;
+            }
+            y  += 128;
+            ql += 64;
+            qh += 32;
+            sc += 8;
+        }
+    }
+}
+
 static void quantize_row_q6_K_impl(const float * GGML_RESTRICT x, block_q6_K * GGML_RESTRICT y, int64_t n_per_row, const float * quant_weights) {
     assert(n_per_row % QK_K == 0);
     const int64_t nb = n_per_row / QK_K;
@@ -1815,9 +2085,25 @@ size_t quantize_q8_0(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, 
 
 /* ===== entry point for core/grids/llamacpp.py (ctypes) ===== */
 
+/* One row of ``n_per_row`` floats into ``dst`` in ggml type ``type``, as ggml_quantize_chunk does for it. */
+static void llq_row(int type, const float * s, void * d, int64_t n_per_row, const float * imatrix) {
+    switch (type) {
+        case GGML_TYPE_Q4_0: quantize_q4_0(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q4_1: quantize_q4_1(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q5_0: quantize_q5_0(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q5_1: quantize_q5_1(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q8_0: quantize_q8_0(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q2_K: quantize_q2_K(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q3_K: quantize_q3_K(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q4_K: quantize_q4_K(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q5_K: quantize_q5_K(s, d, 1, n_per_row, imatrix); break;
+        case GGML_TYPE_Q6_K: quantize_q6_K(s, d, 1, n_per_row, imatrix); break;
+    }
+}
+
 /* Quantizes ``nrow`` rows of ``n_per_row`` floats ``src`` into ``dst`` (``nrow * ggml_row_size`` bytes) in ggml type
- * ``type``, as ggml_quantize_chunk does (``imatrix``: ``n_per_row`` importance weights or NULL). Rows are split
- * over ``n_threads`` (every row is quantized on its own, so the split does not change a byte).
+ * ``type`` (``imatrix``: ``n_per_row`` importance weights or NULL). Every row is quantized on its own (as
+ * llama-quantize's threads split a tensor by rows), so splitting the rows over ``n_threads`` changes no byte.
  * Returns the bytes written, or 0 for a type this file does not implement. */
 __attribute__((visibility("default")))
 size_t llq_quantize(int type, const float * src, void * dst, int64_t nrow, int64_t n_per_row,
@@ -1827,20 +2113,43 @@ size_t llq_quantize(int type, const float * src, void * dst, int64_t nrow, int64
     if (n_threads < 1) n_threads = 1;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < nrow; ++r) {
-        const float * s = src + r * n_per_row;
-        void * d = (char *) dst + r * row_size;
-        switch (type) {
-            case GGML_TYPE_Q4_0: quantize_q4_0(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q4_1: quantize_q4_1(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q5_0: quantize_q5_0(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q5_1: quantize_q5_1(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q8_0: quantize_q8_0(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q2_K: quantize_q2_K(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q3_K: quantize_q3_K(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q4_K: quantize_q4_K(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q5_K: quantize_q5_K(s, d, 1, n_per_row, imatrix); break;
-            case GGML_TYPE_Q6_K: quantize_q6_K(s, d, 1, n_per_row, imatrix); break;
-        }
+        llq_row(type, src + r * n_per_row, (char *) dst + r * row_size, n_per_row, imatrix);
     }
     return (size_t) nrow * row_size;
+}
+
+/* Quantizes like llq_quantize and reads the bytes back into ``out`` (``nrow * n_per_row`` floats) with ggml's
+ * dequantize_row_* (what gguf.quants.dequantize computes too): the weights the stored tensor stands for, i.e. the
+ * fake quantization the explorer's searches need, one row at a time (no byte buffer for the whole tensor).
+ * Returns 0 for an unknown type, else 1. */
+__attribute__((visibility("default")))
+int llq_fake_quant(int type, const float * src, float * out, int64_t nrow, int64_t n_per_row,
+                   const float * imatrix, int n_threads) {
+    const size_t row_size = ggml_row_size((enum ggml_type) type, n_per_row);
+    if (row_size == 0) return 0;
+    if (n_threads < 1) n_threads = 1;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        void * buf = malloc(row_size);
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < nrow; ++r) {
+            const float * s = src + r * n_per_row;
+            float * y = out + r * n_per_row;
+            llq_row(type, s, buf, n_per_row, imatrix);
+            switch (type) {
+                case GGML_TYPE_Q4_0: dequantize_row_q4_0(buf, y, n_per_row); break;
+                case GGML_TYPE_Q4_1: dequantize_row_q4_1(buf, y, n_per_row); break;
+                case GGML_TYPE_Q5_0: dequantize_row_q5_0(buf, y, n_per_row); break;
+                case GGML_TYPE_Q5_1: dequantize_row_q5_1(buf, y, n_per_row); break;
+                case GGML_TYPE_Q8_0: dequantize_row_q8_0(buf, y, n_per_row); break;
+                case GGML_TYPE_Q2_K: dequantize_row_q2_K(buf, y, n_per_row); break;
+                case GGML_TYPE_Q3_K: dequantize_row_q3_K(buf, y, n_per_row); break;
+                case GGML_TYPE_Q4_K: dequantize_row_q4_K(buf, y, n_per_row); break;
+                case GGML_TYPE_Q5_K: dequantize_row_q5_K(buf, y, n_per_row); break;
+                case GGML_TYPE_Q6_K: dequantize_row_q6_K(buf, y, n_per_row); break;
+            }
+        }
+        free(buf);
+    }
+    return 1;
 }

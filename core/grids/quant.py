@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from . import kernels
+from . import kernels, llamacpp
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -145,6 +145,28 @@ def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: boo
         if kernels.fake_quant(w.reshape(-1, w.shape[-1]).contiguous(), None, bits, g, zero_point, w_hat=out):
             return out
     return _pseudo_quantize_torch(w, bits, g, zero_point)
+
+
+def fake_quant(w: torch.Tensor, spec: "QuantSpec", importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The one door every method's grid goes through: ``w`` (any leading shape, rows along the last dim) put on
+    ``spec``'s grid and read back, same shape and dtype.
+
+    ``spec.format`` None: the explorer's integer grid (``pseudo_quantize``, llm-awq's quantizer bit for bit).
+    A llama.cpp type: ``llamacpp.fake_quantize`` on the rows (the type llama-quantize writes for the row width,
+    see ``llamacpp.fallback``); the last dim may also be one block of a row (the clip search quantizes
+    ``[rows, groups, block]``): blocks are quantized independently, so the result is the same.
+    ``importance [in]``: llama.cpp's importance weights (an imatrix's mean x^2), llama.cpp types only; the last
+    dim must then be the whole row (the legacy types weigh by the row's mean x^2 too).
+    (``spec``: a ``core.grids.spec.QuantSpec``, which imports this module, hence the name in quotes.)
+    """
+    if spec.format is None:
+        if importance is not None:
+            raise ValueError("importance weights (an imatrix) apply to llama.cpp types only, not the integer grid")
+        return pseudo_quantize(w, spec.bits, spec.group_size, spec.zero_point)
+    if w.dim() < 1 or w.numel() == 0:
+        raise ValueError("fake_quant needs a non-empty weight tensor")
+    flat = w.reshape(-1, w.shape[-1])
+    return llamacpp.fake_quantize(flat, spec.format, importance).reshape(w.shape)
 
 
 def _fused_ok(w: torch.Tensor) -> bool:

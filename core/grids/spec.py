@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from . import metrics
+from . import llamacpp, metrics
 from .quant import check_bits, effective_group_size
 
 
@@ -20,8 +20,10 @@ class QuantSpec:
 
     ``bits``: 2..8. ``group_size``: weights per group along ``in``; ``<= 0`` is one group per output row.
     ``zero_point``: llm-awq's asymmetric grid with an integer zero (True) or the symmetric grid (False).
-    ``format``: a named storage format whose block layout fixes the grid (room for a llama.cpp type such as
-    ``"Q4_0"``); ``None`` is the explorer's own integer grid described by the other three fields.
+    ``format``: a llama.cpp type (``core.grids.llamacpp.TYPES``: ``"Q4_0"`` ... ``"Q6_K"``) whose block layout
+    fixes the grid: ``bits`` must be its level bits, ``group_size`` its block (32 or 256) and ``zero_point``
+    whether its blocks store a minimum (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K); ``QuantSpec.of_type("Q4_K")`` fills them
+    in. ``None`` is the explorer's own integer grid described by the other three fields.
     """
 
     bits: int
@@ -38,6 +40,35 @@ class QuantSpec:
             raise ValueError(f"group size must be an integer, got {self.group_size!r}")
         object.__setattr__(self, "group_size", int(g) if int(g) > 0 else 0)
         object.__setattr__(self, "zero_point", bool(self.zero_point))
+        if self.format is not None:
+            t = llamacpp.check_type(self.format)
+            object.__setattr__(self, "format", t)
+            want = (llamacpp.nominal_bits(t), llamacpp.block_size(t), llamacpp.has_min(t))
+            if (self.bits, self.group_size, self.zero_point) != want:
+                raise ValueError(f"llama.cpp type {t} is {want[0]}-bit levels in blocks of {want[1]} "
+                                 f"{'with' if want[2] else 'without'} a minimum; got bits={self.bits}, "
+                                 f"group_size={self.group_size}, zero_point={self.zero_point} "
+                                 f"(QuantSpec.of_type({t!r}) fills them in)")
+
+    @classmethod
+    def of_type(cls, type: str) -> "QuantSpec":
+        """The spec of llama.cpp type ``type`` (``Q4_0``: 4 bits, blocks of 32, no minimum)."""
+        t = llamacpp.check_type(type)
+        return cls(llamacpp.nominal_bits(t), llamacpp.block_size(t), llamacpp.has_min(t), t)
+
+    @classmethod
+    def grid(cls, bits: int, group_size: int, zero_point: bool = True, format: str | None = None) -> "QuantSpec":
+        """The spec at ``bits`` of a run's grid: the integer grid ``(group_size, zero_point)``, or with a llama.cpp
+        ``format`` the type of its family at ``bits`` (``format="Q4_K"``, 6 -> Q6_K; ``group_size`` and
+        ``zero_point`` are then the type's own)."""
+        if format:
+            return cls.of_type(format).with_bits(bits)
+        return cls(bits, group_size, zero_point)
+
+    def stored_type(self, in_features: int) -> str | None:
+        """The llama.cpp type a layer ``in_features`` wide is written in (``llamacpp.fallback``: Q4_K on a
+        576-wide row is Q5_0; ``"F16"`` when no block fits); ``None`` for the integer grid."""
+        return llamacpp.fallback(self.format, in_features) if self.format else None
 
     @property
     def per_row(self) -> bool:
@@ -45,14 +76,26 @@ class QuantSpec:
 
     def group(self, in_features: int) -> int:
         """The group length used on a layer ``in_features`` wide (``in_features`` when per row); ValueError if
-        ``group_size`` does not divide it."""
+        ``group_size`` does not divide it. A llama.cpp type: the block of the type the layer is stored in (its
+        ``stored_type``; the whole row for ``F16``)."""
+        if self.format:
+            t = self.stored_type(in_features)
+            return int(in_features) if t == llamacpp.F16 else llamacpp.block_size(t)
         return effective_group_size(int(in_features), self.group_size)
 
     def cost(self, in_features: int) -> float:
-        """Storage bits per weight on a layer ``in_features`` wide (``core.grids.metrics.bit_cost``)."""
+        """Storage bits per weight on a layer ``in_features`` wide (``core.grids.metrics.bit_cost``; a llama.cpp
+        type: ``llamacpp.bits_per_weight`` of its ``stored_type``, 16 for ``F16``)."""
+        if self.format:
+            t = self.stored_type(in_features)
+            return 16.0 if t == llamacpp.F16 else llamacpp.bits_per_weight(t)
         return metrics.bit_cost(self.bits, self.group(in_features), self.zero_point)
 
     def with_bits(self, bits: int) -> "QuantSpec":
+        """The same grid at ``bits``; a llama.cpp type: the type of the same family at ``bits`` (Q4_K -> Q5_K,
+        Q4_0 -> Q5_0), ValueError when llama.cpp has none."""
+        if self.format:
+            return QuantSpec.of_type(llamacpp.with_bits(self.format, bits))
         return dataclasses.replace(self, bits=bits)
 
     @property

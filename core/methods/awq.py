@@ -34,17 +34,18 @@ def scales(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: AWQOp
         raise ValueError(f"alpha must be between 0 and 1, got {options.alpha!r}")
     wm = None
     if options.duo_scaling:
-        wm = awq.weight_mean(inputs.w_shared if inputs.w_shared is not None else w, spec.group_size)
+        wm = awq.weight_mean(inputs.w_shared if inputs.w_shared is not None else w, spec.group(w.shape[1]))
     return awq.awq_scales(xm, torch.tensor([float(options.alpha)], dtype=torch.float64), wm)[0]
 
 
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: AWQOptions) -> torch.Tensor:
-    return awq.scaled_fake_quant(w, scales(w, inputs, spec, options), spec.bits, spec.group_size, spec.zero_point)
+    return awq.scaled_fake_quant(w, scales(w, inputs, spec, options), spec.bits, spec.group_size, spec.zero_point,
+                                 format=spec.format)
 
 
 def per_linear_recipe(ctx: ModelContext, spec: QuantSpec, scales_of: dict[str, torch.Tensor]) -> Recipe:
     """Every block linear as ``Q(W s) / s`` with its own scales."""
-    recipe = Recipe(bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point)
+    recipe = Recipe.on(spec)
     for li in ctx.lm.linears:
         recipe.col[li.name] = scales_of[li.name].float().cpu()
         recipe.unscale.add(li.name)
@@ -59,7 +60,7 @@ def model(ctx: ModelContext, spec: QuantSpec, options: AWQOptions, progress: Pro
     layers = a.layers
     sel = layers[layers["bits"] == bits] if "bits" in layers else layers.iloc[0:0]
     width = dict(zip(a.linears["name"], a.linears["in_features"]))
-    cached = (bits in tuple(sw.bits) and bool(sw.zero_point) == zp and int(sw.n_grid) == n_grid
+    cached = (not spec.format and bits in tuple(sw.bits) and bool(sw.zero_point) == zp and int(sw.n_grid) == n_grid
               and len(sel) == len(lm.linears)
               and all(int(gs) == (g if g > 0 else int(width[n])) for n, gs in zip(sel["name"], sel["group_size"])))
     found: dict[str, torch.Tensor] = {}
@@ -75,7 +76,10 @@ def model(ctx: ModelContext, spec: QuantSpec, options: AWQOptions, progress: Pro
                                            int((al - float(alpha)).abs().argmin()))
     else:
         for li in lm.linears:
-            c = a.alpha_curve(li.name, bits=bits, group_size=g, zero_point=zp, n_grid=n_grid)
+            if spec.format:  # the same search as Analysis.alpha_curve, on the llama.cpp type's quantizer
+                c = awq.search_scale(a.weight(li.name), a.inputs(li.name), spec, n_grid=n_grid, x_mean=a.x_mean(li.name))
+            else:
+                c = a.alpha_curve(li.name, bits=bits, group_size=g, zero_point=zp, n_grid=n_grid)
             found[li.name] = c.scales
             ctx.search_rows += search_rows("awq", spec, li.block, li.name, c.alphas, c.losses, c.best_index)
     return per_linear_recipe(ctx, spec, found)
@@ -84,4 +88,4 @@ def model(ctx: ModelContext, spec: QuantSpec, options: AWQOptions, progress: Pro
 METHOD = register(Method(
     "awq", "AWQ", "Q(W s) / s with s = mean|x|^alpha (alpha from the grid search on the calibration sample, or given)",
     "one alpha per linear, chosen layer-locally on the kept calibration sample (mean|x| over all calibration "
-    "tokens); W -> Q(W*s)/s", AWQOptions, layer, model, cost=lambda shape: 0.2))
+    "tokens); W -> Q(W*s)/s", AWQOptions, layer, model, cost=lambda shape: 0.2, formats=True))

@@ -25,12 +25,12 @@ class AWQClipOptions(awq.AWQOptions):
 
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: AWQClipOptions) -> torch.Tensor:
     s = awq.scales(w, inputs, spec, options)
-    bits, g, zp = spec.bits, spec.group_size, spec.zero_point
+    bits, g, zp, fmt = spec.bits, spec.group_size, spec.zero_point, spec.format
     if awq_search.is_clip_skipped(inputs.name) and not options.clip_qk:
-        return awq_search.scaled_fake_quant(w, s, bits, g, zp)
+        return awq_search.scaled_fake_quant(w, s, bits, g, zp, format=fmt)
     ws = w * s.view(1, -1)
     max_val = awq_search.search_clip(ws, inputs.sample("awq-clip") / s.view(1, -1), spec)
-    return awq_search.scaled_fake_quant(awq_search.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zp)
+    return awq_search.scaled_fake_quant(awq_search.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zp, format=fmt)
 
 
 def model(ctx: ModelContext, spec: QuantSpec, options: AWQClipOptions, progress: Progress) -> Variant:
@@ -43,4 +43,4 @@ METHOD = register(Method(
     "awq-clip", "AWQ + clip",
     "AWQ's scales, then its per-group clip search on the scaled weights (Q/K projections not clipped)",
     "awq-grouped plus official AWQ's per-group weight clipping search (q/k projections not clipped)",
-    AWQClipOptions, layer, model, shared=grouped.SEARCH, budget="search"))
+    AWQClipOptions, layer, model, shared=grouped.SEARCH, budget="search", formats=True))

@@ -28,4 +28,4 @@ METHOD = register(Method(
     "awq-grouped", "AWQ grouped", "official AWQ's grouped scale search (whole model only)",
     "official AWQ: one scale per group of linears sharing an input, chosen by the loss of the module that consumes "
     "them, block by block, on the search token budget", AWQGroupedOptions, None, model, shared=grouped.SEARCH,
-    budget="search"))
+    budget="search", formats=True))

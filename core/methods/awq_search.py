@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..grids import kernels
-from ..grids.quant import check_bits, effective_group_size, pseudo_quantize
+from ..grids.quant import check_bits, effective_group_size, fake_quant
 from ..grids.spec import QuantSpec
 
 # Elements of a [alphas, out, in] temporary we allow at once; bounds memory on wide layers.
@@ -116,11 +116,16 @@ def awq_scales(
 
 
 def scaled_fake_quant(
-    w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, zero_point: bool = True
+    w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, zero_point: bool = True, *,
+    format: str | None = None,
 ) -> torch.Tensor:
-    """``Q(W * s) / s`` for one scale vector ``[in]`` -> ``[out, in]``, or a batch ``[A, in]`` -> ``[A, out, in]``."""
+    """``Q(W * s) / s`` for one scale vector ``[in]`` -> ``[out, in]``, or a batch ``[A, in]`` -> ``[A, out, in]``.
+
+    ``format``: a llama.cpp type (``QuantSpec.format``; then ``bits``, ``group_size``, ``zero_point`` are its own):
+    ``Q`` is that type's quantizer (``core.grids.quant.fake_quant``)."""
     s = scales.to(w.dtype)
-    if w.dim() == 2 and s.dim() in (1, 2) and s.shape[-1] == w.shape[1] and w.dtype == torch.float32 \
+    spec = QuantSpec(bits, group_size, zero_point, format)
+    if not format and w.dim() == 2 and s.dim() in (1, 2) and s.shape[-1] == w.shape[1] and w.dtype == torch.float32 \
             and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or s.requires_grad)):
         bits = check_bits(bits)
         g = effective_group_size(w.shape[1], group_size)
@@ -129,8 +134,8 @@ def scaled_fake_quant(
         if kernels.fake_quant(w.contiguous(), s2, bits, g, zero_point, w_hat=out):
             return out
     if s.dim() == 1:
-        return pseudo_quantize(w * s.view(1, -1), bits, group_size, zero_point) / s.view(1, -1)
-    return pseudo_quantize(w.unsqueeze(0) * s[:, None, :], bits, group_size, zero_point) / s[:, None, :]
+        return fake_quant(w * s.view(1, -1), spec) / s.view(1, -1)
+    return fake_quant(w.unsqueeze(0) * s[:, None, :], spec) / s[:, None, :]
 
 
 def _dw_sq_errors(x: torch.Tensor, dw: torch.Tensor, a: int) -> torch.Tensor:
@@ -201,9 +206,12 @@ def scale_sq_errors(
     bits: int,
     group_size: int,
     zero_point: bool = True,
+    *,
+    format: str | None = None,
 ) -> torch.Tensor:
-    """``||X (Q(W*s)/s - W)^T||^2`` for each row of ``scales [A, in]`` -> float64 ``[A]``."""
-    return scale_sq_errors_multi(w, [x], scales, bits, group_size, zero_point)[0]
+    """``||X (Q(W*s)/s - W)^T||^2`` for each row of ``scales [A, in]`` -> float64 ``[A]`` (``format``: a llama.cpp
+    type, as in ``scaled_fake_quant``)."""
+    return scale_sq_errors_multi(w, [x], scales, bits, group_size, zero_point, format=format)[0]
 
 
 def scale_sq_errors_multi(
@@ -213,16 +221,19 @@ def scale_sq_errors_multi(
     bits: int,
     group_size: int,
     zero_point: bool = True,
+    *,
+    format: str | None = None,
 ) -> torch.Tensor:
     """``scale_sq_errors`` on several input samples (e.g. calibration and held-out rows) -> ``[len(xs), A]``.
 
-    Each ``Q(W*s)/s - W`` is computed once (fused kernel into a reused buffer) and multiplied by every ``x``.
+    Each ``Q(W*s)/s - W`` is computed once (fused kernel into a reused buffer; a llama.cpp ``format``: its
+    quantizer) and multiplied by every ``x``.
     """
     bits = check_bits(bits)
     w = w.float().contiguous()
     xs = [x.float() for x in xs]
     out_f, in_f = w.shape
-    g = effective_group_size(in_f, group_size)
+    g = QuantSpec(bits, group_size, zero_point, format).group(in_f)
     n_alpha = scales.shape[0]
     res = torch.empty(len(xs), n_alpha, dtype=torch.float64)
     step = _chunk(n_alpha, w)
@@ -232,7 +243,9 @@ def scale_sq_errors_multi(
             s = scales[i : i + step].to(torch.float32).contiguous()
             n = s.shape[0]
             dw = buf[: n * out_f * in_f].view(n * out_f, in_f)
-            if not kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):
+            if format:
+                dw = (scaled_fake_quant(w, s, bits, group_size, zero_point, format=format) - w).reshape(n * out_f, in_f)
+            elif not kernels.fake_quant(w, s, bits, g, zero_point, dw=dw):
                 dw = (scaled_fake_quant(w, s, bits, g, zero_point) - w).reshape(n * out_f, in_f)
             for k, x in enumerate(xs):
                 res[k, i : i + n] = _dw_sq_errors(x, dw, n)
@@ -455,12 +468,12 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: i
         raise ValueError(f"shapes do not match: w {tuple(w.shape)} and x {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError("search_scale needs at least one input token")
-    effective_group_size(w.shape[1], group_size)
+    g = spec.group(w.shape[1])
     xm = x.abs().mean(0) if x_mean is None else x_mean.float()
-    wm = weight_mean(w if w_for_mean is None else w_for_mean.float(), group_size) if duo_scaling else None
+    wm = weight_mean(w if w_for_mean is None else w_for_mean.float(), g) if duo_scaling else None
     alphas = alpha_grid(n_grid)
     scales = awq_scales(xm, alphas, wm)
-    losses = scale_sq_errors(w, x, scales, bits, group_size, zero_point) / (x.shape[0] * w.shape[0])
+    losses = scale_sq_errors(w, x, scales, bits, group_size, zero_point, format=spec.format) / (x.shape[0] * w.shape[0])
     best = first_min_index(losses)
     return ScaleSearch(alphas=alphas, losses=losses, scales=scales[best], best_index=best)
 
@@ -485,13 +498,13 @@ def clip_errors(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec,
 
     Returns ``(errors [n_shrink, out, groups], org_max [out, groups])``; candidate ``i`` clips at
     ``org_max * (1 - i / n_grid)``. Error = mean over sampled tokens of the squared partial output
-    error of the group (official ``auto_clip_layer``).
+    error of the group (official ``auto_clip_layer``). A llama.cpp type clips per block of the type the layer
+    is stored in (``spec.group``).
     """
-    bits, group_size, zero_point = spec.bits, spec.group_size, spec.zero_point
     n_grid, max_shrink, n_sample_token = clip.n_grid, clip.max_shrink, clip.n_sample_token
     w, x = w.float(), x.float()
     out_f, in_f = w.shape
-    g = effective_group_size(in_f, group_size)
+    g = spec.group(in_f)
     n_groups = in_f // g
     x = x.reshape(-1, in_f)
     x = x[:: max(1, x.shape[0] // n_sample_token)]
@@ -510,7 +523,7 @@ def clip_errors(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec,
         for i, f in enumerate(factors):
             max_val = mb * f
             cur = torch.clamp(wb, -max_val, max_val)
-            q = pseudo_quantize(cur, bits, g, zero_point)
+            q = fake_quant(cur, spec)
             d = (q - wb).permute(1, 2, 0)  # [groups, g, rb]
             part = torch.bmm(xg, d)  # [groups, tok, rb]
             errs[i, r : r + rows] = part.double().pow(2).mean(dim=1).T

@@ -14,6 +14,7 @@ registry in ``core/methods/__init__.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -81,7 +82,8 @@ class ModelContext:
     (``SEARCH_COLUMNS``) and may add the time of shared work to ``seconds[(method, bits)]``.
 
     ``bits``: every bit-width of the run (a shared search runs once for all of them); ``group_size`` and
-    ``zero_point``: the run's grid (each call gets its own ``QuantSpec`` too)."""
+    ``zero_point``: the run's grid (each call gets its own ``QuantSpec`` too, ``spec(bits)``); ``format``: a
+    llama.cpp type whose family gives the grid instead (``QuantSpec.grid``)."""
 
     analysis: Any
     lm: LoadedModel
@@ -98,6 +100,7 @@ class ModelContext:
     memo: dict[str, Any] = field(default_factory=dict)
     search_rows: list[dict] = field(default_factory=list)
     seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    format: str | None = None
 
     @property
     def input_of(self) -> dict[str, str]:
@@ -114,7 +117,7 @@ class ModelContext:
         return first_blocks(self.data.calib, self.const_alpha_tokens)
 
     def spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits, self.group_size, self.zero_point)
+        return QuantSpec.grid(bits, self.group_size, self.zero_point, self.format)
 
     def shape(self) -> RunShape:
         blocks = self.search_blocks()
@@ -163,7 +166,9 @@ class Method:
     ``needs_data``: False for the data-free methods (their layer half ignores ``LayerInputs``).
     ``cost(shape)``: the model half's work per bit-width in forward passes over the held-out blocks.
     ``shared``: a search the model half needs (run once for every bit-width). ``budget``: the calibration token
-    budget its searches use, ``"search"`` or ``"const-alpha"``; ``None`` when it uses neither."""
+    budget its searches use, ``"search"`` or ``"const-alpha"``; ``None`` when it uses neither. ``formats``: whether
+    it runs on llama.cpp types (``QuantSpec.format``); ``register`` makes both halves of a method without it
+    refuse such a spec with one sentence."""
 
     name: str
     label: str
@@ -176,6 +181,15 @@ class Method:
     cost: Callable[[RunShape], float] = lambda shape: 0.02
     shared: SharedSearch | None = None
     budget: str | None = None
+    formats: bool = False
+
+    def check_spec(self, spec: QuantSpec) -> QuantSpec:
+        """``spec``, or ValueError when it is a llama.cpp type and this method does not run on those."""
+        if spec.format and not self.formats:
+            takes = ", ".join(n for n, m in REGISTRY.items() if m.formats)
+            raise ValueError(f"method {self.name!r} does not run on llama.cpp types such as {spec.format} "
+                             f"(methods that do: {takes})")
+        return spec
 
     def check_options(self, options: Options | None) -> Options:
         if options is None:
@@ -199,8 +213,30 @@ REGISTRY: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in REGISTRY:
         raise ValueError(f"method {method.name!r} is registered twice")
+    if not method.formats:  # every caller of either half gets the one-sentence refusal of a llama.cpp type
+        method = dataclasses.replace(method, layer=_checked_layer(method), model=_checked_model(method))
     REGISTRY[method.name] = method
     return method
+
+
+def _checked_layer(method: Method) -> LayerHalf | None:
+    half = method.layer
+    if half is None:
+        return None
+
+    def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: Options) -> torch.Tensor:
+        return half(w, inputs, method.check_spec(spec), options)
+    return layer
+
+
+def _checked_model(method: Method) -> ModelHalf | None:
+    half = method.model
+    if half is None:
+        return None
+
+    def model(ctx: ModelContext, spec: QuantSpec, options: Options, progress: Progress) -> Variant:
+        return half(ctx, method.check_spec(spec), options, progress)
+    return model
 
 
 def get(name: str) -> Method:

@@ -152,27 +152,30 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_losses(w: torch.Tensor, x: torch.Tensor | None, scales: torch.Tensor, *, bits: int, group_size: int,
-                  zero_point: bool, gram_matrix: torch.Tensor | None = None, n_tokens: int | None = None
-                  ) -> torch.Tensor:
+                  zero_point: bool, gram_matrix: torch.Tensor | None = None, n_tokens: int | None = None,
+                  format: str | None = None) -> torch.Tensor:
     """Official loss of ``Q(W*s)/s`` for each row of ``scales [A, in]``: mean over tokens and outputs of
-    ``(X (Q(W*s)/s - W)^T)^2``, from ``x`` directly or from its Gram matrix (then give ``n_tokens``)."""
+    ``(X (Q(W*s)/s - W)^T)^2``, from ``x`` directly or from its Gram matrix (then give ``n_tokens``).
+    ``format``: a llama.cpp type (``Q`` is its quantizer; see ``awq_search.scaled_fake_quant``)."""
     w = w.float()
     if gram_matrix is None:
-        return awq.scale_sq_errors(w, x.float(), scales, bits, group_size, zero_point) / (x.shape[0] * w.shape[0])
+        return awq.scale_sq_errors(w, x.float(), scales, bits, group_size, zero_point,
+                                   format=format) / (x.shape[0] * w.shape[0])
     out = []
     step = max(1, min(scales.shape[0], _CHUNK_ELEMENTS // max(1, w.numel())))
     for i in range(0, scales.shape[0], step):
-        d = (awq.scaled_fake_quant(w, scales[i:i + step], bits, group_size, zero_point) - w).double()
+        d = (awq.scaled_fake_quant(w, scales[i:i + step], bits, group_size, zero_point, format=format) - w).double()
         out.append(((d @ gram_matrix) * d).sum(dim=(1, 2)))
     return torch.cat(out) / (int(n_tokens) * w.shape[0])
 
 
 def module_losses(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple, dict]], weights: dict[str, torch.Tensor],
                   scales: torch.Tensor, *, bits: int, group_size: int, zero_point: bool,
-                  ref: list[torch.Tensor] | None = None) -> torch.Tensor:
+                  ref: list[torch.Tensor] | None = None, format: str | None = None) -> torch.Tensor:
     """Official ``_search_module_scale``: for each candidate ``s``, the group's linears become ``Q(W*s)/s``
     and the mean squared difference of ``group.inspect``'s output (all calibration tokens) is the loss.
-    ``ref``: the module's fp outputs on ``calls`` when already computed (:func:`module_reference`).
+    ``ref``: the module's fp outputs on ``calls`` when already computed (:func:`module_reference`); ``format``: a
+    llama.cpp type (``Q`` is its quantizer).
     The linears are restored from ``weights`` afterwards (also on error)."""
     module = lm.model.get_submodule(group.inspect)
     mods = [lm.model.get_submodule(n) for n in group.linears]
@@ -184,7 +187,8 @@ def module_losses(lm: LoadedModel, group: ScaleGroup, calls: list[tuple[tuple, d
         try:
             for i in range(scales.shape[0]):
                 for n, m in zip(group.linears, mods):
-                    set_linear_weight(m, awq.scaled_fake_quant(weights[n], scales[i], bits, group_size, zero_point))
+                    set_linear_weight(m, awq.scaled_fake_quant(weights[n], scales[i], bits, group_size, zero_point,
+                                                               format=format))
                 se = torch.zeros((), dtype=torch.float64)
                 for (a, k), r in zip(calls, ref):
                     se += (r - first_output(module(*a, **k))).float().pow(2).sum(dtype=torch.float64).cpu()
@@ -218,7 +222,8 @@ class GroupedResult:
 def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, snap: Snapshot, *, bits: list[int],
                    group_size: int, zero_point: bool = True, n_grid: int = 20, clip: bool = False,
                    clip_qk: bool = False, batch_tokens: int = 4096, input_of: dict[str, str] | None = None,
-                   progress: Progress | None = None, cache_inputs: bool = True) -> GroupedResult:
+                   progress: Progress | None = None, cache_inputs: bool = True,
+                   format: str | None = None) -> GroupedResult:
     """Official grouped AWQ search on ``calib [n, seqlen]`` blocks, one block at a time on full-precision
     inputs (as ``run_awq`` does: scales never change the full-precision function, so block inputs are
     those of the unmodified model). The model must be unmodified (``snap`` holds its weights).
@@ -226,14 +231,16 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
     Work: one forward pass of the blocks to capture their inputs (``BlockInputs``; ``cache_inputs=False``
     recaptures each block through the whole model instead, the straightforward path, same values), then per
     bit-width and group one run of the scoring module per alpha (its fp output computed once for all
-    bit-widths)."""
+    bit-widths). ``format``: a llama.cpp type; each bit-width's grid is then the type of its family at that width
+    (``QuantSpec.grid``), ``group_size`` and ``zero_point`` being the type's own."""
     progress = progress or (lambda f, m: None)
     _, blocks = find_blocks(lm.model)
     n_blocks = len(blocks)
     alphas = awq.alpha_grid(n_grid)
     input_of = dict(input_of or {})
     searches: dict[int, list[GroupSearch]] = {b: [] for b in bits}
-    plans = {b: Recipe(bits=b, group_size=group_size, zero_point=zero_point) for b in bits}
+    specs = {b: QuantSpec.grid(b, group_size, zero_point, format) for b in bits}
+    plans = {b: Recipe.on(specs[b]) for b in bits}
     clips: dict[int, dict[str, torch.Tensor]] = {b: {} for b in bits}
     t_scale = {b: 0.0 for b in bits}
     t_clip = {b: 0.0 for b in bits}
@@ -265,17 +272,21 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                 x_mean = x.abs().mean(0)  # official get_act_scale: mean |x| over the group's calibration tokens
                 scales = awq.awq_scales(x_mean, alphas)
                 if g.inspect:
+                    sp = specs[b]
                     losses = module_losses(lm, g, cap.calls[g.inspect], weights, scales, bits=b,
-                                           group_size=group_size, zero_point=zero_point, ref=refs[g.inspect])
+                                           group_size=sp.group_size, zero_point=sp.zero_point, ref=refs[g.inspect],
+                                           format=sp.format)
                 else:
                     w = torch.cat([weights[n] for n in g.linears])
                     if x.shape[0] > 2 * x.shape[1]:
                         if g.linears[0] not in grams:
                             grams[g.linears[0]] = gram(x)
-                        losses = linear_losses(w, None, scales, bits=b, group_size=group_size, zero_point=zero_point,
-                                               gram_matrix=grams[g.linears[0]], n_tokens=x.shape[0])
+                        losses = linear_losses(w, None, scales, bits=b, group_size=specs[b].group_size,
+                                               zero_point=specs[b].zero_point, gram_matrix=grams[g.linears[0]],
+                                               n_tokens=x.shape[0], format=specs[b].format)
                     else:
-                        losses = linear_losses(w, x, scales, bits=b, group_size=group_size, zero_point=zero_point)
+                        losses = linear_losses(w, x, scales, bits=b, group_size=specs[b].group_size,
+                                               zero_point=specs[b].zero_point, format=specs[b].format)
                 best = awq.first_min_index(losses)
                 gs = GroupSearch(alphas=alphas, losses=losses, scales=scales[best].clone(), best_index=best,
                                  group=g, bits=b)
@@ -291,8 +302,8 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
                     x = cap.x[key_of[n]].float()
                     if n in plans[b].col:
                         x = x / plans[b].col[n].to(x.device).view(1, -1)  # official apply_scale divides input_feat by s
-                    spec = QuantSpec(b, group_size, zero_point)  # official auto_clip_layer's defaults
-                    clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, spec, awq.ClipSearch()).cpu()
+                    # official auto_clip_layer's defaults
+                    clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, specs[b], awq.ClipSearch()).cpu()
                 t_clip[b] += time.perf_counter() - t2
             progress((i + (b_i + 1) / len(bits)) / n_blocks, f"grouped AWQ search: block {i + 1}/{n_blocks}, w{b}")
         del cap, grams, refs
@@ -307,7 +318,7 @@ def _run(ctx: ModelContext, progress: Progress) -> GroupedResult:
     res = search_grouped(ctx.lm, grouping, ctx.search_blocks(), ctx.snap, bits=list(ctx.bits),
                          group_size=ctx.group_size, zero_point=ctx.zero_point, n_grid=ctx.n_grid,
                          clip="awq-clip" in ctx.methods, batch_tokens=ctx.batch_tokens, input_of=ctx.input_of,
-                         progress=progress)
+                         progress=progress, format=ctx.format)
     for b in ctx.bits:
         for s in res.searches[b]:
             ctx.search_rows += search_rows("awq-grouped", ctx.spec(b), s.group.block, s.group.label(grouping.prefix),

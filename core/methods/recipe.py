@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import awq_search as awq
-from ..grids.quant import pseudo_quantize
+from ..grids.quant import fake_quant
+from ..grids.spec import QuantSpec
 from ..model.blocks import Snapshot, original_weight
 from ..model.linears import set_linear_weight
 from ..model.models import LoadedModel
@@ -39,7 +40,8 @@ class Recipe:
     ``row`` is divided by ``t``. ``bits=None``: no quantization (only the scaling/folding). ``keep``: per linear, the
     ``(row, col)`` weights written back after quantization with their unquantized value in the recipe's own
     coordinates (``W'`` before clipping, fp16-rounded; unscaled with the rest), so a kept weight leaves the
-    model in fp16 whatever the method scaled or folded.
+    model in fp16 whatever the method scaled or folded. ``format``: a llama.cpp type (``QuantSpec.format``; then
+    ``bits``, ``group_size`` and ``zero_point`` are that type's): ``Q`` is its quantizer.
     """
 
     bits: int | None
@@ -51,6 +53,17 @@ class Recipe:
     norm: dict[str, torch.Tensor] = field(default_factory=dict)
     clip: dict[str, torch.Tensor] = field(default_factory=dict)
     keep: dict[str, Cells] = field(default_factory=dict)
+    format: str | None = None
+
+    @classmethod
+    def on(cls, spec: QuantSpec) -> "Recipe":
+        """An empty recipe (no scales, folds or clips) quantizing on ``spec``'s grid."""
+        return cls(bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point, format=spec.format)
+
+    @property
+    def spec(self) -> QuantSpec | None:
+        """The grid ``Q`` puts the weights on (None when ``bits`` is None: no quantization)."""
+        return None if self.bits is None else QuantSpec(self.bits, self.group_size, self.zero_point, self.format)
 
     def prequant(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """The scaled (and row-folded) weight before clipping and quantization."""
@@ -68,7 +81,7 @@ class Recipe:
         if name in self.clip:
             w = awq.apply_clip(w, self.clip[name].to(w.device))
         if self.bits is not None:
-            w = pseudo_quantize(w, self.bits, self.group_size, self.zero_point)
+            w = fake_quant(w, self.spec)
         if self.keep.get(name):
             w = keep_values(w, ref, self.keep[name])
         if name in self.unscale:
@@ -134,5 +147,5 @@ def apply_recipe(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[st
 
 
 def with_clip(recipe: Recipe, clip: dict[str, torch.Tensor]) -> Recipe:
-    return Recipe(recipe.bits, recipe.group_size, recipe.zero_point, dict(recipe.col), set(recipe.unscale),
-                  dict(recipe.row), dict(recipe.norm), dict(clip), dict(recipe.keep))
+    return dataclasses.replace(recipe, col=dict(recipe.col), unscale=set(recipe.unscale), row=dict(recipe.row),
+                               norm=dict(recipe.norm), clip=dict(clip), keep=dict(recipe.keep))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grids.quant import pseudo_quantize
+from ..grids.quant import fake_quant
 from ..grids.spec import Options, QuantSpec
 from .base import LayerInputs, Method, ModelContext, Progress, Variant, register
 from .recipe import Recipe
@@ -17,13 +17,13 @@ class RTNOptions(Options):
 
 
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: RTNOptions) -> torch.Tensor:
-    return pseudo_quantize(w, spec.bits, spec.group_size, spec.zero_point)
+    return fake_quant(w, spec)
 
 
 def model(ctx: ModelContext, spec: QuantSpec, options: RTNOptions, progress: Progress) -> Variant:
-    return Recipe(bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point)
+    return Recipe.on(spec)
 
 
 METHOD = register(Method(
     "rtn", "RTN", "round to nearest on the min/max grid of each group (llm-awq's quantizer)",
-    "round-to-nearest: every block linear W -> Q(W)", RTNOptions, layer, model, needs_data=False))
+    "round-to-nearest: every block linear W -> Q(W)", RTNOptions, layer, model, needs_data=False, formats=True))
