@@ -102,6 +102,7 @@ def test_analysis_statistics_are_the_sum_of_squares(tiny_analysis, tmp_path):
         assert h is not None
         assert np.allclose(s, torch.diag(h).double().numpy(), rtol=1e-4, atol=1e-6)
     assert np.array_equal(st["blk.0.attn_q.weight"][0], st["blk.0.attn_v.weight"][0])  # one input, one record
+    assert np.array_equal(IM.mean_sq(a, "model.layers.1.mlp.down_proj") * n, st["blk.1.ffn_down.weight"][0])
     p = IM.write_imatrix(tmp_path / "tiny.gguf", a)
     im = IM.read_imatrix(p)
     assert im.chunk_size == a.settings.calibration.seqlen and im.chunk_count == n // im.chunk_size

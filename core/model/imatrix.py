@@ -79,11 +79,25 @@ class Imatrix:
 # ------------------------------------------------------------------------------------------------
 # the explorer's statistics -> imatrix
 # ------------------------------------------------------------------------------------------------
+def mean_sq(analysis: Any, name: str) -> np.ndarray:
+    """Mean of x^2 per input channel of linear ``name`` over the analysis' calibration tokens, float64 ``[in]``:
+    ``std^2 + mean^2`` of its ``channels`` rows (what an imatrix holds as ``in_sum2 / counts``; no model, no
+    Hessian needed)."""
+    key = analysis.input_key(name)
+    ch = analysis.channels
+    rows = ch[ch["input_key"] == key].sort_values("channel")
+    if rows.empty:
+        raise ImatrixError(f"the analysis holds no channel statistics for the input of {name}")
+    mean = rows["mean"].to_numpy(np.float64)
+    std = rows["std"].to_numpy(np.float64)
+    return std * std + mean * mean
+
+
 def analysis_stats(analysis: Any) -> dict[str, tuple[np.ndarray, int]]:
     """``{GGUF tensor name: (sum of x^2 per input channel float64 [in], token count)}`` for every quantizable linear
-    of an analysis (its ``linears`` / ``channels`` tables and manifest; the model is not loaded). Linears that
-    read the same input (q, k, v) get the same statistics, as llama-imatrix records them per tensor."""
-    lin, ch = analysis.linears, analysis.channels
+    of an analysis (``mean_sq`` times the token count; its tables and manifest only, the model is not loaded).
+    Linears that read the same input (q, k, v) get the same statistics, as llama-imatrix records them per tensor."""
+    lin = analysis.linears
     n = int(analysis.manifest.get("n_tokens") or 0)
     if n <= 0:
         raise ImatrixError("the analysis records no calibration token count; re-run the analysis")
@@ -95,14 +109,11 @@ def analysis_stats(analysis: Any) -> dict[str, tuple[np.ndarray, int]]:
     if missing:
         raise ImatrixError(f"no GGUF tensor name for {len(missing)} linear(s) of this {arch or 'unknown'} model "
                            f"(e.g. {missing[0]}); llama.cpp's name tables do not cover it")
-    out: dict[str, tuple[np.ndarray, int]] = {}
     by_key: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[np.ndarray, int]] = {}
     for name, key in zip(names, lin["input_key"]):
         if key not in by_key:
-            rows = ch[ch["input_key"] == key].sort_values("channel")
-            mean = rows["mean"].to_numpy(np.float64)
-            std = rows["std"].to_numpy(np.float64)
-            by_key[key] = (std * std + mean * mean) * n
+            by_key[key] = mean_sq(analysis, name) * n
         out[mapping[name]] = (by_key[key], n)
     return out
 
@@ -246,5 +257,5 @@ def _read_legacy(path: Path) -> Imatrix:
     return Imatrix(sums, counts, datasets, int(chunk_count), 0, "legacy")
 
 
-__all__ = ["Imatrix", "ImatrixError", "analysis_stats", "write_imatrix", "read_imatrix", "KEY_DATASETS",
+__all__ = ["Imatrix", "ImatrixError", "mean_sq", "analysis_stats", "write_imatrix", "read_imatrix", "KEY_DATASETS",
            "KEY_CHUNK_COUNT", "KEY_CHUNK_SIZE"]
