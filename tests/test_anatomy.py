@@ -347,7 +347,8 @@ def test_keep_in_score_variants_and_run_quality(implanted, run):
     assert float(plain[(plain["variant"] == "z") & (plain["metric"] == "kl")]["value"].iloc[0]) > 0.0
     # every method with a model half takes keep: each variant is built once and scored plain and kept; the kept rows
     # equal a run whose quantized weights get the cell written back, and only the plain rows are cached
-    q = evaluate.run_quality(a, modes=["rtn", "hqq"], bits=[3], group_size=GS, keep=run.keep)
+    q = evaluate.run_quality(a, modes=["rtn", "hqq"], bits=[3], group_size=GS, keep=run.keep,
+                             protocol="all-positions")  # score_variants' protocol, compared below
     assert_bit_identical(a.lm.model, before)
     kl = q[q["metric"] == "kl"].set_index("mode")["value"]
     assert list(kl.index) == ["fp", "rtn", "rtn+keep", "hqq", "hqq+keep"]
@@ -355,7 +356,7 @@ def test_keep_in_score_variants_and_run_quality(implanted, run):
     cached = evaluate.cached_quality(a)
     assert not cached["mode"].str.endswith("+keep").any()
     assert float(cached[(cached["mode"] == "rtn") & (cached["metric"] == "kl")]["value"].iloc[0]) == kl["rtn"]
-    plain = evaluate.run_quality(a, modes=["rtn"], bits=[3], group_size=GS)
+    plain = evaluate.run_quality(a, modes=["rtn"], bits=[3], group_size=GS, protocol="all-positions")
     assert float(plain[(plain["mode"] == "rtn") & (plain["metric"] == "kl")]["value"].iloc[0]) == kl["rtn"]
     # by hand: RTN with the super weight written back in fp16
     from core.quant import pseudo_quantize

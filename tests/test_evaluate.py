@@ -61,7 +61,7 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
     a = tiny_analysis(kind)
     before = state(a.lm.model)
     seen, msgs = [], []
-    df = evaluate.run_quality(a, modes=list(evaluate.MODES), bits=[8, 2], group_size=GS,
+    df = evaluate.run_quality(a, modes=list(evaluate.MODES), bits=[8, 2], group_size=GS, protocol="all-positions",
                               progress=lambda f, m: (seen.append(f), msgs.append(m)))
     assert list(df.columns) == evaluate.COLUMNS
     assert_bit_identical(a.lm.model, before)
@@ -301,7 +301,7 @@ def test_cli_evaluate_json(tiny_dir, tokenizer_dir, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert all(set(x) == {"mode", "bits", "group_size", "metric", "value"} for x in rows)
+    assert all(set(x) == {"mode", "bits", "group_size", "protocol", "metric", "value"} for x in rows)
     assert {(x["mode"], x["bits"]) for x in rows} == {("fp", 16), ("rtn", 4), ("rtn", 8), ("awq-grouped", 4),
                                                       ("awq-grouped", 8)}
     assert {x["metric"] for x in rows} == set(evaluate.CAUSAL_METRICS) and all(x["group_size"] == GS for x in rows)
@@ -378,7 +378,7 @@ def test_score_variants(tiny_analysis):
     assert (df["n_tokens"] == data.heldout.shape[0] * (data.heldout.shape[1] - 1)).all()
 
     # the same numbers as run_quality's rtn mode (the same weights, the same scoring engine)
-    q = evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=GS)
+    q = evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=GS, protocol="all-positions")
     for m in evaluate.CAUSAL_METRICS:
         assert values(q, "rtn", 4, m) == pytest.approx(val[("rtn4", m)], rel=1e-12, abs=1e-15), m
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,9 +57,11 @@ def test_folded_export_model_scores_exactly_as_model_quality(method, tiny_llama)
     if method != "rtn":  # AWQ's scales went into the RMSNorms (and up_proj's rows)
         assert any(k.endswith("input_layernorm.weight") for k in m.folded)
         assert any(k.endswith("post_attention_layernorm.weight") for k in m.folded)
-    got = _metrics(evaluate.score_variants(tiny_llama, {"x": m.fake_weights}), variant="x")
+    got = _metrics(evaluate.score_variants(tiny_llama, {"x": m.fake_weights}, protocol="llama.cpp"), variant="x")
     want = _metrics(evaluate.run_quality(tiny_llama, modes=[method], bits=[4], group_size=GS), mode=method)
-    assert got == want
+    assert got.keys() == want.keys()
+    for k in got:  # percentiles are NaN under llama.cpp's protocol below 100 scored tokens, as llama-perplexity
+        assert got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])), k
     # the fake weight is the grid's rounding of the folded weight, and different from the fp weight
     li = m.linears["model.layers.0.mlp.down_proj"]
     assert not torch.equal(li.fake, li.weight)

@@ -2,7 +2,7 @@
 
 Runs (or reuses from the cache) the layer-level analysis, then the evaluation; prints a table on stdout
 (progress on stderr). With ``--json`` the last stdout line is a JSON array of objects with keys
-``mode, bits, group_size, metric, value``. Rows already cached for the same analysis, bits, group size,
+``mode, bits, group_size, protocol, metric, value``. Rows already cached for the same analysis, bits, group size,
 zero point and search token budgets are reused unless ``--force``.
 """
 from __future__ import annotations
@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--const-alpha-tokens", type=int, default=CONST_ALPHA_TOKENS,
                    help="calibration tokens (whole blocks) the const-alpha search runs the whole model on, once "
                         f"per alpha (default {CONST_ALPHA_TOKENS})")
+    p.add_argument("--protocol", default="llama.cpp", choices=["llama.cpp", "all-positions"],
+                   help="which held-out positions are scored: llama.cpp's (default: windows evaluated on their own, BOS "
+                        "first when the tokenizer adds one, positions n_ctx/2 .. n_ctx-2 scored, as llama-perplexity "
+                        "--kl-divergence) or every position from the first")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array on the last line")
     p.add_argument("--force", action="store_true", help="re-run the evaluation even when its rows are cached")
     p.set_defaults(func=cmd_evaluate)
@@ -87,7 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     df = None
     cached = cached_quality(a) if not args.force else None
     if cached is not None:
-        sel = cached[(cached["group_size"] == g) & (cached["zero_point"] == zp)
+        sel = cached[(cached["group_size"] == g) & (cached["zero_point"] == zp) & (cached["protocol"] == args.protocol)
                      & (cached["mode"].isin(modes) | (cached["mode"] == "fp"))
                      & (cached["bits"].isin(bits) | (cached["mode"] == "fp"))]
         calib = torch.zeros(settings.calibration.n_samples, settings.calibration.seqlen)  # only its shape counts
@@ -101,19 +105,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if df is None:
         source = "computed"
         df = run_quality(a, modes=modes, bits=bits, group_size=g, zero_point=zp, search_tokens=args.search_tokens,
-                         const_alpha_tokens=args.const_alpha_tokens,
+                         const_alpha_tokens=args.const_alpha_tokens, protocol=args.protocol,
                          progress=None if args.quiet else stderr_progress("evaluate "))
     t_ev = time.time() - t1
     print(f"model      {a.model_id}")
     print(f"cache      {a.path}")
     print(f"grouping   {grouping_note(a)}")
     print(f"setting    group size {g or 'per row'}, zero point {'yes' if zp else 'no (symmetric)'}, "
-          f"held-out tokens {int(df['n_tokens'].iloc[0])}, search tokens "
+          f"scored held-out tokens {int(df['n_tokens'].iloc[0])} (protocol {args.protocol}), search tokens "
           + ", ".join(f"{m} {int(t)}" for m, t in dict(zip(df["mode"], df["search_tokens"])).items() if t))
     print(f"time       analysis {t_an:.1f}s, evaluation {t_ev:.1f}s ({source})")
     print(table(df))
     if args.json:
-        recs = [{"mode": str(r.mode), "bits": int(r.bits), "group_size": int(r.group_size), "metric": str(r.metric),
+        recs = [{"mode": str(r.mode), "bits": int(r.bits), "group_size": int(r.group_size), "protocol": str(r.protocol),
+                 "metric": str(r.metric),
                  "value": float(r.value) if math.isfinite(float(r.value)) else None}
                 for r in df.itertuples(index=False)]
         sys.stdout.flush()

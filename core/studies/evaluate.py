@@ -60,12 +60,16 @@ Hooks = Callable[[LoadedModel], list]  # registers forward hooks on the model, r
 
 FP_BITS = 16
 KEEP_SUFFIX = "+keep"  # run_quality(keep=...): the mode of a row scored with the kept weights in fp16
-COLUMNS = ["mode", "bits", "group_size", "metric", "value", "n_tokens", "seconds", "zero_point", "search_tokens"]
-KL_COLUMNS = ["mode", "bits", "group_size", "zero_point", "fraction", "kl"]
+COLUMNS = ["mode", "bits", "group_size", "metric", "value", "n_tokens", "seconds", "zero_point", "search_tokens",
+           "protocol"]
+KL_COLUMNS = ["mode", "bits", "group_size", "zero_point", "protocol", "fraction", "kl"]
 SCORE_COLUMNS = ["variant", "metric", "value", "n_tokens", "seconds"]
-CAUSAL_METRICS = ("perplexity", "perplexity_se", "kl", "kl_p99", "kl_p999", "same_top", "rms_dp")
+CAUSAL_METRICS = ("perplexity", "perplexity_se", "kl", "kl_se", "kl_p99", "kl_p999", "same_top", "same_top_se", "rms_dp",
+                  "rms_dp_se")
+PROTOCOL = score.LLAMACPP  # Model quality's scoring protocol unless told (core.model.score.PROTOCOLS)
 ENCODER_METRICS = ("cosine", "hidden_rel_error")
-EVAL_VERSION = 2  # 2: llama.cpp's KL report, token budgets for the searches (column search_tokens)
+EVAL_VERSION = 3  # 2: llama.cpp's KL report, token budgets for the searches; 3: scoring protocol (column protocol)
+# Cached rows of version 2 were scored on every position without BOS: they are read as protocol "all-positions".
 # Default token budgets of the searches (whole calibration blocks; CLI --search-tokens / --const-alpha-tokens,
 # the page's inputs). Both searches cost a forward pass per alpha and bit-width: the grouped one about one
 # pass of the blocks over ``SEARCH_TOKENS`` tokens, const-alpha one pass of the model over
@@ -84,14 +88,17 @@ MODE_DEFINITIONS: dict[str, str] = {"fp": "the unquantized model (reference)",
 
 DEFINITIONS: dict[str, str] = {
     "perplexity": "exp(mean next-token cross-entropy) over the scored held-out tokens (non-overlapping windows; "
-                  "n_tokens = scored tokens)",
+                  "n_tokens = scored tokens; which positions are scored: the protocol)",
     "perplexity_se": "standard error of the perplexity by the delta method: perplexity * sqrt(var(CE) / (n - 1)), "
                      "var over the scored tokens' cross-entropies (llama.cpp)",
     "kl": "mean over scored tokens of KL(p_fp || q) of the next-token distributions, in nats",
+    "kl_se": "± of the mean KL: sqrt((E[KL^2] - E[KL]^2) / (n - 1)) over the scored tokens (llama.cpp)",
     "kl_p99": "99th percentile of the per-token KL(p_fp || q) (linear interpolation between ranks, as llama.cpp)",
     "kl_p999": "99.9th percentile of the per-token KL(p_fp || q)",
     "same_top": "share of scored tokens whose most likely next token (argmax) is the same as in the fp model",
+    "same_top_se": "± of same_top: sqrt(p (1 - p) / (n - 1)) (llama.cpp)",
     "rms_dp": "sqrt(mean (q[y] - p_fp[y])^2) with y the actual next token: RMS change of its probability",
+    "rms_dp_se": "± of rms_dp: 0.5 / rms_dp * sqrt((E[dp^4] - E[dp^2]^2) / (n - 1)) (llama.cpp)",
     "cosine": "mean over held-out windows of the cosine similarity between the mean-pooled last hidden states "
               "(the sentence embedding of all-MiniLM-L6-v2) of the quantized and the fp model",
     "hidden_rel_error": "||H - H_fp||^2 / ||H_fp||^2 over all held-out tokens' last hidden states",
@@ -205,13 +212,15 @@ def apply_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None = N
 
 def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, Callable[[], Variant]], snap, *,
                     batch_tokens: int, step: Callable[[float, str], None], ref0: tuple | None = None,
-                    hooks: Mapping[Any, Hooks] | None = None) -> tuple[score.Score, float, dict[Any, score.Score], dict[Any, float]]:
+                    hooks: Mapping[Any, Hooks] | None = None,
+                    protocol: str = score.ALL_POSITIONS) -> tuple[score.Score, float, dict[Any, score.Score], dict[Any, float]]:
     """The scoring engine: fp reference and every variant on ``heldout``, chunk by chunk (one chunk's fp
     log-probs in memory). A builder is called once per chunk; the model is restored after each variant (and its
     ``hooks`` removed). ``step(units, msg)``: progress, one unit per forward pass over all of ``heldout``. ``ref0``:
-    the ``(fp score, refs, seconds)`` of the first chunk when already computed."""
+    the ``(fp score, refs, seconds)`` of the first chunk when already computed. ``protocol``: the positions scored
+    (``heldout`` already in the protocol's windows, ``core.model.score.windows``)."""
     chunks = score.held_chunks(lm, heldout)
-    scores = {k: score.Score(lm.is_causal) for k in builders}
+    scores = {k: score.Score(lm.is_causal, protocol) for k in builders}
     seconds = {k: 0.0 for k in builders}
     for ci, chunk in enumerate(chunks):
         batches = score.eval_batches(lm, chunk, batch_tokens)
@@ -220,7 +229,7 @@ def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, 
             fp_score, refs, fp_seconds = ref0
         else:
             if ci == 0:
-                fp_score, fp_seconds = score.Score(lm.is_causal), 0.0
+                fp_score, fp_seconds = score.Score(lm.is_causal, protocol), 0.0
             t0 = time.perf_counter()
             refs = score.reference(lm, batches, fp_score)
             fp_seconds += time.perf_counter() - t0
@@ -246,7 +255,7 @@ def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, 
 
 def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, max_tokens: int | None = None,
                    progress: Progress | None = None, keep: Keep | None = None,
-                   hooks: Mapping[str, Hooks] | None = None) -> pd.DataFrame:
+                   hooks: Mapping[str, Hooks] | None = None, protocol: str = score.ALL_POSITIONS) -> pd.DataFrame:
     """Score whole-model weight variants on the analysis' held-out text against the fp model.
 
     ``variants``: name -> callable returning ``{linear name: replacement weight [out, in] float32}``; linears
@@ -258,7 +267,9 @@ def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, m
     (a callable may be called once per held-out chunk: once unless the fp log-probs exceed 512 MiB).
     ``keep``: weights every variant keeps unquantized in fp16 (:func:`keep_variant`). ``hooks``: variant name ->
     ``install(lm)`` returning the forward-hook handles it registered on the model (an intervention on activations,
-    e.g. ``core.studies.anatomy``); they are removed after that variant, also on error.
+    e.g. ``core.studies.anatomy``); they are removed after that variant, also on error. ``protocol``: which
+    positions are scored (``core.model.score.PROTOCOLS``); ``all-positions`` here by default, so the studies built
+    on this (plans, anatomy) keep the numbers of their caches; Model quality's ``run_quality`` defaults to llama.cpp's.
     """
     max_tokens = check_tokens(max_tokens, "max_tokens")
     names = list(variants)
@@ -267,7 +278,8 @@ def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, m
     report = progress or (lambda f, m: None)
     report(0.0, "loading the model")
     lm = analysis.lm
-    held = first_blocks(eval_data(analysis, lm).heldout, max_tokens)
+    protocol = score.check_protocol(protocol)
+    held = score.windows(lm, first_blocks(eval_data(analysis, lm).heldout, max_tokens), protocol)
     ticker = _Ticker(report, 1 + len(names))
     with model_lock(lm.model), torch.no_grad():
         snap = snapshot(lm)
@@ -275,7 +287,7 @@ def score_variants(analysis, variants: Mapping[str, Callable[[], Weights]], *, m
             builders = {k: (lambda f=f: keep_variant(lm, f(), snap, keep)) for k, f in variants.items()}
             fp_score, fp_seconds, scores, seconds = _score_variants(
                 lm, held, builders, snap, batch_tokens=int(analysis.settings.batch_tokens), step=ticker.step,
-                hooks=hooks)
+                hooks=hooks, protocol=protocol)
         finally:
             restore(lm, snap)
     rows = []
@@ -367,7 +379,8 @@ def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens
 # ------------------------------------------------------------------------------------------------
 def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int, zero_point: bool = True,
                 progress: Progress | None = None, text: str | None = None, search_tokens: int = SEARCH_TOKENS,
-                const_alpha_tokens: int = CONST_ALPHA_TOKENS, keep: Keep | None = None) -> pd.DataFrame:
+                const_alpha_tokens: int = CONST_ALPHA_TOKENS, keep: Keep | None = None,
+                protocol: str = PROTOCOL) -> pd.DataFrame:
     """Fake-quantize the whole model in each of ``modes`` at each of ``bits`` and measure it on held-out text.
 
     ``search_tokens``: calibration tokens (whole blocks, at least one) the grouped scale and clip searches run
@@ -380,6 +393,9 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     ``keep``: also score every mode and bits with these weights kept unquantized in fp16 (:func:`keep_variant`;
     the super weights of ``core.studies.anatomy``), built once with the plain one: rows of mode ``<mode>+keep``
     (``KEEP_SUFFIX``) beside the plain rows, returned but never cached.
+
+    ``protocol``: which held-out positions are scored (``core.model.score.PROTOCOLS``; column ``protocol``):
+    llama.cpp's by default, so the figures compare with ``llama-perplexity --kl-divergence``.
     """
     modes = check_modes(modes)
     bits = check_bits_list(bits, modes)
@@ -396,7 +412,8 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     q_modes = [m for m in modes if m != "fp"]
     tasks = [(m, b) for m in q_modes for b in bits]
     kept = {t: (t[0] + KEEP_SUFFIX, t[1]) for t in tasks} if keep else {}
-    held = data.heldout
+    protocol = score.check_protocol(protocol)
+    held = score.windows(lm, data.heldout, protocol)
     chunks = score.held_chunks(lm, held)
     batch_tokens = int(settings.batch_tokens)
 
@@ -410,7 +427,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
         try:
             # 1. the fp reference of the first held-out chunk first: it calibrates the time estimate
             batches0 = score.eval_batches(lm, chunks[0], batch_tokens)
-            fp_score, t0 = score.Score(lm.is_causal), time.perf_counter()
+            fp_score, t0 = score.Score(lm.is_causal, protocol), time.perf_counter()
             refs0 = score.reference(lm, batches0, fp_score, ticker.sub(chunks[0].shape[0] / held.shape[0]))
             ref0 = (fp_score, refs0, time.perf_counter() - t0)
             if len(chunks) > 1:
@@ -435,7 +452,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
                     if t in kept:
                         run[kept[t]] = lambda v=v: keep_variant(lm, v, snap, keep)
                     _, _, sc, sec = _score_variants(lm, held, run, snap, batch_tokens=batch_tokens,
-                                                    step=ticker.step, ref0=ref0)
+                                                    step=ticker.step, ref0=ref0, protocol=protocol)
                     for k in run:
                         scores[k], seconds[k] = sc[k], seconds[k] + sec[k]
             if len(chunks) > 1:
@@ -443,7 +460,8 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
                 run.update({kept[t]: (lambda t=t: keep_variant(lm, built[t], snap, keep)) for t in kept})
                 fp_score, fp_seconds, sc, sec = _score_variants(
                     lm, held, run, snap, batch_tokens=batch_tokens,
-                    step=lambda u, m: ticker.step(u if "reference" not in m else 0.0, m), ref0=ref0)
+                    step=lambda u, m: ticker.step(u if "reference" not in m else 0.0, m), ref0=ref0,
+                    protocol=protocol)
                 for k in run:
                     scores[k], seconds[k] = sc[k], seconds[k] + sec[k]
             else:
@@ -457,24 +475,25 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     n_tok = fp_score.n_tok
     for metric, v in fp_score.metrics(fp=True).items():
         rows.append({"mode": "fp", "bits": FP_BITS, "group_size": g, "metric": metric, "value": v,
-                     "n_tokens": n_tok, "seconds": fp_seconds, "zero_point": zp, "search_tokens": 0})
+                     "n_tokens": n_tok, "seconds": fp_seconds, "zero_point": zp, "search_tokens": 0,
+                     "protocol": protocol})
     for t in tasks + [kept[t] for t in tasks if t in kept]:
         base = t[0].removesuffix(KEEP_SUFFIX)
         for metric, v in scores[t].metrics().items():
             rows.append({"mode": t[0], "bits": t[1], "group_size": g, "metric": metric, "value": v,
                          "n_tokens": scores[t].n_tok, "seconds": seconds[t], "zero_point": zp,
-                         "search_tokens": n_st[base]})
+                         "search_tokens": n_st[base], "protocol": protocol})
         if lm.is_causal and t[0] == base:
             kl = scores[t].kl_values()
-            kl_rows += [{"mode": t[0], "bits": t[1], "group_size": g, "zero_point": zp, "fraction": f,
+            kl_rows += [{"mode": t[0], "bits": t[1], "group_size": g, "zero_point": zp, "protocol": protocol, "fraction": f,
                          "kl": metrics.percentile(kl, f)} for f in KL_FRACTIONS]
     df = _frame(rows)
     keys = ["mode", "bits", "group_size", "zero_point"]
-    _merge_write(analysis, "quality", df[~df["mode"].str.endswith(KEEP_SUFFIX)], keys + ["metric"])
+    _merge_write(analysis, "quality", df[~df["mode"].str.endswith(KEEP_SUFFIX)], keys + ["protocol", "metric"])
     if ctx.search_rows:
         _merge_write(analysis, "quality_search", pd.DataFrame(ctx.search_rows, columns=SEARCH_COLUMNS), keys)
     if kl_rows:
-        _merge_write(analysis, "quality_kl", pd.DataFrame(kl_rows, columns=KL_COLUMNS), keys)
+        _merge_write(analysis, "quality_kl", pd.DataFrame(kl_rows, columns=KL_COLUMNS), keys + ["protocol"])
     report(1.0, "done")
     return df
 
@@ -489,16 +508,35 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     if df.empty:
         return df
     df = df.astype({"bits": "int64", "group_size": "int64", "n_tokens": "int64", "value": "float64",
-                    "seconds": "float64", "zero_point": "bool", "search_tokens": "int64"})
+                    "seconds": "float64", "zero_point": "bool", "search_tokens": "int64", "protocol": "str"})
     kept = df["mode"].str.endswith(KEEP_SUFFIX)  # a kept-in-fp16 row right after its mode's
     key = ((df["mode"].str.removesuffix(KEEP_SUFFIX).map(order).fillna(99) + 0.5 * kept) * 1e6 + df["bits"] * 1e3
            + df["metric"].map(metric_order).fillna(99))
     return df.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
+def _upgrade(df: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
+    """Version-2 rows as version 3: ``quality`` / ``quality_kl`` rows were scored on every position (protocol
+    ``all-positions``); the search curves do not depend on the protocol."""
+    if df is None or df.empty or "eval_version" not in df:
+        return df
+    old = df["eval_version"] == 2
+    if not old.any():
+        return df
+    df = df.copy()
+    if name == "quality_search":
+        df.loc[old, "eval_version"] = EVAL_VERSION
+        return df
+    if "protocol" not in df:
+        df["protocol"] = score.LLAMACPP
+    df.loc[old, "protocol"] = score.ALL_POSITIONS
+    df.loc[old, "eval_version"] = EVAL_VERSION
+    return df
+
+
 def _merge_write(analysis, name: str, new: pd.DataFrame, keys: list[str]) -> None:
     new = new.assign(eval_version=EVAL_VERSION)
-    old = analysis.read_extra(name)
+    old = _upgrade(analysis.read_extra(name), name)
     if old is not None and not old.empty and set(new.columns) <= set(old.columns):
         old = old[old.get("eval_version", -1) == EVAL_VERSION] if "eval_version" in old else old.iloc[0:0]
         new_keys = set(map(tuple, new[keys].drop_duplicates().itertuples(index=False, name=None)))
@@ -508,7 +546,7 @@ def _merge_write(analysis, name: str, new: pd.DataFrame, keys: list[str]) -> Non
 
 
 def _read(analysis, name: str) -> pd.DataFrame | None:
-    df = analysis.read_extra(name)
+    df = _upgrade(analysis.read_extra(name), name)
     if df is None or df.empty or "eval_version" not in df:
         return None
     df = df[df["eval_version"] == EVAL_VERSION].drop(columns=["eval_version"])

@@ -276,7 +276,97 @@ def verify_gguf(model: ExportModel, folder: Path, progress: Progress, max_tokens
             "seconds_llamacpp": t_ll, "seconds_explorer": t_ex}
 
 
+# ------------------------------------------------------------------------------------------------
+# llama-perplexity --kl-divergence against the explorer's reference, on the explorer's tokens
+# ------------------------------------------------------------------------------------------------
+def _nearest_int(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``nearest_int`` (float32 magic-number rounding: half to even)."""
+    v = (x.astype(np.float32) + np.float32(12582912.0)).astype(np.float32)
+    return (v.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def encode_log_probs(logits: np.ndarray) -> np.ndarray:
+    """perplexity.cpp's ``log_softmax`` encoding of one token's logits ``[vocab]`` float32 as the ``nv`` uint16 of a
+    ``--kl-divergence-base`` record: float32 scale and minimum log-prob, then each logit over the top 16 nats on 16
+    bits (padded to an even count)."""
+    x = logits.astype(np.float32)
+    n_vocab = x.shape[0]
+    mx, mn = np.float32(x.max()), np.float32(x.min())
+    mn = np.float32(max(mn, np.float32(mx - np.float32(16))))
+    sum_exp = float(np.exp((x - mx).astype(np.float32), dtype=np.float32).astype(np.float64).sum())
+    lse = np.float32(np.log(sum_exp))
+    min_log_prob = np.float32(mn - mx - lse)
+    scale = np.float32((mx - mn) / np.float32(65535.0))
+    out = np.zeros(2 * ((n_vocab + 1) // 2) + 4, dtype=np.uint16)
+    out[:4] = np.array([scale, min_log_prob], dtype=np.float32).view(np.uint16)
+    if scale:
+        inv = np.float32(1) / scale
+        q = np.where(x > mn, _nearest_int((inv * (x - mn)).astype(np.float32)), 0)
+        out[4:4 + n_vocab] = q.astype(np.uint16)
+    return out
+
+
+def write_kld_base(path: Path, ids: torch.Tensor, logits: torch.Tensor) -> Path:
+    """A ``llama-perplexity --kl-divergence-base`` file holding the windows ``ids [n, n_ctx]`` and the reference
+    ``logits [n, n_ctx, vocab]`` of the predictions llama.cpp scores (positions n_ctx/2 .. n_ctx-2), so that
+    ``llama-perplexity --kl-divergence`` evaluates a GGUF on exactly these tokens against this reference."""
+    n, n_ctx = ids.shape
+    first = n_ctx // 2
+    with open(path, "wb") as f:
+        f.write(b"_logits_")
+        f.write(np.array([n_ctx], dtype=np.uint32).tobytes())
+        f.write(np.array([logits.shape[-1], n], dtype=np.int32).tobytes())
+        f.write(ids.to(torch.int32).numpy().tobytes())
+        for w in range(n):
+            rows = logits[w, first:n_ctx - 1].float().numpy()
+            f.write(b"".join(encode_log_probs(r).tobytes() for r in rows))
+    return path
+
+
+_KLD_LINES = {"perplexity": r"Mean PPL\(Q\)\s*:\s*([\d.]+)\s*±\s*([\d.]+)",
+              "kl": r"Mean\s+KLD:\s*([-\d.]+)\s*±\s*([\d.]+)",
+              "kl_p99": r"99\.0%\s+KLD:\s*([-\d.]+)()",
+              "rms_dp": r"RMS Δp\s*:\s*([\d.]+)\s*±\s*([\d.]+)\s*%",
+              "same_top": r"Same top p:\s*([\d.]+)\s*±\s*([\d.]+)\s*%"}
+
+
+def parse_kld_report(text: str) -> dict[str, float]:
+    """The statistics of ``llama-perplexity --kl-divergence``'s report (Δp and same top as shares, not %):
+    ``{metric: value, metric_se: ±}``."""
+    import re
+
+    out: dict[str, float] = {}
+    for k, rx in _KLD_LINES.items():
+        m = re.search(rx, text)
+        if m is None:
+            raise ExportError(f"llama-perplexity's report has no {k} line")
+        div = 100.0 if k in ("rms_dp", "same_top") else 1.0
+        out[k] = float(m.group(1)) / div
+        if m.group(2):
+            out[f"{k}_se"] = float(m.group(2)) / div
+    return out
+
+
+def llama_perplexity_kld(gguf_path: Path, base: Path, n_ctx: int, *, threads: int = 2, timeout: float = 900) -> dict:
+    """Run ``llama-perplexity -m gguf_path --kl-divergence-base base --kl-divergence`` and parse its report."""
+    import subprocess
+
+    from .export import llamacpp
+
+    mod = llamacpp()
+    tool = mod.tool_path("llama-perplexity") if mod is not None else None
+    if tool is None:
+        raise ExportError("llama-perplexity is not built (tools/build_llamacpp.sh builds it)")
+    r = subprocess.run([str(tool), "-m", str(gguf_path), "--kl-divergence-base", str(base), "--kl-divergence",
+                        "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise ExportError(f"llama-perplexity failed ({(r.stderr.strip().splitlines() or ['?'])[-1]})")
+    return parse_kld_report(r.stdout + r.stderr)
+
+
 register_format("gguf", write_gguf, verify_gguf)
 
-__all__ = ["write_gguf", "verify_gguf", "llama_logits", "compare_logits", "permute_rows", "source_gguf", "FILE_NAME",
+__all__ = ["write_gguf", "verify_gguf", "write_kld_base", "encode_log_probs", "parse_kld_report",
+           "llama_perplexity_kld", "llama_logits", "compare_logits", "permute_rows", "source_gguf", "FILE_NAME",
            "AGREE_KL", "AGREE_TOP"]
