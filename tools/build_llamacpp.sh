@@ -30,11 +30,15 @@ if [ ! -d "$DIR/src/vendor/llama.cpp" ]; then
 fi
 jobs=$(nproc)
 echo "llama.cpp: building llama-quantize, llama-perplexity, llama-imatrix ($FLAGS)" >&2
+log="$DIR/build.log"
+fail() { tail -n 30 "$log" >&2; echo "error: $1 (full log: $log)" >&2; exit 1; }
 cmake -S "$DIR/src/vendor/llama.cpp" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF $FLAGS >/dev/null
-cmake --build "$DIR/build" -j "$jobs" --target llama-quantize llama-perplexity llama-imatrix >/dev/null
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF $FLAGS \
+  >"$log" 2>&1 || fail "configuring llama.cpp failed"
+cmake --build "$DIR/build" -j "$jobs" --target llama-quantize llama-perplexity llama-imatrix >>"$log" 2>&1 \
+  || fail "building llama.cpp's tools failed"
 echo "llama.cpp: building the Python bindings llama-cpp-python==$VER" >&2
 CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" "$VPY" -m pip install -q --disable-pip-version-check \
-  "$sdist"
-"$VPY" -c 'import llama_cpp' || { echo "error: the llama-cpp-python build failed" >&2; exit 1; }
+  "$sdist" >>"$log" 2>&1 || fail "building the llama-cpp-python bindings failed"
+"$VPY" -c 'import llama_cpp' >>"$log" 2>&1 || fail "the llama_cpp bindings do not import"
 touch "$stamp"

@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
                         "(spread from the first to the last; minutes)")
     p.add_argument("--keep", action="store_true",
                    help="also run every method with and without the super weights kept in fp16 (minutes)")
+    p.add_argument("--keep-modes", default=None, metavar="M,M",
+                   help="with --keep: only these methods (comma-separated, e.g. rtn,awq,gptq,hqq; default all)")
     p.add_argument("--attribute", default=None, metavar="METHOD[@BITS]",
                    help="where a method's model-level damage comes from, e.g. hqq@3 (against rtn)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -73,6 +75,8 @@ def parse_attribute(text: str, bits: tuple[int, ...]) -> tuple[str, int]:
 
 def cmd_anatomy(args: argparse.Namespace) -> int:
     from ..analysis import analyze
+    from ..grids.spec import choose
+    from ..methods import MODEL_METHODS
     from ..present import outliers
     from ..studies import anatomy as A
     from .common import UsageError, settings_from_args, stderr_progress
@@ -83,6 +87,7 @@ def cmd_anatomy(args: argparse.Namespace) -> int:
         prompt=args.prompt if args.prompt is not None else A.PAPER_PROMPT,
         bits=tuple(int(b) for b in args.bits.split(",") if b.strip()))
     attribute = parse_attribute(args.attribute, settings.bits) if args.attribute else None
+    keep_modes = choose(args.keep_modes, MODEL_METHODS, "method", UsageError) if args.keep_modes else None
     if args.readers < 0:
         raise UsageError(f"--readers must be a number of blocks (0 = none), got {args.readers}")
     quiet = args.quiet
@@ -98,7 +103,7 @@ def cmd_anatomy(args: argparse.Namespace) -> int:
                                     progress=None if quiet else stderr_progress("readers "))
     keep = A.cached_keep_table(a, an)
     if args.keep and keep is None and an.keep:
-        keep = A.keep_table(a, an, progress=None if quiet else stderr_progress("keep "))
+        keep = A.keep_table(a, an, modes=keep_modes, progress=None if quiet else stderr_progress("keep "))
     attr = None
     if attribute:
         attr = A.cached_attribution(a, an, *attribute)
