@@ -24,6 +24,8 @@ from core.studies import evaluate, export as ex, gguf_export
 from core.studies.sweep import SweepSettings
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+HAVE_TOOL = ex.llamacpp() is not None and ex.llamacpp().tool_path("llama-perplexity") is not None
+needs_tool = pytest.mark.skipif(not HAVE_TOOL, reason="llama-perplexity is not built; tools/build_llamacpp.sh builds it")
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama.cpp's Python bindings (llama_cpp) are not built; "
                                                         "tools/build_llamacpp.sh builds them")
 GS = 32
@@ -38,7 +40,7 @@ def tiny_llama(tiny_dir, tokenizer_dir, tmp_path_factory):
 def gguf_analysis(tiny_gguf, tokenizer_dir, tmp_path_factory):  # noqa: F811
     path, _ = tiny_gguf
     settings = tiny_settings(str(path), tokenizer_dir, sweep=SweepSettings(bits=(4,), group_size=32, n_grid=5),
-                             calibration=CalibrationSpec(n_samples=2, seqlen=64, heldout_samples=2))
+                             calibration=CalibrationSpec(n_samples=2, seqlen=64, heldout_samples=4))
     settings = AnalysisSettings(**{**settings.__dict__, "tokenizer": None})  # the GGUF's own tokenizer
     return analyze(settings, tmp_path_factory.mktemp("export-gguf-cache"))
 
@@ -182,3 +184,39 @@ def test_exported_gguf_runs_in_llamacpp_and_agrees(gguf_analysis, tmp_path):
     rows = {r["metric"]: r for r in v["rows"]}
     assert abs(rows["perplexity"]["llamacpp"] / rows["perplexity"]["explorer"] - 1) < 0.05
     json.dumps(s, default=str)  # the CLI's --json summary
+
+
+def test_kld_base_encoding_matches_perplexity_cpp():
+    """perplexity.cpp's 16-bit log-prob record, checked by decoding it: within one quantization step of the exact
+    log-softmax over the top 16 nats, and the fields where llama.cpp puts them."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(101, generator=g) * 4).numpy().astype(np.float32)
+    rec = gguf_export.encode_log_probs(x)
+    assert rec.dtype == np.uint16 and rec.shape == (2 * 51 + 4,)
+    scale, min_lp = rec[:4].view(np.float32)
+    lp = torch.log_softmax(torch.from_numpy(x).double(), 0).numpy()
+    dec = scale * rec[4:105].astype(np.float64) + min_lp
+    keep = lp > lp.max() - 16
+    assert np.abs(dec[keep] - lp[keep]).max() <= scale
+    assert scale == pytest.approx((x.max() - max(x.min(), x.max() - 16)) / 65535, rel=1e-6)
+
+
+@needs_tool
+def test_llama_perplexity_kl_divergence_reads_the_explorers_prediction(gguf_analysis, tmp_path):
+    """llama-perplexity --kl-divergence on the exported file, against the explorer's fp reference on the explorer's
+    own held-out windows (a --kl-divergence-base file written by the explorer): its mean KL and same-top read the
+    explorer's prediction for the same weights within llama.cpp's own ± (plus the runtimes' f16 KV floor)."""
+    from core.model import score
+
+    a = gguf_analysis
+    s = ex.export(a, format="gguf", out=tmp_path / "q", method="awq-clip", spec=ex.type_spec("Q4_0"), verify=False)
+    held = score.windows(a.lm, evaluate.eval_data(a, a.lm).heldout, score.LLAMACPP)
+    with torch.no_grad():
+        fp = torch.cat([score.output(a.lm, held[i:i + 1]) for i in range(held.shape[0])])
+    base = gguf_export.write_kld_base(tmp_path / "base.kld", held, fp)
+    got = gguf_export.llama_perplexity_kld(Path(s["folder"]) / "model.gguf", base, held.shape[1])
+    m = ex.prepare_export(a, method="awq-clip", spec=ex.type_spec("Q4_0"))
+    pred = _metrics(evaluate.score_variants(a, {"q": m.fake_weights}, protocol="llama.cpp"), variant="q")
+    assert got["kl"] == pytest.approx(pred["kl"], abs=3 * got["kl_se"] + 0.003)
+    assert got["same_top"] == pytest.approx(pred["same_top"], abs=3 * got["same_top_se"] + 0.02)
+    assert got["perplexity"] == pytest.approx(pred["perplexity"], rel=0.05)

@@ -49,6 +49,7 @@ FILE_NAME = "model.gguf"
 # under 10x that floor and their top tokens agree on at least 90% of the tokens.
 AGREE_KL = 0.03
 AGREE_TOP = 0.90
+ATTEMPTS = 6  # llama-perplexity runs until its report is complete (llama_perplexity_kld)
 VERIFY_METRICS = ("perplexity", "kl", "kl_p99", "same_top", "rms_dp")
 
 
@@ -108,7 +109,8 @@ def _file_type(types: Mapping[str, int]) -> int | None:
 
 def write_gguf(model: ExportModel, folder: Path, progress: Progress) -> dict:
     """Write ``model`` as ``folder/model.gguf`` (module docstring); returns ``file``, ``bytes``, ``tensor_types``
-    (how many tensors of each type), ``fallbacks`` (linear -> type written where its own could not be)."""
+    (how many tensors of each type), ``fallbacks`` (linear -> type written where its own could not be),
+    ``linear_bits_per_weight`` (storage bits of the quantizable linears' tensors per weight, from the bytes written)."""
     import gguf
 
     src = source_gguf(model.analysis)
@@ -129,6 +131,7 @@ def write_gguf(model: ExportModel, folder: Path, progress: Progress) -> dict:
     counts: dict[str, int] = {}
     linear_types: dict[str, int] = {}
     fallbacks: dict[str, str] = {}
+    linear_bits = linear_weights = 0
     try:
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
@@ -145,9 +148,11 @@ def write_gguf(model: ExportModel, folder: Path, progress: Progress) -> dict:
                     w = permute_rows(w, n_head)
                 elif t.name.endswith("attn_k.weight"):
                     w = permute_rows(w, n_head_kv)
+                linear_weights += w.numel()
                 if li.spec is None:
                     writer.add_tensor(t.name, w.numpy().astype(np.float32))
                     tname = "F32"
+                    linear_bits += 32 * w.numel()
                 else:
                     if not li.spec.format:
                         raise ExportError(f"{li.name} is on the explorer's integer grid ({li.spec.key}), which a GGUF "
@@ -157,6 +162,7 @@ def write_gguf(model: ExportModel, folder: Path, progress: Progress) -> dict:
                         fallbacks[li.name] = tname
                     data = quantize_type(w, tname, li.imatrix)
                     writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType[tname])
+                    linear_bits += 8 * data.nbytes
                     linear_types[tname] = linear_types.get(tname, 0) + 1
             elif hf in model.folded:
                 writer.add_tensor(t.name, model.state[hf].float().cpu().numpy().astype(np.float32))
@@ -180,7 +186,7 @@ def write_gguf(model: ExportModel, folder: Path, progress: Progress) -> dict:
         raise ExportError(f"the written {FILE_NAME} did not read back with all {len(tensors)} tensors")
     progress(1.0, f"wrote {FILE_NAME}")
     return {"file": str(path.name), "bytes": path.stat().st_size, "source": str(src), "tensor_types": counts,
-            "fallbacks": fallbacks}
+            "fallbacks": fallbacks, "linear_bits_per_weight": linear_bits / max(1, linear_weights)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,13 +214,15 @@ def llama_logits(path: Path, blocks: torch.Tensor, *, n_threads: int = 2) -> tor
 
 
 def compare_logits(held: torch.Tensor, refs: list[torch.Tensor], explorer: torch.Tensor, llama: torch.Tensor,
-                   causal: bool = True) -> tuple[score.Score, score.Score, dict[str, float]]:
+                   causal: bool = True, protocol: str = score.LLAMACPP) -> tuple[score.Score, score.Score, dict[str, float]]:
     """The explorer's and llama.cpp's logits ``[n, t, vocab]`` for ``held [n, t]`` scored against the fp log-probs
-    ``refs`` (``score.reference`` of the same rows, batch by batch), and the two runtimes against each other: mean
-    KL(explorer || llama.cpp), its maximum, and the share of tokens with the same top token."""
+    ``refs`` (``score.reference`` of the same rows, batch by batch, same ``protocol``), and the two runtimes against
+    each other on the same scored positions: mean KL(explorer || llama.cpp), its maximum, and the share of tokens
+    with the same top token."""
     from ..grids import metrics
 
-    s_ex, s_ll = score.Score(causal), score.Score(causal)
+    s_ex, s_ll = score.Score(causal, protocol), score.Score(causal, protocol)
+    first = score.first_scored(protocol, held.shape[1])
     kls, same, n = [], 0, 0
     i = 0
     for ref in refs:
@@ -222,9 +230,9 @@ def compare_logits(held: torch.Tensor, refs: list[torch.Tensor], explorer: torch
         ids = held[i:i + b]
         s_ex.add(ids, explorer[i:i + b], ref)
         s_ll.add(ids, llama[i:i + b], ref)
-        lp_ex = torch.log_softmax(explorer[i:i + b, :-1], dim=-1)
-        lp_ll = torch.log_softmax(llama[i:i + b, :-1], dim=-1)
-        kl, st, _ = metrics.token_divergence(lp_ex, lp_ll, ids[:, 1:])
+        lp_ex = torch.log_softmax(s_ex.scored(explorer[i:i + b]), dim=-1)
+        lp_ll = torch.log_softmax(s_ll.scored(llama[i:i + b]), dim=-1)
+        kl, st, _ = metrics.token_divergence(lp_ex, lp_ll, ids[:, 1 + first:])
         kls.append(kl.reshape(-1))
         same += int(st.sum())
         n += int(st.numel())
@@ -241,13 +249,14 @@ def verify_gguf(model: ExportModel, folder: Path, progress: Progress, max_tokens
     ``protocol``, ``tolerance``, ``n_tokens`` and the seconds each runtime took."""
     a = model.analysis
     lm = a.lm
-    held = first_blocks(evaluate.eval_data(a, lm).heldout, max_tokens)
+    protocol = evaluate.PROTOCOL
+    held = score.windows(lm, first_blocks(evaluate.eval_data(a, lm).heldout, max_tokens), protocol)
     progress(0.0, "explorer: fp reference and the exported weights")
     with model_lock(lm.model), torch.no_grad():
         snap = snapshot(lm)
         try:
             batches = score.eval_batches(lm, held, int(a.settings.batch_tokens))
-            refs = score.reference(lm, batches, score.Score(lm.is_causal))
+            refs = score.reference(lm, batches, score.Score(lm.is_causal, protocol))
             t0 = time.perf_counter()
             evaluate.apply_variant(lm, model.fake_weights(), snap)
             explorer = torch.cat([score.output(lm, b) for b in batches])
@@ -261,7 +270,7 @@ def verify_gguf(model: ExportModel, folder: Path, progress: Progress, max_tokens
     if llama.shape != explorer.shape:
         raise ExportError(f"llama.cpp returned logits of shape {tuple(llama.shape)}, the explorer "
                           f"{tuple(explorer.shape)}: the written file's vocabulary differs from the model's")
-    s_ex, s_ll, agree = compare_logits(held, refs, explorer, llama, lm.is_causal)
+    s_ex, s_ll, agree = compare_logits(held, refs, explorer, llama, lm.is_causal, protocol)
     m_ex, m_ll = s_ex.metrics(), s_ll.metrics()
     rows = [{"metric": k, "llamacpp": float(m_ll[k]), "explorer": float(m_ex[k])} for k in VERIFY_METRICS]
     ok = agree["kl_mean"] <= AGREE_KL and agree["same_top"] >= AGREE_TOP
@@ -269,7 +278,7 @@ def verify_gguf(model: ExportModel, folder: Path, progress: Progress, max_tokens
     agreement = (f"mean KL(explorer || llama.cpp) {agree['kl_mean']:.4f} nats (max {agree['kl_max']:.3f}), same top "
                  f"token {agree['same_top']:.1%} -> {'within' if ok else 'OUTSIDE'} the tolerance")
     return {"runtime": "llama.cpp (llama_cpp bindings, f16 KV cache)", "n_tokens": int(s_ll.n_tok),
-            "protocol": "held-out blocks, every position scored, no BOS (the explorer's all-positions scoring)",
+            "protocol": f"{protocol}: {score.PROTOCOL_DEFINITIONS[protocol]}",
             "tolerance": f"mean KL between the runtimes <= {AGREE_KL} and same top token >= {AGREE_TOP:.0%} "
                          f"(10x the 0.003 floor measured for identical weights, DESIGN.md section 10)",
             "rows": rows, "agreement": agreement, "agree": agree, "ok": ok,
@@ -357,12 +366,24 @@ def llama_perplexity_kld(gguf_path: Path, base: Path, n_ctx: int, *, threads: in
     tool = mod.tool_path("llama-perplexity") if mod is not None else None
     if tool is None:
         raise ExportError("llama-perplexity is not built (tools/build_llamacpp.sh builds it)")
-    r = subprocess.run([str(tool), "-m", str(gguf_path), "--kl-divergence-base", str(base), "--kl-divergence",
-                        "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)],
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise ExportError(f"llama-perplexity failed ({(r.stderr.strip().splitlines() or ['?'])[-1]})")
-    return parse_kld_report(r.stdout + r.stderr)
+    # llama.cpp's logger is asynchronous: the last lines of the report (its statistics) were sometimes lost at exit
+    # (seen here on a 4-window file, 1 run in 4 to a file, 3 in 4 through a pipe); the run is repeated until they are
+    # there
+    out = Path(base).with_suffix(".report")
+    for attempt in range(ATTEMPTS):
+        with open(out, "w") as f:  # a file, not a pipe: the report was lost far more often through a pipe
+            r = subprocess.run([str(tool), "-m", str(gguf_path), "--kl-divergence-base", str(base), "--kl-divergence",
+                                "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)],
+                               stdout=f, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        text = out.read_text(errors="replace")
+        if r.returncode != 0:
+            raise ExportError(f"llama-perplexity failed ({(text.strip().splitlines() or ['?'])[-1]})")
+        try:
+            return parse_kld_report(text)
+        except ExportError:
+            if attempt == ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 register_format("gguf", write_gguf, verify_gguf)
