@@ -131,7 +131,8 @@ if len(sw):
 
 # --- interventions ---------------------------------------------------------------------------------------------
 st.subheader("Interventions")
-st.caption("Each scored against the fp model on the held-out blocks (Model quality's report). The massive "
+st.caption("Each scored against the fp model on the held-out blocks (Model quality's report, every position of each "
+           "block scored: protocol all-positions, also in the tables below). The massive "
            "activations are changed where they appear (a forward hook on that block's output: the entries above the "
            "threshold in the massive dimensions), as Sun et al. do; the model is restored bit for bit afterwards.")
 if len(iv) > 1:

@@ -47,6 +47,7 @@ from ..grids.spec import QuantSpec
 from ..methods import LAYER_METHODS, MODEL_METHODS
 from ..methods.recipe import Keep
 from ..model.blocks import BlockInputs, first_output, forward, token_batches
+from ..model import score
 from ..model.collect import model_lock
 from ..model.linears import find_blocks, linear_weight
 from . import evaluate
@@ -57,6 +58,7 @@ Progress = Callable[[float, str], None]
 ANATOMY_VERSION = 2  # 2: the treatment's column error and the spiking channel's share
 PAPER_PROMPT = "Apple Inc. is a worldwide tech company."  # Yu et al.'s detection prompt
 CONSUMER_FAMILIES = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # read the residual stream through a norm
+PROTOCOL = score.ALL_POSITIONS  # every held-out position scored (core.model.score.PROTOCOLS), in every table here
 MAX_MASSIVE_ROWS = 2000  # massive entries kept per layer in the table (the largest); counts are exact
 TABLES = ("layers", "massive", "grid", "spikes", "super", "interventions", "treatment")
 KEEP_TABLE = "anatomy_keep"
@@ -464,7 +466,7 @@ def interventions(analysis, search: _Search, scan: _Scan, first: int | None, *,
             hooks[key] = massive_hooks(first, dims, scan.thresholds[first], fill)
     if not variants:
         return pd.DataFrame(columns=COLUMNS["interventions"])
-    df = evaluate.score_variants(analysis, variants, hooks=hooks, progress=progress)
+    df = evaluate.score_variants(analysis, variants, hooks=hooks, progress=progress, protocol=PROTOCOL)
     df["kind"] = df["variant"].map(kinds).fillna("reference")
     return df[COLUMNS["interventions"]]
 
@@ -699,7 +701,7 @@ def cached_anatomy(analysis) -> Anatomy | None:
 # ------------------------------------------------------------------------------------------------
 # every method with and without the super weights in fp16
 # ------------------------------------------------------------------------------------------------
-KEEP_COLUMNS = ["mode", "bits", "group_size", "kept", "metric", "value", "n_tokens", "keep_key"]
+KEEP_COLUMNS = ["mode", "bits", "group_size", "kept", "metric", "value", "n_tokens", "keep_key", "protocol"]
 
 
 def keep_key(keep: Keep) -> str:
@@ -718,8 +720,10 @@ def keep_table(analysis, anatomy: Anatomy, *, modes: list[str] | None = None, pr
         raise ValueError("the anatomy found no super weight, so there is nothing to keep in fp16")
     modes = list(modes) if modes is not None else list(MODEL_METHODS)
     sw = analysis.settings.sweep
+    # the interventions' protocol (score_variants' default), so the page's tables compare like with like
     df = evaluate.run_quality(analysis, modes=["fp", *modes], bits=list(anatomy.settings.bits),
-                              group_size=sw.group_size, zero_point=sw.zero_point, keep=keep, progress=progress)
+                              group_size=sw.group_size, zero_point=sw.zero_point, keep=keep, progress=progress,
+                              protocol=PROTOCOL)
     kept = df["mode"].str.endswith(evaluate.KEEP_SUFFIX)
     df = df.assign(kept=kept, mode=df["mode"].str.removesuffix(evaluate.KEEP_SUFFIX), keep_key=keep_key(keep))
     df = df[KEEP_COLUMNS].reset_index(drop=True)
@@ -732,7 +736,7 @@ def cached_keep_table(analysis, anatomy: Anatomy) -> pd.DataFrame | None:
     df = analysis.read_extra(KEEP_TABLE)
     if df is None or df.empty or not set(KEEP_COLUMNS) <= set(df.columns):
         return None
-    if (df["keep_key"] != keep_key(anatomy.keep)).any():
+    if (df["keep_key"] != keep_key(anatomy.keep)).any() or (df["protocol"] != PROTOCOL).any():
         return None
     return df[KEEP_COLUMNS].reset_index(drop=True)
 
@@ -791,7 +795,8 @@ def attribution(analysis, anatomy: Anatomy, method: str, bits: int, baseline: st
     for g, members in groups.items():
         key = f"{method} only on {g}"
         variants[key], group_of[key] = mixed(set(members)), g
-    df = evaluate.score_variants(analysis, variants, progress=lambda f, m: progress(0.7 + 0.3 * f, m))
+    df = evaluate.score_variants(analysis, variants, progress=lambda f, m: progress(0.7 + 0.3 * f, m),
+                                 protocol=PROTOCOL)
     sizes = {"": 0, "all linears": len(names), **{g: len(v) for g, v in groups.items()}}
     df = df.assign(method=method, baseline=baseline, bits=bits, group=df["variant"].map(group_of).fillna("reference"))
     df["n_linears"] = df["group"].map(sizes).fillna(0).astype(int)
