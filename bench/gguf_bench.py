@@ -33,10 +33,8 @@ CONFIGS = [  # (label, method, type, imatrix)
     ("Q4_0", "rtn", "Q4_0", False), ("Q4_0 + imatrix", "rtn", "Q4_0", True),
     ("awq-grouped Q4_0", "awq-grouped", "Q4_0", False), ("awq-clip Q4_0", "awq-clip", "Q4_0", False),
     ("awq-clip Q4_0 + imatrix", "awq-clip", "Q4_0", True),
-    ("Q4_1", "rtn", "Q4_1", False), ("Q4_1 + imatrix", "rtn", "Q4_1", True),
-    ("awq-grouped Q4_1", "awq-grouped", "Q4_1", False), ("awq-clip Q4_1", "awq-clip", "Q4_1", False),
-    ("Q5_0", "rtn", "Q5_0", False), ("Q5_0 + imatrix", "rtn", "Q5_0", True),
-    ("awq-grouped Q5_0", "awq-grouped", "Q5_0", False), ("awq-clip Q5_0", "awq-clip", "Q5_0", False),
+    ("Q4_1", "rtn", "Q4_1", False), ("Q4_1 + imatrix", "rtn", "Q4_1", True), ("awq-clip Q4_1", "awq-clip", "Q4_1", False),
+    ("Q5_0", "rtn", "Q5_0", False), ("Q5_0 + imatrix", "rtn", "Q5_0", True), ("awq-clip Q5_0", "awq-clip", "Q5_0", False),
 ]
 
 

@@ -3,7 +3,7 @@ import streamlit as st
 
 import ui
 from core.studies import alpha_predict
-from core.present import plan
+from core.present import model_quality, plan
 from core.grids import metrics
 from core.studies import plan as P
 from core.studies import plan_export as PE
@@ -122,6 +122,36 @@ else:
             for f, path in paths.items():
                 st.download_button(f"{f}: {path.name}", data=path.read_bytes(), file_name=path.name, key=f"plan_dl_{f}",
                                    icon=":material/download:")
+        gguf_method = model_quality.PLAN_GGUF_METHOD.get(p.method, p.method)
+        st.caption(f"**Write GGUF**: this plan as a file llama.cpp runs — each linear in the llama.cpp type of its "
+                   f"bits (the types of llama_quantize_args.txt; 16 bits stay F32), quantized by **{gguf_method}**"
+                   + (" (the plan's per-linear awq has no folded form a file can store; awq-clip's scales are searched "
+                      "once at the plan's most common type, folded into the norms, and each linear rounded at its own "
+                      "type)" if gguf_method != p.method else "")
+                   + ", then loaded in llama.cpp and scored beside the explorer's prediction for the same weights.")
+        if st.button("Write GGUF", key="plan_gguf", icon=":material/save:"):
+            from core.studies import export as ex
+
+            with st.status("Writing the plan's GGUF and running it in llama.cpp…", expanded=True) as status:
+                bar = st.progress(0.0, text="starting")
+                try:
+                    st.session_state["plan_gguf_summary"] = ex.export(
+                        a, format="gguf", out=model_quality.export_folder(a, f"plan-{p.budget_bits:g}-{gguf_method}"),
+                        method=gguf_method, plan=PE.plan_dict(p),
+                        progress=lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
+                except Exception as e:  # noqa: BLE001
+                    status.update(label="Export failed", state="error")
+                    st.error(ui.readable(e))
+                else:
+                    status.update(label="GGUF written and verified in llama.cpp", state="complete", expanded=False)
+        summary = st.session_state.get("plan_gguf_summary")
+        if summary and summary.get("folder", "").startswith(str(a.path)):
+            v = summary.get("verify") or {}
+            types = ", ".join(f"{t} x{n}" for t, n in summary.get("tensor_types", {}).items())
+            st.caption(f"{summary['folder']} ({summary['bytes'] / 2**20:.1f} MiB; tensors {types}). llama.cpp on "
+                       f"{v.get('n_tokens', 0):,} held-out tokens ({v.get('protocol')}); {v.get('agreement', '')}.")
+            ui.show_table(model_quality.verification_table(summary),
+                          **{c: (c, "%.5g") for c in ("llama.cpp", "explorer", "difference")})
 
 st.subheader("Predicting AWQ's alpha from statistics")
 st.caption("Each layer's best alpha predicted from one statistic (or all) by a line fitted on the other blocks "

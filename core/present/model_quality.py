@@ -120,3 +120,29 @@ def kl_distribution(kl: pd.DataFrame) -> Figure:
     ).properties(title=_title("Per-token KL divergence to full precision",
                               "cumulative share of held-out tokens; further left is better"))
     return Figure("kl_distribution", chart, kl)
+
+
+# --- GGUF export (issue 19): what the pages show after "Write GGUF" ---------------------------------------------
+
+GGUF_METHODS = ("rtn", "awq-grouped", "awq-clip")  # the model methods a GGUF stores as they are (folded, no Q(Ws)/s)
+PLAN_GGUF_METHOD = {"awq": "awq-clip"}  # a plan's per-linear awq has no folded form: its GGUF uses AWQ's folded one
+
+
+def export_folder(analysis, label: str) -> "Path":
+    """A new folder for an export from the app: ``<analysis cache>/exports/<label>-<UTC time>``."""
+    import re
+    import time
+    from pathlib import Path
+
+    root = Path(analysis.path) / "exports"
+    root.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "export"
+    return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.time_ns() % 1000000:06d}"
+
+
+def verification_table(summary: dict) -> pd.DataFrame:
+    """``metric, llama.cpp, explorer, difference`` of an export's verification (``summary['verify']['rows']``)."""
+    rows = (summary.get("verify") or {}).get("rows", [])
+    return pd.DataFrame([{"metric": r["metric"], "llama.cpp": r["llamacpp"], "explorer": r["explorer"],
+                          "difference": r["llamacpp"] - r["explorer"]} for r in rows],
+                        columns=["metric", "llama.cpp", "explorer", "difference"])

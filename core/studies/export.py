@@ -276,13 +276,11 @@ def fold_state(lm, snap, recipe: Recipe) -> dict[str, torch.Tensor]:
 
 
 def activation_sq(analysis, name: str) -> torch.Tensor:
-    """Mean x^2 per input channel of linear ``name`` over the calibration tokens ``[in]`` (float32): the diagonal of
-    the analysis' ``X^T X`` over its token count, what llama.cpp's imatrix holds."""
-    h = analysis.hessian(name)
-    if h is None:
-        raise ExportError("an imatrix-weighted export needs the analysis' X^T X (run analyze without --no-hessians)")
-    n = max(1, int(analysis.manifest.get("n_tokens") or 1))
-    return (torch.diagonal(h).double() / n).float()
+    """Mean x^2 per input channel of linear ``name`` over the calibration tokens ``[in]`` (float32): what llama.cpp's
+    imatrix holds (``core.model.imatrix.mean_sq``)."""
+    from ..model import imatrix
+
+    return torch.from_numpy(imatrix.mean_sq(analysis, name)).float()
 
 
 def _recipe_linear(analysis, lm, snap, recipe: Recipe, name: str, spec: QuantSpec | None, same_grid: bool,
