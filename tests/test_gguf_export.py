@@ -220,3 +220,37 @@ def test_llama_perplexity_kl_divergence_reads_the_explorers_prediction(gguf_anal
     assert got["kl"] == pytest.approx(pred["kl"], abs=3 * got["kl_se"] + 0.003)
     assert got["same_top"] == pytest.approx(pred["same_top"], abs=3 * got["same_top_se"] + 0.02)
     assert got["perplexity"] == pytest.approx(pred["perplexity"], rel=0.05)
+
+
+def test_imatrix_weighted_types(gguf_analysis):
+    """--imatrix: each linear rounded by llama.cpp's importance-weighted search with the analysis' mean x^2 (divided
+    by AWQ's folded scales squared), which differs from the plain rounding and is what the file holds."""
+    from core.grids import llamacpp
+    from core.model import imatrix
+
+    plain = ex.prepare_export(gguf_analysis, method="rtn", spec=ex.type_spec("Q4_0"))
+    weighted = ex.prepare_export(gguf_analysis, method="rtn", spec=ex.type_spec("Q4_0"), imatrix=True)
+    name = "model.layers.0.mlp.down_proj"
+    li = weighted.linears[name]
+    assert torch.allclose(li.imatrix.double(), torch.from_numpy(imatrix.mean_sq(gguf_analysis, name)), rtol=1e-6)
+    assert not torch.equal(li.fake, plain.linears[name].fake)
+    data = llamacpp.quantize(li.weight.numpy(), "Q4_0", li.imatrix.numpy())
+    assert torch.equal(ex.dequantize_type(data, "Q4_0", tuple(li.weight.shape)), li.fake)
+    awq = ex.prepare_export(gguf_analysis, method="awq-grouped", spec=ex.type_spec("Q4_0"), imatrix=True)
+    s = awq.state["model.layers.0.input_layernorm.weight"]  # folded: norm / s, so s = original / folded
+    q = awq.linears["model.layers.0.self_attn.q_proj"]
+    scale = gguf_analysis.lm.model.get_parameter("model.layers.0.input_layernorm.weight").detach() / s
+    assert torch.allclose(q.imatrix, weighted.linears["model.layers.0.self_attn.q_proj"].imatrix / scale.pow(2),
+                          rtol=1e-4)
+
+
+def test_cli_exports_a_gguf_of_a_gguf_model(tiny_gguf, tmp_path):  # noqa: F811
+    path, _ = tiny_gguf
+    out = tmp_path / "cli"
+    r = _cli("--model", str(path), "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2", "--sweep-bits", "4",
+             "--method", "awq-clip", "--type", "Q8_0", "--out", str(out), "--json",
+             *([] if HAVE_LLAMA else ["--no-verify"]), cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["tensor_types"]["Q8_0"] == 14 and (out / "model.gguf").is_file()
+    assert "wrote" in r.stdout and (not HAVE_LLAMA or "llama.cpp" in r.stdout)
