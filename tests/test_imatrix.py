@@ -32,6 +32,11 @@ def test_round_trip(tmp_path):
         # what llama-quantize computes: float32 sum / float32 count
         assert np.array_equal(im.importance(name), s.astype(np.float32) / np.float32(c))
         assert np.allclose(im.values[name], s / c, rtol=1e-6)
+    t = im.table(top=3).set_index("tensor")
+    v = st["blk.0.ffn_down.weight"][0]
+    assert t.loc["blk.0.ffn_down.weight", "top_channels"] == np.argsort(-v)[:3].tolist()
+    assert t.loc["blk.0.attn_q.weight", "channels"] == 64 and t.loc["blk.0.attn_q.weight", "tokens"] == 300
+    assert t.loc["blk.0.ffn_down.weight", "max_over_median"] == pytest.approx(v.max() / np.median(v), rel=1e-5)
 
 
 def test_legacy_dat_is_read(tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 
 from .gguf_file import module_to_tensor
 
@@ -74,6 +75,19 @@ class Imatrix:
     def values(self) -> dict[str, np.ndarray]:
         """``{tensor name: mean x^2 [in]}`` (``importance`` of every entry)."""
         return {n: self.importance(n) for n in self.names}
+
+    def table(self, top: int = 5) -> pd.DataFrame:
+        """What the matrix weights most, one row per tensor: ``tensor``, ``channels``, ``tokens`` (largest count),
+        ``mean`` (of mean x^2 over channels), ``max_over_median`` (how uneven the channels are) and ``top_channels``
+        (the ``top`` channels with the largest mean x^2, largest first)."""
+        rows = []
+        for n in self.names:
+            v = self.importance(n).astype(np.float64)
+            med = float(np.median(v))
+            rows.append({"tensor": n, "channels": int(v.size), "tokens": int(self.counts[n].max()),
+                         "mean": float(v.mean()), "max_over_median": float(v.max() / med) if med > 0 else float("inf"),
+                         "top_channels": [int(i) for i in np.argsort(-v, kind="stable")[:top]]})
+        return pd.DataFrame(rows, columns=["tensor", "channels", "tokens", "mean", "max_over_median", "top_channels"])
 
 
 # ------------------------------------------------------------------------------------------------
