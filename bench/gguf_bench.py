@@ -96,9 +96,11 @@ def report_gguf(res: dict) -> list[str]:
             f"mean KL {res['gguf_agree_kl']:.4f}, same top token {res['gguf_agree_top']:.1%}"]
 
 
-def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Path | None = None) -> list[dict]:
+def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Path | None = None,
+            partial: str | None = None) -> list[dict]:
     """Each configuration (``CONFIGS``; and ``plan`` as a GGUF when given) exported, verified in llama.cpp and scored
-    by llama-perplexity --kl-divergence against the explorer's fp reference on the explorer's held-out windows."""
+    by llama-perplexity --kl-divergence against the explorer's fp reference on the explorer's held-out windows.
+    ``partial``: a JSON file rewritten after every row."""
     import torch
 
     from core.model import score
@@ -137,8 +139,9 @@ def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Pa
                    "explorer": {r["metric"]: r["explorer"] for r in v["rows"]}, "agree": v["agree"],
                    "n_tokens": v["n_tokens"], "tensor_types": s["tensor_types"]}
             rows.append(row)
-            log(f"  llama-perplexity KL {kld['kl']:.4f} ± {kld['kl_se']:.4f}, explorer {row['explorer']['kl']:.4f}; "
-                f"agree KL {v['agree']['kl_mean']:.4f}")
+            log(f"  {json.dumps(row, default=str)}")
+            if partial is not None:  # every finished row on disk at once (a long run may be stopped)
+                Path(partial).write_text(json.dumps(rows, indent=1, default=str))
             import shutil
             shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -155,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.measure:
         a = bundled_analysis(args.heldout_samples)
-        configs = [c for c in CONFIGS if not args.only or c[0] in args.only.split(",")]
+        configs = [c for c in CONFIGS if args.only is None or c[0] in args.only.split(",")]
         plan = json.loads(Path(args.plan).read_text()) if args.plan else None
-        rows = measure(a, configs, plan)
+        rows = measure(a, configs, plan, partial=args.measure)
         Path(args.measure).write_text(json.dumps(rows, indent=1, default=str))
         return 0
     res = bench_gguf(True)
