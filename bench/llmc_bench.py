@@ -176,7 +176,7 @@ def mixed_plan(a, method: str):
 
 def bench_llmc(quick: bool, workdir: Path, fresh: bool = False, parts: tuple[str, ...] = ("awq", "recipes"),
                only_bits: tuple[int, ...] | None = None, methods: tuple[str, ...] = EXPLORER_AWQ,
-               duo: tuple[bool, ...] = (True, False)) -> dict:
+               duo: tuple[bool, ...] = (True, False), recipes: tuple[str, ...] = ROUND_TRIP) -> dict:
     import yaml
 
     from core.grids.spec import QuantSpec
@@ -245,7 +245,7 @@ def bench_llmc(quick: bool, workdir: Path, fresh: bool = False, parts: tuple[str
     # the round trip: the explorer's recipe run by llm-compressor
     res["llmc_round_trip"] = {}
     pairs = {}
-    for m in () if "recipes" not in parts else ROUND_TRIP[:1] if quick else ROUND_TRIP:
+    for m in () if "recipes" not in parts else recipes[:1] if quick else recipes:
         plan, js = mixed_plan(a, m)
         recipe = workdir / f"recipe-{m}.yaml"
         recipe.write_text(yaml.safe_dump(llmcompressor_recipe(plan), sort_keys=False, width=1 << 16))
@@ -311,11 +311,12 @@ def main() -> None:
     ap.add_argument("--bits", default=None, help="only these widths (e.g. 4)")
     ap.add_argument("--methods", default=",".join(EXPLORER_AWQ), help="the explorer's methods")
     ap.add_argument("--duo", default="on,off", help="llm-compressor's duo scaling settings to run")
+    ap.add_argument("--recipes", default=",".join(ROUND_TRIP), help="the plans' methods of the round trip")
     args = ap.parse_args()
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     res = bench_llmc(args.quick, Path(args.workdir), args.fresh, split(args.parts),
                      None if args.bits is None else tuple(int(b) for b in split(args.bits)), split(args.methods),
-                     tuple(d == "on" for d in split(args.duo)))
+                     tuple(d == "on" for d in split(args.duo)), split(args.recipes))
     report_llmc(res, lambda a, b, c="": print(f"{a:<34} {b:>22}  {c}"))
     print(markdown(res))
     if args.json:
