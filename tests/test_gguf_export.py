@@ -254,3 +254,22 @@ def test_cli_exports_a_gguf_of_a_gguf_model(tiny_gguf, tmp_path):  # noqa: F811
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["tensor_types"]["Q8_0"] == 14 and (out / "model.gguf").is_file()
     assert "wrote" in r.stdout and (not HAVE_LLAMA or "llama.cpp" in r.stdout)
+
+
+def test_plan_written_as_a_mixed_type_gguf(gguf_analysis, tmp_path):
+    """A plan's bits become llama.cpp types per linear (plan_export.gguf_type: 8 -> Q8_0, 4 -> Q4_1 with a zero
+    point, 16 -> F32), a layer may name its type; awq-grouped's scales are searched once and folded (a note says so)."""
+    import gguf
+
+    names = gguf_analysis.names
+    layers = {n: {"bits": 4, "group_size": 32} for n in names}
+    layers[names[0]] = {"bits": 8, "group_size": 32}
+    layers[names[1]] = {"bits": 16, "group_size": 0}
+    layers[names[2]] = {"bits": 5, "group_size": 32, "type": "Q5_0"}
+    s = ex.export(gguf_analysis, format="gguf", out=tmp_path / "plan", method="awq-grouped",
+                  plan={"method": "awq", "zero_point": True, "layers": layers}, verify=False)
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "plan" / "model.gguf")).tensors}
+    assert got["blk.0.attn_q.weight"] == "Q8_0" and got["blk.0.attn_k.weight"] == "F32"
+    assert got["blk.0.attn_v.weight"] == "Q5_0" and got["blk.1.ffn_down.weight"] == "Q4_1"
+    assert any("searched once at Q4_1" in n for n in s["notes"])
+    assert 4.5 < s["linear_bits_per_weight"] < 8
