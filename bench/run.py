@@ -878,6 +878,19 @@ def _anatomy(b: "Bench") -> None:
     report_for("anatomy")(report_anatomy)
 
 
+# --- GGUF export verified in llama.cpp (issue 19; self-contained in bench/gguf_bench.py) ----------------------------
+@figure("gguf", "GGUF export of the bundled model (rtn Q4_0) as a ratio to one forward pass; llama.cpp's evaluation of "
+                "the file vs the explorer's of the same weights")
+def _gguf(b: "Bench") -> None:
+    from gguf_bench import bench_gguf, report_gguf  # bench/ is on sys.path when this file runs
+    b.res.update(bench_gguf(b.quick, log))
+
+    def report(res: dict, row) -> None:
+        for line in report_gguf(res):
+            row("gguf", "", line)
+    report_for("gguf")(report)
+
+
 # --- first open of the app (issue 9; self-contained in bench/first_open_bench.py) ------------------------------------
 @figure("first_open", "first open on an empty cache (SmolLM2 GGUF conversion + default analysis), then the reopen",
         targets={"first_open_s": ("<=", 90.0, "first_open_s <= 90 s on 2 cores"),

@@ -458,9 +458,10 @@ class Analysis:
 
     def sweep_alpha(self, name: str, spec: QuantSpec, n_grid: int | None = None) -> float | None:
         """The sweep's best alpha of ``name`` on ``spec``'s grid (the same grid search: ``n_grid`` alpha points,
-        the sweep's own when None), or None when the sweep did not run these settings."""
+        the sweep's own when None), or None when the sweep did not run these settings. The sweep runs on the integer
+        grid only: a llama.cpp type (``spec.format``) never takes its alpha, even where block and zero point match."""
         sw = self.settings.sweep
-        if bool(sw.zero_point) != spec.zero_point or (n_grid is not None and int(sw.n_grid) != int(n_grid)):
+        if spec.format is not None or bool(sw.zero_point) != spec.zero_point or (n_grid is not None and int(sw.n_grid) != int(n_grid)):
             return None
         g = spec.group(int(self.info(name)["in_features"]))
         lay = self.layers

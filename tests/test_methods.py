@@ -397,9 +397,12 @@ def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monk
     fp = df[(df["mode"] == "fp") & (df["metric"] == "perplexity")]["value"].iloc[0]
     assert 0 < ppl and abs(ppl / fp - 1) < 0.5
     # a failure in the middle of the build (after some blocks were written into the model)
-    target = "core.methods.gptq.gptq_quantize" if mode != "hqq" else "core.methods.hqq.hqq_quantize"
+    # the per-linear call each mode's whole-model pass makes (sequential GPTQ asks for the grid it lands on)
+    fn = {"gptq": "gptq_grid", "awq-gptq": "gptq_quantize", "hqq": "hqq_quantize"}[mode]
+    module = hqq if mode == "hqq" else gptq
+    target = f"{module.__name__}.{fn}"
     calls = []
-    real = (gptq.gptq_quantize if mode != "hqq" else hqq.hqq_quantize)
+    real = getattr(module, fn)
 
     def boom(*args, **kw):
         calls.append(1)
@@ -428,3 +431,14 @@ def test_blocked_lower_gram_equals_xtx(n, block):
     # packed: exactly pack_symmetric of the full matrix (the cache's layout), and back
     assert torch.equal(acc.packed(), store.pack_symmetric(h))
     assert torch.equal(store.unpack_symmetric(acc.packed(), n), h.float())
+
+
+def test_sweep_alpha_is_never_handed_to_a_llamacpp_type(tiny_analysis):
+    # Q4_1 is a 4-bit grid in blocks of 32 with a minimum, the sweep's own settings here: its alpha is still the
+    # integer grid's, so a llama.cpp type must run its own search
+    a = tiny_analysis
+    name = "model.layers.1.mlp.down_proj"
+    assert a.sweep_alpha(name, QuantSpec(4, 32)) is not None
+    q41 = QuantSpec.of_type("Q4_1")
+    assert (q41.bits, q41.group_size, q41.zero_point) == (4, 32, True)
+    assert a.sweep_alpha(name, q41) is None
