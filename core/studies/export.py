@@ -367,7 +367,9 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
         finally:
             restore(lm, snap)
     linear_keys = {f"{n}.weight" for n in widths}
-    state = {k: v.detach() for k, v in lm.model.state_dict().items() if k not in linear_keys}
+    # block parameters are copied (a later variant writes into them in place); the rest (embeddings) only referenced
+    state = {k: (v.detach().clone() if k in snap else v.detach()) for k, v in lm.model.state_dict().items()
+             if k not in linear_keys}
     state.update(folded)
     report(1.0, "export model ready")
     return ExportModel(analysis, method, spec, dict(plan) if plan is not None else None, state, out, set(folded), notes)
