@@ -891,6 +891,15 @@ def _gguf(b: "Bench") -> None:
     report_for("gguf")(report)
 
 
+# --- compressed-tensors / llm-compressor side by side (issue 20; self-contained in bench/llmc_bench.py) ----------
+@figure("llmc", "llm-compressor's AWQ (its own environment, bench/llmc_env.sh) beside the explorer's AWQ methods, one "
+                "scorer, wall and CPU seconds; the explorer's recipes run by llm-compressor (round trip)")
+def _llmc(b: "Bench") -> None:
+    from llmc_bench import bench_llmc, report_llmc  # bench/ is on sys.path when this file runs
+    b.res.update(bench_llmc(b.quick, Path(b.workdir) / "llmc"))
+    report_for("llmc")(report_llmc)
+
+
 # --- first open of the app (issue 9; self-contained in bench/first_open_bench.py) ------------------------------------
 @figure("first_open", "first open on an empty cache (SmolLM2 GGUF conversion + default analysis), then the reopen",
         targets={"first_open_s": ("<=", 90.0, "first_open_s <= 90 s on 2 cores"),
