@@ -47,11 +47,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def comparison_table(rows: list[dict]) -> str:
-    """``metric | llama.cpp | explorer | difference`` lines of a verification."""
-    head = ["metric", "llama.cpp", "explorer", "difference"]
-    lines = [[r["metric"], _fmt(r["llamacpp"]), _fmt(r["explorer"]), _fmt(r["llamacpp"] - r["explorer"])]
-             for r in rows]
+def comparison_table(rows: list[dict], runtime: str = "llama.cpp") -> str:
+    """``metric | <runtime> | explorer | difference`` lines of a verification (a GGUF's rows name the runtime's value
+    ``llamacpp``, a reloaded checkpoint's ``runtime``)."""
+    head = ["metric", runtime, "explorer", "difference"]
+    value = [r["runtime"] if "runtime" in r else r["llamacpp"] for r in rows]
+    lines = [[r["metric"], _fmt(v), _fmt(r["explorer"]), _fmt(v - r["explorer"])] for r, v in zip(rows, value)]
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *lines])
 
@@ -108,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if v:
         print(f"verified   {v['runtime']} on {v['n_tokens']} held-out tokens ({v['protocol']}); "
               f"tolerance: {v['tolerance']}")
-        print(comparison_table(v["rows"]))
+        print(comparison_table(v["rows"], str(v.get("runtime", "llama.cpp"))))
         print(f"agreement  {v['agreement']}")
     if args.json:
         sys.stdout.flush()
