@@ -69,6 +69,7 @@ else:
     p = rep.plan
     st.subheader("Three token sets")
     ui.show_table(plan.token_table(rep.tokens))
+    st.caption("Scoring: " + P.PROTOCOL_NOTE + ".")
     how = ("the solver's plan" + (" (exact optimum)" if p.exact else f" (within {p.slack_bits:.3g} bits of the optimum)")
            if p.source == "solver" else f"**{p.source}**: it scored better on the selection tokens than the solver's plan")
     st.markdown(f"**Plan** for {rep.settings.budget:g} bits: {p.avg_bits:.4f} bits per weight, {how}; {p.summary()} "

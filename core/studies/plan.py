@@ -71,12 +71,17 @@ TOKEN_ROLES = {
     "selection": "sensitivities and every choice of the planner: the analysis' held-out blocks",
     "test": "every reported figure, never used for a choice: the held-out text's next blocks",
 }
+# Selection and test blocks are scored on every position of each block (core.model.score.ALL_POSITIONS, the
+# score_variants default): cached plan scores keep their meaning; Model quality defaults to llama.cpp's protocol.
+PROTOCOL_NOTE = ("every position of each selection / test block is scored (protocol all-positions; Model quality "
+                 "defaults to llama.cpp's, which scores the second half of each window)")
 DEFINITIONS = {
     "predicted_kl": "second-order (Fisher) estimate of the model's mean KL to fp with only this linear quantized: "
                     "0.5 sum_{t,o} F[t,o] dY[t,o]^2 / n over the selection tokens, F = E (d log q(y) / dY)^2 with "
                     "labels y sampled from the fp model",
     "predicted_hidden_rel_error": "second-order estimate of the hidden-state relative error with only this linear "
                                   "quantized: sum_{t,o} F[t,o] dY[t,o]^2 / ||H_fp||^2, F from Gaussian probes",
+    "protocol": PROTOCOL_NOTE,
     "kl_se": "standard error of the mean KL: sqrt((E[k^2] - E[k]^2) / (n - 1)) over the scored tokens (llama.cpp's ±)",
     **{k: evaluate.DEFINITIONS[k] for k in ("kl", "kl_p99", "perplexity", "perplexity_se", "same_top",
                                             "hidden_rel_error")},

@@ -111,7 +111,7 @@ def plan_dict(plan: BitPlan, report: PlanReport | None = None) -> dict:
         d["baseline"] = None if b is None else {"variant": b.source, "avg_bits": b.avg_bits,
                                                 "measured": _floats(b.measured), "selection": _floats(b.selection)}
         d["token_sets"] = list(report.tokens)
-        d["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in d["measured"]}
+        d["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in d["measured"] or k == "protocol"}
     return d
 
 
