@@ -126,6 +126,30 @@ def add_group(recipe: Recipe, group: Any, scales: torch.Tensor, fold: bool = Tru
         recipe.unscale.update(group.linears)
 
 
+def folded_params(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The parameters ``recipe``'s folds change besides the linears' weights, by name: each norm's weight and bias
+    divided by its ``s``, and the bias of each linear in ``row`` (of ``names``) divided by its ``t`` (in the
+    parameters' dtype, from the snapshot)."""
+    names = [li.name for li in lm.linears] if names is None else names
+    params = dict(lm.model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        key = f"{n}.bias"
+        if n in recipe.row and key in params:
+            t = recipe.row[n].float().cpu()
+            b = snap[key].float().clone()
+            b[-t.numel():] = b[-t.numel():] / t
+            out[key] = b.to(params[key].dtype)
+    for n, s in recipe.norm.items():
+        s = s.float().cpu()
+        for p in ("weight", "bias"):
+            key = f"{n}.{p}"
+            if key in params:
+                out[key] = (snap[key].float() / s).to(params[key].dtype)
+    return out
+
+
 def apply_recipe(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[str] | None = None) -> None:
     """Write ``recipe``'s weights into the model (in place). Undo with :func:`restore`."""
     names = [li.name for li in lm.linears] if names is None else names
@@ -133,17 +157,9 @@ def apply_recipe(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[st
         for n in names:
             m = lm.model.get_submodule(n)
             set_linear_weight(m, recipe.final(n, original_weight(lm, snap, n).to(m.weight.device)))
-            if n in recipe.row and getattr(m, "bias", None) is not None:
-                t = recipe.row[n].float().cpu()
-                b = snap[f"{n}.bias"].float().clone()
-                b[-t.numel():] = b[-t.numel():] / t
-                m.bias.data.copy_(b.to(m.bias.dtype))
-        for n, s in recipe.norm.items():
-            m = lm.model.get_submodule(n)
-            s = s.float().cpu()
-            m.weight.data.copy_((snap[f"{n}.weight"].float() / s).to(m.weight.dtype))
-            if getattr(m, "bias", None) is not None:
-                m.bias.data.copy_((snap[f"{n}.bias"].float() / s).to(m.bias.dtype))
+        params = dict(lm.model.named_parameters())
+        for key, v in folded_params(lm, recipe, snap, names).items():
+            params[key].data.copy_(v.to(params[key].device))
 
 
 def with_clip(recipe: Recipe, clip: dict[str, torch.Tensor]) -> Recipe:

@@ -33,17 +33,18 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from ..grids.quant import pseudo_quantize
+from ..grids import llamacpp as _llamacpp
+from ..grids.quant import fake_quant
 from ..grids.spec import QuantSpec
 from ..methods import METHODS, MODEL_METHODS, ModelContext
 from ..methods.base import GridWeights
-from ..methods.recipe import Recipe
+from ..methods.recipe import Recipe, folded_params
 from ..methods import awq_search
 from ..model.blocks import original_weight, restore, snapshot
 from ..model.collect import model_lock
@@ -106,75 +107,43 @@ class ExportModel:
 # ------------------------------------------------------------------------------------------------
 # llama.cpp types (core.grids.llamacpp, helper A's module; gguf.quants for Q4_0..Q8_0 until it is there)
 # ------------------------------------------------------------------------------------------------
-_BLOCK32 = {"Q4_0": (4, False), "Q4_1": (4, True), "Q5_0": (5, False), "Q5_1": (5, True), "Q8_0": (8, False)}
-
-
 def llamacpp():
-    """``core.grids.llamacpp`` when present, else None."""
-    try:
-        from ..grids import llamacpp as mod
-    except ImportError:
-        return None
-    return mod
+    """``core.grids.llamacpp`` (tests ask it for the built tools)."""
+    return _llamacpp
 
 
 def known_types() -> tuple[str, ...]:
-    mod = llamacpp()
-    return tuple(mod.TYPES) if mod is not None else tuple(_BLOCK32)
+    return tuple(_llamacpp.TYPES)
 
 
 def type_spec(type_name: str) -> QuantSpec:
     """The ``QuantSpec`` of llama.cpp type ``type_name`` (``Q4_0``: 4 bits, blocks of 32, no zero point)."""
     t = str(type_name).strip().upper()
-    if t not in known_types():
-        raise ExportError(f"unknown llama.cpp type {type_name!r}; pick from {', '.join(known_types())}")
-    mod = llamacpp()
-    if mod is not None:
-        zp = t in ("Q4_1", "Q5_1") or (t.endswith("_K") and t not in ("Q3_K", "Q6_K"))
-        return QuantSpec(mod.nominal_bits(t), mod.block_size(t), zp, format=t)
-    bits, zp = _BLOCK32[t]
-    return QuantSpec(bits, 32, zp, format=t)
+    if t not in _llamacpp.TYPES:
+        raise ExportError(f"unknown llama.cpp type {type_name!r}; pick from {', '.join(_llamacpp.TYPES)}")
+    return QuantSpec.of_type(t)
 
 
 def quantize_type(w: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None):
     """``w [out, in]`` float32 in llama.cpp type ``type_name``: the bytes ``uint8 [out, bytes per row]``."""
-    mod = llamacpp()
-    a = w.detach().float().cpu().numpy()
-    if mod is not None:
-        return mod.quantize(a, type_name, None if imatrix is None else imatrix.float().cpu().numpy())
-    import gguf
-
-    if imatrix is not None:
-        raise ExportError("weighting a llama.cpp type by an imatrix needs core.grids.llamacpp")
-    return gguf.quants.quantize(a, gguf.GGMLQuantizationType[type_name])
+    return _llamacpp.quantize(w.detach().float().cpu().numpy(), type_name,
+                              None if imatrix is None else imatrix.float().cpu().numpy())
 
 
 def dequantize_type(data, type_name: str, shape: tuple[int, int]) -> torch.Tensor:
-    mod = llamacpp()
-    if mod is not None:
-        return torch.from_numpy(mod.dequantize(data, type_name, shape).copy()).float()
-    import gguf
-
-    return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).copy()).float()
+    """The bytes of :func:`quantize_type` read back as float32 ``[out, in]``."""
+    return torch.from_numpy(_llamacpp.dequantize(data, type_name, shape).copy()).float()
 
 
 def fallback_type(type_name: str, in_features: int) -> str:
     """What llama-quantize writes for a row ``in_features`` wide asked to take ``type_name``."""
-    mod = llamacpp()
-    if mod is not None:
-        return mod.fallback(type_name, in_features)
-    if int(in_features) % 32:
-        raise ExportError(f"a row {in_features} wide cannot take {type_name} (blocks of 32)")
-    return type_name
+    return _llamacpp.fallback(type_name, in_features)
 
 
 def round_weight(w: torch.Tensor, spec: QuantSpec, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-    """``w [out, in]`` on ``spec``'s grid, dequantized (float32): the llama.cpp type's own rounding for a
-    ``spec.format``, llm-awq's integer grid otherwise."""
-    if spec.format:
-        t = fallback_type(spec.format, w.shape[1])
-        return dequantize_type(quantize_type(w, t, imatrix), t, tuple(w.shape))
-    return pseudo_quantize(w.float(), spec.bits, spec.group_size, spec.zero_point)
+    """``w [out, in]`` on ``spec``'s grid, dequantized (float32): the one door ``core.grids.quant.fake_quant`` (the
+    llama.cpp type llama-quantize writes for the row width, or llm-awq's integer grid)."""
+    return fake_quant(w.float(), spec, imatrix)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,12 +200,9 @@ def _common(specs: Mapping[str, QuantSpec | None]) -> QuantSpec:
 # ------------------------------------------------------------------------------------------------
 def _context(analysis, lm, data, snap, method: str, spec: QuantSpec) -> ModelContext:
     s = analysis.settings
-    kw = {}
-    if "format" in {f.name for f in fields(ModelContext)}:  # a ModelContext that routes llama.cpp types
-        kw["format"] = spec.format
     return ModelContext(analysis, lm, data, snap, ("fp", method), (spec.bits,), spec.group_size, spec.zero_point,
                         int(s.sweep.n_grid), int(s.batch_tokens), evaluate.SEARCH_TOKENS, evaluate.CONST_ALPHA_TOKENS,
-                        **kw)
+                        format=spec.format)
 
 
 def run_method(analysis, lm, data, snap, method: str, spec: QuantSpec, progress: Progress):
@@ -253,26 +219,6 @@ def check_foldable(method: str, recipe: Recipe) -> None:
         raise ExportError(f"method {method!r} quantizes some linears as Q(W·s)/s, which no file stores where linears "
                           f"share an input (the scale cannot be folded into one preceding operator); export "
                           f"awq-grouped or awq-clip, AWQ's folded forms")
-
-
-def fold_state(lm, snap, recipe: Recipe) -> dict[str, torch.Tensor]:
-    """The parameters a Recipe's folding changes, as ``apply_recipe`` writes them (same arithmetic, same dtype)."""
-    params = dict(lm.model.named_parameters())
-    out: dict[str, torch.Tensor] = {}
-    for n, s in recipe.norm.items():
-        s = s.float().cpu()
-        for p in ("weight", "bias"):
-            key = f"{n}.{p}"
-            if key in snap:
-                out[key] = (snap[key].float() / s).to(params[key].dtype)
-    for n, t in recipe.row.items():
-        key = f"{n}.bias"
-        if key in snap:
-            t = t.float().cpu()
-            b = snap[key].float().clone()
-            b[-t.numel():] = b[-t.numel():] / t
-            out[key] = b.to(params[key].dtype)
-    return out
 
 
 def activation_sq(analysis, name: str) -> torch.Tensor:
@@ -335,7 +281,7 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
             built = run_method(analysis, lm, data, snap, method, main, lambda f, m: report(0.05 + 0.8 * f, m))
             if isinstance(built, Recipe):
                 check_foldable(method, built)
-                folded = fold_state(lm, snap, built)
+                folded = folded_params(lm, built, snap)
                 out = {}
                 for i, n in enumerate(widths):
                     out[n] = _recipe_linear(analysis, lm, snap, built, n, specs[n], specs[n] == main, imatrix)
