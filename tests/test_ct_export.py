@@ -43,7 +43,8 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
 
 
-@pytest.mark.parametrize("method,zero_point", [("rtn", True), ("awq-clip", True), ("gptq", True), ("gptq", False)])
+@pytest.mark.parametrize("method,zero_point", [("rtn", True), ("awq-clip", True), ("gptq", True), ("gptq", False),
+                                               ("awq-gptq", True), ("awq-gptq", False)])
 def test_uniform_export_reloads_bit_exact(tiny, tmp_path, method, zero_point):
     spec = QuantSpec(4, 32, zero_point)
     out = tmp_path / "ckpt"
@@ -72,6 +73,50 @@ def test_uniform_export_reloads_bit_exact(tiny, tmp_path, method, zero_point):
         reloaded, _ = ct.load_checkpoint(out)
         for name, li in model.linears.items():
             assert torch.equal(reloaded.get_submodule(name).weight.detach(), li.fake)
+
+
+def test_awq_gptq_checkpoint_is_the_model_model_quality_scores(tiny, tmp_path):
+    """awq-gptq: AWQ's scales folded into the norms and v_proj / up_proj rows, GPTQ's own codes packed; the reloaded
+    checkpoint gives the logits of the variant Model quality scores (the model half's Recipe, applied as
+    ``evaluate.apply_variant`` applies it); a mixed plan keeps every linear at its setting."""
+    from core.methods import METHODS
+    from core.methods.recipe import Recipe
+    from core.model.blocks import restore, snapshot
+    from core.studies import evaluate
+
+    spec = QuantSpec(4, 32, True)
+    out = tmp_path / "awq-gptq"
+    s = ex.export(tiny, format=ct.FORMAT, out=out, method="awq-gptq", spec=spec, verify=False)
+    lm = tiny.lm
+    snap = snapshot(lm)
+    ids = torch.arange(48).view(1, -1) % int(lm.model.config.vocab_size)
+    try:
+        data = evaluate.eval_data(tiny, lm)
+        with torch.no_grad():
+            recipe = ex.run_method(tiny, lm, data, snap, "awq-gptq", spec, lambda f, m: None)
+        assert isinstance(recipe, Recipe) and recipe.norm and recipe.row and not recipe.unscale
+        assert set(recipe.rounded) == set(recipe.grids) == set(tiny.linears["name"])
+        evaluate.apply_variant(lm, recipe, snap)
+        with torch.no_grad():
+            ours = lm.model(input_ids=ids).logits.float()
+        norm = next(n for n, v in recipe.norm.items() if not torch.equal(v, torch.ones_like(v)))  # alpha > 0
+        folded = dict(lm.model.named_parameters())[f"{norm}.weight"].detach().clone()
+    finally:
+        restore(lm, snap)
+    reloaded, _ = ct.load_checkpoint(out)
+    with torch.no_grad():
+        theirs = reloaded(input_ids=ids).logits.float()
+    assert torch.equal(reloaded.get_submodule(norm).weight.detach(), folded)
+    assert not torch.equal(folded, snap[f"{norm}.weight"].float())  # the scales are folded in
+    assert ct.compare_logits(ours, theirs)["max_logit_diff"] <= ct.MAX_LOGIT_DIFF
+    assert s["groups"] == {"w4g32 asym": len(tiny.linears)}
+    # a mixed plan: one GPTQ pass on the folded model, each linear at its own setting (fp16 ones stored folded)
+    plan = _plan(tiny)
+    p = ex.export(tiny, format=ct.FORMAT, out=tmp_path / "plan", method="awq-gptq", plan=plan)
+    assert p["verify"]["ok"] and p["kept"] == sum(v["bits"] == 16 for v in plan["layers"].values())
+    read = ct.read_groups(tmp_path / "plan")
+    assert {n: (r["num_bits"], r["group_size"]) for n, r in read.items()} == {
+        n: (v["bits"], v["group_size"]) for n, v in plan["layers"].items() if v["bits"] != 16}
 
 
 def test_asymmetric_codes_follow_compressed_tensors_convention():
@@ -120,7 +165,6 @@ def test_bad_input_one_sentence_nothing_left(tiny, tmp_path):
     cases = [
         dict(method="hqq", spec=QuantSpec(4, 32, True)),  # float zero points
         dict(method="awq", spec=QuantSpec(4, 32, True)),  # Q(W s)/s: no folded form
-        dict(method="awq-gptq", spec=QuantSpec(4, 32, True)),  # GPTQ(W s)/s: not on a grid
         dict(method="nope", spec=QuantSpec(4, 32, True)),
         dict(method="gptq", plan={"layers": {"model.nope": {"bits": 4, "group_size": 32}}}),
     ]
@@ -129,6 +173,8 @@ def test_bad_input_one_sentence_nothing_left(tiny, tmp_path):
             ex.export(tiny, format=ct.FORMAT, out=tmp_path / "x", **kw)
         assert "\n" not in str(e.value) and str(e.value)
         assert _leftovers(tmp_path) == before, kw
+        if kw["method"] == "hqq":
+            assert str(e.value) == ct.HQQ_REASON
     (tmp_path / "taken").mkdir()
     with pytest.raises(ex.ExportError, match="already exists"):
         ex.export(tiny, format=ct.FORMAT, out=tmp_path / "taken", method="rtn", spec=QuantSpec(4, 32, True))

@@ -246,6 +246,7 @@ def test_analysis_keeps_hessians_and_compares_methods(tiny_analysis, tiny_dir, t
 # --- whole-model weights: sequential GPTQ, AWQ + GPTQ, HQQ -----------------------------------------------------
 from core.methods import gptq, grouped, hqq  # noqa: E402
 from core.methods.base import per_linear_weights  # noqa: E402
+from core.methods.recipe import Recipe  # noqa: E402
 from core.model import blocks  # noqa: E402
 from core.hqq import hqq_quantize  # noqa: E402
 
@@ -291,8 +292,9 @@ def test_sequential_gptq_is_block_by_block_on_quantized_inputs(kind):
     # AWQ + GPTQ with unit scales is GPTQ; with real scales it is GPTQ(W s, H_{X/s}) / s
     ones = {n: torch.ones(lm.weight(n).shape[1]) for n in got}
     with torch.no_grad():
-        same = gptq.sequential_gptq(lm, ids, snap, QuantSpec(3, 32), batch_tokens=64, scales=ones)
-    assert all(torch.equal(same[n], got[n]) for n in got)
+        same = gptq.sequential_gptq(lm, ids, snap, QuantSpec(3, 32), batch_tokens=64,
+                                    recipe=Recipe(bits=3, group_size=32, col=ones, unscale=set(ones)))
+    assert all(torch.equal(same.rounded[n], got[n]) for n in got) and not same.grids  # Q(W s)/s: no grid named
     assert _same_state(lm, before)
     s = torch.rand(lm.weight(b0[0]).shape[1]) + 0.5
     w, h = lm.weight(b0[0]), grouped.gram(cap0.x[b0[0]])
@@ -398,7 +400,7 @@ def test_quality_modes_restore_the_model_also_on_error(mode, tiny_analysis, monk
     assert 0 < ppl and abs(ppl / fp - 1) < 0.5
     # a failure in the middle of the build (after some blocks were written into the model)
     # the per-linear call each mode's whole-model pass makes (sequential GPTQ asks for the grid it lands on)
-    fn = {"gptq": "gptq_grid", "awq-gptq": "gptq_quantize", "hqq": "hqq_quantize"}[mode]
+    fn = {"gptq": "gptq_grid", "awq-gptq": "gptq_grid", "hqq": "hqq_quantize"}[mode]
     module = hqq if mode == "hqq" else gptq
     target = f"{module.__name__}.{fn}"
     calls = []

@@ -83,7 +83,10 @@ class ModelContext:
 
     ``bits``: every bit-width of the run (a shared search runs once for all of them); ``group_size`` and
     ``zero_point``: the run's grid (each call gets its own ``QuantSpec`` too, ``spec(bits)``); ``format``: a
-    llama.cpp type whose family gives the grid instead (``QuantSpec.grid``)."""
+    llama.cpp type whose family gives the grid instead (``QuantSpec.grid``). ``specs``: a plan's setting per linear
+    (None: kept in full precision; ``core.studies.export``): a model half that rounds linear by linear in one pass
+    (sequential GPTQ) takes each linear's setting from here instead of its call's ``spec``, and names it in its
+    result's grid (``GridWeights.params``)."""
 
     analysis: Any
     lm: LoadedModel
@@ -101,6 +104,7 @@ class ModelContext:
     search_rows: list[dict] = field(default_factory=list)
     seconds: dict[tuple[str, int], float] = field(default_factory=dict)
     format: str | None = None
+    specs: Mapping[str, QuantSpec | None] | None = None
 
     @property
     def input_of(self) -> dict[str, str]:

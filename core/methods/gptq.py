@@ -9,13 +9,19 @@ that RTN, AWQ and GPTQ on this explorer differ only in their algorithm, never in
 Model half, ``sequential_gptq``: as the GPTQ paper (and IST-DASLab/gptq's ``llama_sequential`` without
 true-sequential): block by block, each block's Hessians ``X^T X`` come from the calibration tokens run through the
 model whose *earlier blocks are already quantized*; every linear of a block sees its block's input of that pass.
-With AWQ's input scales ``s`` (``awq-gptq``) each linear becomes ``GPTQ(W s, H_{X/s}) / s``. It returns
-``{linear name: dequantized weight [out, in] float32}`` and leaves the model's parameters bit-identical to
-``snap``, also on error.
+With AWQ's scales (``awq-gptq``: a scales-only ``Recipe``) the pass runs on the model as a file stores it: each
+group's scales folded into its preceding operator (norm weights divided by ``s``, the preceding linear's rows by
+``s``), every linear GPTQ-quantized in those coordinates (``GPTQ(W s, H_{X/s})``, the Hessian of the folded model's
+own input), and the Recipe returned with GPTQ's weights and grids (``Recipe.rounded`` / ``grids``); a linear whose
+scales have no preceding operator stays ``GPTQ(W s, H_{X/s}) / s`` (``Recipe.unscale``). Otherwise it returns
+``{linear name: dequantized weight [out, in] float32}`` with their grids (``GridWeights``). Either way the model's
+parameters are bit-identical to ``snap`` afterwards, also on error.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -26,6 +32,7 @@ from ..model.collect import GramLower
 from ..model.linears import find_blocks, set_linear_weight
 from ..model.models import LoadedModel
 from .base import GridWeights, LayerInputs, Method, ModelContext, Progress, RunShape, Variant, register
+from .recipe import Recipe, apply_recipe
 
 
 def _qparams(cols: torch.Tensor, bits: int, zero_point: bool) -> quant.QParams:
@@ -197,19 +204,24 @@ def gptq_with_scales(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor | None, s
 
 
 def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.Tensor], spec: QuantSpec,
-                    options: GPTQOptions = GPTQOptions(), *, batch_tokens: int = 4096,
-                    scales: dict[str, torch.Tensor] | None = None, input_of: dict[str, str] | None = None,
-                    progress: Progress | None = None) -> GridWeights:
+                    options: GPTQOptions = GPTQOptions(), *, batch_tokens: int = 4096, recipe: Recipe | None = None,
+                    input_of: dict[str, str] | None = None, specs: Mapping[str, QuantSpec | None] | None = None,
+                    progress: Progress | None = None) -> GridWeights | Recipe:
     """GPTQ of every block linear, block by block on ``calib [n, seqlen]`` token blocks (see the module doc).
-    The result names each weight's integer grid (``GridWeights.params``) where it has one in the model's own
-    coordinates: not for ``scales`` (``Q(W s) / s``) nor under ``act_order`` without ``static_groups``.
+    The result names each weight's integer grid (``GridWeights.params``, or ``Recipe.grids`` with ``recipe``) where
+    it has one in the coordinates it is stored in: not for ``Q(W s) / s`` nor under ``act_order`` without
+    ``static_groups``.
 
     As the reference's ``*_sequential``: the inputs of block 0 are captured once (one forward pass up to it);
     then each block runs twice on its cached inputs, once with hooks accumulating ``X^T X`` per distinct
     input (float32 GEMMs into float64) and, after its linears are quantized, once more to produce the next
     block's inputs. The other arguments of the block call (attention mask, position embeddings) are block 0's.
-    ``scales``: per-linear AWQ input scales (``awq_gptq``); ``input_of``: linear -> input key, so linears that
-    share an input share one Hessian. The model must hold ``snap``'s weights on entry; it does again on return.
+    ``recipe``: AWQ's scales and folds (``awq_gptq``; its own rounding, clips and kept weights are not used): the
+    pass runs on the folded model and returns ``recipe`` with GPTQ's weights (``Recipe.rounded``). ``input_of``:
+    linear -> input key, so linears that share an input share one Hessian. ``specs``: a plan's setting per linear
+    (``ModelContext.specs``; a linear it does not name takes ``spec``; None keeps it in full precision, which the
+    later blocks then see), so a mixed plan is one sequential pass as its model runs. The model must hold
+    ``snap``'s weights on entry; it does again on return.
     """
 
     progress = progress or (lambda f, m: None)
@@ -219,6 +231,8 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
     out = GridWeights()
     try:
         with torch.no_grad():
+            if recipe is not None:  # the model as the file stores it, before rounding: scales folded in
+                apply_recipe(lm, dataclasses.replace(recipe, bits=None, clip={}, keep={}, rounded={}, grids={}), snap)
             calls = BlockInputs(lm, calib, batch_tokens=batch_tokens).calls  # block 0's calls, one truncated forward
             for i in range(n_blocks):
                 names = [li.name for li in lm.linears if li.block == i]
@@ -245,22 +259,31 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 full = {k: g.full() for k, g in hess.items()}
                 for n in names:
                     w = original_weight(lm, snap, n)
-                    s = scales.get(n) if scales else None
-                    if s is None:
-                        q, grid = gptq_grid(w, full[key_of[n]].to(w.device).float(), spec, options)
-                        if grid is not None:
-                            out.params[n] = (grid[0].cpu(), grid[1].cpu(), spec)
-                    else:  # Q(W s) / s lies on no grid of the original coordinates
-                        q = gptq_with_scales(w, full[key_of[n]].to(w.device), s, spec, options)
+                    h = full[key_of[n]].to(w.device).float()
+                    unscale = None
+                    if recipe is not None:
+                        w = recipe.prequant(n, w)  # W s, rows divided by the next group's scales where folded
+                        if n in recipe.unscale:  # not folded: the live linear still reads X, GPTQ needs X / s
+                            unscale = recipe.col[n].float().to(w.device)
+                            h = scaled_hessian(full[key_of[n]].to(w.device), unscale).float()
+                    s_n = specs.get(n, spec) if specs is not None else spec
+                    if s_n is None:  # kept in full precision
+                        q, grid = w.float(), None
+                    else:
+                        q, grid = gptq_grid(w, h, s_n, options)
+                    if grid is not None and unscale is None:
+                        out.params[n] = (grid[0].cpu(), grid[1].cpu(), s_n)
                     out[n] = q.cpu()
-                    set_linear_weight(lm.model.get_submodule(n), q)
+                    set_linear_weight(lm.model.get_submodule(n), q if unscale is None else q / unscale.view(1, -1))
                 del hess, full
                 if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
                     calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
                 progress((i + 1) / n_blocks, f"sequential GPTQ w{spec.bits}: block {i + 1}/{n_blocks}")
     finally:
         restore(lm, snap)
-    return out
+    if recipe is None:
+        return out
+    return dataclasses.replace(recipe, rounded=dict(out), grids={n: p[:2] for n, p in out.params.items()})
 
 
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: GPTQOptions) -> torch.Tensor:
@@ -270,7 +293,7 @@ def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: GPTQOp
 def model(ctx: ModelContext, spec: QuantSpec, options: GPTQOptions, progress: Progress) -> Variant:
     """Sequential GPTQ on the search token budget."""
     return sequential_gptq(ctx.lm, ctx.search_blocks(), ctx.snap, spec, options, batch_tokens=ctx.batch_tokens,
-                           input_of=ctx.input_of, progress=progress)
+                           input_of=ctx.input_of, specs=ctx.specs, progress=progress)
 
 
 def sequential_cost(shape: RunShape) -> float:

@@ -41,7 +41,10 @@ class Recipe:
     ``(row, col)`` weights written back after quantization with their unquantized value in the recipe's own
     coordinates (``W'`` before clipping, fp16-rounded; unscaled with the rest), so a kept weight leaves the
     model in fp16 whatever the method scaled or folded. ``format``: a llama.cpp type (``QuantSpec.format``; then
-    ``bits``, ``group_size`` and ``zero_point`` are that type's): ``Q`` is its quantizer.
+    ``bits``, ``group_size`` and ``zero_point`` are that type's): ``Q`` is its quantizer. ``rounded``: per linear,
+    the weight ``[out, in]`` a method rounded itself in the recipe's coordinates (GPTQ on ``W'``: awq-gptq), taken
+    instead of ``Q(W')``; ``grids``: its integer grid ``(scale, zero) [out, n_groups]`` (``core.methods.base.
+    GridWeights.params``' convention) where it has one, so an exporter writes the method's own codes.
     """
 
     bits: int | None
@@ -54,6 +57,8 @@ class Recipe:
     clip: dict[str, torch.Tensor] = field(default_factory=dict)
     keep: dict[str, Cells] = field(default_factory=dict)
     format: str | None = None
+    rounded: dict[str, torch.Tensor] = field(default_factory=dict)
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def on(cls, spec: QuantSpec) -> "Recipe":
@@ -80,7 +85,9 @@ class Recipe:
         w = ref = self.prequant(name, w)
         if name in self.clip:
             w = awq.apply_clip(w, self.clip[name].to(w.device))
-        if self.bits is not None:
+        if name in self.rounded:
+            w = self.rounded[name].to(w.device, torch.float32)
+        elif self.bits is not None:
             w = fake_quant(w, self.spec)
         if self.keep.get(name):
             w = keep_values(w, ref, self.keep[name])

@@ -9,14 +9,23 @@ names; every other ``nn.Linear``, ``lm_head`` and linears a plan keeps in full p
 tokenizer and the generation config.
 
 The integer codes are the explorer's own: each linear's grid comes from its method (``ExportLinear.params``:
-GPTQ's per-group grids) or, for a Recipe (rtn, awq-grouped, awq-clip), from the clipped folded weight the Recipe
-rounds (``core.grids.quant.choose_qparams``, the grid ``pseudo_quantize`` uses); the codes are read off the
-explorer's quantized weight ``fake`` and the writer refuses a linear whose codes do not give ``fake`` back bit for
-bit. Conventions: ours is ``q = clamp(round(w / s) + z, 0, 2^b - 1)``, ``w_hat = (q - z) s`` (asymmetric) and
-``q`` in ``[-2^(b-1), 2^(b-1) - 1]`` with ``z = 0`` (symmetric); compressed-tensors stores signed codes in
-``[-2^(b-1), 2^(b-1) - 1]`` for both and dequantizes ``(q - z) s``, so an asymmetric code and zero are both
-shifted by ``-2^(b-1)`` (``q - z`` unchanged). HQQ's zero point is a float, which pack-quantized cannot store (its
-zero points are packed b-bit integers): HQQ is refused.
+GPTQ's per-group grids, for awq-gptq in the folded coordinates) or, for a Recipe (rtn, awq-grouped, awq-clip), from
+the clipped folded weight the Recipe rounds (``core.grids.quant.choose_qparams``, the grid ``pseudo_quantize``
+uses); the codes are read off the explorer's quantized weight ``fake`` and the writer refuses a linear whose codes
+do not give ``fake`` back bit for bit. Conventions: ours is ``q = clamp(round(w / s) + z, 0, 2^b - 1)``,
+``w_hat = (q - z) s`` (asymmetric) and ``q`` in ``[-2^(b-1), 2^(b-1) - 1]`` with ``z = 0`` (symmetric);
+compressed-tensors stores signed codes in ``[-2^(b-1), 2^(b-1) - 1]`` for both and dequantizes ``(q - z) s``, so an
+asymmetric code and zero are both shifted by ``-2^(b-1)`` (``q - z`` unchanged).
+
+HQQ is refused (``HQQ_REASON``): its zero point is a float, and pack-quantized, the one compressed-tensors format
+vLLM serves for weight-only integer weights (vLLM's ``CompressedTensorsConfig._get_scheme_from_parts`` builds
+``CompressedTensorsWNA16`` only for ``format == "pack-quantized"``, else "No compressed-tensors compatible scheme was
+found"), stores zero points as b-bit integers packed like the codes (compressed-tensors 0.19
+``PackedQuantizationCompressor.compress``: ``pack_to_int32(zero_point, weights.num_bits, packed_dim=0)``;
+``decompress`` unpacks them with ``unpack_from_int32``; vLLM's WNA16 ``weight_zero_point`` is a packed int32
+parameter). ``QuantizationArgs.zp_dtype`` can name a float dtype and the ``naive-quantized`` compressor would keep
+such a zero unpacked, but vLLM does not serve that format for weight-only integer weights (the sentence above), and
+rounding HQQ's zero to an integer changes its weights.
 
 Reloading (``verify``): transformers 5.23 with compressed-tensors 0.19 cannot load an asymmetric pack-quantized
 checkpoint through its default path (it sizes ``weight_zero_point`` unpacked and refuses the packed tensor: also
@@ -52,6 +61,10 @@ WEIGHTS_FILE = "model.safetensors"
 MAX_LOGIT_DIFF = 1e-3
 MAX_MEAN_KL = 1e-6
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "conversion.json"}
+METHODS = ("rtn", "awq-grouped", "awq-clip", "gptq", "awq-gptq")  # the model methods this format stores exactly
+HQQ_REASON = ("HQQ's zero points are floats, and compressed-tensors' pack-quantized format (the one vLLM serves for "
+              "weight-only integer weights) stores zero points as integers packed like the codes, so HQQ's weights "
+              "cannot be written exactly; export rtn, awq-grouped, awq-clip, gptq or awq-gptq")
 
 
 def _ct():
@@ -95,9 +108,9 @@ def linear_codes(li: ExportLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     back = ((q - z) * s).reshape(out, n_in)
     if q.min() < lo or q.max() > hi or not torch.equal(back, fake):
         bad = float((back - fake).abs().max())
-        raise ExportError(f"{li.name}'s quantized weight does not lie on an integer {spec.key} grid of the model's "
-                          f"own coordinates (max |difference| {bad:.3g}; awq-gptq's GPTQ(W s)/s is one such weight), "
-                          f"so it cannot be packed; export rtn, awq-grouped, awq-clip or gptq")
+        raise ExportError(f"{li.name}'s quantized weight does not lie on an integer {spec.key} grid of the "
+                          f"coordinates the file stores (max |difference| {bad:.3g}; Q(W s)/s where the scales have "
+                          f"no preceding operator to fold into is one such weight), so it cannot be packed")
     shift = 2 ** (spec.bits - 1) if spec.zero_point else 0  # unsigned levels -> compressed-tensors' signed ones
     codes = (q - shift).reshape(out, n_in).to(torch.int8)
     return codes, scale.contiguous(), (zero - shift).to(torch.int8) if spec.zero_point else None
@@ -121,9 +134,7 @@ def weights_args(key: tuple[int, int, bool]) -> dict:
 def check_model(model: ExportModel) -> None:
     """ExportError (one sentence) when the export model cannot be stored as pack-quantized."""
     if model.method == "hqq":
-        raise ExportError("HQQ's zero points are floats and compressed-tensors' pack-quantized format stores integer "
-                          "zero points (packed like the codes), so HQQ's weights cannot be written exactly; export "
-                          "rtn, awq-grouped, awq-clip or gptq")
+        raise ExportError(HQQ_REASON)
     lm = model.analysis.lm
     if not lm.is_causal:
         raise ExportError("the compressed-tensors export writes causal language models (AutoModelForCausalLM)")
@@ -366,5 +377,5 @@ def verify_compressed_tensors(model: ExportModel, folder: Path, progress: Progre
 
 register_format(FORMAT, write_compressed_tensors, verify_compressed_tensors)
 
-__all__ = ["FORMAT", "write_compressed_tensors", "verify_compressed_tensors", "load_checkpoint", "read_groups",
+__all__ = ["FORMAT", "METHODS", "HQQ_REASON", "write_compressed_tensors", "verify_compressed_tensors", "load_checkpoint", "read_groups",
            "linear_codes", "linear_grid", "quantization_config", "compare_logits", "against_fp", "MAX_LOGIT_DIFF", "MAX_MEAN_KL"]

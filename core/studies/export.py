@@ -10,7 +10,8 @@ searches, ``METHODS[m].model(ctx, spec, options, progress)``) and turns its resu
   and clipped weight the grid rounds, its ``fake`` ``Recipe.final`` (the weight Model quality scores). A Recipe
   with ``unscale`` linears (``Q(W s)/s``: the per-linear ``awq`` method, or awq-grouped on an architecture whose
   scales have no preceding operator) has no folded form where linears share an input and is refused;
-  awq-grouped and awq-clip are the folded forms of AWQ.
+  awq-grouped and awq-clip are the folded forms of AWQ. A Recipe whose method rounded the folded weights itself
+  (awq-gptq: ``Recipe.rounded``, GPTQ on ``W s``) passes those weights and their integer grids (``Recipe.grids``).
 * a ``core.methods.base.GridWeights`` mapping (gptq, hqq) passes its integer grid per linear (``params``); a plain
   mapping has ``params=None``. Their ``weight`` is the method's output (what a file format's own grid rounds).
 
@@ -21,8 +22,10 @@ A plan (the JSON of ``core.studies.plan_export``: ``method``, ``layers: {name: {
 llama.cpp ``type`` per layer) puts each linear at its own setting. Scales and clip values of a Recipe are one per
 group of linears sharing an input, so they cannot follow each linear's setting: the method's search runs once at
 the plan's most common quantized setting, and each linear's folded, clipped weight is then rounded at its own
-setting. A method that returns weights (gptq, hqq) runs once per distinct setting of the plan and each linear takes
-its weight from the run at its setting. Linears at 16 bits stay in full precision (``spec=None``).
+setting. A method that rounds linear by linear in one pass (sequential GPTQ: gptq, awq-gptq) gets the plan's
+settings (``ModelContext.specs``) and runs once, each linear at its own setting, as the plan's model runs; another
+method that returns weights (hqq) runs once per distinct setting and each linear takes its weight from the run at
+its setting. Linears at 16 bits stay in full precision (``spec=None``).
 
 ``export(analysis, format=..., out=...)`` writes with a registered writer (``register_format``) into a temporary
 sibling folder renamed to ``out`` only at the end: nothing half-written on error or Ctrl-C.
@@ -198,17 +201,20 @@ def _common(specs: Mapping[str, QuantSpec | None]) -> QuantSpec:
 # ------------------------------------------------------------------------------------------------
 # running a method's model half (as run_quality does) and folding its result
 # ------------------------------------------------------------------------------------------------
-def _context(analysis, lm, data, snap, method: str, spec: QuantSpec) -> ModelContext:
+def _context(analysis, lm, data, snap, method: str, spec: QuantSpec,
+             specs: Mapping[str, QuantSpec | None] | None = None) -> ModelContext:
     s = analysis.settings
     return ModelContext(analysis, lm, data, snap, ("fp", method), (spec.bits,), spec.group_size, spec.zero_point,
                         int(s.sweep.n_grid), int(s.batch_tokens), evaluate.SEARCH_TOKENS, evaluate.CONST_ALPHA_TOKENS,
-                        format=spec.format)
+                        format=spec.format, specs=specs)
 
 
-def run_method(analysis, lm, data, snap, method: str, spec: QuantSpec, progress: Progress):
-    """``METHODS[method]``'s model half at ``spec`` after its shared search, as ``run_quality`` runs it."""
+def run_method(analysis, lm, data, snap, method: str, spec: QuantSpec, progress: Progress,
+               specs: Mapping[str, QuantSpec | None] | None = None):
+    """``METHODS[method]``'s model half at ``spec`` after its shared search, as ``run_quality`` runs it; ``specs``:
+    a plan's setting per linear (``ModelContext.specs``)."""
     m = METHODS[method]
-    ctx = _context(analysis, lm, data, snap, method, spec)
+    ctx = _context(analysis, lm, data, snap, method, spec, specs)
     if m.shared is not None:
         ctx.memo[m.shared.name] = m.shared.run(ctx, lambda f, msg: progress(0.5 * f, msg))
     return m.model(ctx, spec, m.options(), lambda f, msg: progress(0.5 + 0.5 * f, msg))
@@ -241,8 +247,9 @@ def _recipe_linear(analysis, lm, snap, recipe: Recipe, name: str, spec: QuantSpe
         imp = activation_sq(analysis, name)
         if name in recipe.col:  # the folded weight W s multiplies x / s
             imp = imp / recipe.col[name].float().pow(2)
-    fake = recipe.final(name, w0) if same_grid and not spec.format else round_weight(weight, spec, imp)
-    return ExportLinear(name, weight, fake, spec, None, imp)
+    own = not spec.format and (same_grid or name in recipe.rounded)  # rounded: at the plan's setting (ctx.specs)
+    fake = recipe.final(name, w0) if own else round_weight(weight, spec, imp)
+    return ExportLinear(name, weight, fake, spec, recipe.grids.get(name) if own else None, imp)
 
 
 def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan: Mapping | None = None,
@@ -278,7 +285,8 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
     with model_lock(lm.model), torch.no_grad():
         snap = snapshot(lm)
         try:
-            built = run_method(analysis, lm, data, snap, method, main, lambda f, m: report(0.05 + 0.8 * f, m))
+            mixed = specs if plan is not None and len(set(specs.values())) > 1 else None
+            built = run_method(analysis, lm, data, snap, method, main, lambda f, m: report(0.05 + 0.8 * f, m), mixed)
             if isinstance(built, Recipe):
                 check_foldable(method, built)
                 folded = folded_params(lm, built, snap)
@@ -286,14 +294,16 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
                 for i, n in enumerate(widths):
                     out[n] = _recipe_linear(analysis, lm, snap, built, n, specs[n], specs[n] == main, imatrix)
                     report(0.85 + 0.15 * (i + 1) / len(widths), f"rounding {n}")
-                if plan is not None and len(set(specs.values())) > 1 and (built.col or built.clip):
+                if mixed is not None and (built.col or built.clip):
                     notes.append(f"{method}'s scales and clip values were searched once at {main.format or main.key} "
                                  f"(the plan's most common setting) and folded; each linear is then rounded at its "
                                  f"own setting")
             else:
                 folded = {}
                 runs = {main: built}
-                for s in {s for s in specs.values() if s is not None and s != main}:
+                params = built.params if isinstance(built, GridWeights) else {}
+                one_pass = all(s is None or (n in params and params[n][2] == s) for n, s in specs.items())
+                for s in () if one_pass else {s for s in specs.values() if s is not None and s != main}:
                     runs[s] = run_method(analysis, lm, data, snap, method, s, lambda f, m: report(0.85, m))
                 out = {}
                 for n in widths:
@@ -302,7 +312,7 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
                         w = original_weight(lm, snap, n)
                         out[n] = ExportLinear(n, w, w, None)
                         continue
-                    got = runs[s]
+                    got = built if one_pass else runs[s]
                     if n not in got:
                         raise ExportError(f"method {method!r} returned no weight for {n}")
                     w = got[n].float().cpu()
