@@ -14,7 +14,10 @@ first-open settings (in ``$AWQ_EXPLORER_CACHE`` or the repository's cache, made 
 ``measure(...)`` is the table of the note / BENCHMARKS: each configuration exported, verified in llama.cpp (the
 bindings) and scored by ``llama-perplexity --kl-divergence`` against the explorer's fp reference on the explorer's
 own held-out windows, beside the explorer's prediction for the same weights. ``python bench/gguf_bench.py
---measure OUT.json [--heldout-samples N]`` runs it.
+--measure OUT.json [--heldout-samples N]`` runs it. ``--plan-budget 4.5`` also plans the bundled LLM in llama.cpp
+types (``core.studies.plan``, ``PlanSettings.types``, method ``--plan-method``) at that budget, writes the plan as a
+GGUF (``plan_export.gguf_method``: awq -> awq-clip) and measures it like the other rows; the plan's own test-token
+figures (explorer, all positions) go to the row's ``plan``.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ CONFIGS = [  # (label, method, type, imatrix)
     ("awq-clip Q4_0 + imatrix", "awq-clip", "Q4_0", True),
     ("Q4_1", "rtn", "Q4_1", False), ("Q4_1 + imatrix", "rtn", "Q4_1", True), ("awq-clip Q4_1", "awq-clip", "Q4_1", False),
     ("Q5_0", "rtn", "Q5_0", False), ("Q5_0 + imatrix", "rtn", "Q5_0", True), ("awq-clip Q5_0", "awq-clip", "Q5_0", False),
+    ("awq-grouped Q4_1", "awq-grouped", "Q4_1", False), ("awq-clip Q4_1 + imatrix", "awq-clip", "Q4_1", True),
+    ("awq-grouped Q5_0", "awq-grouped", "Q5_0", False), ("awq-clip Q5_0 + imatrix", "awq-clip", "Q5_0", True),
 ]
 
 
@@ -115,11 +120,11 @@ def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Pa
         del fp
         runs = [(label, m, t, imx, None) for label, m, t, imx in configs]
         if plan is not None:
-            from core.present.model_quality import PLAN_GGUF_METHOD
+            from core.studies.plan_export import gguf_method
 
             pm = str(plan.get("method", "rtn"))
-            runs.append((f"plan {plan.get('budget_bits', '?')} bits ({pm} -> {PLAN_GGUF_METHOD.get(pm, pm)})",
-                         PLAN_GGUF_METHOD.get(pm, pm), None, False, plan))
+            runs.insert(0, (f"plan {plan.get('budget_bits', '?')} bits ({pm} -> {gguf_method(pm)})",
+                            gguf_method(pm), None, False, plan))  # first: the row a long run must not lose
         for i, (label, method, t, imx, pl) in enumerate(runs):
             log(f"gguf measure {i + 1}/{len(runs)}: {label} ...")
             out = Path(tmp) / f"run{i}"
@@ -137,7 +142,9 @@ def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Pa
                    "bits_per_weight": s["linear_bits_per_weight"], "seconds": time.perf_counter() - t0,
                    "llama_perplexity": kld, "bindings": {r["metric"]: r["llamacpp"] for r in v["rows"]},
                    "explorer": {r["metric"]: r["explorer"] for r in v["rows"]}, "agree": v["agree"],
-                   "n_tokens": v["n_tokens"], "tensor_types": s["tensor_types"]}
+                   "n_tokens": v["n_tokens"], "tensor_types": s["tensor_types"], "notes": s.get("notes", [])}
+            if pl is not None:
+                row["plan"] = {k: pl.get(k) for k in ("avg_bits", "source", "measured", "baseline", "method")}
             rows.append(row)
             log(f"  {json.dumps(row, default=str)}")
             if partial is not None:  # every finished row on disk at once (a long run may be stopped)
@@ -147,6 +154,28 @@ def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Pa
     return rows
 
 
+def types_plan(a, budget: float, method: str = "awq", types: str = "all", log=print) -> dict:
+    """The plan JSON (``plan_export.plan_dict``) of the bundled analysis planned in llama.cpp types at ``budget``."""
+    from core.grids.llamacpp import TYPES
+    from core.studies import plan as P
+    from core.studies.plan_export import plan_dict
+
+    ts = TYPES if types.strip().lower() == "all" else tuple(types.split(","))
+    log(f"gguf measure: planning in llama.cpp types {','.join(ts)} at {budget:g} bits ({method}) ...")
+    t0 = time.perf_counter()
+    last = [-1.0]
+
+    def progress(f: float, m: str) -> None:  # every 2% of the way (the sensitivity pass reports every linear)
+        if f - last[0] >= 0.02:
+            last[0] = f
+            log(f"  plan {f:.0%} {time.perf_counter() - t0:.0f}s {m}")
+    rep = P.run(a, P.PlanSettings(budget=budget, method=method, types=ts), progress=progress)
+    log(f"  planned in {time.perf_counter() - t0:.0f} s: {rep.plan.summary()} ({rep.plan.avg_bits:.4f} bits, "
+        f"{rep.plan.source}); test: plan kl {rep.plan.measured.get('kl')}, "
+        f"{rep.baseline.source if rep.baseline else '-'} kl {rep.baseline.measured.get('kl') if rep.baseline else '-'}")
+    return plan_dict(rep.plan, rep)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -154,12 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", default=None, help="write the measurement table as JSON here")
     ap.add_argument("--heldout-samples", type=int, default=2)
     ap.add_argument("--plan", default=None, help="a plan JSON to write as a GGUF too")
-    ap.add_argument("--only", default=None, help="comma-separated labels of CONFIGS to run")
+    ap.add_argument("--only", default=None, help="comma-separated labels of CONFIGS to run ('' = none)")
+    ap.add_argument("--plan-budget", type=float, default=None,
+                    help="plan the bundled LLM in llama.cpp types at this budget and measure its GGUF too")
+    ap.add_argument("--plan-method", default="awq", help="the plan's method (awq or rtn)")
+    ap.add_argument("--plan-types", default="all", help="the plan's candidate types (comma-separated, 'all')")
     args = ap.parse_args(argv)
     if args.measure:
         a = bundled_analysis(args.heldout_samples)
         configs = [c for c in CONFIGS if args.only is None or c[0] in args.only.split(",")]
         plan = json.loads(Path(args.plan).read_text()) if args.plan else None
+        if args.plan_budget is not None:
+            plan = types_plan(a, args.plan_budget, args.plan_method, args.plan_types)
         rows = measure(a, configs, plan, partial=args.measure)
         Path(args.measure).write_text(json.dumps(rows, indent=1, default=str))
         return 0

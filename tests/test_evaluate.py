@@ -301,7 +301,8 @@ def test_cli_evaluate_json(tiny_dir, tokenizer_dir, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert all(set(x) == {"mode", "bits", "group_size", "protocol", "metric", "value"} for x in rows)
+    assert all(set(x) == {"mode", "bits", "group_size", "protocol", "type", "metric", "value"} for x in rows)
+    assert {x["type"] for x in rows} == {""}  # the integer grid
     assert {(x["mode"], x["bits"]) for x in rows} == {("fp", 16), ("rtn", 4), ("rtn", 8), ("awq-grouped", 4),
                                                       ("awq-grouped", 8)}
     assert {x["metric"] for x in rows} == set(evaluate.CAUSAL_METRICS) and all(x["group_size"] == GS for x in rows)
@@ -312,6 +313,66 @@ def test_cli_evaluate_json(tiny_dir, tokenizer_dir, tmp_path):
                      "--cache-dir", str(tmp_path), "--quiet"]) == 2
     assert cli.main(["evaluate", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir, "--search-tokens", "0",
                      "--cache-dir", str(tmp_path), "--quiet"]) == 2
+
+
+def test_quality_in_a_llamacpp_type(tiny_analysis):
+    """run_quality(format=...): every linear in the llama.cpp type (rtn: exactly the type's rounding through the one
+    door fake_quant), rows labelled with the type and cached apart from the integer grid's; refusals in one sentence."""
+    from core.grids.quant import fake_quant
+    from core.grids.spec import QuantSpec
+
+    a = tiny_analysis("llama")
+    before = state(a.lm.model)
+    grid = evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=GS, zero_point=False)
+    df = evaluate.run_quality(a, modes=["fp", "rtn", "awq-clip"], bits=[], group_size=0, format="q4_0")
+    assert_bit_identical(a.lm.model, before)
+    assert set(df["format"]) == {"Q4_0"} and set(grid["format"]) == {evaluate.GRID}
+    q = df[df["mode"] != "fp"]
+    assert set(q["bits"]) == {4} and set(df["group_size"]) == {32} and not df["zero_point"].any()
+    # rtn in Q4_0 is the type's rounding of every linear, scored like any variant
+    spec = QuantSpec.of_type("Q4_0")
+    by_hand = evaluate.score_variants(a, {"x": lambda: {n: fake_quant(a.weight(n).float(), spec) for n in a.names}},
+                                      protocol="llama.cpp")
+    for m in ("kl", "perplexity", "same_top"):
+        assert values(df, "rtn", 4, m) == pytest.approx(float(by_hand.query("variant == 'x' and metric == @m")["value"].iloc[0]),
+                                                         rel=1e-9)
+    assert values(df, "rtn", 4, "kl") != values(grid, "rtn", 4, "kl")  # another grid than w4 g32 symmetric
+    assert values(df, "awq-clip", 4, "kl") > 0
+    # cached apart: the integer grid's readers never see the type's rows; a type's own, or every row
+    g_rows, t_rows, every = evaluate.cached_quality(a), evaluate.cached_quality(a, "Q4_0"), evaluate.cached_quality(a, None)
+    assert set(g_rows["format"]) == {""} and set(t_rows["format"]) == {"Q4_0"}
+    assert len(every) == len(g_rows) + len(t_rows) and len(t_rows) == len(df)
+    assert set(evaluate.cached_kl(a, "Q4_0")["mode"]) == {"rtn", "awq-clip"}
+    assert set(evaluate.cached_search(a, "Q4_0")["mode"]) <= {"awq-grouped", "awq-clip"}
+    # rows cached before the column existed are the integer grid's
+    raw = a.read_extra("quality")
+    a.write_extra("quality", raw[raw["format"] == ""].drop(columns=["format"]))
+    back = evaluate.cached_quality(a)
+    assert len(back) == len(g_rows) and set(back["format"]) == {""} and evaluate.cached_quality(a, "Q4_0") is None
+    with pytest.raises(ValueError, match="mode 'gptq' does not run on llama.cpp types such as Q4_0; pick from rtn, "
+                                         "awq, awq-grouped, awq-clip"):
+        evaluate.run_quality(a, modes=["rtn", "gptq"], bits=[], group_size=0, format="Q4_0")
+    with pytest.raises(ValueError, match="unknown llama.cpp type 'Q4_9'"):
+        evaluate.run_quality(a, modes=["rtn"], bits=[], group_size=0, format="Q4_9")
+
+
+def test_cli_evaluate_type(tiny_dir, tokenizer_dir, tmp_path):
+    cmd = [sys.executable, "-m", "core", "evaluate", "--model", tiny_dir("llama"), "--tokenizer", tokenizer_dir,
+           "--modes", "fp,rtn", "--type", "Q4_0,Q8_0", "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2",
+           "--sweep-bits", "4", "--group-size", str(GS), "--cache-dir", str(tmp_path), "--json", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {(x["mode"], x["bits"], x["type"]) for x in rows} == {("fp", 16, "Q4_0"), ("rtn", 4, "Q4_0"),
+                                                               ("fp", 16, "Q8_0"), ("rtn", 8, "Q8_0")}
+    head = next(x for x in r.stdout.splitlines() if x.startswith("mode "))
+    assert head.split()[:3] == ["mode", "bits", "type"] and "llama.cpp types Q4_0, Q8_0" in r.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert "(cache)" in again.stdout and json.loads(again.stdout.strip().splitlines()[-1]) == rows
+    bad = subprocess.run([*cmd[:9], "fp,gptq", *cmd[10:]], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: mode 'gptq' does not run on "
+                                                                                  "llama.cpp types"), bad.stderr
 
 
 # --------------------------------------------------------------------------------------------------

@@ -273,3 +273,51 @@ def test_plan_written_as_a_mixed_type_gguf(gguf_analysis, tmp_path):
     assert got["blk.0.attn_v.weight"] == "Q5_0" and got["blk.1.ffn_down.weight"] == "Q4_1"
     assert any("searched once at Q4_1" in n for n in s["notes"])
     assert 4.5 < s["linear_bits_per_weight"] < 8
+
+
+def test_types_plan_written_as_a_gguf_at_its_budget(gguf_analysis, tmp_path):
+    """A plan made in llama.cpp types (core.studies.plan, PlanSettings.types) is written with each linear in its own
+    type: the file's linear tensors cost exactly the plan's bits per weight (read from the bytes written), within the
+    budget; llama.cpp loads it and agrees with the explorer's prediction (when the bindings are built)."""
+    import gguf
+
+    from core.studies import plan as P
+    from core.studies import plan_export as pe
+
+    rep = P.run(gguf_analysis, P.PlanSettings(budget=4.8, method="rtn", types=("Q4_0", "Q4_1", "Q5_0", "Q8_0"),
+                                              test_tokens=128, fisher_samples=2))
+    p = rep.plan
+    assert p.in_types and p.avg_bits <= 4.8 and len(set(p.layers.values())) >= 1
+    s = ex.export(gguf_analysis, format="gguf", out=tmp_path / "plan", method="rtn", plan=pe.plan_dict(p, rep),
+                  verify=HAVE_LLAMA)
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "plan" / "model.gguf")).tensors}
+    mapping = {f"model.layers.{b}.{hf}": f"blk.{b}.{gg}.weight" for b in range(2) for hf, gg in (
+        ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"))}
+    assert {n: got[mapping[n]] for n in p.layers} == dict(p.layers)
+    assert s["linear_bits_per_weight"] == pytest.approx(p.avg_bits, rel=1e-12) and s["fallbacks"] == {}
+    if HAVE_LLAMA:
+        assert s["verify"]["ok"], s["verify"]["agreement"]
+
+
+@needs_llama
+def test_cli_plan_in_types_writes_a_gguf_llamacpp_runs(tiny_gguf, tmp_path):  # noqa: F811
+    path, _ = tiny_gguf
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "core", "plan", "--model", str(path), "--cache-dir", str(tmp_path / "cache"),
+           "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2", "--sweep-bits", "4", "--budget", "5",
+           "--method", "awq", "--types", "q4_0,Q4_1,Q8_0,Q3_K", "--fisher-samples", "1", "--test-tokens", "128",
+           "--export", "json,llamacpp", "--out", str(tmp_path / "out"), "--gguf", str(tmp_path / "g"), "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(x.startswith("method     awq; candidates: llama.cpp types Q4_0,Q4_1,Q8_0,Q3_K") for x in lines)
+    gg = next(x for x in lines if x.startswith("gguf "))
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert f"written with awq-clip: {plan['avg_bits']:.4f} bits per weight" in gg
+    assert all("type" in v for v in plan["layers"].values()) and plan["avg_bits"] <= 5
+    assert (tmp_path / "g" / "model.gguf").is_file() and any(x.startswith("agreement  ") for x in lines)
+    # an existing folder is refused before anything runs, in one line
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "already exists" in r.stderr

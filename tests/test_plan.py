@@ -667,3 +667,121 @@ def test_cli_plan_end_to_end(tiny_dir, tokenizer_dir, tmp_path):
     assert plan["measured_on"] == "test" and [t["set"] for t in plan["token_sets"]] == ["calibration", "selection", "test"]
     assert yaml.safe_load((out / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------
+# plans in llama.cpp types
+# ------------------------------------------------------------------------------------------------
+TYPES_ALL = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def test_type_choices_and_costs_are_what_llama_quantize_writes():
+    from core.grids import llamacpp
+    from core.studies import plan as P
+
+    # SmolLM2's widths: on 576-wide rows every k-quant is its block-32 fallback (deduplicated), 1536 takes them all
+    assert P.type_choices(576, TYPES_ALL) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert P.type_choices(576, ("Q3_K", "Q4_K")) == ["Q4_0", "Q5_0"]
+    assert P.type_choices(1536, TYPES_ALL)[:3] == ["Q2_K", "Q3_K", "Q4_0"]  # cheapest first; Q4_0 before Q4_K (4.5)
+    assert P.type_choices(1536, TYPES_ALL)[3] == "Q4_K" and len(P.type_choices(1536, TYPES_ALL)) == 10
+    assert P.type_choices(48, ("Q4_0",)) == []  # no block divides the rows: llama-quantize would write F16
+    # cost: the blocks' bytes, exactly bits_per_weight per weight
+    for t, w in (("Q4_0", 576), ("Q4_1", 576), ("Q3_K", 1536), ("Q6_K", 1536), ("Q8_0", 64)):
+        n = 7 * w
+        assert P.choice_cost(t, n, w) == n * llamacpp.bits_per_weight(t) == float(int(P.choice_cost(t, n, w)))
+    assert P.choice_cost("Q3_K", 256 * 3, 256) == 256 * 3 * 3.4375
+    assert P.label("Q4_K") == "Q4_K" and P.choice_spec("Q4_1").format == "Q4_1" and P.choice_spec((16, 0)) is None
+    assert P.check_types("q4_0, Q3_K,Q4_0") == ("Q4_0", "Q3_K") and P.check_types(()) == ()
+    with pytest.raises(ValueError, match="unknown llama.cpp type 'F16'; supported: Q4_0, Q4_1"):
+        P.check_types(["F16"])
+    # uniform candidates: every linear at the type as written; types that write the same tensors are one candidate
+    nw, inf = {"a": 576 * 10, "b": 1536 * 10}, {"a": 576, "b": 1536}
+    uni = P.uniform_candidates(nw, inf, P.PlanSettings(types=TYPES_ALL))
+    assert dict(uni["uniform Q3_K"].layers) == {"a": "Q4_0", "b": "Q3_K"} and "uniform Q4_K" in uni
+    assert uni["uniform Q4_0"].avg_bits == 4.5 and uni["uniform Q4_1"].avg_bits == 5.0
+    only576 = P.uniform_candidates({"a": 5760}, {"a": 576}, P.PlanSettings(types=TYPES_ALL))
+    assert set(only576) == {"uniform Q4_0", "uniform Q4_1", "uniform Q5_0", "uniform Q5_1", "uniform Q8_0"}
+    # the solver in types: a plan's cost is the sum of its types' real costs, within the budget
+    values = {"a": {t: 1.0 / llamacpp.bits_per_weight(t) for t in P.type_choices(576, TYPES_ALL)},
+              "b": {t: 3.0 / llamacpp.bits_per_weight(t) for t in P.type_choices(1536, TYPES_ALL)}}
+    choices = {"a": P.type_choices(576, TYPES_ALL), "b": P.type_choices(1536, TYPES_ALL)}
+    p = P.solve_plan(values, nw, inf, choices, 4.5)
+    cost = sum(P.choice_cost(c, nw[n], inf[n]) for n, c in p.layers.items())
+    assert p.in_types and p.exact and p.avg_bits == cost / sum(nw.values()) <= 4.5
+    assert p.summary().startswith(next(iter(p.counts()))) and p.names_at(16) == []
+
+
+def test_types_plan_end_to_end(tiny_llama, scored, tmp_path):
+    import json
+
+    from core.studies import plan as P
+    from core.studies import plan_export as pe
+
+    s = P.PlanSettings(budget=5.0, method="rtn", types=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K"), **SMALL)
+    rep = P.run(tiny_llama, s)
+    nw, inf = P.geometry(tiny_llama)
+    p = rep.plan
+    assert p.in_types and set(p.layers) == set(nw)
+    assert all(c in P.type_choices(inf[n], s.types) for n, c in p.layers.items())
+    assert p.avg_bits <= 5.0 + 1e-12
+    # every uniform type within the budget was a candidate (Q3_K writes Q4_0 on these widths: one candidate)
+    assert set(rep.candidates["variant"]) == {"plan 5", "uniform Q4_0", "uniform Q4_1"}
+    assert rep.baseline.source in ("uniform Q4_0", "uniform Q4_1") and rep.plan.measured and rep.baseline.measured
+    assert rep.notes and "on the test tokens" in rep.notes[0]
+    # the sensitivity table names each row's type, the types' real costs, cached apart from the integer grid's
+    t = rep.sensitivity
+    assert set(t["type"]) == {"Q4_0", "Q4_1", "Q5_0", "Q8_0"} and "types" in s.sensitivity_key
+    assert (t["bits_per_weight"] == [{"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q8_0": 8.5}[x] for x in t["type"]]).all()
+    fam = rep.families
+    assert (fam["bits"] == 3).all() and (fam["group_size"] == 256).all()  # measured at Q3_K (written Q4_0 here)
+    # the plan's weights are the types' roundings (the one door fake_quant, rtn's layer half)
+    import torch
+
+    from core.grids.quant import fake_quant
+    from core.grids.spec import QuantSpec
+
+    w = P.plan_weights(tiny_llama, p)()
+    n0 = next(iter(p.layers))
+    assert torch.equal(w[n0], fake_quant(tiny_llama.weight(n0).float(), QuantSpec.of_type(p.layers[n0])).float())
+    # exports: JSON layers carry the type; llama.cpp arguments name it; integer-grid formats refused, nothing written
+    paths = pe.write_exports(p, tmp_path / "x", "json,llamacpp", linears=tiny_llama.linears.to_dict("records"),
+                             report=rep)
+    d = json.loads(paths["json"].read_text())
+    assert {n: v["type"] for n, v in d["layers"].items()} == dict(p.layers)
+    assert all(a.split("=")[1] in p.layers.values() for a in paths["llamacpp"].read_text().split()[1::2])
+    with pytest.raises(pe.ExportError, match="a plan in llama.cpp types is written as json or llamacpp"):
+        pe.write_exports(p, tmp_path / "y", "json,gptqmodel", linears=tiny_llama.linears.to_dict("records"))
+    assert not (tmp_path / "y").exists()
+    assert pe.formats_for(p) == pe.TYPE_FORMATS and pe.gguf_method("awq") == "awq-clip"
+    # a second run reuses everything; a grid plan afterwards is unchanged by the types' cache
+    scored.clear()
+    assert P.run(tiny_llama, s).plan.measured == p.measured and scored == []
+
+
+def test_types_plan_awq_searches_alpha_on_the_type(tiny_llama):
+    from core.grids.spec import QuantSpec
+    from core.methods import awq_search
+    from core.studies import plan as P
+
+    name = tiny_llama.names[2]
+    spec = QuantSpec.of_type("Q4_0")
+    alpha = P.method_alpha(tiny_llama, name, "awq", spec)
+    c = awq_search.search_scale(tiny_llama.weight(name), tiny_llama.inputs(name), spec,
+                                n_grid=int(tiny_llama.settings.sweep.n_grid), x_mean=tiny_llama.x_mean(name))
+    assert alpha == float(c.alphas[c.best_index])
+    assert tiny_llama.sweep_alpha(name, spec) is None  # never the integer grid's alpha
+
+
+def test_types_plan_refuses_bad_input_before_measuring(tiny_llama, scored):
+    from core.studies import plan as P
+
+    with pytest.raises(ValueError, match="plan method 'gptq' does not run on llama.cpp types; plan llama.cpp types "
+                                         "with awq or rtn"):
+        P.run(tiny_llama, P.PlanSettings(budget=5.0, method="gptq", types=("Q4_0", "Q8_0")))
+    with pytest.raises(ValueError, match="unknown llama.cpp type 'Q4_2'"):
+        P.run(tiny_llama, P.PlanSettings(budget=5.0, types=("Q4_0", "Q4_2")))
+    with pytest.raises(ValueError, match="below the cheapest plan"):
+        P.run(tiny_llama, P.PlanSettings(budget=4.0, types=("Q4_0", "Q8_0")))
+    with pytest.raises(ValueError, match="above the most expensive plan"):
+        P.run(tiny_llama, P.PlanSettings(budget=9.0, types=("Q4_0", "Q8_0")))
+    assert scored == []

@@ -4,6 +4,9 @@ Runs (or reuses) the analysis, the sensitivity pass (cached), the exact solver, 
 configuration within the budget on the selection tokens, keeps the best, and reports it beside the best uniform
 configuration on the test tokens. Progress on stderr; the three token sets, the candidates and the test figures on
 stdout. A budget outside what the candidate settings can cost is refused with one sentence (exit 2).
+
+``--types Q4_0,Q4_1,...`` plans in llama.cpp types (each linear's type as llama-quantize writes it on its width,
+costed by its block layout), so that ``--gguf FOLDER`` writes a file at the plan's budget and checks it in llama.cpp.
 """
 from __future__ import annotations
 
@@ -43,7 +46,16 @@ def register(subparsers: Any) -> None:
                         f"the test tokens (no value: {FRONTIER_DEFAULT})")
     p.add_argument("--figure", default=None,
                    help="write the frontier figure (test KL, perplexity, same top-1 vs bits) here (.png/.svg/.pdf)")
-    p.add_argument("--export", default="json", help="comma-separated: json,llmcompressor,gptqmodel,llamacpp")
+    p.add_argument("--types", default="",
+                   help="plan in llama.cpp types instead of bits x group sizes (comma-separated, e.g. "
+                        "Q4_0,Q4_1,Q5_0,Q3_K,Q4_K; 'all' = every type): each linear takes one as llama-quantize writes "
+                        "it on its width (a k-quant on rows 256 does not divide is its block-32 fallback), costed by "
+                        "its block layout; --bits, --group-sizes and --symmetric are then not used")
+    p.add_argument("--gguf", default=None,
+                   help="also write the plan as a GGUF into this new folder and run it in llama.cpp (a plan of "
+                        "method awq is written with awq-clip, AWQ's folded form)")
+    p.add_argument("--export", default="json", help="comma-separated: json,llmcompressor,gptqmodel,llamacpp "
+                                                    "(json,llamacpp with --types)")
     p.add_argument("--out", default=None, help="folder for the exports (default: the analysis' cache entry)")
     p.set_defaults(func=cmd_plan)
 
@@ -73,15 +85,20 @@ def _budgets(text: str) -> list[float]:
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from .common import int_list, settings_from_args, stderr_progress
-    from ..studies.plan import PlanSettings, check_settings, run
-    from ..studies.plan_export import check_formats, write_exports
+    from ..grids.llamacpp import TYPES
+    from ..studies import export as ex
+    from ..studies.plan import PlanSettings, calibration_setting, check_settings, check_types, geometry, run
+    from ..studies.plan_export import check_formats, gguf_method, plan_dict, write_exports
 
+    types = TYPES if args.types.strip().lower() == "all" else args.types
     ps = PlanSettings(budget=args.budget, method=args.method, bits=int_list(args.bits),
                       group_sizes=int_list(args.group_sizes), zero_point=not args.symmetric,
                       fisher_samples=args.fisher_samples, selection_tokens=args.selection_tokens or None,
-                      test_tokens=args.test_tokens)
+                      test_tokens=args.test_tokens, types=check_types(types))
     frontier = _budgets(args.frontier or "")
     formats = check_formats(args.export)
+    if args.gguf:
+        ex.check_out(args.gguf)  # an existing folder is refused before anything runs
     ns = argparse.Namespace(**vars(args))
     ns.bits = args.sweep_bits
     settings = settings_from_args(ns)
@@ -97,9 +114,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     paths = write_exports(plan, out, formats, linears=a.linears.to_dict("records"), module_names=list(a.lm.modules),
                           report=rep)
     print(f"model      {a.model_id}")
-    print(f"method     {ps.method}, zero point {'yes' if ps.zero_point else 'no'}; candidates: bits "
-          f"{','.join(map(str, ps.bits))} x group sizes {','.join(map(str, ps.group_sizes))} (0 = one group per row), "
-          f"each where it divides the width")
+    if ps.types:
+        print(f"method     {ps.method}; candidates: llama.cpp types {','.join(ps.types)}, each as llama-quantize writes "
+              f"it on a linear's width (a k-quant on rows 256 does not divide: its block-32 fallback), costed by its "
+              f"block layout")
+    else:
+        print(f"method     {ps.method}, zero point {'yes' if ps.zero_point else 'no'}; candidates: bits "
+              f"{','.join(map(str, ps.bits))} x group sizes {','.join(map(str, ps.group_sizes))} (0 = one group per "
+              f"row), each where it divides the width")
     for line in _table([[f"tokens     {r['set']}", f"{r['tokens']} tokens", f"{r['part']} [{r['span'][0]}, {r['span'][1]})",
                          r["used_for"]] for r in rep.tokens]):
         print(line)
@@ -109,7 +131,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{f' ({opt})' if plan.source == 'solver' else ''}; {plan.summary()}")
     if rep.families is not None:
         f0 = rep.families.iloc[0]
-        print(f"families   measured / predicted {rep.metric}, each family alone at w{f0['bits']}g{f0['group_size']}: "
+        at = calibration_setting(ps, geometry(a)[1]).format or f"w{f0['bits']}g{f0['group_size']}"
+        print(f"families   measured / predicted {rep.metric}, each family alone at {at}: "
               + ", ".join(f"{r.family} {r.factor:.2f}" for r in rep.families.itertuples(index=False)))
     cand = rep.candidates[rep.candidates["metric"] == rep.metric].sort_values("value")
     print(f"selection  {rep.metric} of every candidate on the selection tokens: " + " | ".join(
@@ -128,6 +151,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"time       analysis {t1 - t0:.1f}s, sensitivity + candidates + test {t2 - t1:.1f}s")
     for f, p in paths.items():
         print(f"export     {f}: {p}")
+    if args.gguf:
+        from .export import comparison_table
+
+        method = gguf_method(plan.method)
+        s = ex.export(a, format="gguf", out=args.gguf, method=method, plan=plan_dict(plan, rep),
+                      progress=None if quiet else stderr_progress("gguf "))
+        types_written = ", ".join(f"{t} x{n}" for t, n in s["tensor_types"].items())
+        print(f"gguf       {s['folder']}/{s['file']} written with {method}: {s['linear_bits_per_weight']:.4f} bits per "
+              f"weight of the linears, read from the tensors written (plan: {plan.avg_bits:.4f}); tensors "
+              f"{types_written}")
+        for n in s.get("notes", []):
+            print(f"note       {n}")
+        v = s.get("verify")
+        if v:
+            print(f"verified   {v['runtime']} on {v['n_tokens']} held-out tokens ({v['protocol']})")
+            print(comparison_table(v["rows"], str(v.get("runtime", "llama.cpp"))))
+            print(f"agreement  {v['agreement']}")
     if args.figure:
         from pathlib import Path
 

@@ -29,9 +29,14 @@ analysis' settings; ``heldout_samples x seqlen`` tokens, non-overlapping windows
 causal LMs ``perplexity, perplexity_se, kl, kl_p99, kl_p999, same_top, rms_dp`` (llama.cpp's
 ``--kl-divergence`` report); encoders ``cosine`` and ``hidden_rel_error``.
 
-Result rows: ``mode, bits, group_size, metric, value, n_tokens, seconds, zero_point, search_tokens``. ``fp``
-rows carry ``bits = 16`` (``FP_BITS``: "not quantized", whatever the model's dtype) and the run's group
-size; they are always included (the reference is computed anyway).
+Result rows: ``mode, bits, group_size, metric, value, n_tokens, seconds, zero_point, search_tokens, protocol,
+format``. ``fp`` rows carry ``bits = 16`` (``FP_BITS``: "not quantized", whatever the model's dtype) and the run's
+group size; they are always included (the reference is computed anyway).
+
+llama.cpp types (``run_quality(format="Q4_0")``): the modes that run on them (rtn, awq, awq-grouped, awq-clip;
+``FORMAT_MODES``) quantize every linear in that type as llama-quantize writes it on the linear's width; the rows
+carry the type in ``format`` (and its level bits, block and minimum as ``bits``, ``group_size``, ``zero_point``);
+integer-grid rows have ``format = ""`` (rows cached before the column existed are read so).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 import torch
 
-from ..grids import metrics
+from ..grids import llamacpp, metrics
 from ..grids.quant import check_bits, check_model_group_size
 from ..grids.spec import choose
 from ..methods import METHODS, MODEL_METHODS, ModelContext, RunShape
@@ -61,8 +66,9 @@ Hooks = Callable[[LoadedModel], list]  # registers forward hooks on the model, r
 FP_BITS = 16
 KEEP_SUFFIX = "+keep"  # run_quality(keep=...): the mode of a row scored with the kept weights in fp16
 COLUMNS = ["mode", "bits", "group_size", "metric", "value", "n_tokens", "seconds", "zero_point", "search_tokens",
-           "protocol"]
-KL_COLUMNS = ["mode", "bits", "group_size", "zero_point", "protocol", "fraction", "kl"]
+           "protocol", "format"]
+KL_COLUMNS = ["mode", "bits", "group_size", "zero_point", "protocol", "format", "fraction", "kl"]
+GRID = ""  # the ``format`` of a row on the explorer's integer grid
 SCORE_COLUMNS = ["variant", "metric", "value", "n_tokens", "seconds"]
 CAUSAL_METRICS = ("perplexity", "perplexity_se", "kl", "kl_se", "kl_p99", "kl_p999", "same_top", "same_top_se", "rms_dp",
                   "rms_dp_se")
@@ -83,6 +89,7 @@ MODES = ("fp", *MODEL_METHODS)  # fp (the reference) and every method with a mod
 # what the page and the CLI run when no mode is named (the methods whose whole-model meaning predates the one registry)
 DEFAULT_MODES = ("fp", "rtn", "awq", "awq-grouped", "awq-clip", "const-alpha", "gptq", "hqq", "awq-gptq")
 AWQ_MODES = ("fp", "rtn", "awq", "awq-grouped", "awq-clip", "const-alpha")  # AWQ and its baselines (issue 9)
+FORMAT_MODES = ("fp", *(m for m in MODEL_METHODS if METHODS[m].formats))  # the modes that run on llama.cpp types
 MODE_DEFINITIONS: dict[str, str] = {"fp": "the unquantized model (reference)",
                                     **{m: METHODS[m].definition for m in MODEL_METHODS}}
 
@@ -113,6 +120,19 @@ def check_modes(modes: list[str] | tuple[str, ...] | str) -> list[str]:
     if not out:
         raise ValueError(f"give at least one mode ({', '.join(MODES)})")
     return [m for m in MODES if m in out]
+
+
+def check_format(format: str | None, modes: list[str]) -> str:
+    """``""`` (the integer grid) or the canonical llama.cpp type; a mode that does not run on llama.cpp types is one
+    sentence naming those that do."""
+    if not format:
+        return GRID
+    t = llamacpp.check_type(format)
+    refused = [m for m in modes if m not in FORMAT_MODES]
+    if refused:
+        raise ValueError(f"mode {refused[0]!r} does not run on llama.cpp types such as {t}; pick from "
+                         f"{', '.join(m for m in FORMAT_MODES if m != 'fp')}")
+    return t
 
 
 def check_bits_list(bits: list[int] | tuple[int, ...], modes: list[str]) -> list[int]:
@@ -380,7 +400,7 @@ def estimate_units(analysis, modes: list[str], bits: list[int], *, search_tokens
 def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int, zero_point: bool = True,
                 progress: Progress | None = None, text: str | None = None, search_tokens: int = SEARCH_TOKENS,
                 const_alpha_tokens: int = CONST_ALPHA_TOKENS, keep: Keep | None = None,
-                protocol: str = PROTOCOL) -> pd.DataFrame:
+                protocol: str = PROTOCOL, format: str | None = None) -> pd.DataFrame:
     """Fake-quantize the whole model in each of ``modes`` at each of ``bits`` and measure it on held-out text.
 
     ``search_tokens``: calibration tokens (whole blocks, at least one) the grouped scale and clip searches run
@@ -396,10 +416,18 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
 
     ``protocol``: which held-out positions are scored (``core.model.score.PROTOCOLS``; column ``protocol``):
     llama.cpp's by default, so the figures compare with ``llama-perplexity --kl-divergence``.
+
+    ``format``: a llama.cpp type (``"Q4_0"``) instead of the integer grid: every linear in that type as llama-quantize
+    writes it on its width (a k-quant on rows 256 does not divide: its fallback); ``bits``, ``group_size`` and
+    ``zero_point`` are then the type's own (level bits, block, minimum), the rows' ``format`` names it. Modes that
+    do not run on llama.cpp types are refused with one sentence (``FORMAT_MODES``).
     """
     modes = check_modes(modes)
+    fmt = check_format(format, modes)
+    if fmt:  # the type fixes the grid; its block is the rows' group size (a fallback may use another on some rows)
+        bits, group_size, zero_point = [llamacpp.nominal_bits(fmt)], llamacpp.block_size(fmt), llamacpp.has_min(fmt)
     bits = check_bits_list(bits, modes)
-    g = check_group_size([int(w) for w in analysis.linears["in_features"]], group_size)
+    g = group_size if fmt else check_group_size([int(w) for w in analysis.linears["in_features"]], group_size)
     search_tokens = check_tokens(search_tokens, "search_tokens")
     const_alpha_tokens = check_tokens(const_alpha_tokens, "const_alpha_tokens")
     zp = bool(zero_point)
@@ -420,7 +448,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     with model_lock(lm.model), torch.no_grad():
         snap = snapshot(lm)
         ctx = ModelContext(analysis, lm, data, snap, tuple(modes), tuple(bits), g, zp, int(settings.sweep.n_grid),
-                           batch_tokens, search_tokens, const_alpha_tokens)
+                           batch_tokens, search_tokens, const_alpha_tokens, format=fmt or None)
         shape = ctx.shape()
         shared = list({METHODS[m].shared.name: METHODS[m].shared for m in q_modes if METHODS[m].shared}.values())
         ticker = _Ticker(report, run_cost(shape, modes) + len(kept))
@@ -476,22 +504,23 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
     for metric, v in fp_score.metrics(fp=True).items():
         rows.append({"mode": "fp", "bits": FP_BITS, "group_size": g, "metric": metric, "value": v,
                      "n_tokens": n_tok, "seconds": fp_seconds, "zero_point": zp, "search_tokens": 0,
-                     "protocol": protocol})
+                     "protocol": protocol, "format": fmt})
     for t in tasks + [kept[t] for t in tasks if t in kept]:
         base = t[0].removesuffix(KEEP_SUFFIX)
         for metric, v in scores[t].metrics().items():
             rows.append({"mode": t[0], "bits": t[1], "group_size": g, "metric": metric, "value": v,
                          "n_tokens": scores[t].n_tok, "seconds": seconds[t], "zero_point": zp,
-                         "search_tokens": n_st[base], "protocol": protocol})
+                         "search_tokens": n_st[base], "protocol": protocol, "format": fmt})
         if lm.is_causal and t[0] == base:
             kl = scores[t].kl_values()
-            kl_rows += [{"mode": t[0], "bits": t[1], "group_size": g, "zero_point": zp, "protocol": protocol, "fraction": f,
-                         "kl": metrics.percentile(kl, f)} for f in KL_FRACTIONS]
+            kl_rows += [{"mode": t[0], "bits": t[1], "group_size": g, "zero_point": zp, "protocol": protocol,
+                         "format": fmt, "fraction": f, "kl": metrics.percentile(kl, f)} for f in KL_FRACTIONS]
     df = _frame(rows)
-    keys = ["mode", "bits", "group_size", "zero_point"]
+    keys = ["mode", "bits", "group_size", "zero_point", "format"]
     _merge_write(analysis, "quality", df[~df["mode"].str.endswith(KEEP_SUFFIX)], keys + ["protocol", "metric"])
     if ctx.search_rows:
-        _merge_write(analysis, "quality_search", pd.DataFrame(ctx.search_rows, columns=SEARCH_COLUMNS), keys)
+        _merge_write(analysis, "quality_search", pd.DataFrame(ctx.search_rows, columns=SEARCH_COLUMNS).assign(format=fmt),
+                     keys)
     if kl_rows:
         _merge_write(analysis, "quality_kl", pd.DataFrame(kl_rows, columns=KL_COLUMNS), keys + ["protocol"])
     report(1.0, "done")
@@ -508,7 +537,8 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     if df.empty:
         return df
     df = df.astype({"bits": "int64", "group_size": "int64", "n_tokens": "int64", "value": "float64",
-                    "seconds": "float64", "zero_point": "bool", "search_tokens": "int64", "protocol": "str"})
+                    "seconds": "float64", "zero_point": "bool", "search_tokens": "int64", "protocol": "str",
+                    "format": "str"})
     kept = df["mode"].str.endswith(KEEP_SUFFIX)  # a kept-in-fp16 row right after its mode's
     key = ((df["mode"].str.removesuffix(KEEP_SUFFIX).map(order).fillna(99) + 0.5 * kept) * 1e6 + df["bits"] * 1e3
            + df["metric"].map(metric_order).fillna(99))
@@ -517,9 +547,12 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 def _upgrade(df: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
     """Version-2 rows as version 3: ``quality`` / ``quality_kl`` rows were scored on every position (protocol
-    ``all-positions``); the search curves do not depend on the protocol."""
+    ``all-positions``); the search curves do not depend on the protocol. Rows cached before the ``format`` column
+    are the integer grid's (``GRID``)."""
     if df is None or df.empty or "eval_version" not in df:
         return df
+    if "format" not in df:
+        df = df.assign(format=GRID)
     old = df["eval_version"] == 2
     if not old.any():
         return df
@@ -553,31 +586,43 @@ def _read(analysis, name: str) -> pd.DataFrame | None:
     return df.reset_index(drop=True) if not df.empty else None
 
 
-def cached_quality(analysis) -> pd.DataFrame | None:
-    """Every model-quality row computed so far for this analysis (all runs merged), or ``None``."""
+def _of_format(df: pd.DataFrame | None, format: str | None) -> pd.DataFrame | None:
+    """The rows of ``format`` (``GRID``: the integer grid's; a llama.cpp type: its own; None: every row)."""
+    if df is None or format is None:
+        return df
+    df = df[df["format"].fillna(GRID) == (llamacpp.check_type(format) if format else GRID)]
+    return df.reset_index(drop=True) if not df.empty else None
+
+
+def cached_quality(analysis, format: str | None = GRID) -> pd.DataFrame | None:
+    """Every model-quality row computed so far for this analysis (all runs merged) on the integer grid, or ``None``.
+    ``format``: a llama.cpp type's rows instead (``run_quality(format=...)``), None for every row (column ``format``)."""
     df = _read(analysis, "quality")
     if df is None or not set(COLUMNS) <= set(df.columns):
         return None
-    return _frame(df[COLUMNS].to_dict("records"))
+    df = _of_format(df, format)
+    return None if df is None else _frame(df[COLUMNS].to_dict("records"))
 
 
-def cached_search(analysis) -> pd.DataFrame | None:
+def cached_search(analysis, format: str | None = GRID) -> pd.DataFrame | None:
     """The search curves behind the cached rows (``SEARCH_COLUMNS``): for ``awq`` one curve per linear, for
     ``awq-grouped`` (shared by ``awq-clip``) one per scale group, for ``const-alpha`` the model-level curve
     (``block = -1``); ``chosen`` marks the selected alpha. ``None`` when nothing is cached."""
     df = _read(analysis, "quality_search")
     if df is None or not set(SEARCH_COLUMNS) <= set(df.columns):
         return None
-    return df[SEARCH_COLUMNS]
+    df = _of_format(df, format)
+    return None if df is None else df[SEARCH_COLUMNS]
 
 
-def cached_kl(analysis) -> pd.DataFrame | None:
+def cached_kl(analysis, format: str | None = GRID) -> pd.DataFrame | None:
     """Quantiles of the per-token KL(p_fp || q) of each cached causal-LM row (``KL_COLUMNS``: the KL value at
     each ``fraction`` of ``KL_FRACTIONS``, linear interpolation between ranks), or ``None``."""
     df = _read(analysis, "quality_kl")
     if df is None or not set(KL_COLUMNS) <= set(df.columns):
         return None
-    return df[KL_COLUMNS]
+    df = _of_format(df, format)
+    return None if df is None else df[KL_COLUMNS]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,6 +681,6 @@ def grouping_note(analysis) -> str:
             f"calibration tokens and applied as Q(W·s)/s.")
 
 
-__all__ = ["FoldedWeights", "MODES", "DEFAULT_MODES", "AWQ_MODES", "FP_BITS", "KEEP_SUFFIX", "keep_variant", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
+__all__ = ["FoldedWeights", "MODES", "FORMAT_MODES", "GRID", "check_format", "DEFAULT_MODES", "AWQ_MODES", "FP_BITS", "KEEP_SUFFIX", "keep_variant", "COLUMNS", "SEARCH_COLUMNS", "KL_COLUMNS",
            "SCORE_COLUMNS", "DEFINITIONS", "MODE_DEFINITIONS", "run_quality", "score_variants", "estimate_units",
            "run_cost", "cached_quality", "cached_search", "cached_kl", "grouping_note", "eval_data", "check_modes"]

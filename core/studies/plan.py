@@ -33,6 +33,15 @@ within budget and no worse than the exact optimum at ``budget - m u / N`` (``sla
 group size for every linear) are applied to the whole model and scored on the selection tokens; the best is
 returned (``BitPlan.source``), so a plan never loses to uniform quantization on the tokens it chose on. Its test
 figures are reported beside those of the best uniform configuration within the budget.
+
+**llama.cpp types** (``PlanSettings.types``): the settings are llama.cpp's types instead of (bits, group size), so
+that a plan written as a GGUF is at its budget. Each linear's candidates are the types llama-quantize really writes
+on its row width (``core.grids.llamacpp.fallback``: on a 576-wide row Q4_K is Q5_0, so it is costed, quantized and
+named Q5_0; duplicates dropped); a type costs ``bits_per_weight`` of its block layout (Q4_0 4.5, Q4_1 5.0, Q3_K
+3.4375, ...), a whole number of bits per linear. The sensitivities are the same Fisher estimate of the method's layer
+half at that type (``QuantSpec.of_type``, the one door ``fake_quant``); the uniform candidates are the types
+themselves (every linear at type t, with the fallback); the solver is unchanged. Methods that do not run on
+llama.cpp types (gptq) are refused with one sentence.
 """
 from __future__ import annotations
 
@@ -47,16 +56,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..grids import llamacpp
 from ..grids.metrics import bit_cost, rel_error
 from ..grids.spec import QuantSpec
-from ..methods import METHODS, quantize_layer
+from ..methods import METHODS, awq_search, quantize_layer
 from ..model.blocks import forward, restore, snapshot, token_batches
 from ..model.calibration import CalibrationError, first_blocks, load_text, test_blocks
 from ..model.collect import model_lock
 from . import evaluate
 
 Progress = Callable[[float, str], None]
-Choice = tuple[int, int]  # (bits, group size); group 0 = one group per row; (16, 0) = kept fp16
+# A linear's setting: (bits, group size) on the explorer's integer grid (group 0 = one group per row; (16, 0) = kept
+# fp16), or the name of the llama.cpp type it is written in ("Q4_0", "Q4_K"; PlanSettings.types).
+Choice = tuple[int, int] | str
 
 FP16 = 16
 FP16_CHOICE: Choice = (FP16, 0)
@@ -199,6 +211,14 @@ def check_group_sizes(group_sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(out - {0}, reverse=True)) + ((0,) if 0 in out else ())
 
 
+def check_types(types: Sequence[str] | str) -> tuple[str, ...]:
+    """Distinct llama.cpp types (any case; a comma-separated string too) in ``llamacpp.TYPES`` order; empty = plan on
+    the integer grid. An unknown name is one sentence naming the supported types."""
+    items = types.split(",") if isinstance(types, str) else list(types)
+    got = {llamacpp.check_type(t) for t in items if not (isinstance(t, str) and not t.strip())}
+    return tuple(t for t in llamacpp.TYPES if t in got)
+
+
 def check_method(method: str) -> str:
     m = str(method).strip().lower()
     if m not in PLAN_METHODS:
@@ -219,6 +239,11 @@ class PlanSettings:
     the sensitivity; ``selection_tokens``: the analysis' held-out tokens the sensitivities and choices use (None =
     all); ``test_tokens``: held-out tokens after them that the reported figures use; ``seed``: of the label samples;
     ``family_calibration``: scale each family's predictions by its measured damage (``family_factors``).
+
+    ``types``: plan in llama.cpp types (``core.grids.llamacpp.TYPES``, e.g. ``("Q4_0", "Q4_1", "Q5_0", "Q3_K")``)
+    instead of ``bits`` x ``group_sizes``, which are then not used (nor ``zero_point``: each type fixes its grid);
+    each linear takes one of them as llama-quantize writes it on its row width (module docstring). Empty: the
+    explorer's integer grid.
     """
 
     budget: float = 3.5
@@ -231,10 +256,12 @@ class PlanSettings:
     test_tokens: int = 2048
     seed: int = 0
     family_calibration: bool = True
+    types: tuple[str, ...] = ()
 
     @property
     def _measure_key(self) -> str:
-        return (f"v{PLAN_VERSION}_{self.method}_{'zp' if self.zero_point else 'sym'}_f{self.fisher_samples}"
+        grid = "types" if self.types else "zp" if self.zero_point else "sym"  # one table per kind of setting
+        return (f"v{PLAN_VERSION}_{self.method}_{grid}_f{self.fisher_samples}"
                 f"_seed{self.seed}_sel{self.selection_tokens or 'all'}")
 
     @property
@@ -245,8 +272,9 @@ class PlanSettings:
 
     @property
     def family_key(self) -> str:
-        """Name of the cached family measurements (``family_factors``)."""
-        return f"plan_family_{self._measure_key}"
+        """Name of the cached family measurements (``family_factors``; in llama.cpp types per measured type)."""
+        key = f"plan_family_{self._measure_key}"
+        return f"{key}_{calibration_setting(self, {}).format}" if self.types else key
 
     @property
     def scores_key(self) -> str:
@@ -266,6 +294,28 @@ def linear_choices(in_features: int, bits: Sequence[int], group_sizes: Sequence[
     return out
 
 
+def type_choices(in_features: int, types: Sequence[str]) -> list[str]:
+    """The llama.cpp types a linear ``in_features`` wide can be written in: each of ``types`` as llama-quantize writes
+    it on that width (``llamacpp.fallback``: Q4_K on a 576-wide row is Q5_0), duplicates dropped, cheapest first. A
+    width no block divides (``F16``) gives none."""
+    out = {llamacpp.fallback(t, in_features) for t in types} - {llamacpp.F16}
+    return sorted(out, key=lambda t: (llamacpp.bits_per_weight(t), llamacpp.TYPES.index(t)))
+
+
+def choice_spec(choice: Choice, zero_point: bool = True) -> QuantSpec | None:
+    """The grid of a setting: ``QuantSpec.of_type`` of a llama.cpp type, ``QuantSpec(bits, group, zero_point)`` on the
+    integer grid, None for kept fp16."""
+    if isinstance(choice, str):
+        return QuantSpec.of_type(choice)
+    return None if int(choice[0]) == FP16 else QuantSpec(int(choice[0]), int(choice[1]), zero_point)
+
+
+def setting_at(spec: QuantSpec, in_features: int) -> Choice:
+    """The setting ``spec`` gives a linear ``in_features`` wide: the type llama-quantize writes there
+    (``QuantSpec.stored_type``) or ``(bits, group)`` (``as_choice``)."""
+    return spec.stored_type(in_features) if spec.format else as_choice(spec.bits, spec.group_size, in_features)
+
+
 def as_choice(bits: int, group_size: int, in_features: int) -> Choice:
     """``(bits, group)`` with a group of the whole row written 0 (one group per row): one name per setting."""
     g = int(group_size)
@@ -274,7 +324,10 @@ def as_choice(bits: int, group_size: int, in_features: int) -> Choice:
 
 def choice_cost(choice: Choice, n_weights: int, in_features: int, zero_point: bool = True) -> float:
     """Storage bits of ``n_weights`` weights at ``choice`` (``bit_cost`` times ``n_weights``, kept a whole number:
-    ``n * bits + 32 n / g``, which is exact whenever the group divides the width)."""
+    ``n * bits + 32 n / g``, which is exact whenever the group divides the width; a llama.cpp type: the bytes of its
+    blocks, ``bits_per_weight`` times ``n_weights``, a whole number since a row holds whole blocks)."""
+    if isinstance(choice, str):
+        return float(8 * llamacpp.row_bytes(choice, in_features) * (n_weights // in_features))
     b, g = choice
     if b == FP16:
         return 16.0 * n_weights
@@ -282,7 +335,10 @@ def choice_cost(choice: Choice, n_weights: int, in_features: int, zero_point: bo
 
 
 def label(choice: Choice) -> str:
-    """``w3g64``, ``w4g0`` (one group per row) or ``fp16``: ``QuantSpec.key`` of the setting."""
+    """``w3g64``, ``w4g0`` (one group per row) or ``fp16``: ``QuantSpec.key`` of the setting; a llama.cpp type's
+    own name (``Q4_0``)."""
+    if isinstance(choice, str):
+        return choice
     return "fp16" if choice[0] == FP16 else QuantSpec(*choice).key
 
 
@@ -324,7 +380,8 @@ def check_budget(budget: float, lo: float, hi: float) -> float:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BitPlan:
-    """Each linear's setting ``(bits, group size)`` (group 0: one group per row; ``(16, 0)``: kept fp16).
+    """Each linear's setting ``(bits, group size)`` (group 0: one group per row; ``(16, 0)``: kept fp16), or in a plan
+    in llama.cpp types (``PlanSettings.types``) the type it is written in (``"Q4_0"``, ``"Q3_K"``; ``in_types``).
 
     ``avg_bits``: storage bits per quantizable weight (``bit_cost``, weighted by weight counts); ``objective``:
     summed predicted damage (NaN for a uniform configuration); ``exact``/``slack_bits``: see ``solve_mck``;
@@ -348,24 +405,40 @@ class BitPlan:
     @property
     def key(self) -> str:
         """Content address of the plan (method, grid, every linear's setting): the key of its cached scores."""
-        body = json.dumps([self.method, self.zero_point, sorted((n, int(b), int(g)) for n, (b, g) in self.layers.items())])
+        if self.in_types:
+            body = json.dumps([self.method, "types", sorted(self.layers.items())])
+        else:
+            body = json.dumps([self.method, self.zero_point,
+                               sorted((n, int(b), int(g)) for n, (b, g) in self.layers.items())])
         return "p" + hashlib.sha256(body.encode()).hexdigest()[:16]
 
+    @property
+    def in_types(self) -> bool:
+        """Whether the settings are llama.cpp types (a plan made with ``PlanSettings.types``)."""
+        return any(isinstance(c, str) for c in self.layers.values())
+
     def bits_of(self, name: str) -> int:
-        return int(self.layers[name][0])
+        """The level bits of linear ``name``'s setting (a llama.cpp type's: 4 for Q4_0 and Q4_K)."""
+        c = self.layers[name]
+        return llamacpp.nominal_bits(c) if isinstance(c, str) else int(c[0])
 
     def names_at(self, bits: int) -> list[str]:
-        return [n for n, (b, _) in self.layers.items() if b == bits]
+        """The linears at ``bits`` on the integer grid (16: kept fp16)."""
+        return [n for n, c in self.layers.items() if not isinstance(c, str) and c[0] == bits]
 
     def counts(self) -> dict[Choice, int]:
-        """How many linears take each setting, widest setting last."""
+        """How many linears take each setting, widest setting last (llama.cpp types by their bits per weight)."""
         out: dict[Choice, int] = {}
         for c in self.layers.values():
-            out[(int(c[0]), int(c[1]))] = out.get((int(c[0]), int(c[1])), 0) + 1
-        return dict(sorted(out.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1 << 30))))
+            c = c if isinstance(c, str) else (int(c[0]), int(c[1]))
+            out[c] = out.get(c, 0) + 1
+
+        def order(c: Choice) -> tuple:
+            return (llamacpp.bits_per_weight(c), 0) if isinstance(c, str) else (c[0], -(c[1] or 1 << 30))
+        return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
 
     def summary(self) -> str:
-        """``w3g64 x106, w4g0 x7, ...`` (``g0``: one group per row)."""
+        """``w3g64 x106, w4g0 x7, ...`` (``g0``: one group per row); ``Q4_0 x180, Q3_K x30`` in llama.cpp types."""
         return ", ".join(f"{label(c)} x{n}" for c, n in self.counts().items())
 
 
@@ -384,13 +457,14 @@ def solve_plan(values: Mapping[str, Mapping[Choice, float]], n_weights: Mapping[
     for i, n in enumerate(names):
         for j, c in enumerate(choices[n]):
             cost[i, j] = choice_cost(c, n_weights[n], in_features[n], zero_point)
-            v = values.get(n, {}).get(c, 0.0 if c[0] == FP16 else None)
+            v = values.get(n, {}).get(c, 0.0 if c == FP16_CHOICE else None)
             if v is None:
                 raise ValueError(f"no sensitivity for {n} at {label(c)}")
             val[i, j] = float(v)
     total = sum(n_weights.values())
     sol = solve_mck(cost, val, budget * total, max_cells=max_cells)
-    layers = {n: tuple(choices[n][j]) for n, j in zip(names, sol.choice)}
+    picked = {n: choices[n][j] for n, j in zip(names, sol.choice)}
+    layers = {n: c if isinstance(c, str) else tuple(c) for n, c in picked.items()}
     return BitPlan(model=model, method=method, budget_bits=budget, zero_point=zero_point, layers=layers,
                    avg_bits=sol.cost / total, objective=sol.value, exact=sol.exact, slack_bits=sol.slack / total)
 
@@ -413,6 +487,40 @@ def uniform_plan(n_weights: Mapping[str, int], in_features: Mapping[str, int], s
     return BitPlan(model=model, method=method, budget_bits=cost / total, zero_point=spec.zero_point, layers=layers,
                    avg_bits=cost / total, objective=float("nan"), exact=True, slack_bits=0.0,
                    source=f"uniform {spec.key}")
+
+
+def uniform_type_plan(n_weights: Mapping[str, int], in_features: Mapping[str, int], type: str, *,
+                      model: str = "", method: str = "") -> BitPlan:
+    """Every linear at llama.cpp type ``type`` as llama-quantize writes it on its width (``llamacpp.fallback``: a
+    k-quant on rows its 256-block does not divide is its block-32 fallback); ValueError when a row takes no block."""
+    total = sum(n_weights.values())
+    layers = {n: llamacpp.fallback(type, in_features[n]) for n in n_weights}
+    if llamacpp.F16 in layers.values():
+        n = next(n for n, t in layers.items() if t == llamacpp.F16)
+        raise ValueError(f"{n} ({in_features[n]} wide) cannot be written in {type} or its fallback")
+    cost = sum(choice_cost(c, n_weights[n], in_features[n]) for n, c in layers.items())
+    return BitPlan(model=model, method=method, budget_bits=cost / total, zero_point=llamacpp.has_min(type),
+                   layers=layers, avg_bits=cost / total, objective=float("nan"), exact=True, slack_bits=0.0,
+                   source=f"uniform {type}")
+
+
+def uniform_candidates(n_weights: Mapping[str, int], in_features: Mapping[str, int], s: PlanSettings, *,
+                       model: str = "", method: str = "") -> dict[str, BitPlan]:
+    """``{"uniform w3g64": plan, ...}``: every uniform configuration of ``s`` (``uniform_specs``), or in llama.cpp
+    types every type of ``s.types`` for every linear (``uniform_type_plan``; two types that write the same tensors,
+    e.g. Q2_K and Q3_K where no row takes a 256-block, are one candidate, named by the first)."""
+    if not s.types:
+        return {f"uniform {q.key}": uniform_plan(n_weights, in_features, q, model=model, method=method)
+                for q in uniform_specs(in_features, s.bits, s.group_sizes, s.zero_point)}
+    out: dict[str, BitPlan] = {}
+    for t in check_types(s.types):
+        try:
+            p = uniform_type_plan(n_weights, in_features, t, model=model, method=method)
+        except ValueError:
+            continue
+        if p.key not in {q.key for q in out.values()}:
+            out[p.source] = p
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,10 +583,15 @@ def model_metric(analysis) -> str:
 
 def method_alpha(analysis, name: str, method: str, spec: QuantSpec) -> float | None:
     """AWQ's alpha for linear ``name`` at ``spec``: the sweep's when it searched this setting, else the same search
-    (``Analysis.alpha_curve``); None for a method without one."""
+    (``Analysis.alpha_curve``); None for a method without one. A llama.cpp type (``spec.format``; the sweep never
+    ran one): the same search on the type's quantizer, as AWQ's model half runs it there."""
     if "alpha" not in METHODS[method].options().as_dict():
         return None
     n_grid = int(analysis.settings.sweep.n_grid)
+    if spec.format:
+        c = awq_search.search_scale(analysis.weight(name), analysis.inputs(name), spec, n_grid=n_grid,
+                                    x_mean=analysis.x_mean(name))
+        return float(c.alphas[c.best_index])
     alpha = analysis.sweep_alpha(name, spec, n_grid)
     if alpha is None:
         alpha = analysis.alpha_curve(name, bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point,
@@ -500,14 +613,14 @@ def quantized_weight(analysis, name: str, method: str, spec: QuantSpec, alpha: f
     return quantize_layer(method, analysis.weight(name), inputs, spec, options).float()
 
 
-def plan_weights(analysis, plan: BitPlan, alphas: Mapping[tuple[str, int, int], float] | None = None):
+def plan_weights(analysis, plan: BitPlan, alphas: Mapping[tuple[str, Choice], float] | None = None):
     """A ``score_variants`` variant: the callable returning every non-fp16 linear's quantized weight (``alphas``:
-    ``(name, bits, group) -> alpha`` found by the sensitivity pass, so nothing is searched twice)."""
+    ``(name, setting) -> alpha`` found by the sensitivity pass, so nothing is searched twice)."""
     alphas = alphas or {}
 
     def make() -> dict:
-        return {n: quantized_weight(analysis, n, plan.method, QuantSpec(b, g, plan.zero_point), alphas.get((n, b, g)))
-                for n, (b, g) in plan.layers.items() if int(b) != FP16}
+        return {n: quantized_weight(analysis, n, plan.method, choice_spec(c, plan.zero_point), alphas.get((n, c)))
+                for n, c in plan.layers.items() if c != FP16_CHOICE}
     return make
 
 
@@ -664,14 +777,35 @@ def output_fisher(lm, ids: torch.Tensor, *, samples: int, batch_tokens: int, see
 
 
 def plan_choices(analysis, s: PlanSettings) -> dict[str, list[Choice]]:
-    """Each linear's candidate settings under ``s`` (``linear_choices``)."""
+    """Each linear's candidate settings under ``s`` (``linear_choices``; in llama.cpp types ``type_choices``)."""
     _, inf = geometry(analysis)
+    types = check_types(s.types)
+    if types:
+        out = {n: type_choices(w, types) for n, w in inf.items()}
+        for n, cs in out.items():
+            if not cs:
+                raise ValueError(f"{n} ({inf[n]} wide) can be written in none of these llama.cpp types (no block of "
+                                 f"32 or 256 divides its rows)")
+        return out
     bits, groups = check_choices(s.bits), check_group_sizes(s.group_sizes)
     out = {n: linear_choices(w, bits, groups) for n, w in inf.items()}
     for n, cs in out.items():
         if not cs:
             raise ValueError(f"no candidate group size divides the width of {n} ({inf[n]}); add 0 (one group per row)")
     return out
+
+
+def choices_of(table: pd.DataFrame) -> list[Choice]:
+    """Each sensitivity row's setting: its ``type`` (a table of llama.cpp types) or ``(bits, group_size)``."""
+    if "type" in table.columns:
+        return [str(t) for t in table["type"]]
+    return [(int(b), int(g)) for b, g in zip(table["bits"], table["group_size"])]
+
+
+def sensitivity_columns(s: PlanSettings) -> list[str]:
+    """``SENS_COLUMNS``, and ``type`` for a plan in llama.cpp types (``bits`` / ``group_size`` are then the type's
+    level bits and block)."""
+    return SENS_COLUMNS + (["type"] if s.types else [])
 
 
 def sensitivity(analysis, s: PlanSettings, sets: TokenSets, progress: Progress | None = None) -> pd.DataFrame:
@@ -682,9 +816,10 @@ def sensitivity(analysis, s: PlanSettings, sets: TokenSets, progress: Progress |
     (``PlanSettings.sensitivity_key``); only missing (linear, setting) rows are computed."""
     method = check_method(s.method)
     choices = plan_choices(analysis, s)
+    columns = sensitivity_columns(s)
     old = analysis.read_extra(s.sensitivity_key)
-    have = set() if old is None else set(zip(old["name"], old["bits"].astype(int), old["group_size"].astype(int)))
-    todo = [(n, c) for n, cs in choices.items() for c in cs if c[0] != FP16 and (n, *c) not in have]
+    have = set() if old is None else set(zip(old["name"], choices_of(old)))
+    todo = [(n, c) for n, cs in choices.items() for c in cs if c != FP16_CHOICE and (n, c) not in have]
     report = progress or (lambda f, m: None)
     calibrate = 0.15 if s.family_calibration else 0.0  # share of the progress bar the family measurements take
     if todo:
@@ -694,24 +829,29 @@ def sensitivity(analysis, s: PlanSettings, sets: TokenSets, progress: Progress |
         info = analysis.linears.set_index("name")
         _, inf = geometry(analysis)
         rows, ref = [], {}
-        for i, (n, (b, g)) in enumerate(todo):
-            spec = QuantSpec(b, g, s.zero_point)
+        for i, (n, c) in enumerate(todo):
+            spec = choice_spec(c, s.zero_point)
             w = analysis.weight(n)
             alpha = method_alpha(analysis, n, method, spec)
             value, err = fisher.damage(n, quantized_weight(analysis, n, method, spec, alpha) - w)
             if n not in ref:
                 ref[n] = fisher.ref_sq(n, w)
-            rows.append({"name": n, "block": int(info.loc[n, "block"]), "family": str(info.loc[n, "family"]),
-                         "bits": b, "group_size": g, "bits_per_weight": bit_cost(b, g or inf[n], s.zero_point),
-                         "alpha": float("nan") if alpha is None else alpha, "fisher": value,
-                         "rel_error": rel_error(err, ref[n]), "n_tokens": fisher.n_tokens})
-            report(0.25 + (0.75 - calibrate) * (i + 1) / len(todo), f"sensitivity {n} {label((b, g))}")
+            b, g = spec.bits, spec.group_size
+            row = {"name": n, "block": int(info.loc[n, "block"]), "family": str(info.loc[n, "family"]),
+                   "bits": b, "group_size": g,
+                   "bits_per_weight": llamacpp.bits_per_weight(c) if spec.format else bit_cost(b, g or inf[n], s.zero_point),
+                   "alpha": float("nan") if alpha is None else alpha, "fisher": value,
+                   "rel_error": rel_error(err, ref[n]), "n_tokens": fisher.n_tokens}
+            if s.types:
+                row["type"] = c
+            rows.append(row)
+            report(0.25 + (0.75 - calibrate) * (i + 1) / len(todo), f"sensitivity {n} {label(c)}")
         del fisher
-        new = pd.DataFrame(rows, columns=SENS_COLUMNS)
-        old = new if old is None else pd.concat([old[SENS_COLUMNS], new], ignore_index=True)
+        new = pd.DataFrame(rows, columns=columns)
+        old = new if old is None else pd.concat([old[columns], new], ignore_index=True)
         analysis.write_extra(s.sensitivity_key, old)
-    want = {(n, *c) for n, cs in choices.items() for c in cs}
-    table = old[[(n, int(b), int(g)) in want for n, b, g in zip(old["name"], old["bits"], old["group_size"])]]
+    want = {(n, c) for n, cs in choices.items() for c in cs}
+    table = old[[(n, c) in want for n, c in zip(old["name"], choices_of(old))]]
     table = table.reset_index(drop=True)
     factors = {}
     if s.family_calibration:
@@ -725,7 +865,12 @@ def sensitivity(analysis, s: PlanSettings, sets: TokenSets, progress: Progress |
 def calibration_setting(s: PlanSettings, in_features: Mapping[str, int]) -> QuantSpec:
     """The uniform configuration the family calibration measures: the fewest candidate bits of at least 3 (a damage
     well above the noise, still in the second-order regime) on the largest candidate group size that divides every
-    width (one group per row when none does). On the bundled LLM: w3 g64."""
+    width (one group per row when none does). On the bundled LLM: w3 g64. In llama.cpp types: the cheapest type of at
+    least 3 level bits (Q3_K: written Q4_0 on SmolLM2's 576-wide rows)."""
+    types = check_types(s.types)
+    if types:
+        return QuantSpec.of_type(min([t for t in types if llamacpp.nominal_bits(t) >= 3] or types,
+                                     key=llamacpp.bits_per_weight))
     bits = [b for b in check_choices(s.bits) if b != FP16] or [4]
     b = min([x for x in bits if x >= 3] or bits)
     widths = set(in_features.values())
@@ -748,8 +893,8 @@ def family_factors(analysis, s: PlanSettings, sets: TokenSets, table: pd.DataFra
             int(old["group_size"].iloc[0]) == spec.group_size and set(old["family"]) == set(table["family"]):
         return old
     fam = dict(zip(analysis.linears["name"], analysis.linears["family"]))
-    at = {n: as_choice(spec.bits, spec.group_size, inf[n]) for n in inf}
-    rows = table[[(n, int(b), int(g)) == (n, *at[n]) for n, b, g in zip(table["name"], table["bits"], table["group_size"])]]
+    at = {n: setting_at(spec, inf[n]) for n in inf}
+    rows = table[[c == at[n] for n, c in zip(table["name"], choices_of(table))]]
     predicted = rows.groupby("family")["fisher"].sum()
     alphas = alphas_of(rows)
     variants = {}
@@ -772,17 +917,17 @@ def family_factors(analysis, s: PlanSettings, sets: TokenSets, table: pd.DataFra
 
 
 def values_of(table: pd.DataFrame) -> dict[str, dict[Choice, float]]:
-    """``{name: {(bits, group): predicted damage}}`` from a sensitivity table (negative values count 0)."""
+    """``{name: {setting: predicted damage}}`` from a sensitivity table (negative values count 0)."""
     out: dict[str, dict[Choice, float]] = {}
-    for n, b, g, v in zip(table["name"], table["bits"], table["group_size"], table["value"]):
-        out.setdefault(str(n), {})[(int(b), int(g))] = max(0.0, float(v))
+    for n, c, v in zip(table["name"], choices_of(table), table["value"]):
+        out.setdefault(str(n), {})[c] = max(0.0, float(v))
     return out
 
 
-def alphas_of(table: pd.DataFrame) -> dict[tuple[str, int, int], float]:
-    """``{(name, bits, group): alpha}`` found by the sensitivity pass (AWQ)."""
-    return {(str(n), int(b), int(g)): float(a) for n, b, g, a in
-            zip(table["name"], table["bits"], table["group_size"], table["alpha"]) if math.isfinite(float(a))}
+def alphas_of(table: pd.DataFrame) -> dict[tuple[str, Choice], float]:
+    """``{(name, setting): alpha}`` found by the sensitivity pass (AWQ)."""
+    return {(str(n), c): float(a) for n, c, a in zip(table["name"], choices_of(table), table["alpha"])
+            if math.isfinite(float(a))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -791,7 +936,11 @@ def alphas_of(table: pd.DataFrame) -> dict[tuple[str, int, int], float]:
 def check_settings(analysis, s: PlanSettings, budgets: Sequence[float] = ()) -> PlanSettings:
     """``s`` with its method, bits and group sizes checked and normalised; every budget (``s.budget`` and
     ``budgets``) checked against what these choices can cost. Raises one sentence before anything is measured."""
-    s = replace(s, method=check_method(s.method), bits=check_choices(s.bits), group_sizes=check_group_sizes(s.group_sizes))
+    s = replace(s, method=check_method(s.method), bits=check_choices(s.bits), group_sizes=check_group_sizes(s.group_sizes),
+                types=check_types(s.types))
+    if s.types and not METHODS[s.method].formats:
+        raise ValueError(f"plan method {s.method!r} does not run on llama.cpp types; plan llama.cpp types with "
+                         f"{' or '.join(m for m in PLAN_METHODS if METHODS[m].formats)}")
     if isinstance(s.fisher_samples, bool) or int(s.fisher_samples) != s.fisher_samples or int(s.fisher_samples) < 1:
         raise ValueError(f"fisher_samples must be a positive whole number, got {s.fisher_samples!r}")
     check_tokens(s.selection_tokens, "selection_tokens")
@@ -884,8 +1033,7 @@ def run(analysis, s: PlanSettings, *, frontier: Sequence[float] = (), progress: 
     choices = plan_choices(analysis, s)
     values, alphas = values_of(table), alphas_of(table)
     budgets = list(dict.fromkeys([s.budget, *[float(b) for b in frontier]]))
-    uniform = {f"uniform {q.key}": uniform_plan(nw, inf, q, model=analysis.model_id, method=s.method)
-               for q in uniform_specs(inf, s.bits, s.group_sizes, s.zero_point)}
+    uniform = uniform_candidates(nw, inf, s, model=analysis.model_id, method=s.method)
     solved = {b: replace(solve_plan(values, nw, inf, choices, b, zero_point=s.zero_point, model=analysis.model_id,
                                     method=s.method), source="solver") for b in budgets}
     within = {b: {u: p for u, p in uniform.items() if p.avg_bits <= b + 1e-9} for b in budgets}

@@ -3,7 +3,9 @@
 * JSON: ``{"model", "budget_bits", "method", "avg_bits", "source", "layers": {name: {"bits", "group_size"}},
   "measured", "measured_on", "selection", "baseline", "token_sets", "definitions"}``: ``measured`` holds the
   plan's figures on the test tokens (never used for a choice), ``baseline`` the best uniform configuration's
-  within the budget, ``token_sets`` the three sets; group size 0 = one group per row.
+  within the budget, ``token_sets`` the three sets; group size 0 = one group per row. A plan in llama.cpp types
+  gives each layer its ``"type"`` (with the type's level bits and block as ``bits`` / ``group_size``), which
+  ``core.studies.export`` writes as it is (``python -m core export --plan plan.json``).
 * llm-compressor recipe (YAML): ``QuantizationModifier`` (rtn), ``GPTQModifier`` (gptq) or ``AWQModifier``
   followed by ``QuantizationModifier`` (awq); ``config_groups`` hold one scheme per (bits, group size) whose
   ``targets`` are ``re:`` regexes matching exactly the plan's linears of that setting (compressed-tensors
@@ -13,7 +15,11 @@
   wins, ``-:`` skips the module; group size -1 = one group per row, GPTQModel's per-channel).
 * llama.cpp: ``--tensor-type blk.N.<tensor>=<TYPE>`` arguments for ``llama-quantize`` (``std::regex_search``
   of each argument's name in the tensor names). Types: the nearest GGUF type per bit-width; k-quants need
-  rows that are a multiple of 256, so narrower rows get the nearest 32-block type at or above the bits.
+  rows that are a multiple of 256, so narrower rows get the nearest 32-block type at or above the bits; a plan in
+  llama.cpp types names each tensor's own type.
+
+A plan in llama.cpp types is written as JSON and llama.cpp arguments only (``formats_for``): llm-compressor and
+GPTQModel store the integer grid.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import yaml
 
 from ..grids.spec import choose
 from ..model import store
+from ..grids import llamacpp as _llamacpp
 from .plan import DEFINITIONS, BitPlan, PlanReport
 
 FORMATS = ("json", "llmcompressor", "gptqmodel", "llamacpp")
@@ -38,6 +45,10 @@ K_QUANT = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 7: "Q8_0", 8: 
 BLOCK32 = {2: "Q4_0", 3: "Q4_0", 4: "Q4_0", 5: "Q5_0", 6: "Q8_0", 7: "Q8_0", 8: "Q8_0", 16: "F16"}
 BLOCK32_ZP = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1", 6: "Q8_0", 7: "Q8_0", 8: "Q8_0", 16: "F16"}
 QK_K = 256
+TYPE_FORMATS = ("json", "llamacpp")  # the formats a plan in llama.cpp types is written in
+# the method a plan's GGUF is written with: a plan's per-linear awq (Q(W s)/s) has no folded form a file can store, so
+# its GGUF uses AWQ's folded, clipped form (awq-clip's scales searched once at the plan's most common setting)
+GGUF_METHODS = {"awq": "awq-clip"}
 
 
 class ExportError(ValueError):
@@ -46,6 +57,30 @@ class ExportError(ValueError):
 
 def check_formats(formats: str | Iterable[str]) -> list[str]:
     return choose(formats, FORMATS, "export format", ExportError)
+
+
+def formats_for(plan: BitPlan) -> tuple[str, ...]:
+    """The formats ``plan`` can be written in: all of ``FORMATS``, or ``TYPE_FORMATS`` for a plan in llama.cpp types."""
+    return TYPE_FORMATS if plan.in_types else FORMATS
+
+
+def gguf_method(plan_method: str) -> str:
+    """The method a plan made with ``plan_method`` is written to a GGUF with (``GGUF_METHODS``)."""
+    return GGUF_METHODS.get(plan_method, plan_method)
+
+
+def layer_entry(choice) -> dict:
+    """A plan JSON's entry for one linear: ``{"bits", "group_size"}``, plus ``"type"`` for a llama.cpp type (its level
+    bits and block as ``bits`` / ``group_size``)."""
+    if isinstance(choice, str):
+        return {"bits": _llamacpp.nominal_bits(choice), "group_size": _llamacpp.block_size(choice), "type": choice}
+    b, g = choice
+    return {"bits": int(b), "group_size": int(g)}
+
+
+def entry_choice(entry: Mapping):
+    """The setting a plan JSON entry names (``layer_entry`` read back)."""
+    return str(entry["type"]) if entry.get("type") else (int(entry["bits"]), int(entry["group_size"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,7 +139,7 @@ def plan_dict(plan: BitPlan, report: PlanReport | None = None) -> dict:
     ``report`` the best uniform configuration's figures and the three token sets."""
     d = {"model": plan.model, "budget_bits": plan.budget_bits, "method": plan.method,
          "zero_point": plan.zero_point, "avg_bits": plan.avg_bits, "exact": plan.exact, "source": plan.source,
-         "layers": {n: {"bits": int(b), "group_size": int(g)} for n, (b, g) in plan.layers.items()},
+         "layers": {n: layer_entry(c) for n, c in plan.layers.items()},
          "measured": _floats(plan.measured), "measured_on": "test", "selection": _floats(plan.selection)}
     if report is not None:
         b = report.baseline
@@ -119,8 +154,8 @@ def validate_json(d: dict, plan: BitPlan) -> None:
     for key in ("model", "budget_bits", "method", "layers", "measured", "measured_on"):
         if key not in d:
             raise ExportError(f"the JSON plan lacks its {key!r} entry")
-    got = {n: (int(v["bits"]), int(v["group_size"])) for n, v in d["layers"].items()}
-    if got != {n: (int(b), int(g)) for n, (b, g) in plan.layers.items()}:
+    got = {n: entry_choice(v) for n, v in d["layers"].items()}
+    if got != {n: entry_choice(layer_entry(c)) for n, c in plan.layers.items()}:
         raise ExportError("the JSON plan read back differs from the plan")
 
 
@@ -136,6 +171,9 @@ def _scheme(bits: int, group_size: int, zero_point: bool) -> dict:
 
 def by_setting(plan: BitPlan) -> dict[tuple[int, int], list[str]]:
     """The plan's quantized linears per ``(bits, group size)``, settings sorted."""
+    if plan.in_types:
+        raise ExportError("a plan in llama.cpp types is written as a GGUF (or llama.cpp arguments); llm-compressor "
+                          "and GPTQModel store the integer grid: plan with bits and group sizes for them")
     out: dict[tuple[int, int], list[str]] = defaultdict(list)
     for n, (b, g) in plan.layers.items():
         if b != 16:
@@ -154,10 +192,18 @@ def llmcompressor_recipe(plan: BitPlan) -> dict:
     body = {"ignore": ignore, "config_groups": groups}
     method = (plan.method or "rtn").lower()
     if method.startswith("gptq"):
-        mods = {"GPTQModifier": body}
+        from ..methods.gptq import GPTQOptions
+
+        # the explorer's GPTQ settings, stated: llm-compressor 0.14 would otherwise order columns by activation
+        # (its default actorder "static"); the explorer's default runs the columns in order
+        o = GPTQOptions()
+        mods = {"GPTQModifier": {**body, "actorder": "static" if o.act_order else None,
+                                 "dampening_frac": o.percdamp, "block_size": o.block_size}}
     elif method.startswith("awq"):
-        # AWQModifier searches the smoothing scales; the QuantizationModifier after it quantizes
-        mods = {"AWQModifier": {"ignore": list(ignore)}, "QuantizationModifier": body}  # a copy: no YAML anchors
+        # AWQModifier searches the smoothing scales; the QuantizationModifier after it quantizes. duo_scaling off:
+        # the explorer's search is llm-awq's (s = mean|x|^alpha, no weight term; llm-compressor's default is on)
+        mods = {"AWQModifier": {"ignore": list(ignore), "duo_scaling": False},  # a copy: no YAML anchors
+                "QuantizationModifier": body}
     else:
         mods = {"QuantizationModifier": body}
     return {"quant_stage": {"quant_modifiers": mods}}
@@ -252,10 +298,9 @@ def llamacpp_args(plan: BitPlan, linears: Sequence[Mapping]) -> list[str]:
         n = li["name"]
         if n not in plan.layers:
             continue
-        b, _ = plan.layers[n]
-        out += ["--tensor-type",
-                f"{gguf_tensor_name(int(li['block']), str(li['family']))}="
-                f"{gguf_type(int(b), int(li['in_features']), plan.zero_point)}"]
+        c = plan.layers[n]
+        t = c if isinstance(c, str) else gguf_type(int(c[0]), int(li["in_features"]), plan.zero_point)
+        out += ["--tensor-type", f"{gguf_tensor_name(int(li['block']), str(li['family']))}={t}"]
     return out
 
 
@@ -314,6 +359,10 @@ def write_exports(plan: BitPlan, out_dir: str | Path, formats: Iterable[str], *,
     ``PlanReport`` whose baseline and token sets the JSON carries.
     """
     formats = check_formats(formats)
+    refused = [f for f in formats if f not in formats_for(plan)]
+    if refused:  # before anything is written
+        raise ExportError(f"a plan in llama.cpp types is written as {' or '.join(TYPE_FORMATS)} (and as a GGUF), not "
+                          f"{refused[0]}: that format stores the integer grid; plan with bits and group sizes for it")
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
