@@ -16,8 +16,8 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from core.present import common, pack, surface
-from core.grids import metrics
+from core.present import common, model_quality, pack, surface
+from core.grids import llamacpp, metrics
 from core.analysis import Analysis, AnalysisSettings, analyze, list_cached, open_entry
 from core.model.calibration import BUNDLED_TEXT, HUB_TEXTS, CalibrationError, CalibrationSpec, decode_text
 from core.model.models import (BUNDLED_MODELS, MINILM, SMOLLM2, ModelLoadError, canonical_model, layer_widths, looks_like_path)
@@ -505,6 +505,72 @@ def bits_picker(a: Analysis | None, key: str, label: str = "Bits", options: list
                                      on_change=_share, args=(key, SHARED_BITS)))
     st.session_state[SHARED_BITS] = value
     return value
+
+
+GRID_KINDS = {"integer": "integer grid", "llama.cpp": "llama.cpp type"}
+
+
+def grid_kind_picker(key: str) -> bool:
+    """Integer grid (bits / group size / zero point) or a llama.cpp type: True for a llama.cpp type."""
+    if st.session_state.get(key) not in GRID_KINDS:
+        st.session_state[key] = "integer"
+    kind = st.segmented_control("Grid", list(GRID_KINDS), key=key, format_func=GRID_KINDS.get, required=True,
+                                help="The explorer's integer grid (llm-awq's quantizer: bits, group size, zero "
+                                     "point) or one of llama.cpp's types, rounded byte for byte as llama-quantize "
+                                     "rounds it (blocks of 32, k-quants in super-blocks of 256).")
+    return kind == "llama.cpp"
+
+
+def type_picker(key: str, label: str = "llama.cpp type") -> str:
+    """One llama.cpp type (``core.grids.llamacpp.TYPES``), labelled with its bits per weight."""
+    if st.session_state.get(key) not in llamacpp.TYPES:
+        st.session_state[key] = "Q4_0"
+    return str(st.selectbox(label, llamacpp.TYPES, key=key,
+                            format_func=lambda t: f"{t} · {llamacpp.bits_per_weight(t):g} bits/weight",
+                            help="Bits per weight from the block layout (levels, scales and minimums). Where the "
+                                 "type's block does not divide a row, llama.cpp stores another type; the page says "
+                                 "which."))
+
+
+def with_progress(label: str, failed: str, done: str, work: Callable[[Callable[[float, str], None]], Any]) -> Any:
+    """``work(progress)`` inside a status box with a progress bar; its result, or None after showing the error as
+    one sentence (the page stays usable)."""
+    with st.status(label, expanded=True) as status:
+        bar = st.progress(0.0, text="starting")
+        try:
+            out = work(lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
+        except Exception as e:  # noqa: BLE001 - shown as a sentence; the page stays usable
+            status.update(label=failed, state="error")
+            st.error(readable(e))
+            return None
+        status.update(label=done, state="complete", expanded=False)
+        return out
+
+
+def show_export(summary: dict, key: str, *, download: bool = False) -> None:
+    """What an export wrote and how its runtime read it back (GGUF: llama.cpp; compressed-tensors: transformers):
+    where the folder is, the agreement between the runtime's logits and the explorer's (with the tolerance), each
+    metric against fp from both, the exporter's notes; ``download``: a download button for a GGUF file."""
+    st.caption(model_quality.export_caption(summary))
+    v = summary.get("verify") or {}
+    if v:
+        if "max_logit_diff" in v:  # a reloaded checkpoint: the two models' logits side by side
+            m = st.columns(3)
+            m[0].metric("max |Δlogit|", f"{v['max_logit_diff']:.3g}",
+                        help="Largest difference between the explorer's and the reloaded model's logits.")
+            m[1].metric("mean KL (explorer ‖ reloaded)", f"{v['mean_kl']:.3g} nats")
+            m[2].metric("same top token", f"{v['same_top']:.2%}")
+        (st.success if v.get("ok", True) else st.warning)(
+            f"{v.get('runtime', model_quality.runtime_label(summary))} on {v.get('n_tokens', 0):,} held-out tokens "
+            f"({v.get('protocol')}): {v.get('agreement', '')}. Tolerance: {v.get('tolerance', '')}.")
+        show_table(model_quality.verification_table(summary),
+                   **{c: (c, "%.5g") for c in (model_quality.runtime_label(summary), "explorer", "difference")})
+    for note in summary.get("notes", []):
+        st.markdown(f"- {note}")
+    path = Path(summary["folder"]) / "model.gguf"
+    if download and path.is_file():
+        st.download_button("model.gguf", data=path.read_bytes(), file_name=f"{Path(summary['folder']).name}.gguf",
+                           key=f"{key}_dl", icon=":material/download:")
 
 
 def layer_label(a: Analysis, name: str) -> str:

@@ -171,10 +171,25 @@ class LayerEval:
     w_rtn: torch.Tensor
     w_awq: torch.Tensor
     clipped: bool  # whether clipping was actually applied (Q/K are skipped unless asked)
+    # a llama.cpp type (``QuantSpec.format``) instead of the integer grid: the type asked for and the one this
+    # linear is really stored in (``llamacpp.fallback``: Q4_K on a 576-wide row is Q5_0); None on the integer grid
+    format: str | None = None
+    stored_type: str | None = None
 
     @property
     def best_alpha(self) -> float:
         return self.search.best_alpha
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The grid of this evaluation (``group_size`` is the group used on this linear)."""
+        return QuantSpec.of_type(self.format) if self.format else QuantSpec(self.bits, self.group_size, self.zero_point)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight of this linear on this grid (``QuantSpec.cost``: scales and zeros counted; a
+        llama.cpp type: its stored type's block layout)."""
+        return self.spec.cost(int(self.weight.shape[1]))
 
     @property
     def rtn_sqnr_db(self) -> float:
@@ -355,14 +370,18 @@ class Analysis:
         return val
 
     def alpha_curve(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,
-                    duo_scaling: bool = False, n_grid: int = 20) -> awq.ScaleSearch:
-        """The loss-vs-alpha search on the calibration sample, with mean|x| from all calibration tokens."""
+                    duo_scaling: bool = False, n_grid: int = 20, format: str | None = None) -> awq.ScaleSearch:
+        """The loss-vs-alpha search on the calibration sample, with mean|x| from all calibration tokens.
+        ``format``: a llama.cpp type whose quantizer the search runs on (its own bits / block / minimum replace
+        ``bits``, ``group_size`` and ``zero_point``)."""
+        spec = QuantSpec.of_type(format) if format else QuantSpec(bits, group_size, zero_point)
+
         def run() -> awq.ScaleSearch:
             w = self.weight(name)
-            return awq.search_scale(w, self.inputs(name), QuantSpec(bits, group_size, zero_point),
+            return awq.search_scale(w, self.inputs(name), spec,
                                     n_grid=n_grid, duo_scaling=duo_scaling, x_mean=self.x_mean(name),
                                     w_for_mean=self.shared_weight(name) if duo_scaling else None)
-        return self._memoized(("curve", name, bits, group_size, zero_point, duo_scaling, n_grid), run)
+        return self._memoized(("curve", name, spec, duo_scaling, n_grid), run)
 
     def ref_sq(self, name: str, split: str = "calib") -> float:
         return self._memoized(("ref", name, split),
@@ -381,53 +400,80 @@ class Analysis:
         return awq.awq_scales(self.x_mean(name), torch.tensor([float(alpha)], dtype=torch.float64), wm)[0]
 
     def awq_errors(self, name: str, *, alpha: float, bits: int, group_size: int = 128, zero_point: bool = True,
-                   duo_scaling: bool = False, splits: tuple[str, ...] = ("calib",)) -> tuple[torch.Tensor, list[float]]:
+                   duo_scaling: bool = False, splits: tuple[str, ...] = ("calib",),
+                   format: str | None = None) -> tuple[torch.Tensor, list[float]]:
         """``(Q(W*s)/s, [relative output error on each split])`` at ``alpha``, without clipping.
 
         One output-error evaluation as a slider release does it: the scales at ``alpha``, one fused pass for
         the quantized weights and their difference to ``W``, one ``dW @ X.T`` product per split
         (``"calib"``, ``"heldout"``). Same numbers as ``layer_error(name, scaled_fake_quant(...), split)``.
+        ``format``: a llama.cpp type (``Q`` is its quantizer, on the type this linear is stored in; ``bits``,
+        ``group_size`` and ``zero_point`` are then the type's own).
         """
+        if format:
+            spec = QuantSpec.of_type(format)
+            w = self.weight(name)
+            s = self.scales_at(name, alpha, group_size=spec.group(w.shape[1]), duo_scaling=duo_scaling)
+            w_hat = awq.scaled_fake_quant(w, s, spec.bits, spec.group_size, spec.zero_point, format=spec.format)
+            return w_hat, [self.layer_error(name, w_hat, sp) for sp in splits]
         g = int(group_size) if group_size > 0 else int(self.info(name)["in_features"])
         s = self.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
         w_hat, errs = awq.fake_quant_errors(self.weight(name), s, bits, g, zero_point,
                                             [self.inputs(name, sp) for sp in splits])
         return w_hat, [metrics.rel_error(e, self.ref_sq(name, sp)) for e, sp in zip(errs, splits)]
 
-    def evaluate_layer(self, name: str, *, alpha: float, bits: int, group_size: int = 128, zero_point: bool = True,
-                       duo_scaling: bool = False, clip: bool = False, clip_qk: bool = False,
-                       n_grid: int = 20) -> LayerEval:
-        """RTN and AWQ (at ``alpha``) errors of one layer, plus its curve, scales and weights."""
+    def evaluate_layer(self, name: str, *, alpha: float, bits: int = 4, group_size: int = 128,
+                       zero_point: bool = True, duo_scaling: bool = False, clip: bool = False, clip_qk: bool = False,
+                       n_grid: int = 20, format: str | None = None) -> LayerEval:
+        """RTN and AWQ (at ``alpha``) errors of one layer, plus its curve, scales and weights.
+
+        ``format``: a llama.cpp type (``core.grids.llamacpp.TYPES``) instead of the integer grid: RTN, the scale
+        search, AWQ and the clip search all round with that type's quantizer, on the type this linear is really
+        stored in (``LayerEval.stored_type``: llama-quantize's fallback when its block does not divide the row);
+        ``bits``, ``group_size`` and ``zero_point`` are then the type's own and ignored.
+        """
         info = self.info(name)
-        self.check_group_size(group_size)  # the same rule as analyze and Model quality: it must fit every layer
-        g = layer_group_size(int(info["in_features"]), group_size) if group_size > 0 else int(info["in_features"])
+        in_f = int(info["in_features"])
+        if format:
+            spec = QuantSpec.of_type(format)
+            g = spec.group(in_f)
+            bits, zero_point = spec.bits, spec.zero_point
+        else:
+            self.check_group_size(group_size)  # the same rule as analyze and Model quality: it must fit every layer
+            g = layer_group_size(in_f, group_size) if group_size > 0 else in_f
+            spec = QuantSpec(bits, g, zero_point)
         w = self.weight(name)
         search = self.alpha_curve(name, bits=bits, group_size=g, zero_point=zero_point,
-                                  duo_scaling=duo_scaling, n_grid=n_grid)
+                                  duo_scaling=duo_scaling, n_grid=n_grid, format=spec.format)
         s = self.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
         x, xh = self.inputs(name), self.inputs(name, "heldout")
-        rkey = (name, bits, g, zero_point)
+        rkey = (name, spec)
+        grid = (spec.bits, spec.group_size, spec.zero_point)  # a llama.cpp type: its own block, not the fallback's
         if ("rtn",) + rkey not in self._memo:
-            # first visit at these settings: RTN weights and both RTN errors from one fused pass
-            w_rtn0, errs = awq.fake_quant_errors(w, torch.ones(w.shape[1]), bits, g, zero_point, [x, xh])
+            # first visit at these settings: RTN weights and both RTN errors (integer grid: from one fused pass)
+            if spec.format:
+                w_rtn0 = awq.scaled_fake_quant(w, torch.ones(w.shape[1]), *grid, format=spec.format)
+                errs = [awq.output_sq_error(x, w, w_rtn0), awq.output_sq_error(xh, w, w_rtn0)]
+            else:
+                w_rtn0, errs = awq.fake_quant_errors(w, torch.ones(w.shape[1]), bits, g, zero_point, [x, xh])
             self._memoized(("rtn",) + rkey, lambda: w_rtn0)
             self._memoized(("rtn_rel",) + rkey, lambda: metrics.rel_error(errs[0], self.ref_sq(name)))
             self._memoized(("rtn_rel_h",) + rkey, lambda: metrics.rel_error(errs[1], self.ref_sq(name, "heldout")))
         w_rtn = self._memoized(("rtn",) + rkey,
-                               lambda: awq.scaled_fake_quant(w, torch.ones(w.shape[1]), bits, g, zero_point))
+                               lambda: awq.scaled_fake_quant(w, torch.ones(w.shape[1]), *grid, format=spec.format))
         rtn_rel = self._memoized(("rtn_rel",) + rkey, lambda: self.layer_error(name, w_rtn))
         rtn_h = self._memoized(("rtn_rel_h",) + rkey, lambda: self.layer_error(name, w_rtn, "heldout"))
         do_clip = clip and (clip_qk or not awq.is_clip_skipped(name))
         if do_clip:
             ws = w * s.view(1, -1)
-            max_val = awq.search_clip(ws, x / s.view(1, -1), QuantSpec(bits, g, zero_point))
-            w_awq = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
+            max_val = awq.search_clip(ws, x / s.view(1, -1), spec)
+            w_awq = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, *grid, format=spec.format)
             awq_rel, awq_h = self.layer_error(name, w_awq), self.layer_error(name, w_awq, "heldout")
         else:
             # one fused pass writes Q(W*s)/s and its difference to W; then one product per split
             w_awq, (awq_rel, awq_h) = self.awq_errors(name, alpha=alpha, bits=bits, group_size=g,
                                                       zero_point=zero_point, duo_scaling=duo_scaling,
-                                                      splits=("calib", "heldout"))
+                                                      splits=("calib", "heldout"), format=spec.format)
         ref = self.ref_sq(name)
         n_out = x.shape[0] * w.shape[0]
         importance = self._memoized(("importance", name), lambda: metrics.importance(w, self.x_mean(name)))
@@ -437,7 +483,7 @@ class Analysis:
             rtn_rel_heldout=rtn_h, awq_rel_heldout=awq_h,
             search=search, rel_curve=search.losses * n_out / ref, scales=s,
             importance=importance.clone(), weight=w, w_rtn=w_rtn, w_awq=w_awq,
-            clipped=do_clip,
+            clipped=do_clip, format=spec.format, stored_type=spec.stored_type(in_f),
         )
 
     # --- other methods (core.methods) -------------------------------------------------------------

@@ -3,8 +3,10 @@ import pandas as pd
 import streamlit as st
 
 import ui
+from core.grids.spec import QuantSpec
 from core.model import score
 from core.present import model_quality
+from core.studies import ct_export
 
 a = ui.require_analysis()
 st.title("Model quality")
@@ -56,26 +58,12 @@ st.caption(evaluate.grouping_note(a) + f" Held-out text: {held:,} tokens; the se
            "shows the time left as it runs.")
 
 
-
-def with_progress(label: str, failed: str, done: str, work):
-    """``work(progress)`` inside a status box with a progress bar; its result, or None after showing the error."""
-    with st.status(label, expanded=True) as status:
-        bar = st.progress(0.0, text="starting")
-        try:
-            out = work(lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
-        except Exception as e:  # noqa: BLE001 - shown as a sentence; the page stays usable
-            status.update(label=failed, state="error")
-            st.error(ui.readable(e))
-            return None
-        status.update(label=done, state="complete", expanded=False)
-        return out
-
-
 if st.button("Run", type="primary", key="mq_run", disabled=not modes or not bits, icon=":material/play_arrow:"):
-    with_progress("Evaluating the whole model…", "Evaluation failed", "Evaluation done", lambda progress:
-                  evaluate.run_quality(a, modes=list(modes), bits=sorted(int(b) for b in bits), group_size=int(group),
-                                       zero_point=bool(zero_point), search_tokens=int(search_tokens),
-                                       const_alpha_tokens=int(ca_tokens), protocol=protocol, progress=progress))
+    ui.with_progress("Evaluating the whole model…", "Evaluation failed", "Evaluation done", lambda progress:
+                     evaluate.run_quality(a, modes=list(modes), bits=sorted(int(b) for b in bits),
+                                          group_size=int(group), zero_point=bool(zero_point),
+                                          search_tokens=int(search_tokens), const_alpha_tokens=int(ca_tokens),
+                                          protocol=protocol, progress=progress))
 
 st.subheader("Write a GGUF for llama.cpp")
 st.caption("The chosen method's weights in a llama.cpp type, AWQ's scales folded into the RMSNorms and up_proj (as "
@@ -92,26 +80,44 @@ gi = g3.toggle("imatrix", value=False, key="mq_gguf_imatrix",
 if st.button("Write GGUF", key="mq_gguf", icon=":material/save:"):
     from core.studies import export as ex
 
-    done = with_progress("Writing the GGUF and running it in llama.cpp…", "Export failed",
-                         "GGUF written and verified in llama.cpp", lambda progress: ex.export(
-                             a, format="gguf", out=model_quality.export_folder(a, f"{gm}-{gt}"), method=gm,
-                             spec=ex.type_spec(gt), imatrix=gi, progress=progress))
+    done = ui.with_progress("Writing the GGUF and running it in llama.cpp…", "Export failed",
+                            "GGUF written and verified in llama.cpp", lambda progress: ex.export(
+                                a, format="gguf", out=model_quality.export_folder(a, f"{gm}-{gt}"), method=gm,
+                                spec=ex.type_spec(gt), imatrix=gi, progress=progress))
     if done is not None:
         st.session_state["mq_gguf_summary"] = done
 summary = st.session_state.get("mq_gguf_summary")
 if summary and summary.get("folder", "").startswith(str(a.path)):
-    from pathlib import Path
+    ui.show_export(summary, "mq_gguf", download=True)
 
-    v = summary.get("verify") or {}
-    st.caption(f"{summary['method']} → {summary['folder']} ({summary['bytes'] / 2**20:.1f} MiB, "
-               f"{summary['seconds']:.0f} s). llama.cpp on {v.get('n_tokens', 0):,} held-out tokens ({v.get('protocol')}); "
-               f"{v.get('agreement', '')}. Tolerance: {v.get('tolerance', '')}.")
-    ui.show_table(model_quality.verification_table(summary), **{
-        c: (c, "%.5g") for c in ("llama.cpp", "explorer", "difference")})
-    path = Path(summary["folder"]) / "model.gguf"
-    if path.is_file():
-        st.download_button("model.gguf", data=path.read_bytes(), file_name=f"{Path(summary['folder']).name}.gguf",
-                           key="mq_gguf_dl", icon=":material/download:")
+st.subheader("Save a checkpoint for transformers and vLLM")
+st.caption("The chosen method's own quantized weights packed as a compressed-tensors `pack-quantized` checkpoint "
+           "(integer codes with their group scales and zero points, one config group per grid, `quantization_config` "
+           "in config.json: the format vLLM serves and transformers loads), AWQ's scales folded into the preceding "
+           f"operators, at this page's group size ({ui.group_label(group)}) and zero point "
+           f"({'on' if zero_point else 'off'}), with the tokenizer and generation config. Then transformers reloads the "
+           "folder on CPU and its logits are compared with the explorer's fake-quantized model on 512 held-out tokens "
+           "(the codes are the explorer's own, so they should agree exactly).")
+k1, k2 = st.columns([2, 1])
+cm = k1.selectbox("Method", ct_export.METHODS + tuple(m for m in ("hqq",) if m not in ct_export.METHODS),
+                  key="mq_ct_method", index=ct_export.METHODS.index("awq-clip") if "awq-clip" in ct_export.METHODS else 0,
+                  help="The methods whose weights lie on an integer grid of the stored coordinates; the others are "
+                       "refused with the reason.")
+cb = k2.selectbox("Bits", list(range(2, 9)), index=2, key="mq_ct_bits", format_func=lambda b: f"w{b}")
+if st.button("Save checkpoint", key="mq_ct", icon=":material/save:"):
+    from core.studies import export as ex
+
+    done = ui.with_progress("Writing the checkpoint and reloading it in transformers…", "Export failed",
+                            "Checkpoint written and reloaded in transformers", lambda progress: ex.export(
+                                a, format=ct_export.FORMAT,
+                                out=model_quality.export_folder(a, f"{cm}-w{cb}g{group}{'' if zero_point else 's'}"),
+                                method=cm, spec=QuantSpec(int(cb), int(group), bool(zero_point)), verify_tokens=512,
+                                progress=progress))
+    if done is not None:
+        st.session_state["mq_ct_summary"] = done
+summary = st.session_state.get("mq_ct_summary")
+if summary and summary.get("folder", "").startswith(str(a.path)):
+    ui.show_export(summary, "mq_ct")
 
 results = evaluate.cached_quality(a)
 if results is None or results.empty:

@@ -89,6 +89,9 @@ else:
                      .reset_index().sort_values("avg_bits"), hide_index=True)
     with t2:
         ui.show_figure(plan.plan_map(p.layers, a.linears), "plan_map", model_id=a.model_id)
+        ui.show_table(plan.plan_table(p.layers, a.linears, p.zero_point),
+                      bits_per_weight=("bits per weight (storage)", "%.4g"),
+                      group_size=("group / block (0: per row)", "%d"))
     with t3:
         s1, s2 = st.columns(2)
         ref = P.calibration_setting(rep.settings, inf)  # the setting the family factors were measured at
@@ -123,36 +126,43 @@ else:
             for f, path in paths.items():
                 st.download_button(f"{f}: {path.name}", data=path.read_bytes(), file_name=path.name, key=f"plan_dl_{f}",
                                    icon=":material/download:")
-        gguf_method = model_quality.PLAN_GGUF_METHOD.get(p.method, p.method)
+        file_method = model_quality.PLAN_GGUF_METHOD.get(p.method, p.method)
         st.caption(f"**Write GGUF**: this plan as a file llama.cpp runs — each linear in the llama.cpp type of its "
-                   f"bits (the types of llama_quantize_args.txt; 16 bits stay F32), quantized by **{gguf_method}**"
+                   f"bits (the types of llama_quantize_args.txt; 16 bits stay F32), quantized by **{file_method}**"
                    + (" (the plan's per-linear awq has no folded form a file can store; awq-clip's scales are searched "
                       "once at the plan's most common type, folded into the norms, and each linear rounded at its own "
-                      "type)" if gguf_method != p.method else "")
+                      "type)" if file_method != p.method else "")
                    + ", then loaded in llama.cpp and scored beside the explorer's prediction for the same weights.")
         if st.button("Write GGUF", key="plan_gguf", icon=":material/save:"):
             from core.studies import export as ex
 
-            with st.status("Writing the plan's GGUF and running it in llama.cpp…", expanded=True) as status:
-                bar = st.progress(0.0, text="starting")
-                try:
-                    st.session_state["plan_gguf_summary"] = ex.export(
-                        a, format="gguf", out=model_quality.export_folder(a, f"plan-{p.budget_bits:g}-{gguf_method}"),
-                        method=gguf_method, plan=PE.plan_dict(p),
-                        progress=lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
-                except Exception as e:  # noqa: BLE001
-                    status.update(label="Export failed", state="error")
-                    st.error(ui.readable(e))
-                else:
-                    status.update(label="GGUF written and verified in llama.cpp", state="complete", expanded=False)
+            done = ui.with_progress("Writing the plan's GGUF and running it in llama.cpp…", "Export failed",
+                                    "GGUF written and verified in llama.cpp", lambda progress: ex.export(
+                                        a, format="gguf", method=file_method, plan=PE.plan_dict(p), progress=progress,
+                                        out=model_quality.export_folder(a, f"plan-{p.budget_bits:g}-{file_method}")))
+            if done is not None:
+                st.session_state["plan_gguf_summary"] = done
         summary = st.session_state.get("plan_gguf_summary")
         if summary and summary.get("folder", "").startswith(str(a.path)):
-            v = summary.get("verify") or {}
-            types = ", ".join(f"{t} x{n}" for t, n in summary.get("tensor_types", {}).items())
-            st.caption(f"{summary['folder']} ({summary['bytes'] / 2**20:.1f} MiB; tensors {types}). llama.cpp on "
-                       f"{v.get('n_tokens', 0):,} held-out tokens ({v.get('protocol')}); {v.get('agreement', '')}.")
-            ui.show_table(model_quality.verification_table(summary),
-                          **{c: (c, "%.5g") for c in ("llama.cpp", "explorer", "difference")})
+            ui.show_export(summary, "plan_gguf")
+
+        st.caption(f"**Save checkpoint**: this plan as a compressed-tensors `pack-quantized` folder that transformers "
+                   f"loads and vLLM serves — each linear at its planned bits and group size (one config group per "
+                   f"grid; 16-bit linears listed as ignored), quantized by **{file_method}**, then reloaded in "
+                   "transformers and its logits compared with the explorer's on 512 held-out tokens.")
+        if st.button("Save checkpoint", key="plan_ct", icon=":material/save:"):
+            from core.studies import export as ex
+
+            done = ui.with_progress("Writing the plan's checkpoint and reloading it in transformers…", "Export failed",
+                                    "Checkpoint written and reloaded in transformers", lambda progress: ex.export(
+                                        a, format="compressed-tensors", method=file_method, plan=PE.plan_dict(p),
+                                        verify_tokens=512, progress=progress,
+                                        out=model_quality.export_folder(a, f"plan-{p.budget_bits:g}-{file_method}-ct")))
+            if done is not None:
+                st.session_state["plan_ct_summary"] = done
+        summary = st.session_state.get("plan_ct_summary")
+        if summary and summary.get("folder", "").startswith(str(a.path)):
+            ui.show_export(summary, "plan_ct")
 
 st.subheader("Predicting AWQ's alpha from statistics")
 st.caption("Each layer's best alpha predicted from one statistic (or all) by a line fitted on the other blocks "

@@ -321,6 +321,179 @@ def test_layer_lab_controls_recompute_exactly_what_the_engine_computes(tiny):
     assert first.name in a.names
 
 
+# --- llama.cpp types in the Layer Lab and the Methods page (issue 19) ---------------------------------------
+
+def type_lab_state(at: AppTest) -> dict:
+    """The Layer Lab's settings on a llama.cpp type (no bits / group / zero point widgets: the type fixes them)."""
+    return {"name": at.selectbox(key="lab_layer").value, "format": at.selectbox(key="lab_type").value,
+            "alpha": float(at.slider(key="lab_alpha").value), "n_grid": int(at.select_slider(key="lab_grid").value),
+            "duo_scaling": at.toggle(key="lab_duo").value, "clip": at.toggle(key="lab_clip").value,
+            "clip_qk": at.toggle(key="lab_clip_qk").value}
+
+
+def check_type_lab(at: AppTest, engine):
+    assert_clean(at)
+    st_ = type_lab_state(at)
+    ev = engine.evaluate_layer(st_.pop("name"), **st_)
+    assert {k: metrics_shown(at)[k] for k in LAB_METRICS} == expected_lab_metrics(ev)
+    curve = lab_curve(at)
+    assert np.allclose(curve["rel_error"], ev.rel_curve.numpy())
+    return ev
+
+
+def test_layer_lab_on_llamacpp_types_and_their_fallback(tiny):
+    """The Layer Lab on a llama.cpp type shows evaluate_layer(format=...)'s numbers; where the type's block does
+    not divide the row (Q4_K on 64 / 128 wide rows) it says which type llama.cpp stores instead, and the numbers are
+    that type's; the methods that refuse llama.cpp types are listed with their sentence, the others run on it."""
+    import torch
+
+    from core.grids import quant
+    from core.grids.spec import QuantSpec
+
+    a = tiny["qwen2"]
+    engine = open_entry(a.path)
+    at = open_app(a)
+    at.switch_page("pages/layer_lab.py").run()
+    at.segmented_control(key="lab_grid_kind").set_value("llama.cpp").run()
+    at.selectbox(key="lab_type").set_value("Q4_0").run()
+    ev = check_type_lab(at, engine)
+    assert ev.format == ev.stored_type == "Q4_0" and ev.bits_per_weight == 4.5
+    assert not at.info, "Q4_0's blocks of 32 divide every width of this model"
+    w = engine.weight(ev.name)
+    assert torch.equal(ev.w_rtn, quant.fake_quant(w, QuantSpec.of_type("Q4_0")))  # RTN is llama.cpp's Q4_0 itself
+    caption = at.get("caption")
+    assert any("Q4_0 · 4.5 bits per weight" in c.value for c in caption)
+    assert "Output error vs alpha, Q4_0" in title_words(lab_spec(at))
+    for alpha in (0.0, 0.6):  # a slider release recomputes on the type
+        at.slider(key="lab_alpha").set_value(alpha).run()
+        ev = check_type_lab(at, engine)
+    assert metrics_shown(at)["AWQ rel. error"] != metrics_shown(at)["RTN rel. error"]
+
+    at.selectbox(key="lab_type").set_value("Q4_K").run()
+    ev = check_type_lab(at, engine)
+    assert ev.format == "Q4_K" and ev.stored_type == "Q5_0" and ev.bits_per_weight == 5.5
+    assert any("stored as **Q5_0**" in i.value or "stores it as **Q5_0**" in i.value for i in at.info)
+    same = engine.evaluate_layer(ev.name, alpha=ev.alpha, format="Q5_0", n_grid=ev.search.alphas.numel())
+    assert same.rtn_rel == ev.rtn_rel and same.awq_rel == ev.awq_rel  # the fallback type's numbers, exactly
+    assert "Q4_K → Q5_0" in title_words(lab_spec(at))
+
+    down = next(n for n in a.names if n.endswith("down_proj"))
+    at.selectbox(key="lab_layer").set_value(down).run()
+    at.toggle(key="lab_clip").set_value(True).run()
+    ev = check_type_lab(at, engine)
+    assert ev.clipped and ev.awq_rel <= ev.rtn_rel * 1.5
+    at.button(key="lab_clip_curve_btn").click().run()
+    check_type_lab(at, engine)
+    assert len(lab_curve(at, layer_lab.CURVE_CLIP)) == ev.search.alphas.numel()
+
+    at.toggle(key="lab_methods_on").set_value(True).run()
+    assert_clean(at)
+    tables = [d.value for d in at.dataframe]
+    refused = next(t for t in tables if "not run" in t.columns)
+    assert "GPTQ" in set(refused["method"]) and all("llama.cpp types" in r for r in refused["not run"])
+    shown = tables[-1]
+    ref = engine.compare_methods(down, QuantSpec.of_type("Q4_K"), alpha=ev.alpha, methods=["rtn", "awq", "awq-clip"])
+    assert sorted(shown["rel_error_heldout"].round(10)) == sorted(ref["rel_error_heldout"].round(10))
+
+
+def test_methods_page_on_llamacpp_types(tiny):
+    from core.studies import methods_table
+
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/methods.py").run()
+    assert_clean(at)
+    at.segmented_control(key="methods_grid_kind").set_value("llama.cpp").run()
+    at.multiselect(key="methods_types").set_value(["Q4_0", "Q4_K"]).run()
+    assert_clean(at)
+    fallback = [i.value for i in at.info if "Q4_K" in i.value and "fallback" in i.value]
+    assert fallback and f"{len(a.names)} of {len(a.names)} linears as **Q5_0**" in fallback[0]
+    at.button(key="methods_run").click().run()
+    assert_clean(at)
+    t = methods_table.cached_methods_table(open_entry(a.path), types=["Q4_0", "Q4_K"], compute=False)
+    assert t is not None and set(t["type"]) == {"Q4_0", "Q4_K"}
+    assert set(t["method"]) == {"rtn", "awq", "awq-clip"}  # the layer methods that run on llama.cpp types
+    assert set(t.loc[t["type"] == "Q4_K", "stored_type"]) == {"Q5_0"}
+    assert set(t.loc[t["type"] == "Q4_K", "bits_per_weight"]) == {5.5}
+    fam = next(d.value for d in at.dataframe if {"family", "winner"} <= set(d.value.columns))
+    assert set(fam["grid"]) == {"Q4_0", "Q4_K"} and set(fam["winner"]) <= {"rtn", "awq", "awq-clip"}
+    assert any("beat RTN" in json.dumps(json.loads(c.proto.spec).get("title", "")) for c in at.get("vega_lite_chart"))
+    why = next(d.value for d in at.dataframe if "why" in d.value.columns)
+    assert "GPTQ" in set(why["method"]) and all("does not run on llama.cpp types" in w for w in why["why"])
+    # back on the integer grid the page asks for its own table (the types' rows are not taken for it)
+    at.segmented_control(key="methods_grid_kind").set_value("integer").run()
+    assert_clean(at)
+    assert any("Not computed yet for w3, w4" in i.value for i in at.info)
+
+
+# --- Save checkpoint (issue 20) ----------------------------------------------------------------------------
+
+def test_model_quality_saves_a_checkpoint_and_shows_the_reload(tiny):
+    """'Save checkpoint' writes the compressed-tensors folder of the chosen method at the page's grid, transformers
+    reloads it, and the page shows what export() returned; a method the format cannot store is one sentence and
+    leaves no folder behind."""
+    from core.studies import ct_export
+
+    a = tiny["qwen2"]
+    exports = Path(a.path) / "exports"
+    before = set(exports.iterdir()) if exports.is_dir() else set()
+    at = open_app(a)
+    at.switch_page("pages/model_quality.py").run()
+    assert_clean(at)
+    at.selectbox(key="mq_group").set_value(32).run()
+    at.selectbox(key="mq_ct_method").set_value("rtn")
+    at.selectbox(key="mq_ct_bits").set_value(4)
+    at.button(key="mq_ct").click().run()
+    assert_clean(at)
+    summary = at.session_state["mq_ct_summary"]
+    folder = Path(summary["folder"])
+    assert folder.parent == exports and folder.is_dir() and folder not in before
+    assert ct_export.read_groups(folder) and {g["num_bits"] for g in ct_export.read_groups(folder).values()} == {4}
+    assert {g["group_size"] for g in ct_export.read_groups(folder).values()} == {32}
+    v = summary["verify"]
+    shown = metrics_shown(at)
+    assert shown["max |Δlogit|"] == f"{v['max_logit_diff']:.3g}" and shown["same top token"] == f"{v['same_top']:.2%}"
+    assert v["ok"] and any(v["agreement"] in s.value and "Tolerance" in s.value for s in at.success)
+    assert any(str(folder) in c.value for c in at.get("caption"))
+    table = next(d.value for d in at.dataframe if "transformers" in d.value.columns)
+    assert list(table["metric"]) == [r["metric"] for r in v["rows"]]
+    assert np.allclose(table["transformers"], [r["runtime"] for r in v["rows"]])
+
+    made = set(exports.iterdir())
+    at.selectbox(key="mq_ct_method").set_value("hqq")
+    at.button(key="mq_ct").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "HQQ" in at.error[0].value and "\n" not in at.error[0].value.strip()
+    assert set(exports.iterdir()) == made  # nothing half-written
+
+
+def test_plan_page_saves_the_plans_checkpoint(tiny):
+    """The Plan page's 'Save checkpoint' writes the plan with every linear at its planned bits (read back from the
+    checkpoint's config); its 'Write GGUF' on a model from a folder is refused with one sentence."""
+    from core.studies import ct_export
+
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/plan.py").run()
+    assert_clean(at)
+    at.selectbox(key="plan_method").set_value("rtn")
+    at.number_input(key="plan_budget").set_value(3.75)
+    at.select_slider(key="plan_test").set_value(512)
+    at.button(key="plan_run").click().run()
+    assert_clean(at)
+    planned = next(d.value for d in at.dataframe if {"name", "setting", "bits_per_weight"} <= set(d.value.columns))
+    assert set(planned["name"]) == set(a.names)
+    at.button(key="plan_ct").click().run()
+    assert_clean(at)
+    summary = at.session_state["plan_ct_summary"]
+    read = ct_export.read_groups(summary["folder"])
+    for name, bits in zip(planned["name"], planned["bits"]):  # every linear at its planned bits, read back
+        assert (read[name]["num_bits"] if name in read else 16) == int(bits)
+    assert summary["verify"]["ok"]
+    at.button(key="plan_gguf").click().run()
+    assert not at.exception and len(at.error) == 1
+
+
 # --- model quality (issue 4) --------------------------------------------------------------------------
 
 def test_model_quality_page_runs_and_shows_the_cached_results(tiny):

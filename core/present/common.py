@@ -30,7 +30,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from ..grids import metrics
+from ..grids import llamacpp, metrics
+from ..grids.spec import QuantSpec
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
@@ -375,6 +376,53 @@ def fmt_count_of(k: int, n: int) -> str:
 
 def fmt_gain(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}x"
+
+
+# --- grids: the integer grid or a llama.cpp type (Layer Lab, Methods) -----------------------------------
+
+def grid_label(spec: QuantSpec, in_features: int) -> str:
+    """How the pages name a grid on a linear ``in_features`` wide: ``w4 g64`` (``per row``), or a llama.cpp type
+    with the type it is really stored in when llama.cpp falls back (``Q4_K → Q5_0``)."""
+    if spec.format:
+        stored = spec.stored_type(in_features)
+        return spec.format if stored == spec.format else f"{spec.format} → {stored}"
+    g = spec.group(in_features)
+    return f"w{spec.bits} " + ("per row" if g == int(in_features) else f"g{g}")
+
+
+def type_note(spec: QuantSpec, in_features: int) -> str | None:
+    """One sentence when llama.cpp stores a linear ``in_features`` wide in another type than ``spec.format``
+    (llama-quantize's fallback: the type's block does not divide the row), naming that type and its bits per
+    weight; None on the integer grid and where the type fits."""
+    if not spec.format:
+        return None
+    stored = spec.stored_type(in_features)
+    if stored == spec.format:
+        return None
+    block = llamacpp.block_size(spec.format)
+    return (f"{spec.format}'s blocks of {block} do not divide this linear's {int(in_features)} inputs, so llama.cpp "
+            f"stores it as **{stored}** ({spec.cost(in_features):g} bits per weight instead of "
+            f"{llamacpp.bits_per_weight(spec.format):g}), as llama-quantize falls back; every number here is {stored}'s.")
+
+
+def type_fallbacks(spec: QuantSpec, widths: dict[str, int]) -> str | None:
+    """For a whole model (``widths``: linear name -> input width): one sentence on how many linears llama.cpp stores
+    in another type than ``spec.format`` and which, with the bits per weight of each; None when all fit."""
+    if not spec.format:
+        return None
+    stored: dict[str, list[str]] = {}
+    for n, w in widths.items():
+        stored.setdefault(spec.stored_type(int(w)), []).append(n)
+    moved = {t: ns for t, ns in stored.items() if t != spec.format}
+    if not moved:
+        return None
+    n_all = len(widths)
+    parts = [f"{len(ns)} of {n_all} linears as **{t}** ({(16.0 if t == llamacpp.F16 else llamacpp.bits_per_weight(t)):g} "
+             f"bits per weight; widths {', '.join(str(w) for w in sorted({int(widths[n]) for n in ns}))})"
+             for t, ns in sorted(moved.items())]
+    return (f"{spec.format}: its blocks of {llamacpp.block_size(spec.format)} do not divide every width, so llama.cpp "
+            f"stores " + "; ".join(parts) + f" (llama-quantize's fallback); the rest are {spec.format} "
+            f"({llamacpp.bits_per_weight(spec.format):g} bits per weight).")
 
 
 # --- analysis labels (the sidebar's cached analyses and the Compare page) -----------------------------

@@ -13,7 +13,7 @@ from ..grids import metrics
 from ..grids.spec import QuantSpec
 from ..methods import awq_search as awq
 from ..studies.sweep import layer_group_size
-from .common import (ACCENT, AX, HEIGHT, INT, MUTED, PALETTE, WIDTH, Figure, _rank_points, _title,
+from .common import (ACCENT, AX, HEIGHT, INT, MUTED, PALETTE, WIDTH, Figure, _rank_points, _title, grid_label,
                      salient_count)
 
 if TYPE_CHECKING:
@@ -33,24 +33,31 @@ def alpha_curve(ev: "LayerEval") -> pd.DataFrame:
 
 
 def clipped_alpha_curve(analysis: "Analysis", name: str, *, bits: int, group_size: int, zero_point: bool = True,
-                        duo_scaling: bool = False, n_grid: int = 20, progress=None) -> pd.DataFrame:
+                        duo_scaling: bool = False, n_grid: int = 20, format: str | None = None,
+                        progress=None) -> pd.DataFrame:
     """Relative output error vs alpha with AWQ's clip search after scaling, at every alpha of the grid.
 
     Each point is what ``Analysis.evaluate_layer(..., clip=True, clip_qk=True)`` computes at that alpha
     (scales, per-(row, group) clip search on the scaled weights, ``Q(clip(W s)) / s``), on the calibration
     sample. One clip search per alpha, so it takes seconds: the Layer Lab computes it on request.
+    ``format``: a llama.cpp type instead of the integer grid (as ``evaluate_layer``'s).
     Columns: alpha, rel_error, rel_error_heldout.
     """
-    info = analysis.info(name)
-    g = layer_group_size(int(info["in_features"]), group_size) if group_size > 0 else int(info["in_features"])
+    in_f = int(analysis.info(name)["in_features"])
+    if format:
+        spec = QuantSpec.of_type(format)
+    else:
+        spec = QuantSpec(bits, layer_group_size(in_f, group_size) if group_size > 0 else in_f, zero_point)
+    g = spec.group(in_f)
     w, x = analysis.weight(name), analysis.inputs(name)
     alphas = awq.alpha_grid(n_grid).tolist()
     rel, rel_h = [], []
     for i, alpha in enumerate(alphas):
         s = analysis.scales_at(name, alpha, group_size=g, duo_scaling=duo_scaling)
         ws = w * s.view(1, -1)
-        max_val = awq.search_clip(ws, x / s.view(1, -1), QuantSpec(bits, g, zero_point))
-        w_hat = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, bits, g, zero_point)
+        max_val = awq.search_clip(ws, x / s.view(1, -1), spec)
+        w_hat = awq.scaled_fake_quant(awq.apply_clip(ws, max_val) / s.view(1, -1), s, spec.bits, spec.group_size,
+                                      spec.zero_point, format=spec.format)
         rel.append(analysis.layer_error(name, w_hat))
         rel_h.append(analysis.layer_error(name, w_hat, "heldout"))
         if progress is not None:
@@ -153,7 +160,7 @@ def loss_curve(ev: "LayerEval", clipped: pd.DataFrame | None = None) -> Figure:
     )
     rule = alt.Chart(pd.DataFrame({"alpha": [ev.alpha]})).mark_rule(color=ACCENT, strokeWidth=1.5).encode(x="alpha:Q")
     rtn = alt.Chart(pd.DataFrame({"rtn": [ev.rtn_rel]})).mark_rule(color=MUTED, strokeDash=[5, 4]).encode(y="rtn:Q")
-    g = "per row" if ev.group_size == ev.weight.shape[1] else f"g{ev.group_size}"
+    grid = grid_label(ev.spec, int(ev.weight.shape[1]))
     notes = [ev.name, "dashed: RTN"]
     if ev.duo_scaling:
         notes.append("duo scaling: s = mean|x|^α / w_mean^(1−α), so alpha 0 is not RTN")
@@ -165,7 +172,7 @@ def loss_curve(ev: "LayerEval", clipped: pd.DataFrame | None = None) -> Figure:
         notes.append("clipping skipped for this Q/K layer")
     chart = (line + rtn + rule + pts).properties(
         width=WIDTH, height=HEIGHT,
-        title=_title(f"Output error vs alpha, w{ev.bits} {g}" + (" + clip" if ev.clipped else ""), "; ".join(notes)))
+        title=_title(f"Output error vs alpha, {grid}" + (" + clip" if ev.clipped else ""), "; ".join(notes)))
     return Figure("rel_error_vs_alpha", chart, df, metrics.DEFINITIONS["rel_error"],
                   meta={"best_alpha": best[0], "curve": "clipped" if with_clip else "unclipped"})
 
@@ -229,10 +236,11 @@ def layer_figures(ev: "LayerEval", clipped: pd.DataFrame | None = None) -> list[
 
 # --- methods side by side (the Layer Lab's methods section) -------------------------------------------
 
-def methods_bars(df: pd.DataFrame, *, name: str, bits: int, group_size: int) -> Figure:
+def methods_bars(df: pd.DataFrame, *, name: str, grid: str) -> Figure:
     """One layer, every method: relative output error on calibration and held-out rows (log x, lower is better).
 
-    ``df``: ``core.studies.methods_table.compare``'s table (method, label, rel_error, rel_error_heldout, ...)."""
+    ``df``: ``core.studies.methods_table.compare``'s table (method, label, rel_error, rel_error_heldout, ...);
+    ``grid``: the grid's label (``common.grid_label``: ``w4 g64``, ``Q4_K → Q5_0``)."""
     long = df.melt(id_vars=["method", "label"], value_vars=["rel_error", "rel_error_heldout"], var_name="split",
                    value_name="error").replace({"split": {"rel_error": "calibration", "rel_error_heldout": "held-out"}})
     long = long[long["error"] > 0]
@@ -244,6 +252,7 @@ def methods_bars(df: pd.DataFrame, *, name: str, bits: int, group_size: int) -> 
         color=alt.Color("split:N", title=None, sort=["calibration", "held-out"]),
         tooltip=["label:N", "split:N", alt.Tooltip("error:Q", format=".4g")],
     ).properties(width=WIDTH, height=max(200, 34 * len(order)),
-                 title=_title(f"Methods on {name}, w{bits} g{group_size}",
+                 title=_title(f"Methods on {name}, {grid}",
                               "||X (W - W_hat)^T||^2 / ||X W^T||^2; sorted by held-out error"))
-    return Figure(f"methods_w{bits}", chart, df, metrics.DEFINITIONS["rel_error"])
+    slug = grid.split(" → ")[0].replace(" ", "_")
+    return Figure(f"methods_{slug}", chart, df, metrics.DEFINITIONS["rel_error"])

@@ -140,9 +140,40 @@ def export_folder(analysis, label: str) -> "Path":
     return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.time_ns() % 1000000:06d}"
 
 
+RUNTIMES = {"gguf": "llama.cpp", "compressed-tensors": "transformers"}  # what reads each export format back
+
+
+def runtime_label(summary: dict) -> str:
+    """The runtime an export was verified in, as a column name (``llama.cpp``, ``transformers``)."""
+    return RUNTIMES.get(str(summary.get("format")), "runtime")
+
+
 def verification_table(summary: dict) -> pd.DataFrame:
-    """``metric, llama.cpp, explorer, difference`` of an export's verification (``summary['verify']['rows']``)."""
+    """``metric, <runtime>, explorer, difference`` of an export's verification (``summary['verify']['rows']``): each
+    metric against the fp model as the runtime that loaded the written files computes it (``runtime_label``: a GGUF
+    in llama.cpp, a compressed-tensors folder in transformers) beside the explorer's for the same weights."""
+    rt = runtime_label(summary)
     rows = (summary.get("verify") or {}).get("rows", [])
-    return pd.DataFrame([{"metric": r["metric"], "llama.cpp": r["llamacpp"], "explorer": r["explorer"],
-                          "difference": r["llamacpp"] - r["explorer"]} for r in rows],
-                        columns=["metric", "llama.cpp", "explorer", "difference"])
+    value = [r["runtime"] if "runtime" in r else r["llamacpp"] for r in rows]
+    return pd.DataFrame([{"metric": r["metric"], rt: v, "explorer": r["explorer"], "difference": v - r["explorer"]}
+                         for r, v in zip(rows, value)], columns=["metric", rt, "explorer", "difference"])
+
+
+def export_caption(summary: dict) -> str:
+    """One line on what an export wrote: method, folder, size, time, and the format's own facts (a GGUF's tensor
+    types; a checkpoint's config groups, stored bits per quantized weight and kept linears)."""
+    parts = [f"{summary.get('method')} → `{summary['folder']}`", f"{summary['bytes'] / 2**20:.1f} MiB",
+             f"{summary['seconds']:.0f} s"]
+    if summary.get("tensor_types"):
+        parts.append("tensors " + ", ".join(f"{t} x{n}" for t, n in summary["tensor_types"].items()))
+    if summary.get("groups"):
+        parts.append("config groups " + ", ".join(f"{g}: {n} linears" for g, n in summary["groups"].items()))
+    if summary.get("linear_bits_per_weight") is not None:
+        parts.append(f"{summary['linear_bits_per_weight']:.4g} bits per weight in the linears (bytes written)")
+    if summary.get("fallbacks"):
+        parts.append(f"{len(summary['fallbacks'])} linears in llama.cpp's fallback type (their width)")
+    if summary.get("bits_per_weight") is not None and summary.get("format") == "compressed-tensors":
+        parts.append(f"{summary['bits_per_weight']:.4g} stored bits per quantized weight")
+    if summary.get("kept"):
+        parts.append(f"{summary['kept']} linears kept in full precision")
+    return " · ".join(parts)

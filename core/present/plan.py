@@ -5,6 +5,8 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from ..grids import llamacpp
+from ..grids.metrics import bit_cost
 from ..studies.plan import DEFINITIONS, TOKEN_ROLES, standouts
 from .common import ACCENT, MUTED, PALETTE, WIDE, WIDTH, Figure, _family_sort, _title
 
@@ -14,9 +16,13 @@ ERRORS = {"kl": "kl_se", "perplexity": "perplexity_se"}  # the ± of a metric, w
 
 
 def _group_label(variant: str) -> str:
-    """``uniform w3g64`` -> ``g64``; ``uniform w4g0`` -> ``per row``; plans -> ``plan``."""
+    """``uniform w3g64`` -> ``g64``; ``uniform w4g0`` -> ``per row``; ``uniform Q4_0`` (a plan in llama.cpp types)
+    -> ``Q4_0``; plans -> ``plan``."""
     if not variant.startswith("uniform"):
         return "plan"
+    setting = variant.split()[1]
+    if llamacpp.is_type(setting):
+        return setting
     g = variant.rsplit("g", 1)[1].rstrip("s")
     return "per row" if g == "0" else f"g{g}"
 
@@ -78,13 +84,19 @@ def plan_frontier(quality: pd.DataFrame, metric: str = "kl", margin: float = 0.7
     return Figure(f"plan_frontier_{metric}", chart, d, caption, meta={"panels": len(panels)})
 
 
-def plan_sensitivity(table: pd.DataFrame, bits: int, group_size: int, metric: str = "kl") -> Figure:
+def plan_sensitivity(table: pd.DataFrame, bits: int, group_size: int, metric: str = "kl",
+                     type: str | None = None) -> Figure:
     """Predicted damage of each linear at one setting: per block, stacked by family (top), and per linear by family
-    (bottom, log); linears that stand out in their family (robust z > 3.5) ringed."""
-    d = table[(table["bits"] == int(bits)) & (table["group_size"] == int(group_size))].copy()
-    if d.empty:  # a width-specific group (e.g. 128 on the down projections only): what those linears take
+    (bottom, log); linears that stand out in their family (robust z > 3.5) ringed. ``type``: a plan in llama.cpp
+    types (its table's ``type`` column: the type each linear is written in) is selected by type instead."""
+    if type:
+        d = table[table["type"] == type].copy()
+    else:
+        d = table[(table["bits"] == int(bits)) & (table["group_size"] == int(group_size))].copy()
+    if d.empty and not type:  # a width-specific group (e.g. 128 on the down projections only): what those take
         d = table[(table["bits"] == int(bits))].copy()
         d = d[d["group_size"] == d.groupby("name")["group_size"].transform("max")]
+    setting = type or f"w{bits} g{group_size or 'row'}"
     d["standout"] = standouts(d["value"].clip(lower=0).to_numpy(), d["family"].to_numpy())
     fams = _family_sort(d["family"].unique().tolist())
     n_blocks = int(d["block"].max()) + 1 if len(d) else 1
@@ -95,7 +107,7 @@ def plan_sensitivity(table: pd.DataFrame, bits: int, group_size: int, metric: st
         x=xax, y=alt.Y("sum(value):Q", title=f"{what}, summed"), color=color, order=alt.Order("family:N"),
         tooltip=["name:N", alt.Tooltip("value:Q", format=".3g"), alt.Tooltip("rel_error:Q", format=".3g")]
     ).properties(width=WIDE * 0.7, height=170, title=_title(
-        f"Predicted damage per block, w{bits} g{group_size or 'row'}", "each linear alone quantized, the rest fp; "
+        f"Predicted damage per block, {setting}", "each linear alone quantized, the rest fp; "
         "stacked by family"))
     ycol = alt.Y("value:Q", title=what, scale=alt.Scale(type="log"))
     bottom = alt.Chart(d[d["value"] > 0]).mark_line(point=True).encode(
@@ -107,43 +119,66 @@ def plan_sensitivity(table: pd.DataFrame, bits: int, group_size: int, metric: st
                                                                        strokeWidth=2).encode(
         x="block:Q", y=ycol, tooltip=["name:N", alt.Tooltip("value:Q", format=".3g")])
     bottom = (bottom + ring).properties(width=WIDE * 0.7, height=220, title=_title(
-        f"Predicted damage per linear, w{bits} g{group_size or 'row'}", "ringed: stands out in its family"))
+        f"Predicted damage per linear, {setting}", "ringed: stands out in its family"))
     chart = alt.vconcat(top, bottom).resolve_scale(color="shared")
     key = "predicted_kl" if metric == "kl" else "predicted_hidden_rel_error"
-    return Figure(f"plan_sensitivity_w{bits}g{group_size}", chart, d, DEFINITIONS[key])
+    return Figure(f"plan_sensitivity_{type}" if type else f"plan_sensitivity_w{bits}g{group_size}", chart, d,
+                  DEFINITIONS[key])
 
 
 PLAN_COLORS = {2: "#D55E00", 3: "#E69F00", 4: "#56B4E9", 5: "#009E73", 6: "#009E73", 7: "#0072B2", 8: "#0072B2",
                16: "#000000"}
 
 
-def plan_map(layers: dict, linears: pd.DataFrame) -> Figure:
-    """Block x family map of a plan's settings: colour = bits, text = bits and group (``g0``: one group per row)."""
+def plan_table(layers: dict, linears: pd.DataFrame, zero_point: bool = True) -> pd.DataFrame:
+    """A plan's setting per linear: name, block, family, width, ``setting`` (``w3g64``, ``w4g0`` = one group per row,
+    ``fp16``, or the llama.cpp type it is written in), ``bits`` (level bits; 16 for fp16), ``group_size`` (0: one
+    group per row; a llama.cpp type: its block) and ``bits_per_weight`` (storage: scales, zeros and minimums
+    included; a llama.cpp type: its block layout)."""
     info = linears.set_index("name")
     rows = []
-    for n, (b, g) in layers.items():
-        lab = "fp16" if int(b) == 16 else f"w{int(b)}"
+    for n, c in layers.items():
+        width = int(info.loc[n, "in_features"])
+        if isinstance(c, str):
+            setting, bits, g, bpw = c, llamacpp.nominal_bits(c), llamacpp.block_size(c), llamacpp.bits_per_weight(c)
+        else:
+            bits, g = int(c[0]), int(c[1])
+            setting = "fp16" if bits == 16 else f"w{bits}g{g}"
+            bpw = 16.0 if bits == 16 else bit_cost(bits, g if g > 0 else width, zero_point)
         rows.append({"name": n, "block": int(info.loc[n, "block"]), "family": str(info.loc[n, "family"]),
-                     "bits": int(b), "group_size": int(g), "label": lab,
-                     "text": lab if int(b) == 16 else f"{int(b)}/{'r' if int(g) == 0 else int(g)}"})
-    df = pd.DataFrame(rows)
+                     "in_features": width, "setting": setting, "bits": bits, "group_size": g, "bits_per_weight": bpw})
+    return pd.DataFrame(rows)
+
+
+def plan_map(layers: dict, linears: pd.DataFrame) -> Figure:
+    """Block x family map of a plan's settings: colour = bits, text = bits and group (``g0``: one group per row), or
+    in llama.cpp types the type each linear is written in (colours in order of bits per weight)."""
+    df = plan_table(layers, linears)
+    types = not df.empty and not df["setting"].str.startswith(("w", "fp16")).all()
+    df["label"] = df["setting"] if types else ["fp16" if b == 16 else f"w{b}" for b in df["bits"]]
+    df["text"] = df["setting"] if types else ["fp16" if b == 16 else f"{b}/{'r' if g == 0 else g}"
+                                              for b, g in zip(df["bits"], df["group_size"])]
     fams = _family_sort(df["family"].unique().tolist())
-    order = [f"w{b}" for b in range(2, 9)] + ["fp16"]
+    bpw_of = dict(zip(df["label"], df["bits_per_weight"]))
+    order = sorted(bpw_of, key=bpw_of.get) if types else [f"w{b}" for b in range(2, 9)] + ["fp16"]
     present = [o for o in order if o in set(df["label"])]
     base = alt.Chart(df).encode(x=alt.X("family:N", sort=fams, title="module family", axis=alt.Axis(labelAngle=0)),
                                 y=alt.Y("block:O", title="block"))
     chart = base.mark_rect(stroke="white", strokeWidth=1).encode(
-        color=alt.Color("label:N", title="bits", sort=present,
-                        scale=alt.Scale(domain=present, range=[PLAN_COLORS[16 if p == "fp16" else int(p[1:])]
-                                                                for p in present])),
-        tooltip=["name:N", "bits:Q", "group_size:Q"])
+        color=alt.Color("label:N", title="type" if types else "bits", sort=present,
+                        scale=alt.Scale(domain=present, range=[PALETTE[i % len(PALETTE)] if types else
+                                                                PLAN_COLORS[16 if p == "fp16" else int(p[1:])]
+                                                                for i, p in enumerate(present)])),
+        tooltip=["name:N", "setting:N", "bits:Q", alt.Tooltip("bits_per_weight:Q", format=".4g")])
     if len(df) <= 240:
         chart = chart + base.mark_text(fontSize=9, color="white").encode(text="text:N")
     n_blocks = int(df["block"].nunique())
+    title = ("Plan: llama.cpp type per linear", "block x family; the type each linear is written in (its "
+             "fallback where the type's block does not divide the row)") if types else (
+        "Plan: bits / group per linear", "block x family; r = one group per row, fp16 = kept at 16 bits")
     chart = chart.properties(width=min(WIDTH, 72 * len(fams)), height=max(120, min(620, 20 * n_blocks)),
-                             title=_title("Plan: bits / group per linear", "block x family; r = one group per row, "
-                                          "fp16 = kept at 16 bits"))
-    return Figure("plan_map", chart, df)
+                             title=_title(*title))
+    return Figure("plan_map", chart, df.drop(columns=["label", "text"]))
 
 
 def token_table(tokens) -> pd.DataFrame:
