@@ -494,6 +494,64 @@ def test_plan_page_saves_the_plans_checkpoint(tiny):
     assert not at.exception and len(at.error) == 1
 
 
+def test_plan_page_plans_in_llamacpp_types(tiny):
+    """Plans in llama.cpp types: each linear's type as llama.cpp writes it on its width (Q4_K -> Q5_0 on these
+    64 / 128 wide rows), costed by its block layout; the page's table says so, the exports offered are the two a
+    types plan has, and 'Save checkpoint' refuses llama.cpp types in one sentence, leaving nothing behind."""
+    from core.grids import llamacpp
+
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/plan.py").run()
+    at.segmented_control(key="plan_grid_kind").set_value("llama.cpp").run()
+    assert_clean(at)
+    assert set(at.selectbox(key="plan_method").options) == {"awq", "rtn"}  # GPTQ does not run on llama.cpp types
+    at.multiselect(key="plan_types").set_value(["Q4_0", "Q4_K", "Q8_0"]).run()
+    assert any("Q4_K → Q5_0" in c.value for c in at.get("caption"))
+    at.selectbox(key="plan_method").set_value("rtn")
+    at.number_input(key="plan_budget").set_value(5.5)
+    at.select_slider(key="plan_test").set_value(512)
+    at.button(key="plan_run").click().run()
+    assert_clean(at)
+    planned = next(d.value for d in at.dataframe if {"name", "setting", "bits_per_weight"} <= set(d.value.columns))
+    assert set(planned["setting"]) <= {"Q4_0", "Q5_0", "Q8_0"}
+    assert all(b == llamacpp.bits_per_weight(t) for t, b in zip(planned["setting"], planned["bits_per_weight"]))
+    sizes = {r["name"]: int(r["in_features"]) * int(r["out_features"]) for r in a.linears.to_dict("records")}
+    avg = sum(sizes[nm] * b for nm, b in zip(planned["name"], planned["bits_per_weight"])) / sum(sizes.values())
+    assert len(planned) == len(a.names) and avg <= 5.5 + 1e-9  # the table's bits per weight hold the budget
+    assert any("llama.cpp type each linear is written in" in m.value for m in at.markdown)
+    assert set(at.multiselect(key="plan_fmts").options) == {"json", "llamacpp"}
+    exports = Path(a.path) / "exports"
+    before = set(exports.iterdir()) if exports.is_dir() else set()
+    at.button(key="plan_ct").click().run()
+    assert not at.exception and len(at.error) == 1 and "llama.cpp" in at.error[0].value
+    assert (set(exports.iterdir()) if exports.is_dir() else set()) == before
+
+
+def test_model_quality_runs_in_a_llamacpp_type(tiny):
+    from core.studies import evaluate
+
+    a = tiny["qwen2"]
+    at = open_app(a)
+    at.switch_page("pages/model_quality.py").run()
+    at.segmented_control(key="mq_grid_kind").set_value("llama.cpp").run()
+    assert_clean(at)
+    assert set(at.multiselect(key="mq_modes").options) == set(evaluate.FORMAT_MODES)
+    at.selectbox(key="mq_type").set_value("Q4_K").run()
+    assert any("Q5_0" in c.value for c in at.get("caption"))  # the fallback on these widths, said before running
+    at.multiselect(key="mq_modes").set_value(["fp", "rtn"]).run()
+    at.button(key="mq_run").click().run()
+    assert_clean(at)
+    cached = evaluate.cached_quality(open_entry(a.path), "Q4_K")
+    assert cached is not None and set(cached["format"]) == {"Q4_K"}
+    table = at.dataframe[0].value
+    assert list(table.loc[table["mode"] == "rtn", "bits"]) == ["Q4_K"]
+    kl = cached[(cached["mode"] == "rtn") & (cached["metric"] == "kl")]["value"]
+    assert table.loc[table["mode"] == "rtn", "kl"].iloc[0] == pytest.approx(float(kl.iloc[-1]))
+    at.button(key="mq_ct").click().run()  # compressed-tensors has no llama.cpp types: one sentence
+    assert not at.exception and len(at.error) == 1 and "llama.cpp" in at.error[0].value
+
+
 # --- model quality (issue 4) --------------------------------------------------------------------------
 
 def test_model_quality_page_runs_and_shows_the_cached_results(tiny):

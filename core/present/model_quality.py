@@ -125,7 +125,6 @@ def kl_distribution(kl: pd.DataFrame) -> Figure:
 # --- GGUF export (issue 19): what the pages show after "Write GGUF" ---------------------------------------------
 
 GGUF_METHODS = ("rtn", "awq-grouped", "awq-clip")  # the model methods a GGUF stores as they are (folded, no Q(Ws)/s)
-PLAN_GGUF_METHOD = {"awq": "awq-clip"}  # a plan's per-linear awq has no folded form: its GGUF uses AWQ's folded one
 
 
 def export_folder(analysis, label: str) -> "Path":
