@@ -547,6 +547,25 @@ def with_progress(label: str, failed: str, done: str, work: Callable[[Callable[[
         return out
 
 
+def export_button(a: Analysis, key: str, label: str, running: str, done: str, *, format: str, folder: str,
+                  download: bool = False, **kwargs: Any) -> dict | None:
+    """A button that writes an export (``core.studies.export.export(a, format=..., **kwargs)`` into a new folder
+    ``<entry>/exports/<folder>-<time>``) with a progress bar, then, on every run, this key's last export of this
+    analysis (``show_export``; kept in session state as ``<key>_summary``). Returns that summary, or None."""
+    if st.button(label, key=key, icon=":material/save:"):
+        from core.studies import export as ex
+
+        out = with_progress(running, "Export failed", done, lambda progress: ex.export(
+            a, format=format, out=model_quality.export_folder(a, folder), progress=progress, **kwargs))
+        if out is not None:
+            st.session_state[f"{key}_summary"] = out
+    summary = st.session_state.get(f"{key}_summary")
+    if not (summary and summary.get("folder", "").startswith(str(a.path))):
+        return None
+    show_export(summary, key, download=download)
+    return summary
+
+
 def show_export(summary: dict, key: str, *, download: bool = False) -> None:
     """What an export wrote and how its runtime read it back (GGUF: llama.cpp; compressed-tensors: transformers):
     where the folder is, the agreement between the runtime's logits and the explorer's (with the tolerance), each

@@ -59,6 +59,7 @@ if table is None or set(methods_table.grid_column(table)) != set(grids):
                                      progress=progress))
         if table is None:
             st.stop()
+        st.rerun()  # show the table without the "not computed yet" note above the button
     else:
         st.stop()
 

@@ -96,18 +96,9 @@ gt = g2.selectbox("llama.cpp type", llamacpp.TYPES, key="mq_gguf_type", index=ll
                        "(the summary counts them).")
 gi = g3.toggle("imatrix", value=False, key="mq_gguf_imatrix",
                help="weight the rounding by the activations' mean x² per input channel (llama.cpp's imatrix)")
-if st.button("Write GGUF", key="mq_gguf", icon=":material/save:"):
-    from core.studies import export as ex
-
-    done = ui.with_progress("Writing the GGUF and running it in llama.cpp…", "Export failed",
-                            "GGUF written and verified in llama.cpp", lambda progress: ex.export(
-                                a, format="gguf", out=model_quality.export_folder(a, f"{gm}-{gt}"), method=gm,
-                                spec=ex.type_spec(gt), imatrix=gi, progress=progress))
-    if done is not None:
-        st.session_state["mq_gguf_summary"] = done
-summary = st.session_state.get("mq_gguf_summary")
-if summary and summary.get("folder", "").startswith(str(a.path)):
-    ui.show_export(summary, "mq_gguf", download=True)
+ui.export_button(a, "mq_gguf", "Write GGUF", "Writing the GGUF and running it in llama.cpp…",
+                 "GGUF written and verified in llama.cpp", format="gguf", method=gm, spec=QuantSpec.of_type(gt),
+                 imatrix=gi, folder=f"{gm}-{gt}", download=True)
 
 st.subheader("Save a checkpoint for transformers and vLLM")
 st.caption("The chosen method's own quantized weights packed as a compressed-tensors `pack-quantized` checkpoint "
@@ -125,23 +116,10 @@ cm = k1.selectbox("Method", ct_export.METHODS + tuple(m for m in ("hqq",) if m n
                        "refused with the reason.")
 cb = k2.selectbox("Bits", list(range(2, 9)), index=2, key="mq_ct_bits", format_func=lambda b: f"w{b}",
                   disabled=bool(fmt))
-if st.button("Save checkpoint", key="mq_ct", icon=":material/save:"):
-    from core.studies import export as ex
-
-    done = ui.with_progress("Writing the checkpoint and reloading it in transformers…", "Export failed",
-                            "Checkpoint written and reloaded in transformers", lambda progress: ex.export(
-                                a, format=ct_export.FORMAT,
-                                out=model_quality.export_folder(a, f"{cm}-{fmt or f'w{cb}g{group}'}"
-                                                                    f"{'' if zero_point else 's'}"),
-                                method=cm, spec=QuantSpec.of_type(fmt) if fmt else QuantSpec(int(cb), int(group),
-                                                                                           bool(zero_point)),
-                                verify_tokens=512,
-                                progress=progress))
-    if done is not None:
-        st.session_state["mq_ct_summary"] = done
-summary = st.session_state.get("mq_ct_summary")
-if summary and summary.get("folder", "").startswith(str(a.path)):
-    ui.show_export(summary, "mq_ct")
+ui.export_button(a, "mq_ct", "Save checkpoint", "Writing the checkpoint and reloading it in transformers…",
+                 "Checkpoint written and reloaded in transformers", format=ct_export.FORMAT, method=cm,
+                 spec=QuantSpec.of_type(fmt) if fmt else QuantSpec(int(cb), int(group), bool(zero_point)),
+                 verify_tokens=512, folder=f"{cm}-{fmt or f'w{cb}g{group}'}{'' if zero_point else 's'}")
 
 results = evaluate.cached_quality(a, fmt or evaluate.GRID)
 if results is None or results.empty:

@@ -167,39 +167,21 @@ else:
                       "once at the plan's most common type, folded into the norms, and each linear rounded at its own "
                       "type)" if file_method != p.method else "")
                    + ", then loaded in llama.cpp and scored beside the explorer's prediction for the same weights.")
-        if st.button("Write GGUF", key="plan_gguf", icon=":material/save:"):
-            from core.studies import export as ex
-
-            done = ui.with_progress("Writing the plan's GGUF and running it in llama.cpp…", "Export failed",
-                                    "GGUF written and verified in llama.cpp", lambda progress: ex.export(
-                                        a, format="gguf", method=file_method, plan=PE.plan_dict(p), progress=progress,
-                                        out=model_quality.export_folder(a, f"plan-{p.budget_bits:g}-{file_method}")))
-            if done is not None:
-                st.session_state["plan_gguf_summary"] = done
-        summary = st.session_state.get("plan_gguf_summary")
-        if summary and summary.get("folder", "").startswith(str(a.path)):
-            ui.show_export(summary, "plan_gguf")
-            if summary.get("linear_bits_per_weight") is not None:
-                st.caption(f"The file's linear tensors: {summary['linear_bits_per_weight']:.4f} bits per weight; "
-                           f"the plan's {p.avg_bits:.4f}.")
+        summary = ui.export_button(a, "plan_gguf", "Write GGUF", "Writing the plan's GGUF and running it in llama.cpp…",
+                                   "GGUF written and verified in llama.cpp", format="gguf", method=file_method,
+                                   plan=PE.plan_dict(p), folder=f"plan-{p.budget_bits:g}-{file_method}")
+        if summary is not None and summary.get("linear_bits_per_weight") is not None:
+            st.caption(f"The file's linear tensors: {summary['linear_bits_per_weight']:.4f} bits per weight; "
+                       f"the plan's {p.avg_bits:.4f}.")
 
         st.caption(f"**Save checkpoint**: this plan as a compressed-tensors `pack-quantized` folder that transformers "
                    f"loads and vLLM serves — each linear at its planned bits and group size (one config group per "
                    f"grid; 16-bit linears listed as ignored), quantized by **{file_method}**, then reloaded in "
                    "transformers and its logits compared with the explorer's on 512 held-out tokens.")
-        if st.button("Save checkpoint", key="plan_ct", icon=":material/save:"):
-            from core.studies import export as ex
-
-            done = ui.with_progress("Writing the plan's checkpoint and reloading it in transformers…", "Export failed",
-                                    "Checkpoint written and reloaded in transformers", lambda progress: ex.export(
-                                        a, format="compressed-tensors", method=file_method, plan=PE.plan_dict(p),
-                                        verify_tokens=512, progress=progress,
-                                        out=model_quality.export_folder(a, f"plan-{p.budget_bits:g}-{file_method}-ct")))
-            if done is not None:
-                st.session_state["plan_ct_summary"] = done
-        summary = st.session_state.get("plan_ct_summary")
-        if summary and summary.get("folder", "").startswith(str(a.path)):
-            ui.show_export(summary, "plan_ct")
+        ui.export_button(a, "plan_ct", "Save checkpoint", "Writing the plan's checkpoint and reloading it in transformers…",
+                         "Checkpoint written and reloaded in transformers", format="compressed-tensors",
+                         method=file_method, plan=PE.plan_dict(p), verify_tokens=512,
+                         folder=f"plan-{p.budget_bits:g}-{file_method}-ct")
 
 st.subheader("Predicting AWQ's alpha from statistics")
 st.caption("Each layer's best alpha predicted from one statistic (or all) by a line fitted on the other blocks "

@@ -467,21 +467,29 @@ def test_model_quality_saves_a_checkpoint_and_shows_the_reload(tiny):
     assert set(exports.iterdir()) == made  # nothing half-written
 
 
+def run_plan_page(a, method: str, budget: float, before=None) -> tuple[AppTest, pd.DataFrame]:
+    """The Plan page on ``a``: ``before(at)`` (other settings), then ``method`` at ``budget`` on 512 test tokens,
+    'Plan and verify'; returns the app and the page's table of each linear's setting."""
+    at = open_app(a)
+    at.switch_page("pages/plan.py").run()
+    assert_clean(at)
+    if before is not None:
+        before(at)
+    at.selectbox(key="plan_method").set_value(method)
+    at.number_input(key="plan_budget").set_value(budget)
+    at.select_slider(key="plan_test").set_value(512)
+    at.button(key="plan_run").click().run()
+    assert_clean(at)
+    return at, next(d.value for d in at.dataframe if {"name", "setting", "bits_per_weight"} <= set(d.value.columns))
+
+
 def test_plan_page_saves_the_plans_checkpoint(tiny):
     """The Plan page's 'Save checkpoint' writes the plan with every linear at its planned bits (read back from the
     checkpoint's config); its 'Write GGUF' on a model from a folder is refused with one sentence."""
     from core.studies import ct_export
 
     a = tiny["qwen2"]
-    at = open_app(a)
-    at.switch_page("pages/plan.py").run()
-    assert_clean(at)
-    at.selectbox(key="plan_method").set_value("rtn")
-    at.number_input(key="plan_budget").set_value(3.75)
-    at.select_slider(key="plan_test").set_value(512)
-    at.button(key="plan_run").click().run()
-    assert_clean(at)
-    planned = next(d.value for d in at.dataframe if {"name", "setting", "bits_per_weight"} <= set(d.value.columns))
+    at, planned = run_plan_page(a, "rtn", 3.75)
     assert set(planned["name"]) == set(a.names)
     at.button(key="plan_ct").click().run()
     assert_clean(at)
@@ -500,20 +508,15 @@ def test_plan_page_plans_in_llamacpp_types(tiny):
     types plan has, and 'Save checkpoint' refuses llama.cpp types in one sentence, leaving nothing behind."""
     from core.grids import llamacpp
 
+    def pick_types(at: AppTest) -> None:
+        at.segmented_control(key="plan_grid_kind").set_value("llama.cpp").run()
+        assert_clean(at)
+        assert set(at.selectbox(key="plan_method").options) == {"awq", "rtn"}  # GPTQ does not run on llama.cpp types
+        at.multiselect(key="plan_types").set_value(["Q4_0", "Q4_K", "Q8_0"]).run()
+        assert any("Q4_K → Q5_0" in c.value for c in at.get("caption"))
+
     a = tiny["qwen2"]
-    at = open_app(a)
-    at.switch_page("pages/plan.py").run()
-    at.segmented_control(key="plan_grid_kind").set_value("llama.cpp").run()
-    assert_clean(at)
-    assert set(at.selectbox(key="plan_method").options) == {"awq", "rtn"}  # GPTQ does not run on llama.cpp types
-    at.multiselect(key="plan_types").set_value(["Q4_0", "Q4_K", "Q8_0"]).run()
-    assert any("Q4_K → Q5_0" in c.value for c in at.get("caption"))
-    at.selectbox(key="plan_method").set_value("rtn")
-    at.number_input(key="plan_budget").set_value(5.5)
-    at.select_slider(key="plan_test").set_value(512)
-    at.button(key="plan_run").click().run()
-    assert_clean(at)
-    planned = next(d.value for d in at.dataframe if {"name", "setting", "bits_per_weight"} <= set(d.value.columns))
+    at, planned = run_plan_page(a, "rtn", 5.5, before=pick_types)
     assert set(planned["setting"]) <= {"Q4_0", "Q5_0", "Q8_0"}
     assert all(b == llamacpp.bits_per_weight(t) for t, b in zip(planned["setting"], planned["bits_per_weight"]))
     sizes = {r["name"]: int(r["in_features"]) * int(r["out_features"]) for r in a.linears.to_dict("records")}
