@@ -551,6 +551,8 @@ def test_model_quality_runs_in_a_llamacpp_type(tiny):
     assert list(table.loc[table["mode"] == "rtn", "bits"]) == ["Q4_K"]
     kl = cached[(cached["mode"] == "rtn") & (cached["metric"] == "kl")]["value"]
     assert table.loc[table["mode"] == "rtn", "kl"].iloc[0] == pytest.approx(float(kl.iloc[-1]))
+    labels = {v for d in chart_data(at) for df in d.values() if "bits_label" in df for v in df["bits_label"]}
+    assert labels == {"Q4_K", "fp (not quantized)"}  # the charts name the type, not "w4"
     at.button(key="mq_ct").click().run()  # compressed-tensors has no llama.cpp types: one sentence
     assert not at.exception and len(at.error) == 1 and "llama.cpp" in at.error[0].value
 

@@ -7,7 +7,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from ..grids import metrics
+from ..grids import llamacpp, metrics
 from .common import HEIGHT, PALETTE, WIDE, WIDTH, Figure, _title
 
 
@@ -58,6 +58,17 @@ def gain_levels(layers: pd.DataFrame, quality: pd.DataFrame, sweep_group_size: i
 
 # --- figures ------------------------------------------------------------------------------------------
 
+def grid_labels(df: pd.DataFrame) -> pd.Series:
+    """Each row's grid: ``w4`` on the integer grid, the llama.cpp type (column ``format``) for a type's rows."""
+    fmt = df["format"].fillna("") if "format" in df else pd.Series("", index=df.index)
+    return fmt.where(fmt != "", "w" + df["bits"].astype(str))
+
+
+def _grid_order(labels) -> list[str]:
+    """Integer grids by bits, then llama.cpp types by bits per weight."""
+    return sorted(set(labels), key=lambda b: (1, llamacpp.bits_per_weight(b)) if llamacpp.is_type(b) else (0, int(b[1:])))
+
+
 def metric_label(metric: str) -> str:
     """A readable name for a model-level metric (its key stays in the CSV and the tooltip)."""
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
@@ -69,22 +80,22 @@ def quality_bars(df: pd.DataFrame) -> Figure:
     fp is the unquantized reference, so it is drawn as a dashed horizontal line in each panel rather than
     as a bit-width. Standard-error metrics (``*_se``) are left out of the panels (they stay in the CSV).
     """
-    data = df[["mode", "bits", "group_size", "metric", "value"]].copy()
+    data = df[["mode", "bits", "group_size", "metric", "value"]].assign(grid=grid_labels(df))
     data = data[~data["metric"].astype(str).str.endswith("_se")]
     data["metric_label"] = data["metric"].map(metric_label)
-    data["bits_label"] = np.where(data["mode"] == "fp", "fp (not quantized)", "w" + data["bits"].astype(str))
+    data["bits_label"] = np.where(data["mode"] == "fp", "fp (not quantized)", data["grid"])
     modes = [m for m in ("rtn", "awq", "awq-grouped", "awq-clip", "const-alpha") if m in set(data["mode"])]
     modes += sorted(set(data["mode"]) - set(modes) - {"fp"})
     metrics_present = list(dict.fromkeys(data["metric_label"]))
     n = max(1, len(metrics_present))
     cols = min(n, 3)
     width = max(200, (WIDE - 60 * cols) // cols)
-    quant_bits = sorted({b for b in data.loc[data["mode"] != "fp", "bits_label"]}, key=lambda b: int(b[1:]))
+    quant_bits = _grid_order(data.loc[data["mode"] != "fp", "bits_label"])
     pts = alt.Chart().mark_point(size=110, filled=True).encode(
         x=alt.X("mode:N", sort=modes, title="quantization mode", axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("bits_label:N", sort=quant_bits),
         y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False, nice=True)),
-        color=alt.Color("bits_label:N", title="bits per weight", sort=quant_bits),
+        color=alt.Color("bits_label:N", title="grid", sort=quant_bits),
         tooltip=["mode:N", "bits:Q", "group_size:Q", "metric:N", alt.Tooltip("value:Q", format=".5g")],
     ).transform_filter("datum.mode != 'fp'")
     fp = alt.Chart().mark_rule(color="#222", strokeDash=[5, 4], strokeWidth=1.5).encode(
@@ -105,7 +116,7 @@ def kl_distribution(kl: pd.DataFrame) -> Figure:
     below 1e-6 nats (and the exact zeros) are drawn at 1e-6."""
     data = kl[["mode", "bits", "fraction", "kl"]].copy()
     data["kl"] = data["kl"].clip(lower=1e-6)
-    data["bits"] = "w" + data["bits"].astype(str)
+    data["bits"] = grid_labels(kl)
     data = data.sort_values(["mode", "bits", "fraction"])
     modes = [m for m in ("rtn", "awq", "awq-grouped", "awq-clip", "const-alpha") if m in set(data["mode"])]
     modes += sorted(set(data["mode"]) - set(modes))
@@ -116,7 +127,7 @@ def kl_distribution(kl: pd.DataFrame) -> Figure:
         order="fraction:Q",
         tooltip=["mode:N", "bits:N", alt.Tooltip("fraction:Q", format=".3f"), alt.Tooltip("kl:Q", format=".4g")],
     ).properties(width=WIDTH, height=HEIGHT).facet(
-        column=alt.Column("bits:N", title=None, sort=sorted(set(data["bits"]), key=lambda b: int(b[1:]))),
+        column=alt.Column("bits:N", title=None, sort=_grid_order(data["bits"])),
     ).properties(title=_title("Per-token KL divergence to full precision",
                               "cumulative share of held-out tokens; further left is better"))
     return Figure("kl_distribution", chart, kl)
