@@ -176,3 +176,20 @@ def test_clip_skip_list():
         assert awq.is_clip_skipped(name)
     for name in ("model.layers.0.self_attn.v_proj", "mlp.down_proj", "attention.self.value", "mlp.up_proj"):
         assert not awq.is_clip_skipped(name)
+
+
+def test_clip_errors_gram_and_direct_paths_agree_with_the_definition():
+    # groups narrower than the token sample go through the Gram matrix, wider ones through the direct products:
+    # both must give the official error (float64 reference) and the same choices
+    for inn, g, tokens in ((128, 32, 700), (128, 64, 40)):  # Gram path (g < T); direct path (g >= T)
+        w, x = _layer(7, out=48, inn=inn, tokens=tokens)
+        errs, org_max = awq.clip_errors(w, x, QuantSpec(3, g))
+        xs = x[:: max(1, tokens // 512)].double()
+        ref = torch.empty_like(errs)
+        for i in range(errs.shape[0]):
+            q = pseudo_quantize(awq.apply_clip(w, org_max * (1 - i / 20)), 3, g)
+            d = (q - w).double().reshape(48, inn // g, g)
+            part = torch.einsum("tkg,rkg->trk", xs.reshape(-1, inn // g, g), d)
+            ref[i] = part.pow(2).mean(0)
+        assert torch.allclose(errs, ref, rtol=1e-5, atol=1e-12)
+        assert torch.equal(awq.best_clip_index(errs), awq.best_clip_index(ref))

@@ -500,6 +500,11 @@ def clip_errors(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec,
     ``org_max * (1 - i / n_grid)``. Error = mean over sampled tokens of the squared partial output
     error of the group (official ``auto_clip_layer``). A llama.cpp type clips per block of the type the layer
     is stored in (``spec.group``).
+
+    The error of group ``k`` with weight difference ``d [g]`` is ``d^T G_k d / T``, ``G_k = X_k^T X_k`` the group's
+    Gram matrix over the ``T`` sampled tokens: computed that way (float64) whenever the group is narrower than the
+    sample, ``g / T`` of the work of the direct products ``X_k d`` (official; used otherwise, squared and averaged in
+    float64). The two differ by float rounding only (``tests/test_quant.py``).
     """
     n_grid, max_shrink, n_sample_token = clip.n_grid, clip.max_shrink, clip.n_sample_token
     w, x = w.float(), x.float()
@@ -508,25 +513,30 @@ def clip_errors(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec,
     n_groups = in_f // g
     x = x.reshape(-1, in_f)
     x = x[:: max(1, x.shape[0] // n_sample_token)]
-    xg = x.reshape(x.shape[0], n_groups, g).transpose(0, 1)  # [groups, tok, g]
+    n_tok = x.shape[0]
+    xg = x.reshape(n_tok, n_groups, g).transpose(0, 1)  # [groups, tok, g]
     wg = w.reshape(out_f, n_groups, g)
     org_max = wg.abs().amax(dim=-1)  # [out, groups]
     factors = clip_candidates(org_max, n_grid, max_shrink)
     if not factors:
         raise ValueError("max_shrink * n_grid must be at least 1")
     errs = torch.empty(len(factors), out_f, n_groups, dtype=torch.float64)
-    # Rows in batches so the [groups, tok, rows] products stay bounded (official: 256 or 64 rows).
-    rows = max(1, min(out_f, _CHUNK_ELEMENTS // max(1, x.shape[0] * n_groups * 4)))
+    grams = torch.bmm(xg.transpose(1, 2).double(), xg.double()) if g < n_tok else None  # [groups, g, g]
+    # Rows in batches so the [groups, tok or g, rows] products stay bounded (official: 256 or 64 rows).
+    rows = max(1, min(out_f, _CHUNK_ELEMENTS // max(1, min(n_tok, g) * n_groups * 4)))
     for r in range(0, out_f, rows):
         wb = wg[r : r + rows]  # [rb, groups, g]
         mb = org_max[r : r + rows].unsqueeze(-1)
         for i, f in enumerate(factors):
             max_val = mb * f
             cur = torch.clamp(wb, -max_val, max_val)
-            q = fake_quant(cur, spec)
-            d = (q - wb).permute(1, 2, 0)  # [groups, g, rb]
-            part = torch.bmm(xg, d)  # [groups, tok, rb]
-            errs[i, r : r + rows] = part.double().pow(2).mean(dim=1).T
+            d = (fake_quant(cur, spec) - wb).transpose(0, 1)  # [groups, rb, g]
+            if grams is None:
+                part = torch.bmm(xg, d.transpose(1, 2))  # [groups, tok, rb]
+                errs[i, r : r + rows] = part.double().pow(2).mean(dim=1).T
+            else:
+                d = d.double()
+                errs[i, r : r + rows] = (torch.bmm(d, grams) * d).sum(dim=-1).T / n_tok
     return errs, org_max
 
 
