@@ -15,8 +15,12 @@ is what runs there).
 
 Round trip: plans (rtn, gptq, awq-grouped; layers of even blocks at w3, odd ones at w4, g64) exported as
 llm-compressor recipes (``core.studies.plan_export.llmcompressor_recipe``), applied by llm-compressor to the same
-model with the same calibration tokens; reported: mean KL between its model and the explorer's prediction for the
-same plan (``core.studies.export.prepare_export``), and each one's mean KL to fp, on the held-out tokens.
+model, and the gptq plan's GPTQModel ``dynamic`` dict (``plan_export.gptqmodel_dynamic``) applied by GPTQModel
+(``bench/gptqmodel_env.sh`` creates ``.gptqmodel-venv``; ``bench/gptqmodel_run.py`` runs there), each with the
+calibration tokens the explorer's prediction used (the first ``evaluate.SEARCH_TOKENS`` of the analysis' blocks, the
+searches' budget); reported: mean KL between its model and the explorer's prediction for the same plan
+(``core.studies.export.prepare_export``, what the exporters write), and each one's mean KL to fp, on the held-out
+tokens.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ if str(ROOT) not in sys.path:
 
 LLMC_VENV = ROOT / ".llmc-venv"
 EXPLORER_AWQ = ("rtn", "awq", "awq-grouped", "awq-clip", "awq-gptq")
-ROUND_TRIP = ("rtn", "gptq", "awq-grouped")
+ROUND_TRIP = ("rtn", "gptq", "awq-grouped", "gptqmodel")  # gptqmodel: the gptq plan's dynamic dict in GPTQModel
+GPTQMODEL_VENV = ROOT / ".gptqmodel-venv"
 GROUP = 64
 METRICS = ("kl", "kl_p99", "same_top", "perplexity")
 
@@ -45,20 +50,22 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def llmc_python() -> Path:
-    """The llm-compressor environment's interpreter, created by ``bench/llmc_env.sh`` when missing."""
-    py = LLMC_VENV / "bin" / "python"
-    r = subprocess.run(["bash", str(ROOT / "bench" / "llmc_env.sh")], capture_output=True, text=True)
+def venv_python(venv: Path = LLMC_VENV, script: str = "llmc_env.sh") -> Path:
+    """A tool environment's interpreter, created by its ``bench/<script>`` when missing (llm-compressor's by
+    default; GPTQModel's: ``GPTQMODEL_VENV``, ``gptqmodel_env.sh``)."""
+    py = venv / "bin" / "python"
+    r = subprocess.run(["bash", str(ROOT / "bench" / script)], capture_output=True, text=True)
     if r.returncode != 0 or not py.exists():
-        raise RuntimeError(f"bench/llmc_env.sh failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        raise RuntimeError(f"bench/{script} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     return py
 
 
-def run_llmc(py: Path, model_dir: str, ids_file: Path, out: Path, extra: list[str]) -> dict:
-    """``bench/llmc_run.py`` in llm-compressor's environment; its JSON line. A result of the same command kept in
-    the work folder (``out`` and its ``.json``, written after a successful run) is reused: ``reused`` is then
-    True (``--fresh`` removes them)."""
-    cmd = [str(py), str(ROOT / "bench" / "llmc_run.py"), "--model", model_dir, "--ids", str(ids_file),
+def run_llmc(py: Path, model_dir: str, ids_file: Path, out: Path, extra: list[str], script: str = "llmc_run.py"
+             ) -> dict:
+    """``bench/<script>`` (``llmc_run.py`` in llm-compressor's environment, ``gptqmodel_run.py`` in GPTQModel's);
+    its JSON line. A result of the same command kept in the work folder (``out`` and its ``.json``, written after a
+    successful run) is reused: ``reused`` is then True (``--fresh`` removes them)."""
+    cmd = [str(py), str(ROOT / "bench" / script), "--model", model_dir, "--ids", str(ids_file),
            "--out", str(out), *extra]
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
@@ -68,7 +75,7 @@ def run_llmc(py: Path, model_dir: str, ids_file: Path, out: Path, extra: list[st
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode != 0:
         tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-3:]
-        raise RuntimeError(f"llm-compressor failed: {' | '.join(tail)}")
+        raise RuntimeError(f"{script} failed: {' | '.join(tail)}")
     result = json.loads(r.stdout.strip().splitlines()[-1])
     meta.write_text(json.dumps({"cmd": cmd, "result": result, "load": os.getloadavg()[0]}))
     return {**result, "reused": False}
@@ -191,7 +198,7 @@ def bench_llmc(quick: bool, workdir: Path, fresh: bool = False, parts: tuple[str
     if fresh:
         for f in [*workdir.glob("*.safetensors"), *workdir.glob("*.json")]:
             f.unlink()
-    py = llmc_python()
+    py = venv_python()
     a, bits = analysis_for(quick, workdir)
     bits = tuple(b for b in bits if only_bits is None or b in only_bits)
     lm = a.lm
@@ -242,24 +249,46 @@ def bench_llmc(quick: bool, workdir: Path, fresh: bool = False, parts: tuple[str
         df = evaluate.score_variants(a, {k: (lambda v=v: v) for k, v in variants.items()}, **kw)
         res["llmc_scores"] = {k: {m: v[m] for m in METRICS if m in v} for k, v in scored(df).items()}
     res["llmc_protocol"] = protocol or "all-positions"
-    # the round trip: the explorer's recipe run by llm-compressor
+    # the round trip: the explorer's recipes run by llm-compressor, its dynamic dict by GPTQModel, on the tokens the
+    # explorer's prediction used (the searches' budget)
+    from core.model.calibration import first_blocks
+    from core.studies.plan_export import gptqmodel_dynamic, validate_dynamic
+
     res["llmc_round_trip"] = {}
-    pairs = {}
+    pairs, predicted = {}, {}
+    search_ids = workdir / "search_ids.pt"
+    if "recipes" in parts:
+        torch.save(first_blocks(data.calib, evaluate.SEARCH_TOKENS).clone(), search_ids)
+        res["llmc_round_trip_calib"] = list(first_blocks(data.calib, evaluate.SEARCH_TOKENS).shape)
     for m in () if "recipes" not in parts else recipes[:1] if quick else recipes:
-        plan, js = mixed_plan(a, m)
-        recipe = workdir / f"recipe-{m}.yaml"
-        recipe.write_text(yaml.safe_dump(llmcompressor_recipe(plan), sort_keys=False, width=1 << 16))
-        validate_recipe(yaml.safe_load(recipe.read_text()), plan, a.names)
+        method = "gptq" if m == "gptqmodel" else m
+        plan, js = mixed_plan(a, method)
         log(f"llmc bench: round trip {m} ...")
         try:
-            got = run_llmc(py, model_dir, ids_file, workdir / f"rt-{m}.safetensors", ["--recipe", str(recipe)])
+            if m == "gptqmodel":
+                dyn = gptqmodel_dynamic(plan)
+                validate_dynamic(dyn, plan, a.names)
+                path = workdir / "gptqmodel_dynamic.json"
+                path.write_text(json.dumps(dyn, indent=1))
+                got = run_llmc(venv_python(GPTQMODEL_VENV, "gptqmodel_env.sh"), model_dir, search_ids,
+                               workdir / "rt-gptqmodel.safetensors",
+                               ["--dynamic", str(path), "--bits", "4", "--group-size", str(GROUP)],
+                               script="gptqmodel_run.py")
+                got["oneshot_s"] = got["quantize_s"]
+            else:
+                recipe = workdir / f"recipe-{m}.yaml"
+                recipe.write_text(yaml.safe_dump(llmcompressor_recipe(plan), sort_keys=False, width=1 << 16))
+                validate_recipe(yaml.safe_load(recipe.read_text()), plan, a.names)
+                got = run_llmc(py, model_dir, search_ids, workdir / f"rt-{m}.safetensors", ["--recipe", str(recipe)])
         except RuntimeError as e:
             res["llmc_round_trip"][m] = {"error": str(e)}
             continue
         t0 = time.perf_counter()
-        ours = ex.prepare_export(a, method=m, plan=js).fake_weights()
-        pairs[m] = (ours, llmc_variant(lm, workdir / f"rt-{m}.safetensors"))
-        res["llmc_round_trip"][m] = {"llmc_s": got["oneshot_s"], "explorer_s": time.perf_counter() - t0}
+        if method not in predicted:
+            predicted[method] = ex.prepare_export(a, method=method, plan=js).fake_weights()
+        pairs[m] = (predicted[method], llmc_variant(lm, workdir / f"rt-{m}.safetensors"))
+        res["llmc_round_trip"][m] = {"llmc_s": got["oneshot_s"], "explorer_s": time.perf_counter() - t0,
+                                     "tool": "GPTQModel" if m == "gptqmodel" else "llm-compressor"}
     for m, figs in pair_figures(a, pairs, 512 if quick else None).items():
         res["llmc_round_trip"][m].update(figs)
     res["llmc_load_after"] = os.getloadavg()[0]
@@ -280,7 +309,7 @@ def report_llmc(res: dict, row) -> None:
             row(f"  recipe {m}", "failed", v["error"])
         else:
             row(f"  recipe {m}", f"KL between {v['kl_between']:.4f}",
-                f"explorer KL {v['explorer_kl']:.4f}, llm-compressor KL {v['llmc_kl']:.4f}, same top "
+                f"explorer KL {v['explorer_kl']:.4f}, {v.get('tool', 'llm-compressor')} KL {v['llmc_kl']:.4f}, same top "
                 f"{100 * v['same_top_between']:.1f}%, {v['tokens']} tokens")
 
 

@@ -6,18 +6,10 @@
 # from local disk on the project's machines; an unpinned torch would pull the CUDA wheels, several GiB). Idempotent: a stamp records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-VENV="${AWQ_EXPLORER_LLMC_VENV:-.llmc-venv}"
+source bench/tool_env.sh
 LLMC="llmcompressor==0.14.0.1"
 TORCH="torch==2.13.0"          # the app's torch (requirements.txt); its +cpu build where pip finds it
-want="$LLMC $TORCH $(sha256sum "$0" | cut -c1-16)"
-stamp="$VENV/.llmc-installed"
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-  echo "llm-compressor environment ready in $VENV" >&2; exit 0
-fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-VPY="$VENV/bin/python"
-start=$(date +%s)
+tool_env_begin "${AWQ_EXPLORER_LLMC_VENV:-.llmc-venv}" "$LLMC $TORCH $(cat "$0" bench/tool_env.sh | sha256sum | cut -c1-16)" \
+  "llm-compressor"
 "$VPY" -m pip install -q --disable-pip-version-check "$LLMC" "$TORCH"
-echo "$want" > "$stamp"
-echo "llm-compressor installed in $VENV in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))" >&2
+tool_env_end

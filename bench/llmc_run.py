@@ -67,16 +67,23 @@ def dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def main() -> None:
+def tool_parser() -> argparse.ArgumentParser:
+    """The arguments every tool runner takes (this one, ``bench/gptqmodel_run.py``): the model folder, the
+    calibration tokens, the weights file to write, the tool's own checkpoint folder to keep, the base group size."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--ids", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--save")
+    ap.add_argument("--group-size", type=int, default=64)
+    return ap
+
+
+def main() -> None:
+    ap = tool_parser()
     ap.add_argument("--recipe")
     ap.add_argument("--awq", type=int)
-    ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--no-duo", action="store_true")
-    ap.add_argument("--save")
     ap.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     args = ap.parse_args()
     cpu_pin_memory()

@@ -160,6 +160,26 @@ def test_mixed_plan_keeps_each_linear_at_its_bits(tiny, tmp_path):
     assert len(cfg["config_groups"]) == 4  # (3, 4 bits) x (32, 64)
 
 
+def test_a_mixed_gptq_plan_is_one_sequential_pass(tiny, monkeypatch):
+    """GPTQ of a plan runs once, block by block, each linear at its own setting (fp16 ones left as they are, which
+    the later blocks see), not once per setting."""
+    from core.methods import gptq
+
+    calls = []
+    real = gptq.sequential_gptq
+    monkeypatch.setattr(gptq, "sequential_gptq", lambda *a, **k: calls.append(k.get("specs")) or real(*a, **k))
+    plan = _plan(tiny)
+    model = ex.prepare_export(tiny, method="gptq", plan=plan)
+    assert len(calls) == 1 and calls[0] is not None
+    for n, v in plan["layers"].items():
+        li = model.linears[n]
+        if v["bits"] == 16:
+            assert li.spec is None and torch.equal(li.fake, tiny.weight(n))
+            continue
+        levels = max(len(set(row.tolist())) for row in li.fake.reshape(-1, v["group_size"]))
+        assert li.params is not None and levels <= 2 ** v["bits"], n
+
+
 def test_bad_input_one_sentence_nothing_left(tiny, tmp_path):
     before = _leftovers(tmp_path)
     cases = [
