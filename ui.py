@@ -540,11 +540,13 @@ def with_progress(label: str, failed: str, done: str, work: Callable[[Callable[[
         try:
             out = work(lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
         except Exception as e:  # noqa: BLE001 - shown as a sentence; the page stays usable
-            status.update(label=failed, state="error")
-            st.error(readable(e))
-            return None
-        status.update(label=done, state="complete", expanded=False)
-        return out
+            status.update(label=failed, state="error", expanded=False)
+            why = readable(e)
+        else:
+            status.update(label=done, state="complete", expanded=False)
+            return out
+    st.error(why)  # under the status box, not inside it: a collapsed box would hide the sentence
+    return None
 
 
 def export_button(a: Analysis, key: str, label: str, running: str, done: str, *, format: str, folder: str,
