@@ -102,10 +102,11 @@ def report_gguf(res: dict) -> list[str]:
 
 
 def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Path | None = None,
-            partial: str | None = None) -> list[dict]:
+            partial: str | None = None, plan_methods: tuple[str, ...] = ()) -> list[dict]:
     """Each configuration (``CONFIGS``; and ``plan`` as a GGUF when given) exported, verified in llama.cpp and scored
     by llama-perplexity --kl-divergence against the explorer's fp reference on the explorer's held-out windows.
-    ``partial``: a JSON file rewritten after every row."""
+    ``partial``: a JSON file rewritten after every row. ``plan_methods``: the methods the plan's GGUF is written
+    with (default: ``plan_export.gguf_method`` of the plan's method), one row each."""
     import torch
 
     from core.model import score
@@ -123,8 +124,8 @@ def measure(a, configs=CONFIGS, plan: dict | None = None, log=print, workdir: Pa
             from core.studies.plan_export import gguf_method
 
             pm = str(plan.get("method", "rtn"))
-            runs.insert(0, (f"plan {plan.get('budget_bits', '?')} bits ({pm} -> {gguf_method(pm)})",
-                            gguf_method(pm), None, False, plan))  # first: the row a long run must not lose
+            for wm in reversed(plan_methods or (gguf_method(pm),)):  # first: the rows a long run must not lose
+                runs.insert(0, (f"plan {plan.get('budget_bits', '?')} bits ({pm} -> {wm})", wm, None, False, plan))
         for i, (label, method, t, imx, pl) in enumerate(runs):
             log(f"gguf measure {i + 1}/{len(runs)}: {label} ...")
             out = Path(tmp) / f"run{i}"
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan the bundled LLM in llama.cpp types at this budget and measure its GGUF too")
     ap.add_argument("--plan-method", default="awq", help="the plan's method (awq or rtn)")
     ap.add_argument("--plan-types", default="all", help="the plan's candidate types (comma-separated, 'all')")
+    ap.add_argument("--plan-gguf-methods", default="",
+                    help="comma-separated methods the plan's GGUF is written with, one row each (default: awq -> "
+                         "awq-clip, else the plan's method)")
     args = ap.parse_args(argv)
     if args.measure:
         a = bundled_analysis(args.heldout_samples)
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = json.loads(Path(args.plan).read_text()) if args.plan else None
         if args.plan_budget is not None:
             plan = types_plan(a, args.plan_budget, args.plan_method, args.plan_types)
-        rows = measure(a, configs, plan, partial=args.measure)
+        rows = measure(a, configs, plan, partial=args.measure,
+                       plan_methods=tuple(m for m in args.plan_gguf_methods.split(",") if m.strip()))
         Path(args.measure).write_text(json.dumps(rows, indent=1, default=str))
         return 0
     res = bench_gguf(True)
