@@ -48,6 +48,9 @@ def readable(e: BaseException) -> str:
     if isinstance(e, KeyError) and text.startswith("'"):
         text = text.strip("'\"")
     if isinstance(e, USER_ERRORS) and text:
+        first = text.split(" ", 1)[0]
+        if "." in first.rstrip(".,;:") or "_" in first:  # a module or method name keeps its case
+            return text
         return text[0].upper() + text[1:]
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 

@@ -21,7 +21,7 @@ st.caption("Pick an average bit budget (scales and zeros counted: " + metrics.DE
 
 nw, inf = P.geometry(a)
 zp = bool(a.settings.sweep.zero_point)
-k1, k2 = st.columns([2, 8])
+k1, k2 = st.columns([3, 7])
 with k1:
     llama = ui.grid_kind_picker("plan_grid_kind")
 c1, c2, c3, c4 = st.columns([2, 3, 3, 2])
@@ -142,7 +142,8 @@ else:
                           measured=("measured", "%.4g"), predicted=("predicted (summed)", "%.4g"),
                           factor=("factor", "%.2f"))
     with t4:
-        fmts = st.multiselect("Formats", PE.formats_for(p), default=list(PE.formats_for(p)), key="plan_fmts")
+        fmts = st.multiselect("Formats", PE.formats_for(p), default=list(PE.formats_for(p)),  # one pick per kind
+                              key="plan_fmts_types" if p.in_types else "plan_fmts")
         try:
             paths = PE.write_exports(p, a.path / "plan", fmts, linears=a.linears.to_dict("records"),
                                      module_names=list(a.lm.modules), report=rep)

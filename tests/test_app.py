@@ -523,11 +523,12 @@ def test_plan_page_plans_in_llamacpp_types(tiny):
     avg = sum(sizes[nm] * b for nm, b in zip(planned["name"], planned["bits_per_weight"])) / sum(sizes.values())
     assert len(planned) == len(a.names) and avg <= 5.5 + 1e-9  # the table's bits per weight hold the budget
     assert any("llama.cpp type each linear is written in" in m.value for m in at.markdown)
-    assert set(at.multiselect(key="plan_fmts").options) == {"json", "llamacpp"}
+    assert set(at.multiselect(key="plan_fmts_types").options) == {"json", "llamacpp"}
     exports = Path(a.path) / "exports"
     before = set(exports.iterdir()) if exports.is_dir() else set()
     at.button(key="plan_ct").click().run()
     assert not at.exception and len(at.error) == 1 and "llama.cpp" in at.error[0].value
+    assert at.error[0].value.startswith("model.layers.")  # a module name keeps its case in the sentence
     assert (set(exports.iterdir()) if exports.is_dir() else set()) == before
 
 
