@@ -308,14 +308,14 @@ def test_cli_plan_in_types_writes_a_gguf_llamacpp_runs(tiny_gguf, tmp_path):  # 
     cmd = [sys.executable, "-m", "core", "plan", "--model", str(path), "--cache-dir", str(tmp_path / "cache"),
            "--n-samples", "2", "--seqlen", "64", "--heldout-samples", "2", "--sweep-bits", "4", "--budget", "5",
            "--method", "awq", "--types", "q4_0,Q4_1,Q8_0,Q3_K", "--fisher-samples", "1", "--test-tokens", "128",
-           "--export", "json,llamacpp", "--out", str(tmp_path / "out"), "--gguf", str(tmp_path / "g"), "--quiet"]
+           "--export", "json,llamacpp", "--out", str(tmp_path / "out"), "--gguf", str(tmp_path / "g"), "--gguf-method", "rtn", "--quiet"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert any(x.startswith("method     awq; candidates: llama.cpp types Q4_0,Q4_1,Q8_0,Q3_K") for x in lines)
     gg = next(x for x in lines if x.startswith("gguf "))
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
-    assert f"written with awq-clip: {plan['avg_bits']:.4f} bits per weight" in gg
+    assert f"written with rtn: {plan['avg_bits']:.4f} bits per weight" in gg
     assert all("type" in v for v in plan["layers"].values()) and plan["avg_bits"] <= 5
     assert (tmp_path / "g" / "model.gguf").is_file() and any(x.startswith("agreement  ") for x in lines)
     # an existing folder is refused before anything runs, in one line

@@ -52,8 +52,11 @@ def register(subparsers: Any) -> None:
                         "it on its width (a k-quant on rows 256 does not divide is its block-32 fallback), costed by "
                         "its block layout; --bits, --group-sizes and --symmetric are then not used")
     p.add_argument("--gguf", default=None,
-                   help="also write the plan as a GGUF into this new folder and run it in llama.cpp (a plan of "
-                        "method awq is written with awq-clip, AWQ's folded form)")
+                   help="also write the plan as a GGUF into this new folder and run it in llama.cpp")
+    p.add_argument("--gguf-method", default=None,
+                   help="the method the GGUF is written with (default: the plan's; a plan of method awq is written "
+                        "with awq-clip, AWQ's folded form, whose scales and clip values are searched once at the "
+                        "plan's most common type; rtn rounds each linear's own weights at its type)")
     p.add_argument("--export", default="json", help="comma-separated: json,llmcompressor,gptqmodel,llamacpp "
                                                     "(json,llamacpp with --types)")
     p.add_argument("--out", default=None, help="folder for the exports (default: the analysis' cache entry)")
@@ -154,7 +157,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gguf:
         from .export import comparison_table
 
-        method = gguf_method(plan.method)
+        method = args.gguf_method or gguf_method(plan.method)
         s = ex.export(a, format="gguf", out=args.gguf, method=method, plan=plan_dict(plan, rep),
                       progress=None if quiet else stderr_progress("gguf "))
         types_written = ", ".join(f"{t} x{n}" for t, n in s["tensor_types"].items())
