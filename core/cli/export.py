@@ -109,7 +109,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if v:
         print(f"verified   {v['runtime']} on {v['n_tokens']} held-out tokens ({v['protocol']}); "
               f"tolerance: {v['tolerance']}")
-        print(comparison_table(v["rows"], str(v.get("runtime", "llama.cpp"))))
+        # the column is named by the runtime's name; its versions and loader are on the "verified" line
+        print(comparison_table(v["rows"], str(v.get("runtime", "llama.cpp")).split(" ")[0]))
         print(f"agreement  {v['agreement']}")
     if args.json:
         sys.stdout.flush()
