@@ -74,7 +74,8 @@ CAUSAL_METRICS = ("perplexity", "perplexity_se", "kl", "kl_se", "kl_p99", "kl_p9
                   "rms_dp_se")
 PROTOCOL = score.LLAMACPP  # Model quality's scoring protocol unless told (core.model.score.PROTOCOLS)
 ENCODER_METRICS = ("cosine", "hidden_rel_error")
-EVAL_VERSION = 3  # 2: llama.cpp's KL report, token budgets for the searches; 3: scoring protocol (column protocol)
+EVAL_VERSION = 4  # 2: llama.cpp's KL report, token budgets for the searches; 3: scoring protocol (column protocol);
+# 4: awq-gptq runs GPTQ on the folded model (the model its checkpoint stores)
 # Cached rows of version 2 were scored on every position without BOS: they are read as protocol "all-positions".
 # Default token budgets of the searches (whole calibration blocks; CLI --search-tokens / --const-alpha-tokens,
 # the page's inputs). Both searches cost a forward pass per alpha and bit-width: the grouped one about one

@@ -200,10 +200,10 @@ def llmcompressor_recipe(plan: BitPlan) -> dict:
         mods = {"GPTQModifier": {**body, "actorder": "static" if o.act_order else None,
                                  "dampening_frac": o.percdamp, "block_size": o.block_size}}
     elif method.startswith("awq"):
-        # AWQModifier searches the smoothing scales; the QuantizationModifier after it quantizes. duo_scaling off:
+        # AWQModifier searches the smoothing scales; the QuantizationModifier after it quantizes (which linears are
+        # quantized is its business: llm-compressor 0.14's AWQModifier forbids an `ignore` key). duo_scaling off:
         # the explorer's search is llm-awq's (s = mean|x|^alpha, no weight term; llm-compressor's default is on)
-        mods = {"AWQModifier": {"ignore": list(ignore), "duo_scaling": False},  # a copy: no YAML anchors
-                "QuantizationModifier": body}
+        mods = {"AWQModifier": {"duo_scaling": False}, "QuantizationModifier": body}
     else:
         mods = {"QuantizationModifier": body}
     return {"quant_stage": {"quant_modifiers": mods}}
