@@ -48,7 +48,7 @@ QK_K = 256
 TYPE_FORMATS = ("json", "llamacpp")  # the formats a plan in llama.cpp types is written in
 # the method a plan's GGUF is written with: a plan's per-linear awq (Q(W s)/s) has no folded form a file can store, so
 # its GGUF uses AWQ's folded, clipped form (awq-clip's scales searched once at the plan's most common setting)
-GGUF_METHODS = {"awq": "awq-clip"}
+PLAN_WRITERS = {"awq": "awq-clip"}
 
 
 class ExportError(ValueError):
@@ -65,8 +65,8 @@ def formats_for(plan: BitPlan) -> tuple[str, ...]:
 
 
 def gguf_method(plan_method: str) -> str:
-    """The method a plan made with ``plan_method`` is written to a GGUF with (``GGUF_METHODS``)."""
-    return GGUF_METHODS.get(plan_method, plan_method)
+    """The method a plan made with ``plan_method`` is written to a GGUF with (``PLAN_WRITERS``)."""
+    return PLAN_WRITERS.get(plan_method, plan_method)
 
 
 def layer_entry(choice) -> dict:
