@@ -498,3 +498,19 @@ def test_fast_grouped_search_equals_straightforward(kind, tiny_analysis):
         assert all(torch.equal(fast.clips[b][n], slow.clips[b][n]) for n in fast.clips[b])
     with pytest.raises(ValueError, match="in order"):
         blocks.BlockInputs(lm, calib[:1], batch_tokens=128).capture(1, linears=set(), modules=set())
+
+
+def test_cache_of_an_older_version_is_replaced_not_an_error(tiny_dir, tokenizer_dir, tmp_path):
+    # the cache of a previous release (every row of an older eval_version) must not break the next run: its rows are
+    # dropped and the new ones written (an empty keep-mask once selected columns instead of rows: KeyError on screen)
+    a = analyze(tiny_settings(tiny_dir("llama"), tokenizer_dir), tmp_path)
+    first = evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=GS)
+    for name in ("quality", "quality_kl", "quality_search"):
+        df = a.read_extra(name)
+        if df is not None and "eval_version" in df:
+            a.write_extra(name, df.assign(eval_version=evaluate.EVAL_VERSION - 1))
+    assert evaluate.cached_quality(a) is None  # an older version is never shown
+    again = evaluate.run_quality(a, modes=["rtn"], bits=[4], group_size=GS)
+    cached = evaluate.cached_quality(a)
+    assert cached is not None and len(cached) == len(again) == len(first)
+    assert set(a.read_extra("quality")["eval_version"]) == {evaluate.EVAL_VERSION}

@@ -573,9 +573,10 @@ def _merge_write(analysis, name: str, new: pd.DataFrame, keys: list[str]) -> Non
     old = _upgrade(analysis.read_extra(name), name)
     if old is not None and not old.empty and set(new.columns) <= set(old.columns):
         old = old[old.get("eval_version", -1) == EVAL_VERSION] if "eval_version" in old else old.iloc[0:0]
-        new_keys = set(map(tuple, new[keys].drop_duplicates().itertuples(index=False, name=None)))
-        kept = old[[tuple(r) not in new_keys for r in old[keys].itertuples(index=False, name=None)]]
-        new = pd.concat([kept[new.columns], new], ignore_index=True)
+        if not old.empty:  # (rows of an older version only: nothing to keep; an empty mask would select columns)
+            new_keys = set(map(tuple, new[keys].drop_duplicates().itertuples(index=False, name=None)))
+            kept = old[[tuple(r) not in new_keys for r in old[keys].itertuples(index=False, name=None)]]
+            new = pd.concat([kept[new.columns], new], ignore_index=True)
     analysis.write_extra(name, new)
 
 
