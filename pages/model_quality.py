@@ -107,7 +107,7 @@ st.caption("The chosen method's own quantized weights packed as a compressed-ten
            + (f"operators, on this page's grid ({fmt}: compressed-tensors has no llama.cpp types, so it is refused)"
               if fmt else f"operators, at this page's group size ({ui.group_label(group)}) and zero point "
               f"({'on' if zero_point else 'off'})") + ", with the tokenizer and generation config. Then transformers reloads the "
-           "folder on CPU and its logits are compared with the explorer's fake-quantized model on 512 held-out tokens "
+           "folder on CPU and its logits are compared with the explorer's fake-quantized model on up to 512 held-out tokens (the first held-out blocks) "
            "(the codes are the explorer's own, so they should agree exactly).")
 k1, k2 = st.columns([2, 1])
 cm = k1.selectbox("Method", ct_export.METHODS + tuple(m for m in ("hqq",) if m not in ct_export.METHODS),

@@ -178,7 +178,7 @@ else:
         st.caption(f"**Save checkpoint**: this plan as a compressed-tensors `pack-quantized` folder that transformers "
                    f"loads and vLLM serves — each linear at its planned bits and group size (one config group per "
                    f"grid; 16-bit linears listed as ignored), quantized by **{file_method}**, then reloaded in "
-                   "transformers and its logits compared with the explorer's on 512 held-out tokens.")
+                   "transformers and its logits compared with the explorer's on up to 512 held-out tokens (the first held-out blocks).")
         ui.export_button(a, "plan_ct", "Save checkpoint", "Writing the plan's checkpoint and reloading it in transformers…",
                          "Checkpoint written and reloaded in transformers", format="compressed-tensors",
                          method=file_method, plan=PE.plan_dict(p), verify_tokens=512,
