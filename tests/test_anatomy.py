@@ -17,6 +17,7 @@ from core.analysis import analyze
 from core.methods import LAYER_METHODS, MODEL_METHODS
 from core.methods.recipe import Recipe, apply_recipe, check_keep
 from core.model.blocks import restore, snapshot
+from core.model.linears import linear_weight, set_linear_weight
 from core.studies import anatomy, evaluate
 from test_evaluate import assert_bit_identical, state  # the one bit-for-bit check of the suite
 
@@ -145,13 +146,14 @@ def test_super_weight_found_exactly_and_search_stops(run):
 def test_search_is_bounded_and_restores(implanted):
     a, _ = implanted
     lm = a.lm
-    down = lm.model.model.layers[SW_LAYER].mlp.down_proj.weight
-    col = down.data[:, SW_COL].clone()
+    down = lm.model.model.layers[SW_LAYER].mlp.down_proj
+    w0 = linear_weight(down).clone()  # streamed: read from the checkpoint; written back through set_linear_weight
     try:
         # every row of the spiking input channel is large: each zeroed weight reveals the next row as the spike, so
         # the zero-and-repeat search never runs out of candidates and must stop at max_iterations
-        with torch.no_grad():
-            down.data[:, SW_COL] = torch.linspace(20.0, 10.0, down.shape[0])
+        w = w0.clone()
+        w[:, SW_COL] = torch.linspace(20.0, 10.0, w.shape[0])
+        set_linear_weight(down, w)
         before = state(lm.model)
         s = anatomy.AnatomySettings(spike=50.0, spike_relative=False, max_iterations=3)
         res = anatomy.find_super_weights(lm, s)
@@ -161,8 +163,7 @@ def test_search_is_bounded_and_restores(implanted):
         assert [f["rank"] for f in res.found] == [1, 2, 3]  # ranks among the tensor's |w| before zeroing
         assert_bit_identical(lm.model, before)
     finally:
-        with torch.no_grad():
-            down.data[:, SW_COL] = col
+        set_linear_weight(down, w0)
     # an absolute threshold above every activation: nothing found, one pass
     res = anatomy.find_super_weights(lm, anatomy.AnatomySettings(spike=1e9, spike_relative=False))
     assert res.stopped and not res.found and {r["iteration"] for r in res.spikes} == {0}

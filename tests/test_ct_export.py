@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.model.stream import state_dict as stream_state
+
 pytest.importorskip("compressed_tensors")
 
 from conftest import tiny_settings  # noqa: E402
@@ -100,7 +102,7 @@ def test_awq_gptq_checkpoint_is_the_model_model_quality_scores(tiny, tmp_path):
         with torch.no_grad():
             ours = lm.model(input_ids=ids).logits.float()
         norm = next(n for n, v in recipe.norm.items() if not torch.equal(v, torch.ones_like(v)))  # alpha > 0
-        folded = dict(lm.model.named_parameters())[f"{norm}.weight"].detach().clone()
+        folded = stream_state(lm.model)[f"{norm}.weight"].detach().clone()
     finally:
         restore(lm, snap)
     reloaded, _ = ct.load_checkpoint(out)

@@ -239,7 +239,9 @@ def test_imatrix_weighted_types(gguf_analysis):
     awq = ex.prepare_export(gguf_analysis, method="awq-grouped", spec=ex.type_spec("Q4_0"), imatrix=True)
     s = awq.state["model.layers.0.input_layernorm.weight"]  # folded: norm / s, so s = original / folded
     q = awq.linears["model.layers.0.self_attn.q_proj"]
-    scale = gguf_analysis.lm.model.get_parameter("model.layers.0.input_layernorm.weight").detach() / s
+    from core.model.stream import state_dict
+
+    scale = state_dict(gguf_analysis.lm.model)["model.layers.0.input_layernorm.weight"] / s  # streamed: read
     assert torch.allclose(q.imatrix, weighted.linears["model.layers.0.self_attn.q_proj"].imatrix / scale.pow(2),
                           rtol=1e-4)
 

@@ -185,7 +185,7 @@ def test_llama_imatrix_agrees_with_the_explorer(smollm2_folder, tmp_path):
     # the explorer's file (every tensor of the model) is one llama-quantize takes, and uses it
     from test_llamacpp_types import write_f32_gguf
     mine = IM.write_imatrix(tmp_path / "ours.imatrix.gguf", ours, chunk_size=N_CTX, chunk_count=N_CHUNKS)
-    w = lm.model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().float().numpy()
+    w = lm.weight("model.layers.0.mlp.down_proj").numpy()  # streamed: read from the checkpoint
     src = write_f32_gguf(tmp_path / "f32.gguf", {"blk.0.ffn_down.weight": w})
     res = subprocess.run([str(_tool("llama-quantize")), "--pure", "--imatrix", str(mine), str(src),
                           str(tmp_path / "q.gguf"), "Q4_K", "2"], capture_output=True, text=True, timeout=120)

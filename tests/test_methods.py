@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.model.stream import state_dict as stream_state
+
 from core.methods import rtn_mse as mse_clip, rotated_rtn as rotation
 from core.quant import pseudo_quantize
 
@@ -252,11 +254,11 @@ from core.hqq import hqq_quantize  # noqa: E402
 
 
 def _state(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in stream_state(lm.model).items()}
 
 
 def _same_state(lm, before):
-    after = lm.model.state_dict()
+    after = stream_state(lm.model)
     return all(torch.equal(after[k], v) for k, v in before.items())
 
 

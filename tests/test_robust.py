@@ -299,6 +299,7 @@ def test_layer_lab_never_sees_weights_a_quality_run_rewrote(tiny_dir, tokenizer_
     meanwhile must get the original weights (it waits for the lock), never the quantized ones."""
     from core.analysis import open_entry
     from core.model.collect import model_lock
+    from core.model.linears import set_linear_weight
     from core.studies.evaluate import run_quality
 
     s = tiny_settings(tiny_dir("llama"), tokenizer_dir)
@@ -311,10 +312,12 @@ def test_layer_lab_never_sees_weights_a_quality_run_rewrote(tiny_dir, tokenizer_
 
     def rewriter() -> None:  # what a quality run does, made slow and deterministic
         with model_lock(lm.model):
-            lm.model.get_submodule(name).weight.data.mul_(2)
+            m = lm.model.get_submodule(name)
+            set_linear_weight(m, original * 2)  # streamed: written as the value the block is read with
+            assert torch.equal(lm.weight(name), original * 2)
             started.set()
             time.sleep(0.5)
-            lm.model.get_submodule(name).weight.data.div_(2)
+            set_linear_weight(m, original)
         done.set()
     t = threading.Thread(target=rewriter)
     t.start()

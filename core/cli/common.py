@@ -107,8 +107,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rows", type=int, default=128, help="input rows kept per distinct input")
     p.add_argument("--calib", default="bundled", help="'bundled', 'wikitext-2' or 'pile-val'")
     p.add_argument("--calib-file", default=None, help="a local UTF-8 text file to calibrate on")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps", "auto"],
+                   help="where each block runs (streamed from the checkpoint); auto: the whole model spread over the GPUs by accelerate")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the dtype each block is read in")
     p.add_argument("--revision", default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, if the model folder has none")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")

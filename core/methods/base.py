@@ -24,6 +24,7 @@ from ..grids.spec import Options, QuantSpec
 from ..model.blocks import original_weight
 from ..model.calibration import CalibrationData, first_blocks
 from ..model.models import LoadedModel
+from ..model.stream import Spill
 from .awq_search import ClipSearch
 from .recipe import Recipe
 
@@ -31,15 +32,15 @@ Progress = Callable[[float, str], None]
 Weights = Mapping[str, torch.Tensor]
 
 
-class GridWeights(dict):
+class GridWeights(Spill):
     """A model half's ``{linear name: weight [out, in]}`` that also names the integer grid each weight lies on, so an
     exporter writes the method's own integer codes instead of re-deriving them: ``params[name] = (scale [out,
     n_groups], zero [out, n_groups], spec)`` such that ``weight == (clamp(round(w / scale) + zero, min, max) - zero)
     * scale`` per group (``core.grids.quant.QParams``' convention). A linear missing from ``params`` has no integer
     grid to name (an exporter refuses it with a sentence)."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor] = (), params: Mapping[str, tuple] | None = None):
-        super().__init__(weights)
+    def __init__(self, weights: Mapping[str, torch.Tensor] | None = None, params: Mapping[str, tuple] | None = None):
+        super().__init__(weights)  # a Spill: beyond its budget the weights wait in a scratch file, not in memory
         self.params: dict[str, tuple] = dict(params or {})
 
 Variant = Recipe | Weights  # what a model half builds
@@ -267,11 +268,11 @@ def data_free(name: str, label: str, options: type[Options], layer: LayerHalf, d
 
 def per_linear_weights(lm: LoadedModel, snap: dict[str, torch.Tensor], spec: QuantSpec, layer: LayerHalf,
                        options: Options, progress: Progress | None = None,
-                       inputs_of: Callable[[str], LayerInputs] | None = None) -> dict[str, torch.Tensor]:
+                       inputs_of: Callable[[str], LayerInputs] | None = None) -> Weights:
     """``layer`` applied to every block linear of ``lm`` on its snapshot (fp) weight; the model is not touched.
     ``inputs_of(name)``: the linear's ``LayerInputs`` (only its name when None)."""
     progress = progress or (lambda f, m: None)
-    out = {}
+    out = Spill()  # a whole model's quantized weights: in memory up to a budget, in a scratch file beyond
     for i, li in enumerate(lm.linears):
         inputs = inputs_of(li.name) if inputs_of is not None else LayerInputs(name=li.name)
         out[li.name] = layer(original_weight(lm, snap, li.name), inputs, spec, options).cpu()

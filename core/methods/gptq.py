@@ -27,7 +27,7 @@ import torch
 
 from ..grids import quant
 from ..grids.spec import Options, QuantSpec
-from ..model.blocks import BlockInputs, first_output, original_weight, restore, with_hidden
+from ..model.blocks import BlockInputs, first_output, hold, original_weight, restore, with_hidden
 from ..model.collect import GramLower
 from ..model.linears import find_blocks, set_linear_weight
 from ..model.models import LoadedModel
@@ -235,55 +235,56 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                 apply_recipe(lm, dataclasses.replace(recipe, bits=None, clip={}, keep={}, rounded={}, grids={}), snap)
             calls = BlockInputs(lm, calib, batch_tokens=batch_tokens).calls  # block 0's calls, one truncated forward
             for i in range(n_blocks):
-                names = [li.name for li in lm.linears if li.block == i]
-                key_of = {n: input_of.get(n, n) for n in names}
-                first_of: dict[str, str] = {}
-                for n in names:
-                    first_of.setdefault(key_of[n], n)
-                hess: dict[str, GramLower] = {}
+                with hold(lm, i):  # streamed: block i read once for its Hessians, its solves and its outputs
+                    names = [li.name for li in lm.linears if li.block == i]
+                    key_of = {n: input_of.get(n, n) for n in names}
+                    first_of: dict[str, str] = {}
+                    for n in names:
+                        first_of.setdefault(key_of[n], n)
+                    hess: dict[str, GramLower] = {}
 
-                def hook(key: str):
-                    def fn(mod, args) -> None:
-                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                        if key not in hess:
-                            hess[key] = GramLower(x.shape[1], device=x.device)
-                        hess[key].add(x)  # the collection pass's X^T X
-                    return fn
-                handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first_of.items()]
-                try:
-                    for a, k in calls:
-                        blocks[i](*a, **k)
-                finally:
-                    for h in handles:
-                        h.remove()
-                full = {k: g.full() for k, g in hess.items()}
-                for n in names:
-                    w = original_weight(lm, snap, n)
-                    h = full[key_of[n]].to(w.device).float()
-                    unscale = None
-                    if recipe is not None:
-                        w = recipe.prequant(n, w)  # W s, rows divided by the next group's scales where folded
-                        if n in recipe.unscale:  # not folded: the live linear still reads X, GPTQ needs X / s
-                            unscale = recipe.col[n].float().to(w.device)
-                            h = scaled_hessian(full[key_of[n]].to(w.device), unscale).float()
-                    s_n = specs.get(n, spec) if specs is not None else spec
-                    if s_n is None:  # kept in full precision
-                        q, grid = w.float(), None
-                    else:
-                        q, grid = gptq_grid(w, h, s_n, options)
-                    if grid is not None and unscale is None:
-                        out.params[n] = (grid[0].cpu(), grid[1].cpu(), s_n)
-                    out[n] = q.cpu()
-                    set_linear_weight(lm.model.get_submodule(n), q if unscale is None else q / unscale.view(1, -1))
-                del hess, full
-                if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
-                    calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
-                progress((i + 1) / n_blocks, f"sequential GPTQ w{spec.bits}: block {i + 1}/{n_blocks}")
+                    def hook(key: str):
+                        def fn(mod, args) -> None:
+                            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                            if key not in hess:
+                                hess[key] = GramLower(x.shape[1], device=x.device)
+                            hess[key].add(x)  # the collection pass's X^T X
+                        return fn
+                    handles = [lm.model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first_of.items()]
+                    try:
+                        for a, k in calls:
+                            blocks[i](*a, **k)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    full = {k: g.full() for k, g in hess.items()}
+                    for n in names:
+                        w = original_weight(lm, snap, n)
+                        h = full[key_of[n]].to(w.device).float()
+                        unscale = None
+                        if recipe is not None:
+                            w = recipe.prequant(n, w)  # W s, rows divided by the next group's scales where folded
+                            if n in recipe.unscale:  # not folded: the live linear still reads X, GPTQ needs X / s
+                                unscale = recipe.col[n].float().to(w.device)
+                                h = scaled_hessian(full[key_of[n]].to(w.device), unscale).float()
+                        s_n = specs.get(n, spec) if specs is not None else spec
+                        if s_n is None:  # kept in full precision
+                            q, grid = w.float(), None
+                        else:
+                            q, grid = gptq_grid(w, h, s_n, options)
+                        if grid is not None and unscale is None:
+                            out.params[n] = (grid[0].cpu(), grid[1].cpu(), s_n)
+                        out[n] = q.cpu()
+                        set_linear_weight(lm.model.get_submodule(n), q if unscale is None else q / unscale.view(1, -1))
+                    del hess, full
+                    if i + 1 < n_blocks:  # the next block's inputs, from this block quantized
+                        calls = [with_hidden(a, k, first_output(blocks[i](*a, **k))) for a, k in calls]
+                    progress((i + 1) / n_blocks, f"sequential GPTQ w{spec.bits}: block {i + 1}/{n_blocks}")
     finally:
         restore(lm, snap)
     if recipe is None:
         return out
-    return dataclasses.replace(recipe, rounded=dict(out), grids={n: p[:2] for n, p in out.params.items()})
+    return dataclasses.replace(recipe, rounded=out, grids={n: p[:2] for n, p in out.params.items()})
 
 
 def layer(w: torch.Tensor, inputs: LayerInputs, spec: QuantSpec, options: GPTQOptions) -> torch.Tensor:

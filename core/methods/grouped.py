@@ -33,7 +33,7 @@ from . import awq_search as awq
 from .base import ModelContext, RunShape, SharedSearch, search_rows
 from .recipe import Recipe, add_group
 from ..grids.spec import QuantSpec
-from ..model.blocks import BlockInputs, Snapshot, block_name, capture_block, first_output, original_weight
+from ..model.blocks import BlockInputs, Snapshot, block_name, capture_block, first_output, hold, original_weight
 from ..model.linears import find_blocks, set_linear_weight
 from ..model.models import LoadedModel
 
@@ -248,66 +248,74 @@ def search_grouped(lm: LoadedModel, grouping: Grouping, calib: torch.Tensor, sna
     dev = lm.device
     inputs = BlockInputs(lm, calib, batch_tokens=batch_tokens) if cache_inputs else None
     for i in range(n_blocks):
-        groups = grouping.of_block(i)
-        t0 = time.perf_counter()
-        key_of = {}
-        for g in groups:  # each group reads one tensor: capture it once, via its first linear
-            for n in g.linears:
-                key_of[n] = g.linears[0]
-        for n in names_of[i]:
-            key_of.setdefault(n, input_of.get(n, n))
-        want = dict(linears=set(key_of.values()), modules={g.inspect for g in groups if g.inspect})
-        if inputs is not None:
-            cap = inputs.capture(i, **want)
-        else:
-            cap = capture_block(lm, i, calib, batch_tokens=batch_tokens, **want)
-        refs = {g.inspect: module_reference(lm, g, cap.calls[g.inspect]) for g in groups if g.inspect}
-        t_cap = (time.perf_counter() - t0) / max(1, len(bits))
-        weights = {n: original_weight(lm, snap, n).to(dev) for n in names_of[i]}
-        grams: dict[str, torch.Tensor] = {}
-        for b_i, b in enumerate(bits):
-            t1 = time.perf_counter()
-            for g in groups:
-                x = cap.x[g.linears[0]].float()
-                x_mean = x.abs().mean(0)  # official get_act_scale: mean |x| over the group's calibration tokens
-                scales = awq.awq_scales(x_mean, alphas)
-                if g.inspect:
-                    sp = specs[b]
-                    losses = module_losses(lm, g, cap.calls[g.inspect], weights, scales, bits=b,
-                                           group_size=sp.group_size, zero_point=sp.zero_point, ref=refs[g.inspect],
-                                           format=sp.format)
-                else:
-                    w = torch.cat([weights[n] for n in g.linears])
-                    if x.shape[0] > 2 * x.shape[1]:
-                        if g.linears[0] not in grams:
-                            grams[g.linears[0]] = gram(x)
-                        losses = linear_losses(w, None, scales, bits=b, group_size=specs[b].group_size,
-                                               zero_point=specs[b].zero_point, gram_matrix=grams[g.linears[0]],
-                                               n_tokens=x.shape[0], format=specs[b].format)
-                    else:
-                        losses = linear_losses(w, x, scales, bits=b, group_size=specs[b].group_size,
-                                               zero_point=specs[b].zero_point, format=specs[b].format)
-                best = awq.first_min_index(losses)
-                gs = GroupSearch(alphas=alphas, losses=losses, scales=scales[best].clone(), best_index=best,
-                                 group=g, bits=b)
-                searches[b].append(gs)
-                add_group(plans[b], g, gs.scales)
-            t_scale[b] += t_cap + time.perf_counter() - t1
-            if clip:
-                t2 = time.perf_counter()
-                prefix = block_name(grouping.prefix, i) + "."
-                for n in names_of[i]:
-                    if not clip_qk and awq.is_clip_skipped(n[len(prefix):]):
-                        continue  # official skips q/k: their outputs meet in Q K^T
-                    x = cap.x[key_of[n]].float()
-                    if n in plans[b].col:
-                        x = x / plans[b].col[n].to(x.device).view(1, -1)  # official apply_scale divides input_feat by s
-                    # official auto_clip_layer's defaults
-                    clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, specs[b], awq.ClipSearch()).cpu()
-                t_clip[b] += time.perf_counter() - t2
-            progress((i + (b_i + 1) / len(bits)) / n_blocks, f"grouped AWQ search: block {i + 1}/{n_blocks}, w{b}")
-        del cap, grams, refs
+        with hold(lm, i):  # streamed: block i read once for its capture, searches and clips
+            _search_block(lm, i, grouping, inputs, calib, snap, bits, specs, alphas, input_of, names_of, searches,
+                          plans, clips, t_scale, t_clip, dev, batch_tokens, clip, clip_qk, progress, n_blocks)
     return GroupedResult(grouping, searches, plans, clips, t_scale, t_clip)
+
+
+def _search_block(lm, i, grouping, inputs, calib, snap, bits, specs, alphas, input_of, names_of, searches, plans,
+                  clips, t_scale, t_clip, dev, batch_tokens, clip, clip_qk, progress, n_blocks) -> None:
+    """Block ``i`` of :func:`search_grouped` (its loop body; the results go into the dicts passed in)."""
+    groups = grouping.of_block(i)
+    t0 = time.perf_counter()
+    key_of = {}
+    for g in groups:  # each group reads one tensor: capture it once, via its first linear
+        for n in g.linears:
+            key_of[n] = g.linears[0]
+    for n in names_of[i]:
+        key_of.setdefault(n, input_of.get(n, n))
+    want = dict(linears=set(key_of.values()), modules={g.inspect for g in groups if g.inspect})
+    if inputs is not None:
+        cap = inputs.capture(i, **want)
+    else:
+        cap = capture_block(lm, i, calib, batch_tokens=batch_tokens, **want)
+    refs = {g.inspect: module_reference(lm, g, cap.calls[g.inspect]) for g in groups if g.inspect}
+    t_cap = (time.perf_counter() - t0) / max(1, len(bits))
+    weights = {n: original_weight(lm, snap, n).to(dev) for n in names_of[i]}
+    grams: dict[str, torch.Tensor] = {}
+    for b_i, b in enumerate(bits):
+        t1 = time.perf_counter()
+        for g in groups:
+            x = cap.x[g.linears[0]].float()
+            x_mean = x.abs().mean(0)  # official get_act_scale: mean |x| over the group's calibration tokens
+            scales = awq.awq_scales(x_mean, alphas)
+            if g.inspect:
+                sp = specs[b]
+                losses = module_losses(lm, g, cap.calls[g.inspect], weights, scales, bits=b,
+                                       group_size=sp.group_size, zero_point=sp.zero_point, ref=refs[g.inspect],
+                                       format=sp.format)
+            else:
+                w = torch.cat([weights[n] for n in g.linears])
+                if x.shape[0] > 2 * x.shape[1]:
+                    if g.linears[0] not in grams:
+                        grams[g.linears[0]] = gram(x)
+                    losses = linear_losses(w, None, scales, bits=b, group_size=specs[b].group_size,
+                                           zero_point=specs[b].zero_point, gram_matrix=grams[g.linears[0]],
+                                           n_tokens=x.shape[0], format=specs[b].format)
+                else:
+                    losses = linear_losses(w, x, scales, bits=b, group_size=specs[b].group_size,
+                                           zero_point=specs[b].zero_point, format=specs[b].format)
+            best = awq.first_min_index(losses)
+            gs = GroupSearch(alphas=alphas, losses=losses, scales=scales[best].clone(), best_index=best,
+                             group=g, bits=b)
+            searches[b].append(gs)
+            add_group(plans[b], g, gs.scales)
+        t_scale[b] += t_cap + time.perf_counter() - t1
+        if clip:
+            t2 = time.perf_counter()
+            prefix = block_name(grouping.prefix, i) + "."
+            for n in names_of[i]:
+                if not clip_qk and awq.is_clip_skipped(n[len(prefix):]):
+                    continue  # official skips q/k: their outputs meet in Q K^T
+                x = cap.x[key_of[n]].float()
+                if n in plans[b].col:
+                    x = x / plans[b].col[n].to(x.device).view(1, -1)  # official apply_scale divides input_feat by s
+                # official auto_clip_layer's defaults
+                clips[b][n] = awq.search_clip(plans[b].prequant(n, weights[n]), x, specs[b], awq.ClipSearch()).cpu()
+            t_clip[b] += time.perf_counter() - t2
+        progress((i + (b_i + 1) / len(bits)) / n_blocks, f"grouped AWQ search: block {i + 1}/{n_blocks}, w{b}")
+    del cap, grams, refs
 
 
 # ------------------------------------------------------------------------------------------------

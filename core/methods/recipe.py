@@ -12,7 +12,7 @@ from . import awq_search as awq
 from ..grids.quant import fake_quant
 from ..grids.spec import QuantSpec
 from ..model.blocks import Snapshot, original_weight
-from ..model.linears import set_linear_weight
+from ..model.linears import set_linear_weight, set_parameter
 from ..model.models import LoadedModel
 
 Cells = Sequence[tuple[int, int]]  # (row, col) positions of one ``[out, in]`` weight
@@ -160,13 +160,47 @@ def folded_params(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[s
 def apply_recipe(lm: LoadedModel, recipe: Recipe, snap: Snapshot, names: list[str] | None = None) -> None:
     """Write ``recipe``'s weights into the model (in place). Undo with :func:`restore`."""
     names = [li.name for li in lm.linears] if names is None else names
+    s = lm.streamer
+    if s is not None:  # streamed: a layer that applies the recipe to each block as it is read
+        s.push(_recipe_layer(lm, recipe, names))
+        return
     with torch.no_grad():
         for n in names:
             m = lm.model.get_submodule(n)
             set_linear_weight(m, recipe.final(n, original_weight(lm, snap, n).to(m.weight.device)))
-        params = dict(lm.model.named_parameters())
         for key, v in folded_params(lm, recipe, snap, names).items():
-            params[key].data.copy_(v.to(params[key].device))
+            set_parameter(lm.model, key, v)
+
+
+def _recipe_layer(lm: LoadedModel, recipe: Recipe, names: list[str]) -> Any:
+    """``recipe`` as a ``core.model.stream.Transform``: the same arithmetic as :func:`apply_recipe` on the value
+    below it (the snapshot's, when the recipe is applied to the model it was searched on)."""
+    from ..model.stream import Transform
+
+    info = {li.name: li for li in lm.linears}
+    fold = {}  # parameter -> (kind, s): biases of row-folded linears, norms' weights and biases
+    for n in names:
+        if n in recipe.row:
+            fold[f"{n}.bias"] = ("row", recipe.row[n].float().cpu())
+    for n, sc in recipe.norm.items():
+        for p in ("weight", "bias"):
+            fold[f"{n}.{p}"] = ("norm", sc.float().cpu())
+    weights = {f"{n}.weight": n for n in names}
+
+    def fn(key: str, v: torch.Tensor) -> torch.Tensor:
+        dtype = v.dtype
+        if key in weights:
+            n = weights[key]
+            w = v.T if info[n].transposed else v
+            out = recipe.final(n, w.float().to(lm.device)).to(dtype)
+            return out.T if info[n].transposed else out
+        kind, sc = fold[key]
+        if kind == "row":
+            b = v.float().cpu().clone()
+            b[-sc.numel():] = b[-sc.numel():] / sc
+            return b.to(dtype)
+        return (v.float().cpu() / sc).to(dtype)
+    return Transform(set(weights) | set(fold), fn)
 
 
 def with_clip(recipe: Recipe, clip: dict[str, torch.Tensor]) -> Recipe:

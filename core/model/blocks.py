@@ -3,14 +3,16 @@ that capture what a block's linears and modules receive, and the carried block i
 (``inps = layer(inps)``). Every whole-model method runs on these."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .linears import find_blocks
 from .models import LoadedModel
+from .stream import streamer_of
 
 
 def block_name(prefix: str, i: int) -> str:
@@ -21,11 +23,15 @@ def first_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-Snapshot = dict[str, torch.Tensor]
+Snapshot = Mapping[str, torch.Tensor]  # a dict in memory, core.model.stream.Snapshot when streamed
 
 
 def snapshot(lm: LoadedModel) -> Snapshot:
-    """Copies (on CPU) of every parameter inside the transformer blocks: what a plan may change."""
+    """Every parameter inside the transformer blocks as it is now: what a plan may change. In memory: copies on
+    the CPU; streamed: the layers over the checkpoint (nothing copied: ``core.model.stream.Snapshot``)."""
+    s = streamer_of(lm.model)
+    if s is not None:
+        return s.snapshot()
     prefix, blocks = find_blocks(lm.model)
     out: Snapshot = {}
     for i, b in enumerate(blocks):
@@ -35,11 +41,27 @@ def snapshot(lm: LoadedModel) -> Snapshot:
 
 
 def restore(lm: LoadedModel, snap: Snapshot) -> None:
-    """Write the snapshot back, bit for bit (``copy_`` of the saved tensors into the same parameters)."""
+    """Put the snapshot back, bit for bit (in memory: ``copy_`` of the saved tensors into the same parameters)."""
+    s = streamer_of(lm.model)
+    if s is not None:
+        s.restore(snap)
+        return
     params = dict(lm.model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for n, v in snap.items():
-            params[n].data.copy_(v)
+            params[n].copy_(v)
+
+
+@contextmanager
+def hold(lm: LoadedModel, i: int) -> Iterator[None]:
+    """Block ``i``'s weights in memory for the ``with`` (a streamed model; nothing to do for one in memory): code
+    that runs a block or its modules many times, or writes into them, reads them once."""
+    s = streamer_of(lm.model)
+    if s is None:
+        yield
+    else:
+        with s.hold(i):
+            yield
 
 
 def original_weight(lm: LoadedModel, snap: Snapshot, name: str) -> torch.Tensor:
@@ -172,7 +194,7 @@ class BlockInputs:
         xs, calls, handles = _capture_hooks(self.lm, linears, modules)
         nxt: list[tuple[tuple, dict]] = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), hold(self.lm, block):
                 for args, kwargs in self.calls:
                     nxt.append(with_hidden(args, kwargs, first_output(self.blocks[block](*args, **kwargs))))
         finally:
@@ -181,3 +203,61 @@ class BlockInputs:
         self.calls = nxt
         self.next_block = block + 1
         return Captured(block, {n: torch.cat(v) for n, v in xs.items() if v}, calls)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block in the replay pass of :func:`block_major`: returns the last block's output."""
+
+    def __init__(self, out: Any):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.out
+
+
+def block_major(lm: LoadedModel, batches: list[torch.Tensor]) -> Iterator[Any]:
+    """The model's outputs on each of ``batches``, computed block by block: every batch goes through block 0,
+    then every batch through block 1, ... (a streamed model reads each block once for all of them, instead of once
+    per batch), then each batch's embedding-to-head pass is replayed with the blocks standing in by their
+    outputs, which runs what comes after the blocks (final norm, head) one batch at a time. Yields what
+    ``lm.model(...)`` returns, batch by batch; the same values as :func:`forward` on each batch (same
+    operations on the same inputs). Hooks on the blocks fire once, in the block pass."""
+    prefix, blocks = find_blocks(lm.model)
+    calls: list[tuple[tuple, dict]] = []
+
+    def grab(mod, args, kwargs):
+        calls.append((_keep(args), {k: _keep(v) for k, v in kwargs.items()}))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    forward(lm, b)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    last: list[Any] = [None] * len(batches)
+    for i in range(len(blocks)):
+        with hold(lm, i), torch.no_grad():
+            for j, (a, k) in enumerate(calls):
+                out = blocks[i](*a, **k)
+                calls[j] = with_hidden(a, k, first_output(out))
+                if i == len(blocks) - 1:
+                    last[j] = out
+    del calls
+    real = list(blocks)
+    for j, b in enumerate(batches):
+        try:
+            for i in range(len(blocks)):
+                blocks[i] = _Replay(last[j])
+            with torch.no_grad():
+                out = forward(lm, b)
+        finally:
+            for i, m in enumerate(real):
+                blocks[i] = m
+        last[j] = None
+        yield out

@@ -1,12 +1,12 @@
 """Local GGUF files (llama.cpp's format): check them, read their per-tensor types, convert them once.
 
-transformers loads a GGUF with ``from_pretrained(folder, gguf_file=name)`` and dequantizes every tensor
-to float32, which takes ~30-40 s for the bundled SmolLM2-135M; a GGUF-loaded model cannot be saved
-(``save_pretrained`` refuses models "quantized with gguf"). So :func:`convert` does it once: load through
-transformers, build a plain model of the same class from its config *without* ``quantization_config``,
-load the state dict strictly (same tensors, so the same logits), save it as safetensors with the
-tokenizer into a temp folder, write a manifest (file sizes and sha256) and rename the folder into place.
-Afterwards :func:`convert` only verifies the folder and returns it.
+transformers loads a GGUF with ``from_pretrained(folder, gguf_file=name)`` by dequantizing every tensor to
+float32 at once (the whole model in memory), and a GGUF-loaded model cannot be saved. So :func:`convert` does it
+once, one tensor at a time (:func:`_convert_tensors`: transformers' own per-architecture tensor processing and
+name map, so the same tensors ``from_pretrained`` gives), into a plain safetensors folder with the config
+*without* ``quantization_config`` and the tokenizer, in a temp folder, writes a manifest (file sizes and sha256)
+and renames the folder into place. Afterwards :func:`convert` only verifies the folder and returns it; the
+streamed engine (``core.model.stream``) reads it block by block.
 
 The folder lives under ``<cache>/.models/<label>-<fingerprint>/`` (a dot folder: the analysis listing
 skips it, and no model slug can collide with it). Its manifest also records each quantizable linear's
@@ -294,14 +294,8 @@ def convert(path: str | Path, cache_dir: str | Path, *, label: str | None = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         t0 = time.time()
-        progress(0.02, f"converting {src.name} once (dequantizing to float32, ~40 s for 135M weights)")
-        model, tokenizer = _load_gguf(src)
-        progress(0.75, "building a plain model from its config")
-        plain = _plain_copy(model)
-        del model
-        progress(0.85, "saving as safetensors")
-        plain.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        progress(0.02, f"converting {src.name} once (dequantizing to float32 one tensor at a time)")
+        plain = _convert_tensors(src, tmp, lambda f, m: progress(0.02 + 0.9 * f, m))
 
         n_blocks = int(getattr(plain.config, "num_hidden_layers", 0) or 0)
         linears = [li.name for li in enumerate_linears(plain)]
@@ -350,45 +344,82 @@ def _version(pkg: str) -> str:
         return "missing"
 
 
-def _load_gguf(src: Path):
-    """transformers' own GGUF loading (dequantized float32 model + tokenizer); errors -> one sentence."""
+def _convert_tensors(src: Path, out: Path, progress: Progress):
+    """Write GGUF ``src`` into folder ``out`` as a plain transformers model (config without
+    ``quantization_config``, float32 ``model.safetensors``, tokenizer), one tensor in memory at a time: each
+    tensor is dequantized, put in transformers' layout by transformers' own per-architecture ``TensorProcessor``
+    (the Q/K permutation llama.cpp applies is undone), appended to a scratch file, and the safetensors file is
+    that file behind its header. The same tensors as ``from_pretrained(gguf_file=...)`` loads (tests/test_gguf.py).
+    Returns the model's skeleton (on ``meta``, for its linears' names)."""
+    import copy
+
+    import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
+                                                          load_gguf_checkpoint, read_field)
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name)
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        parsed = load_gguf_checkpoint(str(src), return_tensors=False)
+        cfg = copy.deepcopy(config)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        cfg.dtype = torch.float32
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(cfg)
+        if not getattr(cfg, "architectures", None):
+            cfg.architectures = [type(skeleton).__name__]
+        reader = GGUFReader(str(src))
+        arch = read_field(reader, "general.architecture")[0]
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+        mapping = get_gguf_hf_weights_map(skeleton, processor)
     except Exception as e:  # noqa: BLE001 - turned into one sentence for the user
         msg = _first_line(e)
         low = msg.lower()
         if "not supported" in low or "architecture" in low or "unknown" in low or "unrecognized" in low:
             raise GGUFError(f"{src.name!r} holds a model transformers cannot load from GGUF ({msg})") from e
         raise GGUFError(f"could not load {src.name!r} as a GGUF model ({msg})") from e
-    return model.eval(), tokenizer
+    header: dict[str, Any] = {}
+    offset = 0
+    raw = out / ".tensors.raw"
+    with open(raw, "wb") as fh:
+        for k, t in enumerate(reader.tensors):
+            w = dequantize(t.data, t.tensor_type)
+            r = processor.process(weights=w, name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+            if r.name not in mapping:
+                continue
+            a = torch.from_numpy(np.copy(r.weights)).to(torch.float32).contiguous()
+            data = a.numpy().tobytes()
+            header[mapping[r.name]] = {"dtype": "F32", "shape": list(a.shape),
+                                       "data_offsets": [offset, offset + len(data)]}
+            fh.write(data)
+            offset += len(data)
+            del w, r, a, data
+            progress((k + 1) / len(reader.tensors), f"dequantizing {t.name}")
+    try:  # tied parameters (lm_head.weight of tied embeddings) are stored once, under the name they are tied to
+        tied = dict(skeleton.get_expanded_tied_weights_keys(all_submodels=True))
+    except Exception:  # noqa: BLE001 - a model without tied weights
+        tied = {}
+    missing = [n for n, _ in skeleton.named_parameters(remove_duplicate=False)
+               if n not in header and tied.get(n) not in header]
+    if missing:
+        raw.unlink()
+        raise GGUFError(f"{src.name!r} has no tensor for {missing[0]} (not a complete {arch} model)")
+    head = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the safetensors header is padded to 8 bytes
+    with open(out / "model.safetensors", "wb") as fo, open(raw, "rb") as fi:
+        fo.write(len(head).to_bytes(8, "little"))
+        fo.write(head)
+        shutil.copyfileobj(fi, fo, 64 * 2**20)
+    raw.unlink()
+    cfg.save_pretrained(str(out))
+    if getattr(skeleton, "generation_config", None) is not None:
+        skeleton.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return skeleton
 
 
-def _plain_copy(model):
-    """The same model class from its config without ``quantization_config``, weights loaded strictly.
-
-    ``save_pretrained`` refuses a model loaded from GGUF; this copy holds the identical tensors.
-    """
-    import copy
-
-    import torch
-
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    cfg.dtype = torch.float32
-    if not getattr(cfg, "architectures", None):
-        cfg.architectures = [type(model).__name__]
-    with torch.device("meta"):  # no random initialisation of weights that are overwritten at once
-        plain = type(model)(cfg)
-    plain.load_state_dict(model.state_dict(), strict=True, assign=True)
-    for name, buf in list(plain.named_buffers()):  # non-persistent buffers (rotary inv_freq): from the original
-        if buf.is_meta:
-            mod, _, leaf = name.rpartition(".")
-            plain.get_submodule(mod)._buffers[leaf] = model.get_submodule(mod)._buffers[leaf]
-    if getattr(cfg, "tie_word_embeddings", False) and hasattr(plain, "tie_weights"):
-        plain.tie_weights()
-    return plain.eval()

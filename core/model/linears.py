@@ -39,15 +39,48 @@ def is_quantizable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or _is_conv1d(m)
 
 
+def _streamed(m: nn.Module):
+    """``(streamer, module name)`` when ``m`` sits in a block of a streamed model (``core.model.stream``)."""
+    return m.__dict__.get("_awqx_stream")
+
+
 def linear_weight(m: nn.Module) -> torch.Tensor:
-    """``[out, in]`` view of a Linear's weight, or the transpose of a GPT-2 Conv1D's ``[in, out]``."""
-    return m.weight.data.T if _is_conv1d(m) else m.weight.data
+    """``[out, in]`` view of a Linear's weight, or the transpose of a GPT-2 Conv1D's ``[in, out]``. In a streamed
+    model whose block is not in memory, the value read from the checkpoint (through the layers over it)."""
+    w = m.weight
+    if w.is_meta and _streamed(m) is not None:
+        s, name = _streamed(m)
+        w = s.value(f"{name}.weight")
+    return w.data.T if _is_conv1d(m) else w.data
 
 
 def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
-    """Write ``w [out, in]`` into the module in place, in its own layout, dtype and device."""
-    target = m.weight.data
-    target.copy_((w.T if _is_conv1d(m) else w).to(dtype=target.dtype, device=target.device))
+    """Write ``w [out, in]`` into the module in its own layout, dtype and device: in place, or, in a streamed
+    model whose block is not in memory, as the value its block will be read with (``Streamer.write``)."""
+    value = w.T if _is_conv1d(m) else w
+    target = m.weight
+    if target.is_meta and _streamed(m) is not None:
+        s, name = _streamed(m)
+        s.write(f"{name}.weight", value.to(dtype=target.dtype))
+        return
+    with torch.no_grad():  # not through .data: the write must count in the parameter's version
+        target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Write ``value`` into parameter ``name`` of ``model`` (same shape; converted to its dtype and device), in
+    place or, in a streamed model whose block is not in memory, as the value its block will be read with."""
+    owner, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    p = mod._parameters.get(leaf)
+    if p is None:
+        raise KeyError(f"{name!r} is not a parameter of this model")
+    if p.is_meta and _streamed(mod) is not None:
+        s, _ = _streamed(mod)
+        s.write(name, value.to(dtype=p.dtype))
+        return
+    with torch.no_grad():
+        p.copy_(value.to(dtype=p.dtype, device=p.device))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -110,9 +143,9 @@ def enumerate_linears(model: nn.Module) -> list[LinearInfo]:
         for rel, m in block.named_modules():
             if not rel or not is_quantizable(m):
                 continue
-            w = linear_weight(m)
+            shape = m.weight.shape[::-1] if _is_conv1d(m) else m.weight.shape  # [out, in]; no read when streamed
             name = f"{prefix}.{i}.{rel}" if prefix else f"{i}.{rel}"
-            out.append(LinearInfo(name, i, family_of(rel), int(w.shape[1]), int(w.shape[0]), _is_conv1d(m)))
+            out.append(LinearInfo(name, i, family_of(rel), int(shape[1]), int(shape[0]), _is_conv1d(m)))
     if not out:
         raise ModelLoadError("this model has no linear layers inside its transformer blocks")
     return out

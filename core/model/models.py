@@ -22,6 +22,7 @@ from torch import nn
 
 from . import gguf_file
 from .linears import LinearInfo, ModelLoadError, enumerate_linears, linear_weight
+from .stream import MISSING_TENSOR, StreamError, WeightStore, attach, streamed, streamer_of
 
 BUNDLED = "bundled"  # an alias: the default bundled model
 SMOLLM2 = "smollm2"
@@ -40,6 +41,7 @@ BUNDLED_PACKAGE = MINILM_PACKAGE  # kept for callers from before SmolLM2 became 
 Progress = Callable[[float, str], None]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda", "mps", "auto")
 
 
 @dataclass
@@ -68,11 +70,20 @@ class LoadedModel:
         raise KeyError(f"no quantizable linear named {name!r}")
 
     def weight(self, name: str) -> torch.Tensor:
-        """The weight of linear ``name`` as ``[out, in]`` float32 (a copy for Conv1D)."""
+        """The weight of linear ``name`` as ``[out, in]`` float32 (a copy for Conv1D; streamed: read from the
+        checkpoint through the layers over it)."""
         return linear_weight(self.model.get_submodule(name)).float()
 
     @property
+    def streamer(self) -> Any:
+        """The model's ``core.model.stream.Streamer`` (None when the whole model is in memory)."""
+        return streamer_of(self.model)
+
+    @property
     def device(self) -> torch.device:
+        s = self.streamer
+        if s is not None:
+            return s.device
         return next(self.model.parameters()).device
 
 
@@ -193,24 +204,29 @@ def load_model(
     tokenizer_source: str | None = None,
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
+    stream: bool | None = None,
 ) -> LoadedModel:
     """Open ``source`` (``smollm2``/``bundled``, ``minilm``, a ``.gguf`` file, a local folder or a hub id) for
     analysis, in eval mode.
 
-    ``device``: ``cpu``, ``cuda`` or ``auto`` (``device_map="auto"``, spreads a large model over the
-    available devices; needs accelerate). A GGUF source is converted once into ``cache_dir`` (default:
-    :func:`default_cache_dir`), reporting through ``progress``. Raises :class:`ModelLoadError` with one
-    readable sentence.
+    The model is **streamed** (``core.model.stream``): its decoder blocks stay in the checkpoint and each is read
+    when it runs, on ``device`` (``cpu``, ``cuda`` or ``mps``), in ``dtype``, so memory holds one block plus the
+    hidden states whatever the model's size. ``device="auto"`` instead loads the whole model with accelerate's
+    ``device_map="auto"`` (spread over several GPUs); ``stream=False`` (default: ``$AWQ_EXPLORER_ENGINE=memory``)
+    loads it whole into memory (the engine before streaming; benchmarks compare the two). A GGUF source is converted once into ``cache_dir`` (default: :func:`default_cache_dir`),
+    reporting through ``progress``. Raises :class:`ModelLoadError` with one readable sentence.
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; pick one of {', '.join(DTYPES)}")
-    if device not in ("cpu", "cuda", "auto"):
-        raise ModelLoadError(f"unknown device {device!r}; pick cpu, cuda or auto")
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device {device!r}; pick one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("device 'mps' was asked for but this machine has no Apple GPU (MPS)")
     source = canonical_model(source)
     src = resolve_source(source, cache_dir=cache_dir, progress=progress)
     path, model_id, local = src.path, src.model_id, src.local
@@ -228,19 +244,41 @@ def load_model(
     is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
     cls = AutoModelForCausalLM if is_causal else AutoModel
     load_kw: dict[str, Any] = dict(kw, dtype=DTYPES[dtype], use_safetensors=True)
-    if device == "auto":
-        load_kw["device_map"] = "auto"
+    model = None
+    if stream is None:
+        stream = os.environ.get("AWQ_EXPLORER_ENGINE", "stream").strip().lower() != "memory"
+    if stream and device != "auto":
+        folder = path if local else _hub_folder(source, kw)
+        try:
+            store = WeightStore(folder)
+            _check_finite_checkpoint(store)
+            model, streamer = streamed(folder, dtype=DTYPES[dtype], device=device,
+                                       trust_remote_code=bool(trust_remote_code), config=config)
+            attach(model, streamer)
+        except StreamError as e:
+            if not str(e).startswith(MISSING_TENSOR):
+                raise ModelLoadError(f"the weights of {source!r} are corrupt or truncated: {e}") from e
+            # names transformers renames when it loads (old checkpoints): the whole model in memory instead
+            model = None
+            if progress:
+                progress(0.0, f"{e}: loading the whole model into memory instead of streaming it")
     try:
-        model = cls.from_pretrained(str(path), **load_kw)
+        if model is None:
+            if device == "auto":
+                load_kw["device_map"] = "auto"
+            model = cls.from_pretrained(str(path), **load_kw)
+            if device in ("cuda", "mps"):
+                model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source or path), **kw)
+    except ModelLoadError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(_explain(source, e, local)) from e
-    if device == "cuda":
-        model = model.to("cuda")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    _check_finite_weights(model)
+    if streamer_of(model) is None:
+        _check_finite_weights(model)
     linears = enumerate_linears(model)
     conv = src.conversion or {}
     rev = revision or getattr(config, "_commit_hash", None) or ("local" if local else "main")
@@ -336,6 +374,28 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
     except Exception:  # noqa: BLE001
         return False
+
+
+def _hub_folder(repo_id: str, kw: dict[str, Any]) -> str:
+    """The local folder of hub model ``repo_id`` (downloaded once into the hub cache: config, tokenizer and
+    safetensors files only) that the streamed engine reads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=kw.get("revision"), local_files_only=bool(kw.get("local_files_only")),
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(_explain(repo_id, e, False)) from e
+
+
+def _check_finite_checkpoint(store: WeightStore) -> None:
+    """A NaN or inf in any floating-point tensor of the checkpoint is refused before anything runs (one tensor
+    in memory at a time)."""
+    for name in store.names():
+        t = store.get(name)
+        if t.is_floating_point() and not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
+            raise StreamError(f"the weights contain NaN or inf (in {name}); the checkpoint is damaged")
+        del t
 
 
 def _check_finite_weights(model: nn.Module) -> None:

@@ -20,12 +20,13 @@ terms below log p = -16; the explorer keeps them in float32 (a difference of ~1e
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from ..grids import metrics
-from .blocks import forward
+from .blocks import block_major, forward
+from .stream import SpillList
 from .models import LoadedModel
 
 Progress = Callable[[float, str], None]
@@ -99,15 +100,32 @@ def eval_batches(lm: LoadedModel, ids: torch.Tensor, batch_tokens: int) -> list[
 
 
 def held_chunks(lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Held-out blocks in chunks whose full-precision reference fits ``KL_BUDGET_BYTES``."""
-    if not lm.is_causal:
+    """Held-out blocks in chunks whose full-precision reference fits ``KL_BUDGET_BYTES`` (a streamed model: one
+    chunk, its reference kept in memory up to that budget and in a scratch file beyond, so each block is read once
+    per variant)."""
+    if not lm.is_causal or lm.streamer is not None:
         return [ids]
     per = max(1, KL_BUDGET_BYTES // (ids.shape[1] * vocab(lm) * 4))
     return [ids[i:i + per] for i in range(0, ids.shape[0], per)]
 
 
 def output(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    out = forward(lm, ids)
+    """Logits ``[b, t, vocab]`` (causal) or last hidden states ``[b, t, h]`` of ``ids``, float32."""
+    return _as_output(lm, forward(lm, ids))
+
+
+def outputs(lm: LoadedModel, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """:func:`output` of each batch, one at a time; a streamed model runs them block by block
+    (``core.model.blocks.block_major``: each block read once for all batches)."""
+    if lm.streamer is None:
+        for b in batches:
+            yield output(lm, b)
+        return
+    for out in block_major(lm, batches):
+        yield _as_output(lm, out)
+
+
+def _as_output(lm: LoadedModel, out) -> torch.Tensor:
     if lm.is_causal:
         return out.logits.float()
     h = getattr(out, "last_hidden_state", None)
@@ -191,10 +209,11 @@ class Score:
 
 
 def reference(lm: LoadedModel, batches: list[torch.Tensor], score: Score,
-               progress: Progress | None = None) -> list[torch.Tensor]:
-    refs = []
-    for i, b in enumerate(batches):
-        out = output(lm, b)
+               progress: Progress | None = None) -> list[torch.Tensor] | SpillList:
+    """The fp reference of each batch (log-probs of the scored predictions, or hidden states), added to
+    ``score``; a streamed model keeps them in a ``SpillList`` (beyond ``KL_BUDGET_BYTES``: a scratch file)."""
+    refs: list[torch.Tensor] | SpillList = [] if lm.streamer is None else SpillList(KL_BUDGET_BYTES)
+    for i, (b, out) in enumerate(zip(batches, outputs(lm, batches))):
         score.add(b, out, None)
         refs.append(torch.log_softmax(score.scored(out), dim=-1) if lm.is_causal else out)
         if progress:

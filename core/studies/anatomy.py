@@ -46,10 +46,10 @@ from ..grids.quant import check_bits
 from ..grids.spec import QuantSpec
 from ..methods import LAYER_METHODS, MODEL_METHODS
 from ..methods.recipe import Keep
-from ..model.blocks import BlockInputs, first_output, forward, token_batches
+from ..model.blocks import BlockInputs, first_output, forward, restore, snapshot, token_batches
 from ..model import score
 from ..model.collect import model_lock
-from ..model.linears import find_blocks, linear_weight
+from ..model.linears import find_blocks, linear_weight, set_linear_weight
 from . import evaluate
 from .methods_table import layer_errors
 
@@ -352,6 +352,7 @@ def find_super_weights(lm, settings: AnatomySettings, *, progress: Progress | No
     texts = _token_texts(lm.tokenizer, ids.reshape(-1).tolist())
     saved: dict[tuple[str, int, int], torch.Tensor] = {}
     out = _Search([], [], {}, stopped=False)
+    snap = snapshot(lm) if lm.streamer is not None else None  # streamed: nothing copied, the layers put back
     try:
         for it in range(settings.max_iterations):
             rec = _down_pass(lm, ids, downs)
@@ -376,7 +377,8 @@ def find_super_weights(lm, settings: AnatomySettings, *, progress: Progress | No
                 break
             for key, r in new:
                 n, row, col = key
-                w = linear_weight(lm.model.get_submodule(n))  # [out, in], a view (GPT-2's Conv1D: transposed)
+                m = lm.model.get_submodule(n)
+                w = linear_weight(m).clone()  # [out, in]
                 with torch.no_grad():
                     saved[key] = w[row, col].detach().clone()
                     wa = w.float().abs()  # the rank is among the tensor as trained: earlier zeroed weights put back
@@ -391,11 +393,15 @@ def find_super_weights(lm, settings: AnatomySettings, *, progress: Progress | No
                                       "pos": int(r["in_pos"]), "token": texts[int(ids[0, r["in_pos"]])]})
                     out.inputs[key] = r["x"]
                     w[row, col] = 0
+                    set_linear_weight(m, w)
             progress((it + 1) / settings.max_iterations, f"super weights: pass {it + 1}, {len(saved)} found")
     finally:
-        with torch.no_grad():
-            for (n, row, col), v in saved.items():
-                linear_weight(lm.model.get_submodule(n))[row, col] = v
+        if snap is not None:
+            restore(lm, snap)
+        else:
+            with torch.no_grad():
+                for (n, row, col), v in saved.items():
+                    linear_weight(lm.model.get_submodule(n))[row, col] = v
     return out
 
 

@@ -57,7 +57,8 @@ from ..model import score
 from ..model.blocks import original_weight, restore, snapshot
 from ..model.calibration import CalibrationData, CalibrationError, first_blocks, load_text, prepare
 from ..model.collect import model_lock
-from ..model.linears import set_linear_weight
+from ..model import stream
+from ..model.linears import set_linear_weight, set_parameter
 from ..model.models import MINILM, LoadedModel, canonical_model, minilm_path
 
 Progress = Callable[[float, str], None]
@@ -221,14 +222,45 @@ def apply_variant(lm: LoadedModel, variant: Variant, snap, keep: Keep | None = N
             if tuple(w.shape) != want:
                 raise ValueError(f"the replacement weight of {name} has shape {tuple(w.shape)}, expected {want} "
                                  f"([out, in])")
-            m = lm.model.get_submodule(name)
-            set_linear_weight(m, w.to(m.weight.device))
         state = getattr(variant, "state", None) or {}
         params = dict(lm.model.named_parameters())
         for name, v in state.items():
             if name not in snap or name not in params or tuple(params[name].shape) != tuple(v.shape):
                 raise ValueError(f"the variant changes {name!r}, which is not a block parameter of this model's shape")
-            params[name].data.copy_(v.to(params[name].device, params[name].dtype))
+        s = lm.streamer
+        if s is not None:  # streamed: the variant becomes a layer read with each block (nothing written)
+            s.push(stream.Values(_VariantParams(variant, state, {n for n in variant if info[n].transposed})))
+            return
+        for name, w in variant.items():
+            m = lm.model.get_submodule(name)
+            set_linear_weight(m, w.to(m.weight.device))
+        for name, v in state.items():
+            set_parameter(lm.model, name, v)
+
+
+class _VariantParams(Mapping):
+    """A variant's weights by parameter name, in the modules' own layout (GPT-2's Conv1D: ``[in, out]``)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], transposed: set[str]):
+        self.weights, self.state, self.transposed = weights, state, transposed
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.state:
+            return self.state[key]
+        n = key[:-len(".weight")] if key.endswith(".weight") else None
+        if n is None or n not in self.weights:
+            raise KeyError(key)
+        w = self.weights[n]
+        return w.T if n in self.transposed else w
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (key in self.state or (key.endswith(".weight") and key[:-7] in self.weights))
+
+    def __iter__(self):
+        return iter([f"{n}.weight" for n in self.weights] + list(self.state))
+
+    def __len__(self) -> int:
+        return len(self.weights) + len(self.state)
 
 
 def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, Callable[[], Variant]], snap, *,
@@ -262,8 +294,8 @@ def _score_variants(lm: LoadedModel, heldout: torch.Tensor, builders: dict[Any, 
                 apply_variant(lm, build(), snap)
                 if hooks and key in hooks:
                     handles = list(hooks[key](lm))
-                for b_ids, ref in zip(batches, refs):
-                    scores[key].add(b_ids, score.output(lm, b_ids), ref)
+                for b_ids, ref, out in zip(batches, refs, score.outputs(lm, batches)):
+                    scores[key].add(b_ids, out, ref)
             finally:
                 for h in handles:
                     h.remove()

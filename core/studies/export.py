@@ -49,7 +49,9 @@ from ..methods import METHODS, MODEL_METHODS, ModelContext
 from ..methods.base import GridWeights
 from ..methods.recipe import Recipe, folded_params
 from ..methods import awq_search
+from ..model import stream
 from ..model.blocks import original_weight, restore, snapshot
+from ..model.stream import Snapshot
 from ..model.collect import model_lock
 from . import evaluate
 
@@ -324,8 +326,8 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
             restore(lm, snap)
     linear_keys = {f"{n}.weight" for n in widths}
     # block parameters are copied (a later variant writes into them in place); the rest (embeddings) only referenced
-    state = {k: (v.detach().clone() if k in snap else v.detach()) for k, v in lm.model.state_dict().items()
-             if k not in linear_keys}
+    state = {k: (v.detach().clone() if k in snap and not isinstance(snap, Snapshot) else v.detach())
+             for k, v in stream.state_dict(lm.model, snap).items() if k not in linear_keys}
     state.update(folded)
     report(1.0, "export model ready")
     return ExportModel(analysis, method, spec, dict(plan) if plan is not None else None, state, out, set(folded), notes)
