@@ -43,6 +43,24 @@ FIRST_OPEN_SWEEP = SweepSettings(bits=(3, 4), group_size=64)
 FIRST_OPEN_ROWS = 128
 
 
+MEMO_BYTES = 512 * 2**20  # what an Analysis keeps of recomputable results (weights, curves), at most
+
+
+def _nbytes(val: Any, depth: int = 0) -> int:
+    """The tensors' bytes inside ``val`` (a tensor, a tuple / list / dict of them, or an object's attributes)."""
+    if isinstance(val, torch.Tensor):
+        return val.numel() * val.element_size()
+    if depth > 2:
+        return 0
+    if isinstance(val, (tuple, list)):
+        return sum(_nbytes(v, depth + 1) for v in val)
+    if isinstance(val, dict):
+        return sum(_nbytes(v, depth + 1) for v in val.values())
+    if hasattr(val, "__dict__"):
+        return sum(_nbytes(v, depth + 1) for v in vars(val).values())
+    return 0
+
+
 @dataclass(frozen=True)
 class AnalysisSettings:
     """Everything that decides an analysis' numbers (and so its cache key).
@@ -226,6 +244,7 @@ class Analysis:
         self._samples: dict[str, torch.Tensor] | None = None
         self._lock = threading.RLock()
         self._memo: OrderedDict[tuple, Any] = OrderedDict()
+        self._memo_bytes: dict[tuple, int] = {}
         self._info: dict[str, dict[str, Any]] | None = None
 
     # --- tables -------------------------------------------------------------------------------
@@ -365,8 +384,13 @@ class Analysis:
         val = fn()
         with self._lock:
             self._memo[key] = val
-            while len(self._memo) > 128:
-                self._memo.popitem(last=False)
+            self._memo_bytes[key] = _nbytes(val)
+            # at most 128 entries and MEMO_BYTES: a streamed model's weights are read on demand, and a whole-model
+            # pass that reads every linear's weight must not end up holding them all
+            while len(self._memo) > 1 and (len(self._memo) > 128
+                                           or sum(self._memo_bytes.get(k, 0) for k in self._memo) > MEMO_BYTES):
+                old, _ = self._memo.popitem(last=False)
+                self._memo_bytes.pop(old, None)
         return val
 
     def alpha_curve(self, name: str, *, bits: int, group_size: int, zero_point: bool = True,

@@ -251,7 +251,7 @@ def load_model(
         folder = path if local else _hub_folder(source, kw)
         try:
             store = WeightStore(folder)
-            _check_finite_checkpoint(store)
+            _check_finite_checkpoint(store, cache_dir)
             model, streamer = streamed(folder, dtype=DTYPES[dtype], device=device,
                                        trust_remote_code=bool(trust_remote_code), config=config)
             attach(model, streamer)
@@ -388,14 +388,34 @@ def _hub_folder(repo_id: str, kw: dict[str, Any]) -> str:
         raise ModelLoadError(_explain(repo_id, e, False)) from e
 
 
-def _check_finite_checkpoint(store: WeightStore) -> None:
+def _check_finite_checkpoint(store: WeightStore, cache_dir: str | Path | None) -> None:
     """A NaN or inf in any floating-point tensor of the checkpoint is refused before anything runs (one tensor
-    in memory at a time)."""
+    in memory at a time). Files already checked (same path, size and modification time, recorded in
+    ``<cache>/.models/finite.json``) are not read again: on a large model this check is a read of all of it."""
+    import json
+
+    record = Path(cache_dir or default_cache_dir()) / gguf_file.MODELS_DIR / "finite.json"
+    try:
+        seen = json.loads(record.read_text()) if record.is_file() else {}
+        if not isinstance(seen, dict):
+            seen = {}
+    except (OSError, ValueError):
+        seen = {}  # a damaged record only costs a re-check
+    files = {str(f.resolve()): f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in store.files()}
+    if all(seen.get(k) == v for k, v in files.items()):
+        return
     for name in store.names():
         t = store.get(name)
         if t.is_floating_point() and not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
             raise StreamError(f"the weights contain NaN or inf (in {name}); the checkpoint is damaged")
         del t
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".finite.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**seen, **files}, indent=0))
+        os.replace(tmp, record)
+    except OSError:
+        pass  # a read-only cache: the check runs again next time
 
 
 def _check_finite_weights(model: nn.Module) -> None:

@@ -120,6 +120,9 @@ class WeightStore:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def files(self) -> list[Path]:
+        return sorted({w[0] for w in self._where.values()})
+
     def names(self) -> list[str]:
         return list(self._where)
 
