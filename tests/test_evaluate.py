@@ -131,14 +131,14 @@ def test_causal_quality_all_modes(kind, tiny_analysis, tiny_dir):
 def test_weights_restored_when_evaluation_fails(tiny_analysis, monkeypatch):
     a = tiny_analysis("llama")
     before = state(a.lm.model)
-    real, calls = score.output, []
+    real, calls = score.outputs, []
 
-    def flaky(lm, ids):
+    def flaky(lm, batches):
         calls.append(1)
-        if len(calls) == 2:  # the first forward after the weights were quantized
+        if len(calls) == 2:  # the first pass after the weights were quantized (streamed: the layers pushed)
             raise RuntimeError("boom")
-        return real(lm, ids)
-    monkeypatch.setattr(score, "output", flaky)
+        yield from real(lm, batches)
+    monkeypatch.setattr(score, "outputs", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate.run_quality(a, modes=["rtn"], bits=[3], group_size=GS)
     assert_bit_identical(a.lm.model, before)

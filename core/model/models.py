@@ -405,10 +405,14 @@ def _check_finite_checkpoint(store: WeightStore, cache_dir: str | Path | None) -
     if all(seen.get(k) == v for k, v in files.items()):
         return
     for name in store.names():
-        t = store.get(name)
-        if t.is_floating_point() and not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
-            raise StreamError(f"the weights contain NaN or inf (in {name}); the checkpoint is damaged")
-        del t
+        shape = store.shape(name)
+        # a large 2-D tensor (the embedding) in row chunks of ~64 MB: no more than that in memory at once
+        step = max(1, (64 * 2**20) // max(1, store.nbytes(name) // max(1, shape[0]))) if len(shape) == 2 else None
+        for a in range(0, shape[0], step) if step else [None]:
+            t = store.get(name) if a is None else store.rows(name, a, min(shape[0], a + step))
+            if t.is_floating_point() and not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
+                raise StreamError(f"the weights contain NaN or inf (in {name}); the checkpoint is damaged")
+            del t
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".finite.{os.getpid()}.tmp")

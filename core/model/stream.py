@@ -417,7 +417,7 @@ class Streamer:
             if self._writes is None:
                 self._writes = Spill()
                 self.layers.append(Values(self._writes))
-            self._writes[name] = value.detach().to(dtype=self.dtype)
+            self._writes[name] = value.detach().to("cpu", self.dtype)  # host memory: a GPU holds only the block
 
     # -- materialising --------------------------------------------------------------------------------
     def _materialise(self, i: int) -> None:
