@@ -43,7 +43,7 @@ FIRST_OPEN_SWEEP = SweepSettings(bits=(3, 4), group_size=64)
 FIRST_OPEN_ROWS = 128
 
 
-MEMO_BYTES = 512 * 2**20  # what an Analysis keeps of recomputable results (weights, curves), at most
+MEMO_BYTES = 256 * 2**20  # what an Analysis keeps of recomputable results (weights, curves), at most
 
 
 def _nbytes(val: Any, depth: int = 0) -> int:

@@ -51,7 +51,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 CHUNKED_BYTES = int(os.environ.get("AWQ_EXPLORER_CHUNKED_MB", "256")) * 2**20
 HEAD_CHUNK_ROWS = 16384  # vocabulary rows of the head read and multiplied at once
 # replacement tensors kept in memory per layer; beyond, they go to a scratch file
-SPILL_BYTES = int(os.environ.get("AWQ_EXPLORER_SPILL_MB", "256")) * 2**20
+SPILL_BYTES = int(os.environ.get("AWQ_EXPLORER_SPILL_MB", "128")) * 2**20
 
 
 # ------------------------------------------------------------------------------------------------

@@ -516,6 +516,7 @@ def run_quality(analysis, *, modes: list[str], bits: list[int], group_size: int,
                                                     step=ticker.step, ref0=ref0, protocol=protocol)
                     for k in run:
                         scores[k], seconds[k] = sc[k], seconds[k] + sec[k]
+                    del v, run  # before the next mode is built: one mode's weights at a time
             if len(chunks) > 1:
                 run = {t: (lambda t=t: built[t]) for t in tasks}
                 run.update({kept[t]: (lambda t=t: keep_variant(lm, built[t], snap, keep)) for t in kept})
