@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata as md
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -241,7 +242,7 @@ class Analysis:
         self.model_id: str = manifest["model_id"]
         self.tables = tables
         self._lm = lm
-        self._samples: dict[str, torch.Tensor] | None = None
+        self._samples: Mapping[str, torch.Tensor] | None = None
         self._lock = threading.RLock()
         self._memo: OrderedDict[tuple, Any] = OrderedDict()
         self._memo_bytes: dict[tuple, int] = {}
@@ -356,7 +357,7 @@ class Analysis:
                 return self.lm.weight(name).detach().float().cpu().clone()
         return self._memoized(("weight", name), read)
 
-    def samples(self) -> dict[str, torch.Tensor]:
+    def samples(self) -> Mapping[str, torch.Tensor]:
         with self._lock:
             if self._samples is None:
                 self._samples = store.load_samples(self.path)

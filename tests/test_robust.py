@@ -349,3 +349,25 @@ def test_entries_written_within_one_second_are_listed_newest_first(tmp_path, mon
     for n in names:
         store.write_entry(tmp_path / "m" / n, {"model_id": n}, {"t": pd.DataFrame({"x": [1]})}, {})
     assert [m["model_id"] for m in store.list_entries(tmp_path)] == names[::-1]
+
+
+def test_kept_samples_read_key_by_key_and_damaged_file_refused(tmp_path):
+    """An entry's samples.safetensors is opened as a mapping read key by key (a large model's kept inputs are
+    hundreds of MB, never all in memory at once): same tensors as the file holds; a truncated file, in its data or
+    its header, is refused with CacheError at open, and a missing key is a KeyError."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    t = {"calib/a": torch.randn(8, 16, generator=g), "heldout/a": torch.randn(4, 16, generator=g)}
+    save_file(t, str(tmp_path / store.SAMPLES))
+    m = store.load_samples(tmp_path)
+    assert sorted(m) == sorted(t) and len(m) == 2
+    assert all(torch.equal(m[k], v) for k, v in t.items())
+    assert m["calib/a"] is not m["calib/a"]  # read afresh: nothing kept
+    with pytest.raises(KeyError):
+        m["calib/missing"]
+    data = (tmp_path / store.SAMPLES).read_bytes()
+    for cut in (data[:-100], data[:20]):
+        (tmp_path / store.SAMPLES).write_bytes(cut)
+        with pytest.raises(store.CacheError, match="cached input sample is unreadable"):
+            store.load_samples(tmp_path)

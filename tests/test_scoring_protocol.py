@@ -113,3 +113,35 @@ def test_run_quality_protocols_cached_apart(tiny_dir, tokenizer_dir, tmp_path):
     a.write_extra("quality", v2)
     back = evaluate.cached_quality(a)
     assert set(back["protocol"]) == {"all-positions"} and len(back) == len(old)
+
+
+@pytest.mark.parametrize("protocol", [score.LLAMACPP, score.ALL_POSITIONS])
+def test_score_in_token_chunks_is_bit_identical(monkeypatch, protocol):
+    """Score.add and the reference's log-probs work SCORE_CHUNK_ELEMENTS at a time (the streamed engine's memory
+    on a 150k vocabulary): every metric, and the reference log-probs, are the same bits whatever the chunk, one
+    token row included, as scoring the whole [b, t, vocab] at once."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 1003
+    ids = torch.randint(0, vocab, (3, 40), generator=g)
+    fp = torch.randn(3, 40, vocab, generator=g) * 3
+    q = fp + 0.3 * torch.randn(3, 40, vocab, generator=g)
+
+    def run(chunk):
+        monkeypatch.setattr(score, "SCORE_CHUNK_ELEMENTS", chunk)
+        s = score.Score(True, protocol)
+        s.add(ids, fp, None)
+        ref = score._log_probs(s.scored(fp))
+        s2 = score.Score(True, protocol)
+        s2.add(ids, q, ref)
+        return s.metrics(fp=True), s2.metrics(), ref
+
+    whole = run(1 << 40)
+    assert torch.equal(whole[2], torch.log_softmax(fp[:, score.first_scored(protocol, 40):-1], dim=-1))
+    for chunk in (vocab, 7 * vocab + 5, 16 * vocab):
+        got = run(chunk)
+        assert torch.equal(got[2], whole[2])
+        for a, b in ((got[0], whole[0]), (got[1], whole[1])):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), (chunk, k, a[k], b[k])
+    assert whole[1]["kl"] > 0 and whole[1]["same_top"] < 1

@@ -19,6 +19,7 @@ parameters are bit-identical to ``snap`` afterwards, also on error.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
@@ -257,16 +258,26 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                     finally:
                         for h in handles:
                             h.remove()
-                    full = {k: g.full() for k, g in hess.items()}
+                    users = collections.Counter(key_of.values())
+                    full: dict[str, torch.Tensor] = {}  # float32 X^T X per input, while a linear still needs it
                     for n in names:
                         w = original_weight(lm, snap, n)
-                        h = full[key_of[n]].to(w.device).float()
+                        key = key_of[n]
                         unscale = None
                         if recipe is not None:
                             w = recipe.prequant(n, w)  # W s, rows divided by the next group's scales where folded
                             if n in recipe.unscale:  # not folded: the live linear still reads X, GPTQ needs X / s
                                 unscale = recipe.col[n].float().to(w.device)
-                                h = scaled_hessian(full[key_of[n]].to(w.device), unscale).float()
+                        if unscale is not None:
+                            h = scaled_hessian(hess[key].full().to(w.device), unscale).float()
+                        else:
+                            if key not in full:
+                                full[key] = hess[key].full(torch.float32).to(w.device)
+                            h = full[key]
+                        users[key] -= 1
+                        if not users[key]:  # one input's matrices at a time (a 8960-wide one is 306 MiB in float32)
+                            full.pop(key, None)
+                            del hess[key]
                         s_n = specs.get(n, spec) if specs is not None else spec
                         if s_n is None:  # kept in full precision
                             q, grid = w.float(), None

@@ -246,12 +246,19 @@ class GramLower:
         for p, j in zip(self.panels, range(0, self.n, self.block)):
             p += x[:, j:].T @ x[:, j : j + p.shape[1]]
 
-    def full(self) -> torch.Tensor:
-        """The symmetric float64 ``[in, in]`` matrix (its lower triangle mirrored, as ``packed`` reads it)."""
-        h = torch.empty(self.n, self.n, dtype=torch.float64, device=self.panels[0].device if self.panels else "cpu")
+    def full(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The symmetric ``[in, in]`` matrix (its lower triangle mirrored, as ``packed`` reads it), in ``dtype``
+        (float32: the same values as the float64 one converted, without it). Built in place, panel by panel: one
+        matrix in memory (a 8960-wide input's float64 square is 612 MiB; whole-matrix ``tril`` arithmetic took
+        four of them)."""
+        h = torch.empty(self.n, self.n, dtype=dtype, device=self.panels[0].device if self.panels else "cpu")
         for p, j in zip(self.panels, range(0, self.n, self.block)):
-            h[j:, j : j + p.shape[1]] = p
-        return h.tril() + h.tril(-1).T
+            b = p.shape[1]
+            h[j:, j : j + b] = p
+            d = h[j : j + b, j : j + b]
+            d.copy_(d.tril() + d.tril(-1).T)  # the panels start at +0.0, so no -0.0 meets the added zeros
+            h[j : j + b, j + b :] = h[j + b :, j : j + b].T
+        return h
 
     def packed(self) -> torch.Tensor:
         """The upper triangle of ``H`` row by row as float32 ``[in(in+1)/2]`` (``core.store.pack_symmetric``'s

@@ -40,6 +40,7 @@ PROTOCOL_DEFINITIONS = {
 }
 KL_BUDGET_BYTES = 512 * 2**20  # full-precision log-probs kept at once (the held-out set is chunked beyond)
 LOGIT_BATCH_ELEMENTS = 32 * 2**20  # logits per forward batch (bounds memory on large vocabularies)
+SCORE_CHUNK_ELEMENTS = 8 * 2**20  # log-probs scored at once (token rows x vocabulary; the temporaries of KL)
 
 
 def check_protocol(protocol: str) -> str:
@@ -101,8 +102,7 @@ def eval_batches(lm: LoadedModel, ids: torch.Tensor, batch_tokens: int) -> list[
 
 def held_chunks(lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
     """Held-out blocks in chunks whose full-precision reference fits ``KL_BUDGET_BYTES`` (a streamed model: one
-    chunk, its reference kept in memory up to that budget and in a scratch file beyond, so each block is read once
-    per variant)."""
+    chunk, its reference kept in a ``SpillList``, so each block is read once per variant)."""
     if not lm.is_causal or lm.streamer is not None:
         return [ids]
     per = max(1, KL_BUDGET_BYTES // (ids.shape[1] * vocab(lm) * 4))
@@ -155,18 +155,33 @@ class Score:
     def add(self, ids: torch.Tensor, out: torch.Tensor, ref: torch.Tensor | None) -> None:
         """``out``: logits ``[b, t, vocab]`` (causal) or last hidden states ``[b, t, h]``; ``ref``: the fp
         log-probs of the scored predictions ``[b, t - 1 - first, vocab]`` (:func:`reference`) / hidden states,
-        ``None`` for the reference itself."""
+        ``None`` for the reference itself. Causal logits are scored ``SCORE_CHUNK_ELEMENTS`` at a time (token rows;
+        every per-token value is the same as scoring them at once, and the sums run over all of them at the end)."""
         if self.causal:
-            logp = torch.log_softmax(self.scored(out), dim=-1)
-            tgt = ids[:, 1 + first_scored(self.protocol, ids.shape[1]):].to(logp.device)
-            ce = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
+            first = first_scored(self.protocol, ids.shape[1])
+            scored = self.scored(out)
+            tgt = ids[:, 1 + first:].to(out.device)
+            rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, scored.shape[-1]))
+            ces, kls, sames, dps = [], [], [], []
+            for i in range(scored.shape[0]):
+                for a in range(0, scored.shape[1], rows):
+                    logp = torch.log_softmax(scored[i, a:a + rows], dim=-1)
+                    y = tgt[i, a:a + rows]
+                    ces.append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).double())
+                    if ref is not None:
+                        kl, same, dp = metrics.token_divergence(ref[i, a:a + rows], logp, y)
+                        kls.append(kl)
+                        sames.append(same)
+                        dps.append(dp)
+                    del logp
+            ce = torch.cat(ces)
             self.ce += float(ce.sum())
             self.ce2 += float(ce.pow(2).sum())
             self.n_tok += int(tgt.numel())
             if ref is not None:
-                kl, same, dp = metrics.token_divergence(ref, logp, tgt)
-                self.kls.append(kl.reshape(-1).cpu())
-                self.same += int(same.sum())
+                self.kls.append(torch.cat(kls).cpu())
+                self.same += int(torch.cat(sames).sum())
+                dp = torch.cat(dps)
                 self.dp2 += float(dp.pow(2).sum())
                 self.dp4 += float(dp.pow(4).sum())
         else:
@@ -211,11 +226,24 @@ class Score:
 def reference(lm: LoadedModel, batches: list[torch.Tensor], score: Score,
                progress: Progress | None = None) -> list[torch.Tensor] | SpillList:
     """The fp reference of each batch (log-probs of the scored predictions, or hidden states), added to
-    ``score``; a streamed model keeps them in a ``SpillList`` (beyond ``KL_BUDGET_BYTES``: a scratch file)."""
-    refs: list[torch.Tensor] | SpillList = [] if lm.streamer is None else SpillList(KL_BUDGET_BYTES)
+    ``score``; a streamed model keeps them in a ``SpillList`` (in memory up to its budget, ``$AWQ_EXPLORER_SPILL_MB``,
+    then in a scratch file)."""
+    refs: list[torch.Tensor] | SpillList = [] if lm.streamer is None else SpillList()
     for i, (b, out) in enumerate(zip(batches, outputs(lm, batches))):
         score.add(b, out, None)
-        refs.append(torch.log_softmax(score.scored(out), dim=-1) if lm.is_causal else out)
+        refs.append(_log_probs(score.scored(out)) if lm.is_causal else out)
+        del out
         if progress:
             progress((i + 1) / len(batches), f"full-precision reference: batch {i + 1}/{len(batches)}")
     return refs
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the vocabulary of ``[b, n, vocab]``, ``SCORE_CHUNK_ELEMENTS`` at a time (row by row the
+    same values, without a second full-size temporary)."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    for i in range(logits.shape[0]):
+        for a in range(0, logits.shape[1], rows):
+            out[i, a:a + rows] = torch.log_softmax(logits[i, a:a + rows], dim=-1)
+    return out

@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,13 +200,41 @@ def load_tables(path: Path) -> dict[str, pd.DataFrame]:
     return {t: read_table(path / f"{t}.parquet") for t in TABLES}
 
 
-def load_samples(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class TensorFile(Mapping[str, torch.Tensor]):
+    """A safetensors file of the entry as a read-only mapping whose tensors are read when asked for (the kept
+    input samples of a large model are hundreds of MB; a pass needs one linear's at a time). The header is read
+    and checked at open; a key that cannot be read raises ``CacheError``."""
 
-    try:
-        return load_file(str(path / SAMPLES))
-    except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cached input sample is unreadable ({type(e).__name__})") from e
+    def __init__(self, path: Path, what: str):
+        from safetensors import safe_open
+
+        self._what = what
+        self._lock = threading.Lock()
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = tuple(self._file.keys())
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(f"{what} is unreadable ({type(e).__name__})") from e
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with self._lock:
+            try:
+                return self._file.get_tensor(key)
+            except Exception as e:  # noqa: BLE001
+                raise CacheError(f"{self._what} is unreadable ({type(e).__name__})") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load_samples(path: Path) -> TensorFile:
+    """The kept input samples of an entry (``samples.safetensors``), read key by key."""
+    return TensorFile(path / SAMPLES, "cached input sample")
 
 
 def pack_symmetric(h: torch.Tensor) -> torch.Tensor:
