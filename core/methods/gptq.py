@@ -78,13 +78,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return gptq_grid(w, hessian, spec, options)[0]
 
 
-def gptq_grid(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions()
-              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+def gptq_grid(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
+              *, consume_hessian: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """:func:`gptq_quantize` and the integer grid its result lies on: ``(w_hat [out, in], (scale, zero))`` with
     ``scale, zero [out, n_groups]`` for the groups of ``spec.group_size`` along ``in`` in their original order (one
     group per row when ``group_size <= 0``), such that ``w_hat`` is each group's ``quant.dequantize`` of its levels.
     The grid is None under ``act_order`` without ``static_groups``: a group is then a run of permuted columns, which
-    no contiguous group of the original order describes."""
+    no contiguous group of the original order describes. ``consume_hessian``: a float32 ``hessian`` the caller
+    holds no other reference to (pass an expression, not a name) is worked on in place instead of copied, so
+    its memory goes as the factorisation replaces it (a 8960-wide input: 306 MiB less at the peak)."""
     bits, group_size, zero_point = spec.bits, spec.group_size, spec.zero_point
     block_size, percdamp = options.block_size, options.percdamp
     act_order, static_groups = options.act_order, options.static_groups
@@ -101,7 +103,11 @@ def gptq_grid(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, options: 
     blocksize = int(block_size)
 
     W = w.detach().clone().float()
-    H = hessian.detach().clone().float()
+    if consume_hessian and hessian.dtype == torch.float32:
+        H = hessian.detach()
+    else:
+        H = hessian.detach().clone().float()
+    del hessian
 
     qp = None
     if not grouped:  # the reference's `if not self.quantizer.ready(): find_params(W)` before dead columns
@@ -259,7 +265,7 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                         for h in handles:
                             h.remove()
                     users = collections.Counter(key_of.values())
-                    full: dict[str, torch.Tensor] = {}  # float32 X^T X per input, while a linear still needs it
+                    full: dict[tuple[str, str], torch.Tensor] = {}  # float32 X^T X, while a linear still needs it
                     for n in names:
                         w = original_weight(lm, snap, n)
                         key = key_of[n]
@@ -268,21 +274,24 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                             w = recipe.prequant(n, w)  # W s, rows divided by the next group's scales where folded
                             if n in recipe.unscale:  # not folded: the live linear still reads X, GPTQ needs X / s
                                 unscale = recipe.col[n].float().to(w.device)
-                        if unscale is not None:
-                            h = scaled_hessian(hess[key].full().to(w.device), unscale).float()
-                        else:
-                            if key not in full:
-                                full[key] = hess[key].full(torch.float32).to(w.device)
-                            h = full[key]
                         users[key] -= 1
-                        if not users[key]:  # one input's matrices at a time (a 8960-wide one is 306 MiB in float32)
-                            full.pop(key, None)
+                        last = not users[key]
+                        h_key = ("input", key) if unscale is None else ("scaled", n)  # n's own X / s
+                        if unscale is not None:
+                            full[h_key] = scaled_hessian(hess[key].full().to(w.device), unscale).float()
+                        elif h_key not in full:
+                            full[h_key] = hess[key].full(torch.float32).to(w.device)
+                        if last:  # one input's matrices at a time (a 8960-wide one is 306 MiB in float32)
                             del hess[key]
                         s_n = specs.get(n, spec) if specs is not None else spec
                         if s_n is None:  # kept in full precision
+                            if last or unscale is not None:
+                                del full[h_key]
                             q, grid = w.float(), None
+                        elif last or unscale is not None:  # nothing else needs it: factorised in place
+                            q, grid = gptq_grid(w, full.pop(h_key), s_n, options, consume_hessian=True)
                         else:
-                            q, grid = gptq_grid(w, h, s_n, options)
+                            q, grid = gptq_grid(w, full[h_key], s_n, options)
                         if grid is not None and unscale is None:
                             out.params[n] = (grid[0].cpu(), grid[1].cpu(), s_n)
                         out[n] = q.cpu()
