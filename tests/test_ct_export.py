@@ -69,6 +69,11 @@ def test_uniform_export_reloads_bit_exact(tiny, tmp_path, method, zero_point):
     assert packed.dtype == torch.int32 and packed.shape[1] == math.ceil(int(shape[1]) * 4 / 32)
     assert (f"{n}.weight_zero_point" in keys) is zero_point and f"{n}.weight" not in keys
     assert (out / "tokenizer_config.json").exists() and (out / "generation_config.json").exists()
+    # ordinary permissions (a runtime under another account reads it): not mkdtemp's / safetensors' private 0600
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~mask for f in out.iterdir()}
     # the reloaded weights are the explorer's quantized weights themselves
     model = ex.prepare_export(tiny, method=method, spec=spec) if method == "rtn" else None
     if model is not None:

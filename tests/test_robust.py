@@ -371,3 +371,15 @@ def test_kept_samples_read_key_by_key_and_damaged_file_refused(tmp_path):
         (tmp_path / store.SAMPLES).write_bytes(cut)
         with pytest.raises(store.CacheError, match="cached input sample is unreadable"):
             store.load_samples(tmp_path)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """store.atomic_write_bytes (plan exports, tables, manifests) gives the file 0666 less the umask, not
+    mkstemp's private 0600."""
+    mask = os.umask(0o027)
+    try:
+        store.atomic_write_bytes(tmp_path / "a.txt", b"x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+        assert (tmp_path / "a.txt").read_bytes() == b"x"
+    finally:
+        os.umask(mask)

@@ -68,6 +68,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, for every thread, while it reads)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def make_ordinary(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a newly created file or folder
+    gets (``0666`` / ``0777`` less the umask): ``mkstemp`` / ``mkdtemp`` and safetensors make them private (0600),
+    which a runtime under another account (a vLLM container) cannot read."""
+    mask = _umask()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -76,6 +102,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        make_ordinary(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:

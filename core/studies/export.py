@@ -49,7 +49,7 @@ from ..methods import METHODS, MODEL_METHODS, ModelContext
 from ..methods.base import GridWeights
 from ..methods.recipe import Recipe, folded_params
 from ..methods import awq_search
-from ..model import stream
+from ..model import store, stream
 from ..model.blocks import original_weight, restore, snapshot
 from ..model.stream import Snapshot
 from ..model.collect import model_lock
@@ -399,9 +399,7 @@ def export(analysis, *, format: str, out: str | Path, method: str, spec: QuantSp
             summary["verify"] = check(model, tmp, lambda f, m: report(0.75 + 0.25 * f, m), verify_tokens)
         if dest.exists():
             raise ExportError(f"{str(out)!r} appeared while the export was written; nothing was overwritten")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it private; the export is an ordinary folder
+        store.make_ordinary(tmp)  # mkdtemp and safetensors made it private; the export is an ordinary folder
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
