@@ -576,3 +576,25 @@ def test_damaged_checkpoint_refused_and_cache_untouched(how, engine, engines, to
     msg = str(err.value)
     assert _one_sentence(msg), msg
     assert _tree(cache) == before
+
+
+def test_spill_scratch_file_is_unlinked_and_round_trips(tmp_path, monkeypatch):
+    """A Spill past its budget writes to a scratch file that is unlinked as soon as it exists (a killed run leaves
+    nothing behind in $AWQ_EXPLORER_SPILL_DIR); what it holds reads back bit for bit, empty tensors included,
+    replaced and deleted names too."""
+    monkeypatch.setenv("AWQ_EXPLORER_SPILL_DIR", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    vals = {f"t{i}": torch.randn(64, 33 + i, generator=g) for i in range(6)}
+    vals["bf"] = torch.randn(7, 5, generator=g).bfloat16()
+    vals["empty"] = torch.zeros(0, 4)
+    sp = stream_mod.Spill(budget_bytes=64 * 40 * 4)
+    for k, v in vals.items():
+        sp[k] = v
+    assert sp.spilled >= 5 and list(tmp_path.iterdir()) == []
+    sp["t3"] = vals["t3"] * 2
+    del sp["t4"]
+    vals["t3"] = vals["t3"] * 2
+    del vals["t4"]
+    assert set(sp) == set(vals)
+    for k, v in vals.items():
+        assert sp[k].dtype == v.dtype and torch.equal(sp[k], v), k

@@ -170,18 +170,27 @@ class WeightStore:
 # ------------------------------------------------------------------------------------------------
 # replacement tensors, in memory up to a budget and in a scratch file beyond
 # ------------------------------------------------------------------------------------------------
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _pread_into(fd: int, out: torch.Tensor, offset: int, what: str) -> torch.Tensor:
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise StreamError(f"{what} cannot be read back from the scratch file (it ends early)")
+        view, offset = view[n:], offset + n
+    return out
 
 
 class Spill(MutableMapping):
     """``{name: tensor}`` that keeps its first ``budget_bytes`` in memory and writes the rest to a scratch file
-    (``$AWQ_EXPLORER_SPILL_DIR`` or the system's temporary folder; deleted with the mapping). Reading a spilled
-    tensor reads it back into a fresh CPU tensor. The values are not copied: do not change a tensor after storing
-    it."""
+    (``$AWQ_EXPLORER_SPILL_DIR`` or the system's temporary folder). The file is unlinked as soon as it is created, so
+    it goes with the process however that ends (a killed run leaves no gigabytes behind). Reading a spilled tensor
+    reads it back into a fresh CPU tensor. The values are not copied: do not change a tensor after storing it."""
 
     def __init__(self, items: Mapping[str, torch.Tensor] | None = None, *, budget_bytes: int | None = None):
         self.budget = SPILL_BYTES if budget_bytes is None else int(budget_bytes)
@@ -189,20 +198,19 @@ class Spill(MutableMapping):
         self._disk: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
         self._order: dict[str, None] = {}
         self._mem_bytes = 0
-        self._path: str | None = None
+        self._fh: Any = None
         self._end = 0
         self._lock = threading.Lock()
         if items:
             for k, v in items.items():
                 self[k] = v
 
-    def _file(self) -> str:
-        if self._path is None:
-            fd, self._path = tempfile.mkstemp(prefix="awqx-spill-", suffix=".bin",
+    def _fd(self) -> int:
+        if self._fh is None:
+            self._fh = tempfile.TemporaryFile(prefix="awqx-spill-", suffix=".bin",
                                               dir=os.environ.get("AWQ_EXPLORER_SPILL_DIR") or None)
-            os.close(fd)
-            weakref.finalize(self, _remove, self._path)
-        return self._path
+            weakref.finalize(self, self._fh.close)
+        return self._fh.fileno()
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         value = value.detach()
@@ -215,9 +223,8 @@ class Spill(MutableMapping):
                 self._mem_bytes += n
             else:
                 t = value.to("cpu").contiguous()
-                with open(self._file(), "r+b") as fh:
-                    fh.seek(self._end)
-                    fh.write(t.view(-1).view(torch.uint8).numpy().tobytes() if n else b"")
+                if n:
+                    _pwrite_all(self._fd(), memoryview(t.view(-1).view(torch.uint8).numpy()), self._end)
                 self._disk[name] = (self._end, t.dtype, tuple(t.shape))
                 self._end += n
             self._order[name] = None
@@ -226,7 +233,7 @@ class Spill(MutableMapping):
         if name in self._mem:
             return self._mem[name]
         offset, dtype, shape = self._disk[name]
-        return _read_into(Path(self._file()), offset, torch.empty(shape, dtype=dtype), f"spilled tensor {name!r}")
+        return _pread_into(self._fd(), torch.empty(shape, dtype=dtype), offset, f"spilled tensor {name!r}")
 
     def __delitem__(self, name: str) -> None:
         with self._lock:
