@@ -385,11 +385,15 @@ def interventions_chart(an: Anatomy) -> Figure:
     kinds = ["super weight", "massive activation"]
     height = max(80, 30 * len(order))
 
-    def panel(metric: str, title: str) -> alt.Chart:
+    def panel(metric: str, title: str, labels: bool = True) -> alt.Chart:
         d = data[(data["metric"] == metric) & (data["value"] > 0)]  # a log axis has no room for 0
+        # the second panel shares the rows: no labels, so both fit the page's width (the KL panel was cut off)
+        axis = alt.Axis(labelLimit=360) if labels else alt.Axis(labels=False, ticks=False)
+        lo, hi = (float(d["value"].min()), float(d["value"].max())) if len(d) else (1.0, 10.0)
+        decades = [10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
         return alt.Chart(d).mark_point(size=150, filled=True).encode(
-            y=alt.Y("variant:N", sort=order, title=None, axis=alt.Axis(labelLimit=360)),
-            x=alt.X("value:Q", title=title, scale=alt.Scale(type="log")),
+            y=alt.Y("variant:N", sort=order, title=None, axis=axis),
+            x=alt.X("value:Q", title=title, scale=alt.Scale(type="log"), axis=alt.Axis(values=decades, format="~g")),
             color=alt.Color("kind:N", title=None, sort=kinds, scale=alt.Scale(domain=kinds,
                                                                               range=[PALETTE[0], PALETTE[3]])),
             tooltip=["variant:N", "metric:N", alt.Tooltip("value:Q", format=".4g")],
@@ -401,7 +405,7 @@ def interventions_chart(an: Anatomy) -> Figure:
         ppl = ppl + alt.Chart(pd.DataFrame({"value": [fp]})).mark_rule(color="#222", strokeDash=[5, 4]).encode(
             x="value:Q")
     n_tok = int(v["n_tokens"].max()) if len(v) else 0
-    chart = alt.hconcat(ppl, panel("kl", "KL to fp, nats (log scale)")).properties(title=_title(
+    chart = alt.hconcat(ppl, panel("kl", "KL to fp, nats (log scale)", labels=False)).properties(title=_title(
         "Interventions on the outliers", f"scored against the fp model on {n_tok:,} held-out tokens; dashed: fp's "
         "perplexity", WIDE))
     return Figure("interventions", chart, data)
