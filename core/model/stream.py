@@ -50,8 +50,9 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 # an embedding / head larger than this is read in rows / vocabulary chunks instead of whole
 CHUNKED_BYTES = int(os.environ.get("AWQ_EXPLORER_CHUNKED_MB", "256")) * 2**20
 HEAD_CHUNK_ROWS = 16384  # vocabulary rows of the head read and multiplied at once
-# replacement tensors kept in memory per layer; beyond, they go to a scratch file
-SPILL_BYTES = int(os.environ.get("AWQ_EXPLORER_SPILL_MB", "128")) * 2**20
+# replacement tensors kept in memory per mapping; beyond, they go to a scratch file (the page cache holds it: reading
+# it back costs little, and 128 MiB per mapping kept GPTQ on the 1.5B shape from fitting in 40% of its size)
+SPILL_BYTES = int(os.environ.get("AWQ_EXPLORER_SPILL_MB", "16")) * 2**20
 
 
 # ------------------------------------------------------------------------------------------------
