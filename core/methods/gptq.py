@@ -274,19 +274,18 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                             w = recipe.prequant(n, w)  # W s, rows divided by the next group's scales where folded
                             if n in recipe.unscale:  # not folded: the live linear still reads X, GPTQ needs X / s
                                 unscale = recipe.col[n].float().to(w.device)
+                        s_n = specs.get(n, spec) if specs is not None else spec
                         users[key] -= 1
-                        last = not users[key]
+                        last = not users[key]  # no later linear of this block reads this input
                         h_key = ("input", key) if unscale is None else ("scaled", n)  # n's own X / s
-                        if unscale is not None:
-                            full[h_key] = scaled_hessian(hess[key].full().to(w.device), unscale).float()
-                        elif h_key not in full:
-                            full[h_key] = hess[key].full(torch.float32).to(w.device)
+                        if s_n is not None and h_key not in full:  # float32 X^T X, built once per input
+                            full[h_key] = (hess[key].full(torch.float32).to(w.device) if unscale is None else
+                                           scaled_hessian(hess[key].full().to(w.device), unscale).float())
                         if last:  # one input's matrices at a time (a 8960-wide one is 306 MiB in float32)
                             del hess[key]
-                        s_n = specs.get(n, spec) if specs is not None else spec
+                            if s_n is None:
+                                full.pop(h_key, None)
                         if s_n is None:  # kept in full precision
-                            if last or unscale is not None:
-                                del full[h_key]
                             q, grid = w.float(), None
                         elif last or unscale is not None:  # nothing else needs it: factorised in place
                             q, grid = gptq_grid(w, full.pop(h_key), s_n, options, consume_hessian=True)

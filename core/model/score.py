@@ -161,19 +161,17 @@ class Score:
             first = first_scored(self.protocol, ids.shape[1])
             scored = self.scored(out)
             tgt = ids[:, 1 + first:].to(out.device)
-            rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, scored.shape[-1]))
             ces, kls, sames, dps = [], [], [], []
-            for i in range(scored.shape[0]):
-                for a in range(0, scored.shape[1], rows):
-                    logp = torch.log_softmax(scored[i, a:a + rows], dim=-1)
-                    y = tgt[i, a:a + rows]
-                    ces.append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).double())
-                    if ref is not None:
-                        kl, same, dp = metrics.token_divergence(ref[i, a:a + rows], logp, y)
-                        kls.append(kl)
-                        sames.append(same)
-                        dps.append(dp)
-                    del logp
+            for at in _row_chunks(scored):
+                logp = torch.log_softmax(scored[at], dim=-1)
+                y = tgt[at]
+                ces.append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).double())
+                if ref is not None:
+                    kl, same, dp = metrics.token_divergence(ref[at], logp, y)
+                    kls.append(kl)
+                    sames.append(same)
+                    dps.append(dp)
+                del logp
             ce = torch.cat(ces)
             self.ce += float(ce.sum())
             self.ce2 += float(ce.pow(2).sum())
@@ -242,8 +240,14 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     """``log_softmax`` over the vocabulary of ``[b, n, vocab]``, ``SCORE_CHUNK_ELEMENTS`` at a time (row by row the
     same values, without a second full-size temporary)."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
-    for i in range(logits.shape[0]):
-        for a in range(0, logits.shape[1], rows):
-            out[i, a:a + rows] = torch.log_softmax(logits[i, a:a + rows], dim=-1)
+    for at in _row_chunks(logits):
+        out[at] = torch.log_softmax(logits[at], dim=-1)
     return out
+
+
+def _row_chunks(x: torch.Tensor) -> Iterator[tuple[int, slice]]:
+    """Index ``(window, token rows)`` of ``x [b, n, vocab]`` in order, ``SCORE_CHUNK_ELEMENTS`` elements at most."""
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, x.shape[-1]))
+    for i in range(x.shape[0]):
+        for a in range(0, x.shape[1], rows):
+            yield i, slice(a, a + rows)

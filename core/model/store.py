@@ -240,11 +240,12 @@ class TensorFile(Mapping[str, torch.Tensor]):
         try:
             self._file = safe_open(str(path), framework="pt")
             self._keys = tuple(self._file.keys())
+            self._known = frozenset(self._keys)
         except Exception as e:  # noqa: BLE001
             raise CacheError(f"{what} is unreadable ({type(e).__name__})") from e
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        if key not in self._known:
             raise KeyError(key)
         with self._lock:
             try:

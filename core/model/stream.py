@@ -58,18 +58,23 @@ SPILL_BYTES = int(os.environ.get("AWQ_EXPLORER_SPILL_MB", "16")) * 2**20
 # ------------------------------------------------------------------------------------------------
 # reading a checkpoint by name
 # ------------------------------------------------------------------------------------------------
-def _read_into(path: Path, offset: int, out: torch.Tensor, what: str) -> torch.Tensor:
-    nbytes = out.numel() * out.element_size()
-    if nbytes:
-        view = out.view(-1).view(torch.uint8).numpy()
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                if fh.readinto(view) != nbytes:
-                    raise OSError("the file ends early")
-        except OSError as e:
-            raise StreamError(f"{what} cannot be read from {path.name} ({e}); the file is damaged") from e
+def _pread_exact(fd: int, out: torch.Tensor, offset: int) -> torch.Tensor:
+    """Fill ``out``'s bytes from ``fd`` at ``offset``; OSError if the file ends first."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError("the file ends early")
+        view, offset = view[n:], offset + n
     return out
+
+
+def _read_into(path: Path, offset: int, out: torch.Tensor, what: str) -> torch.Tensor:
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            return _pread_exact(fh.fileno(), out, offset)
+    except OSError as e:
+        raise StreamError(f"{what} cannot be read from {path.name} ({e}); the file is damaged") from e
 
 
 class WeightStore:
@@ -177,16 +182,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _pread_into(fd: int, out: torch.Tensor, offset: int, what: str) -> torch.Tensor:
-    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-    while len(view):
-        n = os.preadv(fd, [view], offset)
-        if n <= 0:
-            raise StreamError(f"{what} cannot be read back from the scratch file (it ends early)")
-        view, offset = view[n:], offset + n
-    return out
-
-
 class Spill(MutableMapping):
     """``{name: tensor}`` that keeps its first ``budget_bytes`` in memory and writes the rest to a scratch file
     (``$AWQ_EXPLORER_SPILL_DIR`` or the system's temporary folder). The file is unlinked as soon as it is created, so
@@ -234,7 +229,10 @@ class Spill(MutableMapping):
         if name in self._mem:
             return self._mem[name]
         offset, dtype, shape = self._disk[name]
-        return _pread_into(self._fd(), torch.empty(shape, dtype=dtype), offset, f"spilled tensor {name!r}")
+        try:
+            return _pread_exact(self._fd(), torch.empty(shape, dtype=dtype), offset)
+        except OSError as e:
+            raise StreamError(f"spilled tensor {name!r} cannot be read back from the scratch file ({e})") from e
 
     def __delitem__(self, name: str) -> None:
         with self._lock:
