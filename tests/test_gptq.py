@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from core.grids import quant
+from core.grids.spec import QuantSpec
+from core.methods import gptq as gptq_mod
 from core.gptq import gptq_quantize
 from core.quant import pseudo_quantize
 
@@ -209,3 +211,36 @@ def test_bad_input():
         gptq_quantize(w, torch.eye(64), n_bit=1, group_size=32)
     with pytest.raises(ValueError, match="positive definite"):
         gptq_quantize(w, -torch.eye(64), n_bit=4, group_size=32)
+
+
+@pytest.mark.parametrize("n", [1, 5, 130, 1100])
+def test_inverse_cholesky_in_place_is_the_references_chain(n):
+    # the reference's three calls read only the lower triangle; the in-place version must too, bit for bit, and
+    # write into the matrix it is given
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 3, n, generator=g)
+    h = x.T @ x + 0.5 * torch.eye(n)
+    if n > 1:
+        r, c = torch.triu_indices(n, n, 1)
+        h[r, c] += 1e-3 * torch.randn(r.numel(), generator=g)  # an upper triangle the reference never reads
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    work = h.clone()
+    got = gptq_mod._inverse_cholesky_(work)
+    assert torch.equal(got, ref)
+    assert got.untyped_storage().data_ptr() == work.untyped_storage().data_ptr()
+
+
+def test_consumed_hessian_gives_the_same_weights_and_a_late_nan_is_refused():
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(16, 1030, generator=g), torch.randn(2000, 1030, generator=g)
+    h = x.T @ x
+    spec = QuantSpec(4, 103 * 2)
+    kept = h.clone()
+    a, _ = gptq_mod.gptq_grid(w, h, spec)
+    assert torch.equal(h, kept)  # not consumed: untouched
+    b, _ = gptq_mod.gptq_grid(w, h.clone(), spec, consume_hessian=True)
+    assert torch.equal(a, b)
+    bad = h.clone()
+    bad[1029, 3] = float("nan")  # in the last row strip the finiteness check reads
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_mod.gptq_grid(w, bad, spec)

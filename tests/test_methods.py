@@ -435,6 +435,11 @@ def test_blocked_lower_gram_equals_xtx(n, block):
     # packed: exactly pack_symmetric of the full matrix (the cache's layout), and back
     assert torch.equal(acc.packed(), store.pack_symmetric(h))
     assert torch.equal(store.unpack_symmetric(acc.packed(), n), h.float())
+    # consumed: the same square in either dtype, the accumulator empty afterwards
+    h32 = acc.full(torch.float32)
+    assert torch.equal(acc.full(torch.float32, consume=True), h32) and acc.panels is None
+    with pytest.raises(RuntimeError, match="consumed"):
+        acc.full()
 
 
 def test_sweep_alpha_is_never_handed_to_a_llamacpp_type(tiny_analysis):

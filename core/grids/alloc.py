@@ -146,8 +146,8 @@ def bound_retained(limit: int | None = None) -> bool:
 GIVE_BACK_BYTES = 256 * 2**20  # free heap memory kept before give_back trims
 
 
-def give_back() -> None:
-    """Return the heap's free pages (``malloc_trim``) once more than ``GIVE_BACK_BYTES`` of it are free, or inside
+def give_back(free_bytes: int = GIVE_BACK_BYTES) -> None:
+    """Return the heap's free pages (``malloc_trim``) once more than ``free_bytes`` of it are free, or inside
     :func:`keep_freed_memory` only past its bound (:func:`bound_retained`). For the streamed engine after a block's
     weights are released: glibc serves those tensors (under its 32 MiB mmap ceiling) from its heap and, left alone,
     keeps most of each block's freed weights resident (about 25 MB more per block of the Qwen2.5-0.5B shape, the
@@ -158,5 +158,5 @@ def give_back() -> None:
         return
     if _depth:
         bound_retained()
-    elif libc.mallinfo2().fordblks > GIVE_BACK_BYTES:
+    elif libc.mallinfo2().fordblks > free_bytes:
         libc.malloc_trim(0)

@@ -50,7 +50,8 @@ def check_hessian(hessian: torch.Tensor, in_features: int) -> None:
     if hessian is None or hessian.dim() != 2 or tuple(hessian.shape) != (in_features, in_features):
         shape = None if hessian is None else tuple(hessian.shape)
         raise ValueError(f"the Hessian must be [{in_features}, {in_features}] for this layer, got {shape}")
-    if not torch.isfinite(hessian).all():
+    # row strips: torch.isfinite takes an abs() copy and two masks of the whole square (466 MiB at 8960 wide)
+    if not all(bool(torch.isfinite(hessian[i:i + 512]).all()) for i in range(0, in_features, 512)):
         raise ValueError("the Hessian contains NaN or inf values")
 
 
@@ -64,6 +65,34 @@ class GPTQOptions(Options):
     percdamp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
+
+
+def _mirror_lower_(h: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Copy the lower triangle of the square ``h`` onto its upper one, in place, a strip at a time (exact copies:
+    a -0.0 stays -0.0)."""
+    n = h.shape[0]
+    for j in range(0, n, block):
+        b = min(block, n - j)
+        d = h[j:j + b, j:j + b]
+        r, c = torch.triu_indices(b, b, 1, device=h.device)
+        d[r, c] = d[c, r]
+        h[j:j + b, j + b:] = h[j + b:, j:j + b].T
+    return h
+
+
+def _inverse_cholesky_(h: torch.Tensor) -> torch.Tensor:
+    """The reference's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, worked out in ``h``'s own memory.
+
+    Each of the three LAPACK calls writes its result over its input when that is column-major, so they run on the
+    transposed view of ``h``; the lower triangle is first mirrored so that the view's lower triangle, the one the
+    first factorisation reads, holds the same numbers as ``h``'s. The result is the reference's bit for bit (the same
+    calls on the same column-major data) and the peak is one matrix instead of two (a 8960-wide input: 306 MiB
+    less). ``h`` is overwritten; the returned tensor is a view of it."""
+    t = _mirror_lower_(h).mT
+    torch.linalg.cholesky(t, out=t)
+    torch.cholesky_inverse(t, out=t)
+    torch.linalg.cholesky(t, upper=True, out=t)
+    return t
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
@@ -136,12 +165,10 @@ def gptq_grid(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, options: 
     diag = torch.arange(columns)
     H[diag, diag] += damp
     try:
-        H = torch.linalg.cholesky(H)
-        H = torch.cholesky_inverse(H)
-        H = torch.linalg.cholesky(H, upper=True)
+        Hinv = _inverse_cholesky_(H)
     except torch.linalg.LinAlgError:
         raise ValueError("the damped Hessian is not positive definite (raise percdamp)") from None
-    Hinv = H
+    del H
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -278,13 +305,13 @@ def sequential_gptq(lm: LoadedModel, calib: torch.Tensor, snap: dict[str, torch.
                         users[key] -= 1
                         last = not users[key]  # no later linear of this block reads this input
                         h_key = ("input", key) if unscale is None else ("scaled", n)  # n's own X / s
+                        gram = hess.pop(key) if last else hess[key]  # the last reader consumes it
                         if s_n is not None and h_key not in full:  # float32 X^T X, built once per input
-                            full[h_key] = (hess[key].full(torch.float32).to(w.device) if unscale is None else
-                                           scaled_hessian(hess[key].full().to(w.device), unscale).float())
-                        if last:  # one input's matrices at a time (a 8960-wide one is 306 MiB in float32)
-                            del hess[key]
-                            if s_n is None:
-                                full.pop(h_key, None)
+                            full[h_key] = (gram.full(torch.float32, consume=last).to(w.device) if unscale is None
+                                           else scaled_hessian(gram.full(consume=last).to(w.device), unscale).float())
+                        del gram
+                        if last and s_n is None:  # one input's matrices at a time (8960 wide: 306 MiB in float32)
+                            full.pop(h_key, None)
                         if s_n is None:  # kept in full precision
                             q, grid = w.float(), None
                         elif last or unscale is not None:  # nothing else needs it: factorised in place

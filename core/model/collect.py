@@ -229,6 +229,9 @@ def hessian_widths(widths: list[int], budget_bytes: int = HESSIAN_BUDGET_BYTES) 
     return keep
 
 
+CONSUME_TRIM_BYTES = 32 * 2**20  # GramLower.full(consume=True) gives freed panels back this often
+
+
 class GramLower:
     """A streamed ``X^T X`` of one input, kept as float64 column panels on and below the diagonal blocks.
 
@@ -246,18 +249,35 @@ class GramLower:
         for p, j in zip(self.panels, range(0, self.n, self.block)):
             p += x[:, j:].T @ x[:, j : j + p.shape[1]]
 
-    def full(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def full(self, dtype: torch.dtype = torch.float64, *, consume: bool = False) -> torch.Tensor:
         """The symmetric ``[in, in]`` matrix (its lower triangle mirrored, as ``packed`` reads it), in ``dtype``
         (float32: the same values as the float64 one converted, without it). Built in place, panel by panel: one
         matrix in memory (a 8960-wide input's float64 square is 612 MiB; whole-matrix ``tril`` arithmetic took
-        four of them)."""
+        four of them).
+
+        ``consume``: each panel is freed once copied and its pages given back every ``CONSUME_TRIM_BYTES``, so the
+        panels and the square are not both resident (the square's pages are touched in about the proportion the
+        panels are freed: a 8960-wide input peaks at ~330 MiB instead of 616 in float32); the accumulator is empty
+        afterwards."""
+        if self.panels is None:
+            raise RuntimeError("this X^T X was consumed by full(consume=True)")
         h = torch.empty(self.n, self.n, dtype=dtype, device=self.panels[0].device if self.panels else "cpu")
-        for p, j in zip(self.panels, range(0, self.n, self.block)):
+        panels, freed = self.panels, 0
+        if consume:
+            self.panels = None
+        for k, j in enumerate(range(0, self.n, self.block)):
+            p = panels[k]
             b = p.shape[1]
             h[j:, j : j + b] = p
             d = h[j : j + b, j : j + b]
             d.copy_(d.tril() + d.tril(-1).T)  # the panels start at +0.0, so no -0.0 meets the added zeros
             h[j : j + b, j + b :] = h[j + b :, j : j + b].T
+            if consume:
+                freed += p.numel() * p.element_size()
+                panels[k] = p = None
+                if freed >= CONSUME_TRIM_BYTES and h.device.type == "cpu":
+                    alloc.give_back(0)
+                    freed = 0
         return h
 
     def packed(self) -> torch.Tensor:
