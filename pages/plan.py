@@ -53,10 +53,11 @@ except ValueError as e:
     st.error(ui.readable(e))
     st.stop()
 lo, hi = float(round(lo, 4)), float(round(hi, 4))
-if "plan_budget" in st.session_state:  # another kind of grid or other candidates: keep the budget in their range
-    st.session_state["plan_budget"] = float(min(max(st.session_state["plan_budget"], lo), hi))
-budget = c1.number_input("Budget (bits / weight)", min_value=lo, max_value=hi,
-                         value=float(min(max(3.5 if not llama else 4.5, lo), hi)), step=0.125, key="plan_budget")
+# the budget lives in Session State only (a widget given a value too warns): first the default, then kept in the
+# range of another kind of grid or other candidates
+start = st.session_state.get("plan_budget", 3.5 if not llama else 4.5)
+st.session_state["plan_budget"] = float(min(max(start, lo), hi))
+budget = c1.number_input("Budget (bits / weight)", min_value=lo, max_value=hi, step=0.125, key="plan_budget")
 c5, c6, c7 = st.columns(3)
 held = int(a.manifest.get("n_heldout_tokens") or 0)
 sel_tokens = c5.select_slider("Selection tokens", [t for t in (128, 256, 512, 1024, 2048) if t < held] + [0], value=0,

@@ -619,15 +619,22 @@ def test_json_export_carries_the_test_figures(tiny_llama, tmp_path):
 def test_plan_page(tiny_llama, monkeypatch):
     from app_harness import app_test
 
+    from streamlit.elements.lib import policies
+    logged = []  # Streamlit logs (once per process) a widget given a default value and a Session State value
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)
+    monkeypatch.setattr(policies._LOGGER, "warning", lambda msg, *a, **k: logged.append(msg % a))
+
     at = app_test(monkeypatch, tiny_llama.path.parent.parent, tiny_llama.path)
     at.switch_page("pages/plan.py").run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Plan"
+    assert at.number_input(key="plan_budget").value == 3.5  # the default budget
     at.selectbox(key="plan_method").set_value("rtn")
     at.number_input(key="plan_budget").set_value(3.75)
     at.select_slider(key="plan_test").set_value(512)
     at.button(key="plan_run").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
+    assert not [m for m in logged if "plan_budget" in m], logged  # the budget is kept in Session State only
     assert any("Plan** for 3.75 bits" in m.value for m in at.markdown)
     assert any(m.value == "Three token sets" for m in at.subheader)
     tables = [d.value for d in at.dataframe]
