@@ -31,7 +31,7 @@ finiteness check), the hidden states of one collection batch (and its MLP activa
 collecting as float64 panels and packed float32 afterwards for the widths ``hessian_widths`` keeps, the channel
 accumulators with their extremes), the head's chunk (``HEAD_CHUNK_ROWS`` x hidden) and the logits of one scoring
 batch (``core.model.score.eval_batches``) with the reference log-probs of one held-out chunk, GPTQ's X^T X of one
-block in float64. The cache entry's size on disk is the measured counterpart of the statistics.
+block (its inputs' float64 panels; each input's float32 square is built in their place). The cache entry's size on disk is the measured counterpart of the statistics.
 
 ``bench_stream(quick, log)`` is the entry bench/run.py's ``stream`` figure calls.
 """
@@ -177,8 +177,9 @@ def parts(ck: dict[str, Any], s: dict[str, int]) -> dict[str, float]:
     k_ext = max(64, n_cal // 100)  # ChannelAccumulator's extremes per channel (collect's k_extremes default)
     samples = (rows_cal + rows_held) * sum(distinct) * 4 * L
     accum = sum(w * (5 * 8 + 4 + 2 * k_ext * 4) for w in distinct) * L
-    panels = sum(sum((w - j) * min(HESSIAN_BLOCK, w - j) * 8 for j in range(0, w, HESSIAN_BLOCK))
-                 for w in distinct if w in kept) * L
+    def panel_bytes(w: int) -> int:  # GramLower's float64 panels of one input
+        return sum((w - j) * min(HESSIAN_BLOCK, w - j) * 8 for j in range(0, w, HESSIAN_BLOCK))
+    panels = sum(panel_bytes(w) for w in distinct if w in kept) * L
     packed = sum(w * (w + 1) // 2 * 4 for w in distinct if w in kept) * L
     batch = min(n_cal, max(1, BATCH_TOKENS // T) * T)
     per_score = max(1, min(max(1, BATCH_TOKENS // T), LOGIT_BATCH_ELEMENTS // (T * vocab)))  # score.eval_batches
@@ -198,7 +199,9 @@ def parts(ck: dict[str, Any], s: dict[str, int]) -> dict[str, float]:
         "head_chunk": HEAD_CHUNK_ROWS * h * 4 / MiB,
         "logits_batch": min(per_score, s["heldout"]) * T * vocab * 4 / MiB,
         "reference_logprobs": min(per_ref, s["heldout"]) * T * vocab * 4 / MiB,
-        "gptq_hessians_block": sum(w * w * 8 for w in distinct) / MiB,
+        # sequential GPTQ: every input's float64 panels while the block runs, then one input's float32 square at a
+        # time, built where its panels are freed and factorised in place
+        "gptq_hessians_block": max(sum(panel_bytes(w) for w in distinct), max(w * w * 4 for w in distinct)) / MiB,
         "hessian_widths_kept": sorted(kept),
         "fp32_model": ck["fp32_bytes"] / MiB,
     }

@@ -598,3 +598,24 @@ def test_spill_scratch_file_is_unlinked_and_round_trips(tmp_path, monkeypatch):
     assert set(sp) == set(vals)
     for k, v in vals.items():
         assert sp[k].dtype == v.dtype and torch.equal(sp[k], v), k
+
+
+def test_gptq_grid_params_wait_in_the_scratch_file(tmp_path, monkeypatch):
+    """GridWeights.params (a grid's scale and zero per linear, 1/64 of the float32 weights at group 128) is a Spill
+    too: past the budget nothing of it stays in memory, and it reads back bit for bit with its spec."""
+    from core.grids.spec import QuantSpec
+    from core.methods.base import GridWeights
+
+    monkeypatch.setenv("AWQ_EXPLORER_SPILL_DIR", str(tmp_path))
+    monkeypatch.setattr(stream_mod, "SPILL_BYTES", 0)
+    g = torch.Generator().manual_seed(1)
+    vals = {f"l{i}": (torch.randn(8, 3, generator=g), torch.randint(0, 15, (8, 3), generator=g).float(),
+                      QuantSpec(4, 32 + i)) for i in range(4)}
+    gw = GridWeights({"l0": torch.randn(8, 96, generator=g)}, params=vals)
+    gw.params["l9"] = vals["l9"] = (torch.ones(2, 1), torch.zeros(2, 1), QuantSpec(3, 0))
+    del gw.params["l1"], vals["l1"]
+    assert gw.params._tensors.spilled == 2 * len(vals) and not gw.params._tensors._mem
+    assert list(gw.params) == list(vals) and "l1" not in gw.params and gw.params.get("l1") is None
+    for k, (scale, zero, spec) in vals.items():
+        got = gw.params[k]
+        assert torch.equal(got[0], scale) and torch.equal(got[1], zero) and got[2] == spec, k

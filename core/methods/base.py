@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Iterator, MutableMapping
 from typing import Any, Callable, Mapping
 
 import torch
@@ -32,6 +33,36 @@ Progress = Callable[[float, str], None]
 Weights = Mapping[str, torch.Tensor]
 
 
+class GridParams(MutableMapping):
+    """``{linear name: (scale [out, n_groups], zero [out, n_groups], spec)}`` with the tensors in a :class:`Spill`:
+    beyond its budget they wait in the scratch file with the weights. At group size 128 they are 1/64 of the float32
+    weights (a 70B model's: over 4 GB), so kept in memory they would grow with every block quantized."""
+
+    def __init__(self, items: Mapping[str, tuple] | None = None):
+        self._tensors = Spill()
+        self._spec: dict[str, QuantSpec] = {}
+        for k, v in (items or {}).items():
+            self[k] = v
+
+    def __setitem__(self, name: str, value: tuple) -> None:
+        scale, zero, spec = value
+        self._tensors[name + "/scale"], self._tensors[name + "/zero"] = scale, zero
+        self._spec[name] = spec
+
+    def __getitem__(self, name: str) -> tuple:
+        spec = self._spec[name]
+        return self._tensors[name + "/scale"], self._tensors[name + "/zero"], spec
+
+    def __delitem__(self, name: str) -> None:
+        del self._spec[name], self._tensors[name + "/scale"], self._tensors[name + "/zero"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._spec))
+
+    def __len__(self) -> int:
+        return len(self._spec)
+
+
 class GridWeights(Spill):
     """A model half's ``{linear name: weight [out, in]}`` that also names the integer grid each weight lies on, so an
     exporter writes the method's own integer codes instead of re-deriving them: ``params[name] = (scale [out,
@@ -41,7 +72,7 @@ class GridWeights(Spill):
 
     def __init__(self, weights: Mapping[str, torch.Tensor] | None = None, params: Mapping[str, tuple] | None = None):
         super().__init__(weights)  # a Spill: beyond its budget the weights wait in a scratch file, not in memory
-        self.params: dict[str, tuple] = dict(params or {})
+        self.params = GridParams(params)
 
 Variant = Recipe | Weights  # what a model half builds
 CLIP_TOKENS = ClipSearch().n_sample_token  # official auto_clip_layer's token sample
