@@ -53,6 +53,10 @@ class GridParams(MutableMapping):
         spec = self._spec[name]
         return self._tensors[name + "/scale"], self._tensors[name + "/zero"], spec
 
+    def spec(self, name: str) -> QuantSpec:
+        """``name``'s spec alone (its tensors are not read back)."""
+        return self._spec[name]
+
     def __delitem__(self, name: str) -> None:
         del self._spec[name], self._tensors[name + "/scale"], self._tensors[name + "/zero"]
 

@@ -29,7 +29,7 @@ import torch
 from ..grids import quant
 from ..grids.spec import Options, QuantSpec
 from ..model.blocks import BlockInputs, first_output, hold, original_weight, restore, with_hidden
-from ..model.collect import GramLower
+from ..model.collect import GramLower, mirror_lower_
 from ..model.linears import find_blocks, set_linear_weight
 from ..model.models import LoadedModel
 from .base import GridWeights, LayerInputs, Method, ModelContext, Progress, RunShape, Variant, register
@@ -67,19 +67,6 @@ class GPTQOptions(Options):
     static_groups: bool = False
 
 
-def _mirror_lower_(h: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Copy the lower triangle of the square ``h`` onto its upper one, in place, a strip at a time (exact copies:
-    a -0.0 stays -0.0)."""
-    n = h.shape[0]
-    for j in range(0, n, block):
-        b = min(block, n - j)
-        d = h[j:j + b, j:j + b]
-        r, c = torch.triu_indices(b, b, 1, device=h.device)
-        d[r, c] = d[c, r]
-        h[j:j + b, j + b:] = h[j + b:, j:j + b].T
-    return h
-
-
 def _inverse_cholesky_(h: torch.Tensor) -> torch.Tensor:
     """The reference's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, worked out in ``h``'s own memory.
 
@@ -88,7 +75,7 @@ def _inverse_cholesky_(h: torch.Tensor) -> torch.Tensor:
     first factorisation reads, holds the same numbers as ``h``'s. The result is the reference's bit for bit (the same
     calls on the same column-major data) and the peak is one matrix instead of two (a 8960-wide input: 306 MiB
     less). ``h`` is overwritten; the returned tensor is a view of it."""
-    t = _mirror_lower_(h).mT
+    t = mirror_lower_(h).mT
     torch.linalg.cholesky(t, out=t)
     torch.cholesky_inverse(t, out=t)
     torch.linalg.cholesky(t, upper=True, out=t)

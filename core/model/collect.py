@@ -229,6 +229,19 @@ def hessian_widths(widths: list[int], budget_bytes: int = HESSIAN_BUDGET_BYTES) 
     return keep
 
 
+def mirror_lower_(h: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Copy the lower triangle of the square ``h`` onto its upper one, in place, a strip of ``block`` rows at a time
+    (exact copies: a -0.0 stays -0.0). Returns ``h``."""
+    n = h.shape[0]
+    for j in range(0, n, block):
+        b = min(block, n - j)
+        d = h[j : j + b, j : j + b]
+        r, c = torch.triu_indices(b, b, 1, device=h.device)
+        d[r, c] = d[c, r]
+        h[j : j + b, j + b :] = h[j + b :, j : j + b].T
+    return h
+
+
 CONSUME_TRIM_BYTES = 32 * 2**20  # GramLower.full(consume=True) gives freed panels back this often
 
 
@@ -269,16 +282,13 @@ class GramLower:
             p = panels[k]
             b = p.shape[1]
             h[j:, j : j + b] = p
-            d = h[j : j + b, j : j + b]
-            d.copy_(d.tril() + d.tril(-1).T)  # the panels start at +0.0, so no -0.0 meets the added zeros
-            h[j : j + b, j + b :] = h[j + b :, j : j + b].T
             if consume:
                 freed += p.numel() * p.element_size()
                 panels[k] = p = None
                 if freed >= CONSUME_TRIM_BYTES and h.device.type == "cpu":
                     alloc.give_back(0)
                     freed = 0
-        return h
+        return mirror_lower_(h, self.block)
 
     def packed(self) -> torch.Tensor:
         """The upper triangle of ``H`` row by row as float32 ``[in(in+1)/2]`` (``core.store.pack_symmetric``'s

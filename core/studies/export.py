@@ -304,7 +304,7 @@ def prepare_export(analysis, *, method: str, spec: QuantSpec | None = None, plan
                 folded = {}
                 runs = {main: built}
                 params = built.params if isinstance(built, GridWeights) else {}
-                one_pass = all(s is None or (n in params and params[n][2] == s) for n, s in specs.items())
+                one_pass = all(s is None or (n in params and params.spec(n) == s) for n, s in specs.items())
                 for s in () if one_pass else {s for s in specs.values() if s is not None and s != main}:
                     runs[s] = run_method(analysis, lm, data, snap, method, s, lambda f, m: report(0.85, m))
                 out = {}
